@@ -1,0 +1,29 @@
+"""gradleak: how much private training data leaks from federated-learning updates.
+
+The public API, in the order data flows through it::
+
+    images, labels (data)  ->  fedsgd_update / fedavg_update (client)  ->  SharedUpdate
+    SharedUpdate + model + ThreatModel  ->  attack.reconstruct  ->  Reconstruction
+    Reconstruction + ground truth  ->  score  ->  write_run (pictures and an HTML report)
+"""
+
+from ._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+from .attacks import ATTACKS, Attack, FCBiasInversion, Reconstruction, fc_bias_inversion, get_attack  # noqa: E402
+from .client import fedavg_update, fedsgd_update  # noqa: E402
+from .data.spec import DataSpec  # noqa: E402
+from .errors import AttackNotApplicable, ConfigError, DataError, GradleakError, UpdateFileError  # noqa: E402
+from .models import build_model  # noqa: E402
+from .threat import ThreatModel  # noqa: E402
+from .update import SharedUpdate, load_update, save_update  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTACKS", "Attack", "FCBiasInversion", "Reconstruction", "fc_bias_inversion", "get_attack",
+    "fedavg_update", "fedsgd_update", "DataSpec", "build_model", "ThreatModel",
+    "SharedUpdate", "load_update", "save_update",
+    "AttackNotApplicable", "ConfigError", "DataError", "GradleakError", "UpdateFileError",
+]

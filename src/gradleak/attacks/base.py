@@ -1,0 +1,127 @@
+"""What every attack shares: the ``Reconstruction`` it returns, the ``Attack`` base
+class with its one verb ``reconstruct``, and the registry of attacks by name.
+
+An attack family is one module in :mod:`gradleak.attacks` that subclasses
+:class:`Attack`, implements ``_reconstruct(update)`` and registers itself with
+:func:`register_attack`. ``Attack.reconstruct`` first passes the update through the
+threat model (:meth:`~gradleak.threat.ThreatModel.observe`), so an attack sees only what
+the attacker is granted; ground truth never enters an attack.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..threat import ThreatModel
+from ..update import SharedUpdate
+
+__all__ = ["Reconstruction", "Attack", "ATTACKS", "register_attack", "get_attack"]
+
+
+@dataclass
+class Reconstruction:
+    """What an attack recovered.
+
+    images: (N, C, H, W) on the [0, 1] scale (de-normalized, not clamped), or None when the
+        attack recovered no image (e.g. only the features entering an inner layer).
+    labels: (N,) recovered labels, or None.
+    features: recovered inputs of inner layers, keyed by layer name, each (N, features).
+    history: curves over the attack's iterations (or units, for closed-form attacks):
+        series name -> list of floats, or {"x": [...], "y": [...]}.
+    notes: the conditions of the method that held or failed, in words.
+    """
+
+    images: torch.Tensor | None
+    labels: torch.Tensor | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    attack: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        if self.images is not None:
+            return self.images.shape[0]
+        if self.features:
+            return next(iter(self.features.values())).shape[0]
+        return 0 if self.labels is None else self.labels.shape[0]
+
+    @staticmethod
+    def concat(parts: list["Reconstruction"]) -> "Reconstruction":
+        """Join reconstructions of several updates (e.g. one per client) into one."""
+        if not parts:
+            raise ConfigError("Reconstruction.concat: nothing to join")
+        images = None if any(p.images is None for p in parts) else torch.cat([p.images for p in parts])
+        labels = None if any(p.labels is None for p in parts) else torch.cat([p.labels for p in parts])
+        shared = set.intersection(*(set(p.features) for p in parts))
+        features = {k: torch.cat([p.features[k] for p in parts]) for k in sorted(shared)}
+        history = {f"{k}[{i}]" if len(parts) > 1 else k: v for i, p in enumerate(parts) for k, v in p.history.items()}
+        notes = [f"update {i}: {n}" if len(parts) > 1 else n for i, p in enumerate(parts) for n in p.notes]
+        return Reconstruction(images, labels, features, history, notes, parts[0].attack, parts[0].config)
+
+
+class Attack(abc.ABC):
+    """Base class of every attack: ``Attack(model, threat, **options).reconstruct(update)``.
+
+    ``model`` is the architecture the attacker has; the weights at the round are taken
+    from ``update.weights`` when the update carries them, else from ``model`` itself.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    conditions: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, threat: ThreatModel | None = None):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.threat = threat or ThreatModel()
+
+    def reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        """Reconstruct the client's inputs from ``update`` as the threat model allows."""
+        update.validate_for(self.model)
+        result = self._reconstruct(self.threat.observe(update))
+        result.attack = result.attack or self.name
+        result.config = {**self.options(), **result.config}
+        return result
+
+    @abc.abstractmethod
+    def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        """Subclasses: the attack proper, on the update as the attacker observes it."""
+
+    def options(self) -> dict[str, Any]:
+        """The attack's settings, for reports (JSON-safe)."""
+        return {"attack": self.name, "threat": self.threat.to_json()}
+
+    def parameters_at_round(self, update: SharedUpdate) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The model's parameters as the client had them (from the update when it carries them) and its buffers."""
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        if update.weights is not None:
+            params.update({n: w.to(params[n].dtype) for n, w in update.weights.items() if n in params})
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        return params, buffers
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator: make an attack available by its ``name`` (CLI, audits)."""
+    if not cls.name:
+        raise ConfigError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered")
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+def get_attack(name: str) -> type[Attack]:
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        raise ConfigError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(ATTACKS))}") from None

@@ -1,0 +1,169 @@
+"""Simulated federated clients: FedSGD gradients and FedAvg weight deltas.
+
+Both are functional (``torch.func.functional_call``): the user's model is never
+modified, and the same code runs on CPU and CUDA. Both are deterministic given a seed
+(minibatch order and any randomness in the forward pass, e.g. dropout, are drawn from
+it without touching the global RNG of the caller).
+
+- FedSGD (McMahan et al. 2017): the client shares the gradient of the mean loss over its
+  batch, at the global weights.
+- FedAvg: the client runs K local SGD steps (or E local epochs) over minibatches of its
+  data with learning rate ``lr`` and shares the weight delta ``w_local - w_global``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from .data.spec import DataSpec
+from .errors import ConfigError
+from .losses import get_loss
+from .update import SharedUpdate
+
+__all__ = ["fedsgd_update", "fedavg_update", "model_state"]
+
+
+def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Detached copies of the model's trainable parameters and of its buffers."""
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return params, buffers
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim < 2:
+        raise ConfigError(f"images must be a tensor of shape (B, C, H, W) or (B, F), got {getattr(images, 'shape', images)!r}")
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ConfigError(f"labels must be a 1-D tensor with one label per image ({images.shape[0]}), "
+                          f"got shape {tuple(getattr(labels, 'shape', ()))}")
+    if labels.is_floating_point():
+        raise ConfigError(f"labels must be integer class indices, got dtype {labels.dtype}")
+
+
+def _objective(model, buffers, spec, loss_fn, x, y):
+    def loss(params):
+        return loss_fn(functional_call(model, (params, buffers), (spec.normalize(x),)), y)
+
+    return loss
+
+
+def _common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info):
+    return dict(
+        loss=loss,
+        labels=labels.detach().clone() if share_labels else None,
+        weights=params,
+        buffers=buffers or None,
+        parameters={n: tuple(p.shape) for n, p in params.items()},
+        input_shape=tuple(images.shape[1:]),
+        data_spec=spec,
+        model=model_info,
+    )
+
+
+def fedsgd_update(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "cross_entropy",
+    spec: DataSpec | None = None,
+    share_labels: bool = False,
+    seed: int = 0,
+    model_info: dict | None = None,
+) -> SharedUpdate:
+    """The FedSGD update: gradient of the mean ``loss`` over the batch at the current weights.
+
+    ``images`` are [0, 1] NCHW (normalized with ``spec`` before the model sees them).
+    ``model_info`` ({"name", "kwargs"}) records a zoo model so files can be re-attacked.
+    """
+    _check_batch(images, labels)
+    spec = spec or DataSpec()
+    params, buffers = model_state(model)
+    loss_fn = get_loss(loss)
+    with _seeded(seed, images.device):
+        gradient = grad(_objective(model, dict(buffers), spec, loss_fn, images, labels))(params)
+    return SharedUpdate(
+        tensors={n: g.detach() for n, g in gradient.items()},
+        kind="gradient",
+        batch_size=images.shape[0],
+        **_common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info),
+    )
+
+
+def _minibatch_schedule(n: int, batch_size: int, steps: int | None, epochs: int | None, generator) -> list[torch.Tensor]:
+    per_epoch = math.ceil(n / batch_size)
+    total = steps if steps is not None else epochs * per_epoch
+    schedule: list[torch.Tensor] = []
+    while len(schedule) < total:
+        order = torch.randperm(n, generator=generator)
+        schedule.extend(order[i : i + batch_size] for i in range(0, n, batch_size))
+    return schedule[:total]
+
+
+def fedavg_update(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    local_steps: int | None = None,
+    epochs: int | None = None,
+    local_batch_size: int | None = None,
+    loss: str = "cross_entropy",
+    spec: DataSpec | None = None,
+    share_labels: bool = False,
+    seed: int = 0,
+    model_info: dict | None = None,
+) -> SharedUpdate:
+    """The FedAvg update: ``w_local - w_global`` after local SGD.
+
+    Give exactly one of ``local_steps`` (K SGD steps) or ``epochs`` (E passes over the
+    data). Each pass visits the data in an order drawn from ``seed``, in minibatches of
+    ``local_batch_size`` (default: the whole batch).
+    """
+    _check_batch(images, labels)
+    if (local_steps is None) == (epochs is None):
+        raise ConfigError("give exactly one of local_steps and epochs")
+    for name, value in (("local_steps", local_steps), ("epochs", epochs), ("local_batch_size", local_batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    n = images.shape[0]
+    batch = min(local_batch_size or n, n)
+    spec = spec or DataSpec()
+    params, buffers = model_state(model)
+    loss_fn = get_loss(loss)
+    generator = torch.Generator().manual_seed(seed)
+    schedule = _minibatch_schedule(n, batch, local_steps, epochs, generator)
+    local = dict(params)
+    step_buffers = dict(buffers)
+    with _seeded(seed, images.device):
+        for indices in schedule:
+            indices = indices.to(images.device)
+            g = grad(_objective(model, step_buffers, spec, loss_fn, images[indices], labels[indices]))(local)
+            local = {name: local[name] - lr * g[name] for name in local}
+    return SharedUpdate(
+        tensors={name: (local[name] - params[name]).detach() for name in params},
+        kind="delta",
+        batch_size=n,
+        local_steps=len(schedule),
+        local_lr=float(lr),
+        local_epochs=epochs,
+        local_batch_size=batch,
+        **_common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info),
+    )

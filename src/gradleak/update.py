@@ -1,0 +1,366 @@
+"""``SharedUpdate``: what one client sends to the server, and its file format.
+
+An update holds named tensors (``dict[str, Tensor]`` keyed by the model's parameter
+names, never positional lists) plus the metadata a server sees: the kind (a gradient,
+FedSGD; or a weight delta ``w_local - w_global`` after local training, FedAvg), batch
+size, local steps and learning rate, the loss, labels when the client shares them, and
+the names and shapes of the parameters of the model it came from. The model's weights
+at the round (what the server sent) may travel with it: they are part of what the
+attacker has.
+
+On disk an update is one safetensors file. Tensors are stored as ``update/<name>``,
+``weights/<name>``, ``buffers/<name>`` and ``labels``; the metadata is JSON in the
+safetensors header, with a SHA-256 digest over metadata and tensor bytes. Update files
+come from untrusted clients: :func:`load_update` never unpickles anything, checks the
+header before parsing, and refuses truncated, tampered, mis-shaped, non-finite or
+pickle files with an :class:`~gradleak.errors.UpdateFileError` naming the entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _safetensors_load
+from safetensors.torch import save as _safetensors_save
+
+from ._io import atomic_write_bytes
+from .data.spec import DataSpec
+from .errors import ConfigError, UpdateFileError
+from .losses import LOSSES
+
+__all__ = ["SharedUpdate", "save_update", "load_update", "UpdateKind", "FORMAT_VERSION"]
+
+UpdateKind = Literal["gradient", "delta"]
+FORMAT_NAME = "gradleak.update"
+FORMAT_VERSION = 1
+_META_KEY = "gradleak"
+_PREFIXES = ("update/", "weights/", "buffers/")
+_LABELS = "labels"
+_MAX_HEADER = 64 * 2**20
+DEFAULT_MAX_BYTES = 4 * 2**30
+
+
+def _check_tensors(group: str, tensors: Mapping[str, torch.Tensor], *, floating: bool = True) -> dict[str, torch.Tensor]:
+    if not isinstance(tensors, Mapping):
+        raise UpdateFileError(f"{group}: expected a mapping from parameter name to tensor, got {type(tensors).__name__}")
+    out = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise UpdateFileError(f"{group}: parameter names must be non-empty strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise UpdateFileError(f"{group}[{name!r}]: expected a tensor, got {type(tensor).__name__}")
+        if floating and not tensor.is_floating_point():
+            raise UpdateFileError(f"{group}[{name!r}]: dtype {tensor.dtype} is not a floating-point dtype")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UpdateFileError(f"{group}[{name!r}]: {bad} of {tensor.numel()} values are NaN or infinite")
+        out[name] = tensor
+    return out
+
+
+def _positive_int(name: str, value: Any, *, optional: bool = True) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UpdateFileError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SharedUpdate:
+    """One client's shared update and the metadata the server sees with it.
+
+    ``tensors``: gradients (``kind="gradient"``) or weight deltas ``w_local - w_global``
+    (``kind="delta"``), keyed by parameter name. ``parameters``: names and shapes of the
+    model the update came from (derived from ``tensors`` when not given). ``weights``:
+    the model's parameters at the round. ``labels``: present only when the client shares
+    them. ``data_spec``/``input_shape``: the client's normalization and input shape; the
+    :class:`~gradleak.threat.ThreatModel` decides whether an attacker is granted them.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    kind: UpdateKind = "gradient"
+    batch_size: int | None = None
+    local_steps: int = 1
+    local_lr: float | None = None
+    local_epochs: int | None = None
+    local_batch_size: int | None = None
+    loss: str = "cross_entropy"
+    labels: torch.Tensor | None = None
+    weights: Mapping[str, torch.Tensor] | None = None
+    buffers: Mapping[str, torch.Tensor] | None = None
+    parameters: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None
+    data_spec: DataSpec | None = None
+    model: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        tensors = _check_tensors("update", self.tensors)
+        if not tensors:
+            raise UpdateFileError("update: holds no tensors")
+        if self.kind not in ("gradient", "delta"):
+            raise UpdateFileError(f"kind must be 'gradient' or 'delta', got {self.kind!r}")
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("local_steps", self.local_steps, optional=False)
+        _positive_int("local_epochs", self.local_epochs)
+        _positive_int("local_batch_size", self.local_batch_size)
+        if self.local_lr is not None and not (isinstance(self.local_lr, (int, float)) and math.isfinite(self.local_lr) and self.local_lr > 0):
+            raise UpdateFileError(f"local_lr must be a positive finite number or None, got {self.local_lr!r}")
+        if self.kind == "gradient" and self.local_steps != 1:
+            raise UpdateFileError(f"a gradient update has local_steps=1, got {self.local_steps}")
+        if self.loss not in LOSSES:
+            raise UpdateFileError(f"loss {self.loss!r} is not one of {sorted(LOSSES)}")
+        parameters = {name: tuple(int(d) for d in shape) for name, shape in dict(self.parameters).items()} or {
+            name: tuple(t.shape) for name, t in tensors.items()
+        }
+        for name, tensor in tensors.items():
+            if name not in parameters:
+                raise UpdateFileError(f"update[{name!r}]: not a parameter of the model it claims to come from")
+            if tuple(tensor.shape) != parameters[name]:
+                raise UpdateFileError(f"update[{name!r}]: shape {tuple(tensor.shape)} != parameter shape {parameters[name]}")
+        if self.weights is not None:
+            weights = _check_tensors("weights", self.weights)
+            for name, shape in parameters.items():
+                if name not in weights:
+                    raise UpdateFileError(f"weights: parameter {name!r} is missing")
+                if tuple(weights[name].shape) != shape:
+                    raise UpdateFileError(f"weights[{name!r}]: shape {tuple(weights[name].shape)} != parameter shape {shape}")
+            extra_weights = sorted(set(weights) - set(parameters))
+            if extra_weights:
+                raise UpdateFileError(f"weights[{extra_weights[0]!r}]: not a parameter of the model")
+        if self.buffers is not None:
+            _check_tensors("buffers", self.buffers, floating=False)
+        if self.labels is not None:
+            labels = self.labels
+            if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
+                raise UpdateFileError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels))} "
+                                      f"of shape {tuple(getattr(labels, 'shape', ()))}")
+            if self.batch_size is not None and labels.numel() != self.batch_size:
+                raise UpdateFileError(f"labels: {labels.numel()} labels for batch_size={self.batch_size}")
+        if self.input_shape is not None:
+            shape = tuple(self.input_shape)
+            if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+                raise UpdateFileError(f"input_shape must be positive integers (C, H, W), got {self.input_shape!r}")
+            object.__setattr__(self, "input_shape", shape)
+        object.__setattr__(self, "tensors", tensors)
+        object.__setattr__(self, "parameters", parameters)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "SharedUpdate":
+        """A copy with floating tensors moved/cast (labels and buffers only moved)."""
+        def move(group):
+            if group is None:
+                return None
+            return {n: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for n, t in group.items()}
+
+        labels = None if self.labels is None else self.labels.to(device=device)
+        return replace(self, tensors=move(self.tensors), weights=move(self.weights), buffers=move(self.buffers), labels=labels)
+
+    def as_gradient(self) -> dict[str, torch.Tensor]:
+        """The gradient this update is, or equals exactly.
+
+        A gradient is returned as is. A delta from a single local SGD step of known
+        learning rate is ``-lr * gradient``, so ``-delta / lr`` is returned. Anything else
+        (several local steps, unknown lr) is not a gradient and raises.
+        """
+        from .errors import AttackNotApplicable
+
+        if self.kind == "gradient":
+            return dict(self.tensors)
+        if self.local_steps == 1 and self.local_lr is not None:
+            return {n: -t / self.local_lr for n, t in self.tensors.items()}
+        raise AttackNotApplicable(
+            f"this delta comes from {self.local_steps} local steps (lr={self.local_lr}): it is not the gradient of one batch",
+            condition="update is a gradient, or a single-step delta with known learning rate",
+        )
+
+    def validate_for(self, model: torch.nn.Module) -> "SharedUpdate":
+        """Check that names and shapes match ``model``'s parameters; return self."""
+        model_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        for name, shape in self.parameters.items():
+            if name not in model_shapes:
+                raise UpdateFileError(f"entry {name!r} is not a parameter of the model ({type(model).__name__})")
+            if shape != model_shapes[name]:
+                raise UpdateFileError(f"entry {name!r}: shape {shape} but the model's parameter has shape {model_shapes[name]}")
+        missing = [n for n in model_shapes if n not in self.parameters]
+        if missing:
+            raise UpdateFileError(f"the model's parameter {missing[0]!r} is missing from the update "
+                                  f"({len(missing)} missing in all)")
+        return self
+
+    # --------------------------------------------------------------- metadata
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "kind": self.kind,
+            "batch_size": self.batch_size,
+            "local_steps": self.local_steps,
+            "local_lr": self.local_lr,
+            "local_epochs": self.local_epochs,
+            "local_batch_size": self.local_batch_size,
+            "loss": self.loss,
+            "parameters": {n: list(s) for n, s in self.parameters.items()},
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "data_spec": None if self.data_spec is None else self.data_spec.to_json(),
+            "model": None if self.model is None else dict(self.model),
+            "extra": dict(self.extra),
+        }
+
+
+def _digest(metadata: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        sha.update(f"\0{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def _flat_tensors(update: SharedUpdate) -> dict[str, torch.Tensor]:
+    flat = {f"update/{n}": t for n, t in update.tensors.items()}
+    for prefix, group in (("weights/", update.weights), ("buffers/", update.buffers)):
+        flat.update({f"{prefix}{n}": t for n, t in (group or {}).items()})
+    if update.labels is not None:
+        flat[_LABELS] = update.labels.to(torch.int64)
+    return {k: v.detach().cpu().contiguous() for k, v in flat.items()}
+
+
+def save_update(update: SharedUpdate, path: str | Path) -> Path:
+    """Write ``update`` to ``path`` (safetensors with JSON metadata), atomically."""
+    tensors = _flat_tensors(update)
+    metadata = update.metadata()
+    header = {_META_KEY: json.dumps(metadata, allow_nan=False), "sha256": _digest(metadata, tensors)}
+    return atomic_write_bytes(path, _safetensors_save(tensors, metadata=header))
+
+
+def _sniff(path: Path, data: bytes) -> None:
+    if data[:4] == b"PK\x03\x04":
+        raise UpdateFileError(f"refusing {path}: it is a zip archive (torch.save format), which holds pickles. "
+                              "gradleak never unpickles update files; write them with gradleak.save_update (safetensors)")
+    if data[:1] == b"\x80" or data[:2] in (b"(d", b"(l", b"}q", b"]q") or data[:1] == b"c":
+        raise UpdateFileError(f"refusing {path}: it looks like a Python pickle. gradleak never unpickles update files "
+                              "(they come from untrusted clients); write them with gradleak.save_update (safetensors)")
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise UpdateFileError(f"{path}: {len(data)} bytes is too short to be a safetensors file (truncated?)")
+    _sniff(path, data)
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > _MAX_HEADER:
+        raise UpdateFileError(f"{path}: header length {length} exceeds the {_MAX_HEADER}-byte limit (not a safetensors file?)")
+    if 8 + length > len(data):
+        raise UpdateFileError(f"{path}: truncated: the header claims {length} bytes but only {len(data) - 8} follow")
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UpdateFileError(f"{path}: the safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise UpdateFileError(f"{path}: the safetensors header is not a JSON object")
+    return header
+
+
+def _parse_metadata(path: Path, header: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    extra = header.get("__metadata__")
+    if not isinstance(extra, dict) or _META_KEY not in extra:
+        raise UpdateFileError(f"{path}: not a gradleak update file (the safetensors metadata has no {_META_KEY!r} entry)")
+    try:
+        metadata = json.loads(extra[_META_KEY])
+    except (TypeError, json.JSONDecodeError) as error:
+        raise UpdateFileError(f"{path}: the {_META_KEY!r} metadata is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise UpdateFileError(f"{path}: metadata 'format' must be {FORMAT_NAME!r}")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise UpdateFileError(f"{path}: format version {metadata.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+    digest = extra.get("sha256")
+    if not isinstance(digest, str):
+        raise UpdateFileError(f"{path}: the metadata has no 'sha256' digest")
+    return metadata, digest
+
+
+def _typed(path: Path, metadata: dict[str, Any], key: str, types: tuple[type, ...]) -> Any:
+    value = metadata.get(key)
+    if value is not None and (isinstance(value, bool) and bool not in types or not isinstance(value, types)):
+        raise UpdateFileError(f"{path}: metadata {key!r} has type {type(value).__name__}, expected {'/'.join(t.__name__ for t in types)}")
+    return value
+
+
+def load_update(path: str | Path, model: torch.nn.Module | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> SharedUpdate:
+    """Read and validate an update file written by :func:`save_update`.
+
+    Refuses (with :class:`UpdateFileError`) missing, oversized, truncated, pickle/zip,
+    malformed or tampered files (digest mismatch), unknown entries, non-floating or
+    non-finite tensors, and, when ``model`` is given, names or shapes that do not match
+    its parameters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UpdateFileError(f"update file not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UpdateFileError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
+    data = path.read_bytes()
+    header = _read_header(path, data)
+    metadata, digest = _parse_metadata(path, header)
+    try:
+        flat = _safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise UpdateFileError(f"{path}: malformed safetensors data ({error})") from None
+    if _digest(metadata, flat) != digest:
+        raise UpdateFileError(f"{path}: checksum mismatch: the file was modified after it was written (tampered or corrupted)")
+    groups: dict[str, dict[str, torch.Tensor]] = {p: {} for p in _PREFIXES}
+    labels = None
+    for key, tensor in flat.items():
+        if key == _LABELS:
+            labels = tensor
+            continue
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise UpdateFileError(f"{path}: unexpected entry {key!r} (entries are update/*, weights/*, buffers/* and labels)")
+        groups[prefix][key[len(prefix):]] = tensor
+    parameters = _typed(path, metadata, "parameters", (dict,)) or {}
+    if not all(isinstance(s, list) and all(isinstance(d, int) for d in s) for s in parameters.values()):
+        raise UpdateFileError(f"{path}: metadata 'parameters' must map names to integer shape lists")
+    input_shape = _typed(path, metadata, "input_shape", (list,))
+    try:
+        spec = None if metadata.get("data_spec") is None else DataSpec.from_json(metadata["data_spec"])
+        update = SharedUpdate(
+            tensors=groups["update/"],
+            kind=metadata.get("kind"),
+            batch_size=_typed(path, metadata, "batch_size", (int,)),
+            local_steps=_typed(path, metadata, "local_steps", (int,)) or 1,
+            local_lr=_typed(path, metadata, "local_lr", (int, float)),
+            local_epochs=_typed(path, metadata, "local_epochs", (int,)),
+            local_batch_size=_typed(path, metadata, "local_batch_size", (int,)),
+            loss=_typed(path, metadata, "loss", (str,)) or "cross_entropy",
+            labels=labels,
+            weights=groups["weights/"] or None,
+            buffers=groups["buffers/"] or None,
+            parameters={n: tuple(s) for n, s in parameters.items()},
+            input_shape=None if input_shape is None else tuple(input_shape),
+            data_spec=spec,
+            model=_typed(path, metadata, "model", (dict,)),
+            extra=_typed(path, metadata, "extra", (dict,)) or {},
+        )
+    except (UpdateFileError, ConfigError) as error:
+        raise UpdateFileError(f"{path}: {error}") from None
+    if model is not None:
+        try:
+            update.validate_for(model)
+        except UpdateFileError as error:
+            raise UpdateFileError(f"{path}: {error}") from None
+    return update
