@@ -1,0 +1,267 @@
+"""The ``gradleak`` command: a thin layer over the public functions.
+
+    gradleak demo                     the quick-start job (closed-form attack on real photos)
+    gradleak capture ...              simulate a client and write its update file
+    gradleak attack [UPDATE] ...      attack an update file, or freshly simulated clients
+    gradleak report RUN_DIR           rebuild the pictures and HTML report of a run folder
+    gradleak list                     models, attacks and built-in data sets
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import GradleakError
+
+app = typer.Typer(
+    help="Measure how much private training data leaks from federated-learning updates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_err = Console(stderr=True)
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+    def torch(self):
+        import torch
+
+        return {"float32": torch.float32, "float64": torch.float64}[self.value]
+
+
+class Protocol(str, Enum):
+    fedsgd = "fedsgd"
+    fedavg = "fedavg"
+
+
+def _friendly(command):
+    """Turn gradleak's own errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except GradleakError as error:
+            _err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true/false), else strings."""
+    from .errors import ConfigError
+
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option expects key=value, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def _summary(result, quiet: bool) -> None:
+    if quiet:
+        return
+    s = result.scores.summary if result.scores else {}
+    psnr = s.get("psnr_mean")
+    line = f"wrote {result.run_dir}/report.html"
+    if psnr is not None:
+        line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
+    if s.get("label_accuracy") is not None:
+        line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
+    Console().print(line, highlight=False)
+
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; warnings only.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+ModelOptionOpt = typer.Option(None, "--model-option", "-m", help="Model option key=value (e.g. hidden=256,128). Repeatable.")
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run folder to write."),
+    data: str = typer.Option("photos", help="Built-in data: photos, faces or digits."),
+    n: int = typer.Option(8, min=1, help="Number of images (one client each)."),
+    size: int = typer.Option(32, min=4, max=512, help="Image side in pixels."),
+    model: str = typer.Option("mlp", help="Zoo model whose first layer is fully connected: mlp or two-layer."),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    dtype: DType = typer.Option(DType.float32, help="Computation precision."),
+    seed: int = typer.Option(0, help="Seed of the model initialisation and clients."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+):
+    """The quick-start job: N clients each share the gradient of one real image; the
+    server recovers every image exactly with the closed-form FC-bias inversion and
+    writes a grid, curves, metrics and an HTML report."""
+    from .pipeline import demo as run_demo
+
+    _logging(quiet, verbose)
+    result = run_demo(out, data=data, n=n, size=size, model=model, dtype=dtype.torch(), seed=seed, quiet=quiet,
+                      model_options=_parse_options(model_option))
+    _summary(result, quiet)
+
+
+def _load_data(data: str, n: int, size: Optional[int], start: int):
+    from .data import load_dataset
+    from .errors import ConfigError
+
+    dataset = load_dataset(data, size=size, n=start + n)
+    if start < 0 or start + n > len(dataset):
+        raise ConfigError(f"--start {start} with --n {n} is outside the {len(dataset)} images of {data!r}")
+    return dataset.select(list(range(start, start + n)))
+
+
+@app.command()
+@_friendly
+def capture(
+    out: Path = typer.Option(..., help="Update file to write (.safetensors)."),
+    data: str = typer.Option("photos", help="Built-in data name, or a path (image folder, CIFAR batches, MNIST idx)."),
+    n: int = typer.Option(1, min=1, help="Number of images in the client's batch."),
+    start: int = typer.Option(0, min=0, help="Index of the first image."),
+    size: Optional[int] = typer.Option(32, min=4, max=512, help="Image side in pixels (resize)."),
+    model: str = typer.Option("mlp", help="Zoo model (see `gradleak list`)."),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    protocol: Protocol = typer.Option(Protocol.fedsgd, help="fedsgd: share a gradient; fedavg: share a weight delta."),
+    lr: float = typer.Option(0.1, min=0.0, help="FedAvg local learning rate."),
+    local_steps: Optional[int] = typer.Option(None, min=1, help="FedAvg local SGD steps."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="FedAvg local epochs (instead of steps)."),
+    local_batch_size: Optional[int] = typer.Option(None, min=1, help="FedAvg minibatch size (default: whole batch)."),
+    share_labels: bool = typer.Option(False, help="The client sends its labels with the update."),
+    truth: Optional[Path] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
+    dtype: DType = typer.Option(DType.float32),
+    seed: int = typer.Option(0),
+    quiet: bool = QuietOpt,
+):
+    """Simulate one client on given data and write its update file (and, apart, the ground truth)."""
+    from .data.spec import DataSpec
+    from .models import MODELS, build_model, model_info
+    from .pipeline import ClientSetup, simulate_clients
+    from .runs import save_truth
+    from .update import save_update
+
+    _logging(quiet, False)
+    dataset = _load_data(data, n, size, start)
+    images = dataset.images.to(dtype.torch())
+    options = _parse_options(model_option)
+    if model not in MODELS:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
+    num_classes = max(len(dataset.classes), 2)
+    net = build_model(model, tuple(images.shape[1:]), num_classes, seed=seed, dtype=dtype.torch(), **options)
+    setup = ClientSetup(protocol=protocol.value, batch_size=n, lr=lr, local_steps=local_steps, epochs=epochs,
+                        local_batch_size=local_batch_size, share_labels=share_labels, seed=seed)
+    (update,) = simulate_clients(net, images, dataset.labels, setup, loss=MODELS[model].loss,
+                                 spec=DataSpec.from_images(images),
+                                 model_description=model_info(model, tuple(images.shape[1:]), num_classes, seed, **options))
+    save_update(update, out)
+    if truth is not None:
+        save_truth(truth, images, dataset.labels)
+    if not quiet:
+        Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors)")
+
+
+@app.command()
+@_friendly
+def attack(
+    update: Optional[Path] = typer.Argument(None, help="Update file to attack; omit to simulate fresh clients."),
+    attack_name: str = typer.Option("fc-bias", "--attack", "-a", help="Attack name (see `gradleak list`)."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable."),
+    out: Path = typer.Option(Path("runs/attack"), help="Run folder to write."),
+    truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
+    labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
+    data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
+    n: int = typer.Option(8, min=1, help="Without UPDATE: number of images."),
+    size: Optional[int] = typer.Option(32, min=4, max=512, help="Without UPDATE: image side."),
+    batch_size: int = typer.Option(1, min=1, help="Without UPDATE: images per client."),
+    model: str = typer.Option("mlp", help="Without UPDATE: zoo model."),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    dtype: DType = typer.Option(DType.float32),
+    seed: int = typer.Option(0),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+):
+    """Attack an update file (the model is rebuilt from its description and weights) or
+    freshly simulated clients, score against the ground truth, and write the run folder."""
+    from .pipeline import attack_file, attack_simulated
+
+    _logging(quiet, verbose)
+    options = _parse_options(option)
+    if update is not None:
+        result = attack_file(update, attack_name, out, truth=truth, labels_known=labels_known, options=options,
+                             dtype=dtype.torch(), quiet=quiet)
+    else:
+        result = attack_simulated(attack_name, out, data=data, n=n, size=size, batch_size=batch_size, model=model,
+                                  model_options=_parse_options(model_option), labels_known=labels_known,
+                                  options=options, dtype=dtype.torch(), seed=seed, quiet=quiet)
+    _summary(result, quiet)
+
+
+@app.command()
+@_friendly
+def report(run_dir: Path = typer.Argument(..., help="A run folder written by demo or attack.")):
+    """Rebuild grid.png, curves.png and report.html from a run folder."""
+    from .runs import rebuild_report
+
+    path = rebuild_report(run_dir)
+    Console().print(f"wrote {path}")
+
+
+@app.command("list")
+def list_things():
+    """The models, attacks and built-in data sets gradleak knows by name."""
+    from .attacks import ATTACKS
+    from .data import BUILTIN_DATASETS
+    from .models import MODELS
+
+    console = Console()
+    for title, rows in (
+        ("models", [(k, v.description) for k, v in MODELS.items()]),
+        ("attacks", [(k, f"{v.paper}. Valid when: {v.conditions}") for k, v in sorted(ATTACKS.items())]),
+        ("built-in data", [(k, (v.__doc__ or "").strip().splitlines()[0]) for k, v in BUILTIN_DATASETS.items()]),
+    ):
+        table = Table(title=title, show_lines=False)
+        table.add_column("name")
+        table.add_column("description")
+        for name, text in rows:
+            table.add_row(name, text)
+        console.print(table)
+
+
+@app.command()
+def version():
+    """Print the version."""
+    print(__version__)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

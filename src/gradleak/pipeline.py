@@ -1,0 +1,198 @@
+"""The end-to-end pass as functions: simulate clients, attack their updates, write a run.
+
+These are the public functions the CLI is a thin layer over; each is usable from a
+notebook. :func:`demo` is the quick-start main job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from .attacks.base import Attack, Reconstruction
+from .client import fedavg_update, fedsgd_update
+from .data.spec import DataSpec
+from .errors import ConfigError
+from .models import MODELS, build_model, model_info
+from .runs import RunResult, write_run
+from .update import SharedUpdate, save_update
+
+__all__ = ["ClientSetup", "simulate_clients", "attack_updates", "attack_simulated", "attack_file", "demo", "progress_bar"]
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(quiet: bool = False) -> Progress:
+    """A rich progress bar on stderr (disabled when ``quiet``)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=quiet, transient=False)
+
+
+@dataclass
+class ClientSetup:
+    """How simulated clients train and what they share.
+
+    protocol: "fedsgd" (one gradient of the batch mean) or "fedavg" (weight delta after
+    local SGD with ``lr`` for ``local_steps`` steps or ``epochs`` epochs in minibatches of
+    ``local_batch_size``). ``batch_size``: images per client.
+    """
+
+    protocol: str = "fedsgd"
+    batch_size: int = 1
+    lr: float = 0.1
+    local_steps: int | None = None
+    epochs: int | None = None
+    local_batch_size: int | None = None
+    share_labels: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.protocol not in ("fedsgd", "fedavg"):
+            raise ConfigError(f"protocol must be 'fedsgd' or 'fedavg', got {self.protocol!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.protocol == "fedavg" and self.local_steps is None and self.epochs is None:
+            self.local_steps = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "extra"} | dict(self.extra)
+
+
+def simulate_clients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, setup: ClientSetup | None = None,
+                     *, loss: str = "cross_entropy", spec: DataSpec | None = None,
+                     model_description: dict | None = None) -> list[SharedUpdate]:
+    """Split the images into consecutive client batches of ``setup.batch_size`` and return each client's update."""
+    setup = setup or ClientSetup()
+    if images.shape[0] % setup.batch_size:
+        raise ConfigError(f"{images.shape[0]} images do not split into clients of batch_size={setup.batch_size}")
+    updates = []
+    for k, start in enumerate(range(0, images.shape[0], setup.batch_size)):
+        x, y = images[start : start + setup.batch_size], labels[start : start + setup.batch_size]
+        common = dict(loss=loss, spec=spec, share_labels=setup.share_labels, seed=setup.seed + k,
+                      model_info=model_description)
+        if setup.protocol == "fedsgd":
+            updates.append(fedsgd_update(model, x, y, **common))
+        else:
+            updates.append(fedavg_update(model, x, y, lr=setup.lr, local_steps=setup.local_steps, epochs=setup.epochs,
+                                         local_batch_size=setup.local_batch_size, **common))
+    return updates
+
+
+def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, quiet: bool = False) -> Reconstruction:
+    """Attack each update in turn and join the results.
+
+    Interrupting (Ctrl-C) keeps what was reconstructed so far: the partial result is
+    returned with a note saying how many updates it covers.
+    """
+    if not updates:
+        raise ConfigError("no updates to attack")
+    parts: list[Reconstruction] = []
+    with progress_bar(quiet) as progress:
+        task = progress.add_task(f"{attack.name} on {len(updates)} update(s)", total=len(updates))
+        try:
+            for update in updates:
+                parts.append(attack.reconstruct(update))
+                progress.advance(task)
+        except KeyboardInterrupt:
+            if not parts:
+                raise
+            log.warning("interrupted after %d of %d updates; keeping those", len(parts), len(updates))
+    result = Reconstruction.concat(parts)
+    if len(parts) < len(updates):
+        result.notes.append(f"interrupted: {len(parts)} of {len(updates)} updates attacked")
+    return result
+
+
+def _make_attack(name: str, model: nn.Module, threat, options: dict[str, Any]) -> Attack:
+    from .attacks import get_attack
+
+    cls = get_attack(name)
+    try:
+        return cls(model, threat, **options)
+    except TypeError as error:
+        raise ConfigError(f"attack {name!r}: bad option ({error}); see help(gradleak.attacks.{cls.__name__})") from None
+
+
+def attack_simulated(attack: str, out: str | Path, *, data: str = "photos", n: int = 8, size: int | None = 32,
+                     batch_size: int = 1, model: str = "mlp", model_options: dict[str, Any] | None = None,
+                     labels_known: bool = False, options: dict[str, Any] | None = None,
+                     dtype: torch.dtype = torch.float32, seed: int = 0, quiet: bool = False,
+                     save_updates: bool = False) -> RunResult:
+    """Simulate FedSGD clients of ``batch_size`` images on real data, attack each update
+    with ``attack``, score against the ground truth and write the run folder ``out``."""
+    from .data import load_dataset
+    from .threat import ThreatModel
+
+    dataset = load_dataset(data, size=size, n=n)
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
+    loss = MODELS[model].loss
+    if loss == "binary_cross_entropy" and len(dataset.classes) != 2:
+        raise ConfigError(f"model {model!r} is a binary classifier, but data {data!r} has {len(dataset.classes)} "
+                          "classes; use binary data (e.g. faces) or another model")
+    images, labels = dataset.images.to(dtype), dataset.labels
+    spec = DataSpec.from_images(images)
+    shape = tuple(images.shape[1:])
+    model_options = dict(model_options or {})
+    net = build_model(model, shape, len(dataset.classes), seed=seed, dtype=dtype, **model_options)
+    description = model_info(model, shape, len(dataset.classes), seed, **model_options)
+    setup = ClientSetup(batch_size=batch_size, seed=seed)
+    updates = simulate_clients(net, images, labels, setup, loss=loss, spec=spec, model_description=description)
+    out = Path(out)
+    if save_updates:
+        for k, update in enumerate(updates):
+            save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
+    threat = ThreatModel(labels_known=labels_known)
+    reconstruction = attack_updates(_make_attack(attack, net, threat, dict(options or {})), updates, quiet=quiet)
+    kept = reconstruction.num_samples or images.shape[0]
+    config = {"data": {"name": data, "n": n, "size": size, "classes": list(dataset.classes)}, "model": description,
+              "dtype": str(dtype).removeprefix("torch."), "client": setup.to_json(), "data_spec": spec.to_json(),
+              "threat": threat.to_json()}
+    return write_run(out, reconstruction, originals=images[:kept], true_labels=labels[:kept], config=config)
+
+
+def attack_file(update_path: str | Path, attack: str, out: str | Path, *, truth: str | Path | None = None,
+                labels_known: bool = False, options: dict[str, Any] | None = None,
+                dtype: torch.dtype = torch.float32, quiet: bool = False) -> RunResult:
+    """Attack an update file whose model is a zoo model (rebuilt from the file's description)."""
+    from .models import model_from_info
+    from .runs import load_truth
+    from .threat import ThreatModel
+    from .update import load_update
+
+    update = load_update(update_path)
+    if update.model is None:
+        raise ConfigError(f"{update_path} does not name a zoo model; attack it from Python with your own nn.Module: "
+                          "get_attack(name)(model, ThreatModel(...)).reconstruct(load_update(path, model))")
+    net = model_from_info(update.model, dtype=dtype)
+    update = load_update(update_path, net).to(dtype=dtype)
+    threat = ThreatModel(labels_known=labels_known)
+    reconstruction = attack_updates(_make_attack(attack, net, threat, dict(options or {})), [update], quiet=quiet)
+    originals = true_labels = None
+    if truth is not None:
+        originals, true_labels = load_truth(truth)
+        originals = originals.to(dtype)
+    config = {"update_file": str(update_path), "model": dict(update.model), "update": {
+        k: v for k, v in update.metadata().items() if k not in ("parameters", "model")}, "threat": threat.to_json()}
+    return write_run(out, reconstruction, originals=originals, true_labels=true_labels, config=config)
+
+
+def demo(out: str | Path = "runs/demo", *, data: str = "photos", n: int = 8, size: int = 32, model: str = "mlp",
+         dtype: torch.dtype = torch.float32, seed: int = 0, quiet: bool = False,
+         model_options: dict[str, Any] | None = None) -> RunResult:
+    """The quick-start job: ``n`` clients each share the FedSGD gradient of one real image;
+    the server inverts the first fully connected layer of each in closed form (``fc-bias``).
+
+    Writes the clients' update files to ``out/updates/`` and the run folder to ``out``.
+    """
+    result = attack_simulated("fc-bias", out, data=data, n=n, size=size, batch_size=1, model=model,
+                              model_options=model_options, dtype=dtype, seed=seed, quiet=quiet, save_updates=True)
+    return result
