@@ -44,7 +44,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim < 2:
         raise ConfigError(f"images must be a tensor of shape (B, C, H, W) or (B, F), got {getattr(images, 'shape', images)!r}")
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
@@ -52,6 +52,8 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor) -> None:
                           f"got shape {tuple(getattr(labels, 'shape', ()))}")
     if labels.is_floating_point():
         raise ConfigError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if loss == "binary_cross_entropy" and not bool(((labels == 0) | (labels == 1)).all()):
+        raise ConfigError(f"loss 'binary_cross_entropy' needs 0/1 labels, got {sorted(set(labels.tolist()))}")
 
 
 def _objective(model, buffers, spec, loss_fn, x, y):
@@ -90,7 +92,7 @@ def fedsgd_update(
     ``images`` are [0, 1] NCHW (normalized with ``spec`` before the model sees them).
     ``model_info`` ({"name", "kwargs"}) records a zoo model so files can be re-attacked.
     """
-    _check_batch(images, labels)
+    _check_batch(images, labels, loss)
     spec = spec or DataSpec()
     params, buffers = model_state(model)
     loss_fn = get_loss(loss)
@@ -135,7 +137,7 @@ def fedavg_update(
     data). Each pass visits the data in an order drawn from ``seed``, in minibatches of
     ``local_batch_size`` (default: the whole batch).
     """
-    _check_batch(images, labels)
+    _check_batch(images, labels, loss)
     if (local_steps is None) == (epochs is None):
         raise ConfigError("give exactly one of local_steps and epochs")
     for name, value in (("local_steps", local_steps), ("epochs", epochs), ("local_batch_size", local_batch_size)):
