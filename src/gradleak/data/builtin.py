@@ -285,14 +285,17 @@ def load_digits(n: int | None = None, size: int | None = None) -> LabeledImages:
 
 
 def _photos_builtin(size: int | None = None, n: int | None = None) -> LabeledImages:
+    """10 colour photos from scikit-image, scikit-learn and matplotlib, square-cropped (default 32 px), 10 classes."""
     return load_photos(size=32 if size is None else size, n=n)
 
 
 def _faces_builtin(size: int | None = None, n: int | None = None) -> LabeledImages:
+    """LFW subset from scikit-image: 200 grayscale 25x25 crops, 100 faces (label 1) then 100 non-faces (label 0)."""
     return load_faces(n=n, size=size)
 
 
 def _digits_builtin(size: int | None = None, n: int | None = None) -> LabeledImages:
+    """scikit-learn's 1,797 handwritten digits, 8x8 grayscale, 10 classes."""
     return load_digits(n=n, size=size)
 
 

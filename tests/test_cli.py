@@ -1,0 +1,95 @@
+"""The `gradleak` command: every command runs on real data and writes what it says;
+bad input gets a one-line error and no traceback."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradleak.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_help_lists_every_command_and_each_command_has_help():
+    result = invoke("--help")
+    for command in ("demo", "capture", "attack", "report", "list"):
+        assert command in result.output
+        sub = invoke(command, "--help")
+        assert sub.exit_code == 0 and "Usage" in sub.output
+    for command in ("demo", "capture", "attack"):
+        assert "--quiet" in invoke(command, "--help").output
+
+
+def test_list_shows_models_attacks_and_data():
+    out = invoke("list").output
+    assert "lenet" in out and "fc-bias" in out and "faces" in out
+
+
+def test_demo_writes_a_run_folder_with_exact_reconstructions(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "run", "--n", 3, "--size", 16, "--quiet")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for name in ("grid.png", "curves.png", "report.html", "metrics.json", "config.json", "reconstruction.safetensors"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "updates").glob("client-*.safetensors"))) == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["summary"]["psnr_mean"] >= 60 and metrics["summary"]["label_accuracy"] == 1.0
+
+
+def test_capture_then_attack_the_file_then_rebuild_the_report(tmp_path):
+    update, truth, run = tmp_path / "client.safetensors", tmp_path / "truth.safetensors", tmp_path / "run"
+    result = invoke("capture", "--out", update, "--truth", truth, "--data", "faces", "--start", 120, "--n", 1,
+                    "--size", 25, "--model", "two-layer", "-m", "hidden=16", "--dtype", "float64", "-q")
+    assert result.exit_code == 0, result.output
+    result = invoke("attack", update, "--truth", truth, "--out", run, "--dtype", "float64", "-q")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["summary"]["psnr_mean"] >= 100
+    assert metrics["summary"]["label_accuracy"] == 1.0  # a non-face, label 0, from the sign of dL/db2
+    (run / "report.html").unlink()
+    (run / "grid.png").unlink()
+    assert invoke("report", run).exit_code == 0
+    html = (run / "report.html").read_text()
+    assert (run / "grid.png").is_file() and "data:image/png;base64," in html and "fc-bias" in html
+
+
+def test_attack_on_simulated_batches_reports_the_failed_condition(tmp_path):
+    result = runner.invoke(app, ["attack", "--batch-size", "2", "--n", "2", "--out", str(tmp_path / "r"), "-q"])
+    assert result.exit_code == 2
+    assert result.output.count("\n") <= 2 and "Traceback" not in result.output
+    assert "batch of 2" in result.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["demo", "--n", "0"], "--n"),
+    (["demo", "--dtype", "float16"], "--dtype"),
+    (["demo", "--data", "nowhere"], "'nowhere'"),
+    (["demo", "--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["attack", "--option", "novalue"], "key=value"),
+    (["attack", "--option", "bogus=1", "--n", "1"], "bad option"),
+    (["report", "/nonexistent/run"], "not a gradleak run folder"),
+])
+def test_bad_values_get_one_clear_line(tmp_path, args, needle):
+    result = runner.invoke(app, args + (["--out", str(tmp_path / "o")] if args[0] in ("demo", "attack") else []))
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if "rror" in line]
+    assert len(error_lines) == 1
+
+
+def test_attacking_a_pickle_is_refused(tmp_path):
+    evil = tmp_path / "update.safetensors"
+    evil.write_bytes(pickle.dumps({"fc1.weight": torch.zeros(2)}))
+    result = runner.invoke(app, ["attack", str(evil), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "never unpickles" in result.output
+    assert not (tmp_path / "r").exists()
