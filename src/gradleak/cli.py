@@ -97,7 +97,7 @@ def _summary(result, quiet: bool) -> None:
         line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
-    Console().print(line, highlight=False)
+    Console().print(line, highlight=False, soft_wrap=True)
 
 
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; warnings only.")
