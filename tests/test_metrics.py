@@ -69,6 +69,7 @@ def test_lpips_is_unavailable_offline_and_never_downloads(photos, tmp_path, monk
     assert scores.lpips == {"available": False, "reason": reason} and scores.summary["lpips_mean"] is None
 
 
+@pytest.mark.slow
 def test_lpips_runs_when_backbone_weights_are_on_disk(photos, tmp_path, monkeypatch):
     import torchvision
 

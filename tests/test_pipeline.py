@@ -65,6 +65,7 @@ def test_compat_shim_is_a_no_op_when_torchvision_loads(monkeypatch):
     assert compat._FALLBACK_LIBRARY is None
 
 
+@pytest.mark.slow
 def test_import_gradleak_then_torchvision_models_and_metrics_in_a_fresh_interpreter():
     code = (
         "import gradleak, torchvision, torchmetrics.functional.image as f, json;"
@@ -75,3 +76,18 @@ def test_import_gradleak_then_torchvision_models_and_metrics_in_a_fresh_interpre
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["params"] == 11_181_642
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, floor", [(torch.float32, 60.0), (torch.float64, 100.0)], ids=["float32", "float64"])
+def test_the_quick_start_job_meets_its_promise(tmp_path, dtype, floor):
+    from gradleak.pipeline import demo
+
+    result = demo(tmp_path / "demo", dtype=dtype, quiet=True)
+    psnrs = [row["psnr"] for row in result.scores.per_image]
+    assert len(psnrs) == 8 and min(psnrs) >= floor
+    assert result.scores.summary["label_accuracy"] == 1.0
+    html = result.report.read_text()
+    assert html.count("data:image/png;base64,") == 2 and "fc-bias" in html
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["summary"]["n_images"] == 8
