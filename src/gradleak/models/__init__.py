@@ -16,12 +16,16 @@ from torch import nn
 
 from ..errors import ConfigError
 from .exercise import TwoLayerNet, exercise_gradients
+from .adapters import TORCHVISION_MODELS, swap_activations, torchvision_model
+from .convnet import ConvNet
 from .lenet import LeNet
 from .mlp import ACTIVATIONS, MLP
+from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 
 __all__ = [
     "MODELS", "ModelEntry", "build_model", "model_info", "model_from_info", "load_weights",
-    "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ACTIVATIONS",
+    "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
+    "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
 ]
 
 
@@ -60,7 +64,42 @@ MODELS: dict[str, ModelEntry] = {
         "cross_entropy",
         "DLG's LeNet: 3 conv (12 ch, 5x5) + sigmoid + 1 FC; 15,826 parameters at 3x32x32, 10 classes",
     ),
+    "convnet": ModelEntry(
+        lambda shape, num_classes, width=32, activation="relu", batch_norm=True: ConvNet(
+            shape[0], num_classes, int(width), shape[-1], activation, batch_norm in (True, "true", "1", 1)),
+        "cross_entropy",
+        "8 conv layers with BatchNorm, 2 max-pools, 1 FC; options width=32, activation, batch_norm",
+    ),
+    "resnet18": ModelEntry(
+        lambda shape, num_classes, activation="relu": cifar_resnet18(shape[0], num_classes, activation),
+        "cross_entropy",
+        "ResNet-18 for 32x32 inputs (3x3 stem, no max-pool), 11.2M parameters; option activation",
+    ),
+    "resnet20": ModelEntry(
+        lambda shape, num_classes, width=1, activation="relu": resnet20(shape[0], num_classes, int(width), activation),
+        "cross_entropy",
+        "CIFAR ResNet-20 (He et al. 2016), 0.27M parameters at width 1; options width, activation",
+    ),
+    "resnet32": ModelEntry(
+        lambda shape, num_classes, width=1, activation="relu": resnet32(shape[0], num_classes, int(width), activation),
+        "cross_entropy",
+        "CIFAR ResNet-32 (He et al. 2016), 0.46M parameters at width 1; options width, activation",
+    ),
 }
+
+
+def _torchvision_entry(name: str) -> ModelEntry:
+    def build(shape, num_classes, activation="relu"):
+        model = torchvision_model(name, num_classes, shape[0])
+        return model if activation == "relu" else swap_activations(model, activation)
+
+    return ModelEntry(build, "cross_entropy",
+                      f"torchvision {name}, untrained (224 px; inception_v3 299 px); option activation=sigmoid "
+                      "swaps every ReLU (seed 004)")
+
+
+for _name in TORCHVISION_MODELS:
+    MODELS[f"tv-{_name}"] = _torchvision_entry(_name)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, *, seed: int = 0,

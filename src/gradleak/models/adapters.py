@@ -1,0 +1,58 @@
+"""torchvision's ImageNet architectures, and swapping activations (seed 004).
+
+Seed 004 (a study of DLG on LeNet, ResNet-18, DenseNet-121 and Inception-v3) replaces
+every ReLU by a Sigmoid so that the networks are twice differentiable with non-vanishing
+second derivatives, which DLG's L-BFGS gradient matching needs. torchvision calls ReLU
+both as modules and as functions (``F.relu`` inside DenseNet and Inception blocks), so
+:func:`swap_activations` rewrites the traced graph (``torch.fx``) as well as the modules;
+parameter names are kept, so gradients stay keyed like the original model's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import ConfigError
+from .mlp import ACTIVATIONS
+
+__all__ = ["torchvision_model", "swap_activations", "TORCHVISION_MODELS"]
+
+TORCHVISION_MODELS = ("resnet18", "densenet121", "inception_v3")
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+_FUNCTIONAL = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu}
+
+
+def torchvision_model(name: str, num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
+    """An untrained torchvision model (no weights are downloaded)."""
+    import torchvision.models as tvm
+
+    if name not in TORCHVISION_MODELS:
+        raise ConfigError(f"unknown torchvision model {name!r}; choose one of {TORCHVISION_MODELS}")
+    if in_channels != 3:
+        raise ConfigError(f"torchvision's {name} takes 3 input channels, got {in_channels}")
+    if name == "inception_v3":
+        return tvm.inception_v3(weights=None, num_classes=num_classes, aux_logits=False, init_weights=True)
+    return getattr(tvm, name)(weights=None, num_classes=num_classes)
+
+
+def swap_activations(model: nn.Module, activation: str = "sigmoid") -> nn.Module:
+    """Return a copy of ``model`` with every ReLU (module or function) replaced.
+
+    The result is a ``torch.fx.GraphModule`` with the same parameter names.
+    """
+    if activation not in _FUNCTIONAL or activation not in ACTIVATIONS:
+        raise ConfigError(f"cannot swap ReLU for {activation!r}; choose one of {sorted(_FUNCTIONAL)}")
+    graph_module = fx.symbolic_trace(model)
+    replacement = ACTIVATIONS[activation]
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+            node.target = _FUNCTIONAL[activation]
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+            node.args = node.args[:1]
+        elif node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), nn.ReLU):
+            parent, _, child = node.target.rpartition(".")
+            setattr(graph_module.get_submodule(parent) if parent else graph_module, child, replacement())
+    graph_module.recompile()
+    return graph_module
