@@ -19,10 +19,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
 from .data.spec import DataSpec
 from .errors import ConfigError
+from .functional import buffers_after_forward, task_loss
 from .losses import get_loss
 from .update import SharedUpdate
 
@@ -54,13 +55,6 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
         raise ConfigError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if loss == "binary_cross_entropy" and not bool(((labels == 0) | (labels == 1)).all()):
         raise ConfigError(f"loss 'binary_cross_entropy' needs 0/1 labels, got {sorted(set(labels.tolist()))}")
-
-
-def _objective(model, buffers, spec, loss_fn, x, y):
-    def loss(params):
-        return loss_fn(functional_call(model, (params, buffers), (spec.normalize(x),)), y)
-
-    return loss
 
 
 def _common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info):
@@ -96,8 +90,10 @@ def fedsgd_update(
     spec = spec or DataSpec()
     params, buffers = model_state(model)
     loss_fn = get_loss(loss)
+    x = spec.normalize(images)
     with _seeded(seed, images.device):
-        gradient = grad(_objective(model, dict(buffers), spec, loss_fn, images, labels))(params)
+        gradient = grad(task_loss(model, buffers, loss_fn, x, labels))(params)
+        buffers = buffers_after_forward(model, params, buffers, x)
     return SharedUpdate(
         tensors={n: g.detach() for n, g in gradient.items()},
         kind="gradient",
@@ -153,11 +149,12 @@ def fedavg_update(
     generator = torch.Generator().manual_seed(seed)
     schedule = _minibatch_schedule(n, batch, local_steps, epochs, generator)
     local = dict(params)
-    step_buffers = dict(buffers)
+    x = spec.normalize(images)
     with _seeded(seed, images.device):
         for indices in schedule:
             indices = indices.to(images.device)
-            g = grad(_objective(model, step_buffers, spec, loss_fn, images[indices], labels[indices]))(local)
+            g = grad(task_loss(model, buffers, loss_fn, x[indices], labels[indices]))(local)
+            buffers = buffers_after_forward(model, local, buffers, x[indices])
             local = {name: local[name] - lr * g[name] for name in local}
     return SharedUpdate(
         tensors={name: (local[name] - params[name]).detach() for name in params},

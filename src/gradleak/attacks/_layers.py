@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..errors import ConfigError
+from ..functional import forward
 
 __all__ = ["LinearTrace", "trace_linear_layers", "classifier_layer"]
 
@@ -50,7 +50,7 @@ def trace_linear_layers(model: nn.Module, input_shape: tuple[int, ...], params: 
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            output = functional_call(model, (params, {n: b.clone() for n, b in buffers.items()}), (probe,))
+            output = forward(model, params, buffers, probe)
     finally:
         for handle in handles:
             handle.remove()
