@@ -21,11 +21,13 @@ from .convnet import ConvNet
 from .lenet import LeNet
 from .mlp import ACTIVATIONS, MLP
 from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
+from .rgap import CNN6, FCN3
 
 __all__ = [
     "MODELS", "ModelEntry", "build_model", "model_info", "model_from_info", "load_weights",
     "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
     "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
+    "CNN6", "FCN3",
 ]
 
 
@@ -84,6 +86,16 @@ MODELS: dict[str, ModelEntry] = {
         lambda shape, num_classes, width=1, activation="relu": resnet32(shape[0], num_classes, int(width), activation),
         "cross_entropy",
         "CIFAR ResNet-32 (He et al. 2016), 0.46M parameters at width 1; options width, activation",
+    ),
+    "cnn6": ModelEntry(
+        lambda shape, num_classes, slope=0.2: CNN6(shape[0], 1, shape[-1], float(slope)),
+        "binary_cross_entropy",
+        "R-GAP's CNN6: 6 bias-free conv + LeakyReLU(0.2), one bias-free logit (binary head, 0/1 labels)",
+    ),
+    "fcn3": ModelEntry(
+        lambda shape, num_classes, slope=0.2: FCN3(math.prod(shape), 1, slope=float(slope)),
+        "binary_cross_entropy",
+        "R-GAP's FCN3: in-1000-100-1, bias-free, LeakyReLU(0.2), binary head (0/1 labels)",
     ),
 }
 

@@ -1,0 +1,330 @@
+"""Qian et al., minimal model structure for input reconstruction (arXiv 2010.15718, seed 001).
+
+- **Single input, any depth.** A fully connected layer with bias fed the input gives
+  ``x = row_j(dL/dW) / dL/db_j`` for any unit with ``dL/db_j != 0``: one hidden unit
+  suffices, whatever comes after it (:func:`~gradleak.attacks.analytic.fc_bias_inversion`).
+- **A batch of B** (:func:`qian_batch_inversion`). The mean gradient is
+  ``dL/dW = sum_i delta_i x_i^T``, ``dL/db = sum_i delta_i`` (delta_i: the unit signals of
+  sample i), so row ratio j is ``sum_i w_ji x_i`` with weights ``w_ji = delta_ji / sum_i
+  delta_ji``: a mixture of the samples active at unit j. A unit active for exactly one
+  sample (ReLU zeroes the others) gives that sample exactly, and every such unit gives
+  the same row: duplicated rows are recovered samples. Recovered samples are then peeled
+  off: a unit inactive on every recovered sample mixes only the others, so the search
+  repeats on those units; with one sample left, any such unit gives it. This needs at
+  least B hidden units (Qian's condition h >= B; the gradient has rank <= h) and units
+  that separate the samples; the result says which samples were recovered and which not.
+- **CNNs** (:func:`qian_cnn_condition`, :func:`qian_cnn_inversion`). With the input of the
+  first fully connected layer recovered as above, each convolution below is inverted from
+  its output (weight constraints, least squares). That is exact when the convolution, as
+  a matrix, has at least as many outputs as inputs: ``h >= (d/d')^2 C`` kernels for input
+  width d, output width d', C input channels, and the activation is invertible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AttackNotApplicable
+from ..threat import ThreatModel
+from ..update import SharedUpdate
+from ._chain import SOLVE_DTYPE, ChainLayer, act_inverse, act_known, layer_system, solve_normal, trace_chain
+from ._layers import trace_linear_layers
+from .base import Attack, Reconstruction, register_attack
+
+__all__ = ["QianInversion", "QianBatch", "qian_batch_inversion", "qian_cnn_condition", "QianCNNCheck",
+           "qian_cnn_inversion"]
+
+
+@dataclass
+class QianBatch:
+    """Result of :func:`qian_batch_inversion`.
+
+    x: (k, in_features) the samples recovered exactly (k <= batch size, order arbitrary).
+    units: for each recovered sample, the hidden units that isolate it.
+    batch_size: the B used (given, or the rank of dL/dW); rank: numerical rank of dL/dW.
+    """
+
+    x: torch.Tensor
+    units: list[list[int]]
+    batch_size: int
+    rank: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.x.shape[0] == self.batch_size
+
+
+def _clusters(rows: torch.Tensor, tol: float) -> list[list[int]]:
+    """Groups of (numerically) identical rows."""
+    if rows.shape[0] == 0:
+        return []
+    norms = torch.linalg.vector_norm(rows, dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
+    close = torch.cdist(rows, rows) <= tol * torch.minimum(norms[:, None], norms[None, :])
+    seen, groups = set(), []
+    for i in range(rows.shape[0]):
+        if i in seen:
+            continue
+        members = [j for j in torch.nonzero(close[i]).reshape(-1).tolist() if j not in seen]
+        seen.update(members)
+        groups.append(members)
+    return groups
+
+
+def _hyperplanes(M: torch.Tensor, B: int, tol: float, trials: int, seed: int = 0) -> torch.Tensor | None:
+    """Normals of the B hyperplanes of R^B that hold the units inactive for each sample.
+
+    Row j of ``M = dL/dW V`` (V: a basis of the samples' span) is ``sum_i delta_ji c_i``; a
+    unit inactive for sample i has ``delta_ji = 0``, so its row lies in the span of the
+    other samples' coordinates, a hyperplane whose normal is column i of ``C^{-1}``.
+    Found by sampling B-1 rows (RANSAC), refined on all rows within ``tol``.
+    """
+    rows = M / torch.linalg.vector_norm(M, dim=1, keepdim=True)
+    h = rows.shape[0]
+    if h < B - 1:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    normals: list[torch.Tensor] = []
+    counts: list[int] = []
+    for start in range(0, trials, 2000):
+        picks = torch.rand(2000, h, generator=generator).argsort(dim=1)[:, : B - 1]
+        basis = rows[picks]                                           # (T, B-1, B)
+        candidates = torch.linalg.svd(basis, full_matrices=True).Vh[:, -1]   # (T, B)
+        inliers = (rows @ candidates.T).abs() <= tol                  # (h, T)
+        score = inliers.sum(0)
+        for t in score.argsort(descending=True).tolist():
+            if int(score[t]) < B or len(normals) >= 4 * B:
+                break
+            if any(float((candidates[t] @ n).abs()) > 0.999 for n in normals):
+                continue
+            members = rows[inliers[:, t]]
+            normal = torch.linalg.svd(members, full_matrices=True).Vh[-1]
+            if any(float((normal @ n).abs()) > 1 - tol for n in normals):
+                continue
+            normals.append(normal)
+            counts.append(int(((rows @ normal).abs() <= tol).sum()))
+        if len(normals) >= B and start >= 4000:
+            break
+    if len(normals) < B:
+        return None
+    order = sorted(range(len(normals)), key=lambda k: -counts[k])
+    chosen: list[torch.Tensor] = []
+    for k in order:
+        trial = torch.stack(chosen + [normals[k]])
+        if torch.linalg.matrix_rank(trial) == len(chosen) + 1:
+            chosen.append(normals[k])
+        if len(chosen) == B:
+            return torch.stack(chosen, dim=1)                          # (B, B): columns = normals
+    return None
+
+
+def _separate(dW: torch.Tensor, db: torch.Tensor, B: int, tol: float, trials: int) -> torch.Tensor | None:
+    """All B samples from the hyperplane structure of the mean gradient, or None."""
+    U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+    V = Vh[:B].T                                                       # (n, B)
+    M = dW @ V                                                         # (h, B) = Delta^T C
+    keep = torch.linalg.vector_norm(M, dim=1) > S[0] * 1e-9
+    gamma = _hyperplanes(M[keep], B, tol, trials)
+    if gamma is None:
+        return None
+    scales = torch.linalg.lstsq(M @ gamma, db[:, None]).solution[:, 0]  # db = sum_i delta_i
+    if bool((scales.abs() < 1e-12).any()):
+        return None
+    C = torch.linalg.inv(gamma * scales[None, :])
+    X = C @ V.T
+    check = torch.linalg.vector_norm((M @ gamma * scales) @ C @ V.T - dW) / torch.linalg.vector_norm(dW)
+    return X if float(check) < tol else None
+
+
+def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor, *, batch_size: int | None = None, activation: str = "relu",
+                         tol: float | None = None, trials: int = 20000) -> QianBatch:
+    """Recover the inputs of a batch from the mean gradient of a fully connected layer with bias.
+
+    ``weight``/``bias`` are the layer's parameters (to tell which units each recovered
+    sample activates). Valid for ReLU layers (inactive units are what separates samples);
+    for other activations only a single sample is recovered. Raises
+    :class:`AttackNotApplicable` when no sample can be isolated.
+    """
+    dt = SOLVE_DTYPE
+    dW, db = weight_grad.to(dt), bias_grad.to(dt)
+    W, b = weight.to(dt), bias.to(dt)
+    eps = torch.finfo(weight_grad.dtype).eps
+    tol = tol if tol is not None else 10 * eps ** 0.5
+    hidden = dW.shape[0]
+    s = torch.linalg.svdvals(dW)
+    rank = int((s > s[0] * 1e3 * eps).sum()) if s.numel() and s[0] > 0 else 0
+    B = batch_size or rank
+    notes = [f"{hidden} hidden units, batch of {B}{'' if batch_size else ' (batch size from the rank of dL/dW)'}; "
+             f"rank of dL/dW {rank}"]
+    if hidden < B:
+        notes.append(f"Qian's condition fails: {hidden} hidden units < batch size {B}; at most {hidden} samples "
+                     "can be separated")
+    active = torch.nonzero(db != 0).reshape(-1)
+    if B > 1 and hidden >= B and rank >= B and activation == "relu":
+        X = _separate(dW, db, B, tol, trials)
+        if X is not None:
+            z = X @ W.T + b
+            units = [torch.nonzero(z[i] > 0).reshape(-1).tolist() for i in range(B)]
+            notes.append(f"all {B} samples recovered exactly: the units inactive for each sample span a hyperplane "
+                         "that separates it from the others")
+            return QianBatch(X.to(weight_grad.dtype), units, B, rank, notes)
+    if active.numel() == 0:
+        raise AttackNotApplicable("every dL/db_j is zero: the gradient carries no information about the inputs",
+                                  condition="some dL/db_j != 0")
+    ratios = dW[active] / db[active, None]
+    found: list[torch.Tensor] = []
+    units: list[list[int]] = []
+    remaining = torch.ones(active.numel(), dtype=torch.bool)
+    for _ in range(B):
+        left = B - len(found)
+        if left == 0:
+            break
+        candidates = torch.nonzero(remaining).reshape(-1)
+        if found and activation == "relu":   # peel: keep units inactive on every recovered sample
+            z = torch.stack(found) @ W[active[candidates]].T + b[active[candidates]]
+            candidates = candidates[(z <= 0).all(dim=0)]
+        groups = [[int(candidates[k]) for k in g] for g in _clusters(ratios[candidates], tol)]
+        minimum = 1 if left == 1 and (activation == "relu" or B == 1) else 2
+        groups = [g for g in groups if len(g) >= minimum]
+        if not groups:
+            break
+        new = 0
+        for g in sorted(groups, key=len, reverse=True)[:left]:
+            idx = active[g]
+            x = (db[idx] @ dW[idx]) / (db[idx] @ db[idx])
+            if any(torch.linalg.vector_norm(x - f) <= tol * torch.linalg.vector_norm(f) for f in found):
+                remaining[g] = False
+                continue
+            found.append(x)
+            units.append(idx.tolist())
+            remaining[g] = False
+            new += 1
+        if new == 0:
+            break
+    if not found:
+        raise AttackNotApplicable(
+            f"no sample of the batch of {B} could be separated ({activation} layer, {hidden} units"
+            + (f"; h >= B holds, but about h/2 = {hidden // 2} units are inactive per sample, too few to pin down the "
+               f"{B - 1}-dimensional hyperplane that isolates each sample" if hidden >= B and activation == "relu" else "")
+            + "): every row of dL/dW mixes several samples", condition="units that separate the samples (ReLU, h >= 2B)")
+    x = torch.stack(found).to(weight_grad.dtype)
+    if len(found) == B:
+        notes.append(f"all {B} samples recovered exactly (each isolated by >= 1 hidden unit)")
+    else:
+        notes.append(f"recovered {len(found)} of {B} samples exactly; {B - len(found)} not recoverable: no hidden "
+                     "unit is active for them alone (their rows of dL/dW stay mixtures)")
+    return QianBatch(x, units, B, rank, notes)
+
+
+@dataclass
+class QianCNNCheck:
+    """Qian's CNN condition for one convolution: kernels ``h >= (d/d')^2 C``."""
+
+    layer: str
+    in_channels: int
+    in_width: int
+    out_width: int
+    kernels: int
+
+    @property
+    def required(self) -> float:
+        return (self.in_width / self.out_width) ** 2 * self.in_channels
+
+    @property
+    def holds(self) -> bool:
+        return self.kernels >= self.required - 1e-9
+
+    def describe(self) -> str:
+        verdict = "holds" if self.holds else "fails"
+        return (f"{self.layer!r}: h = {self.kernels} kernels vs (d/d')^2 C = ({self.in_width}/{self.out_width})^2 x "
+                f"{self.in_channels} = {self.required:.3g}: {verdict}")
+
+
+def qian_cnn_condition(layer: ChainLayer) -> QianCNNCheck:
+    """Qian's condition for a convolution ``layer`` of the chain."""
+    _, _, d = layer.in_shape
+    return QianCNNCheck(layer.name, layer.in_shape[0], d, layer.out_shape[-1], layer.out_shape[0])
+
+
+def qian_cnn_inversion(layers: list[ChainLayer], params: dict[str, torch.Tensor], features: torch.Tensor,
+                       *, rtol: float = 1e-10):
+    """Invert the convolutions ``layers`` (input first) from the features their last activation produced.
+
+    Returns (input (C, H, W) in SOLVE_DTYPE, [(check, rank deficit), ...] from input to top).
+    """
+    x = features.to(SOLVE_DTYPE)
+    report = []
+    for layer in reversed(layers):
+        a = x.reshape(layer.out_shape)
+        target = act_inverse(layer.activation, layer.slope, a)
+        if layer.has_bias:
+            target = target - params[layer.param("bias")].to(SOLVE_DTYPE).reshape(-1, 1, 1)
+        system = layer_system(layer, params[layer.param("weight")], None, None, target, act_known(layer.activation, a))
+        solution = solve_normal(system, rtol=rtol)
+        report.append((qian_cnn_condition(layer), solution.deficit))
+        x = solution.x
+    return x.reshape(layers[0].in_shape), report[::-1]
+
+
+@register_attack
+class QianInversion(Attack):
+    """Closed-form reconstruction of a single input or a batch (Qian et al.)."""
+
+    name = "qian"
+    paper = "Qian, Nassar & Hansen, Minimal model structure analysis for input reconstruction in FL (arXiv 2010.15718)"
+    conditions = ("a fully connected layer with bias (fed the input, or after convolutions meeting h >= (d/d')^2 C "
+                  "with invertible activations); batches: >= B hidden units and ReLU units that isolate each sample")
+
+    def __init__(self, model, threat: ThreatModel | None = None, *, tol: float | None = None):
+        super().__init__(model, threat)
+        self.tol = tol
+
+    def options(self):
+        return {**super().options(), "tol": self.tol}
+
+    def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        gradient = update.as_gradient()
+        params, buffers = self.parameters_at_round(update)
+        traces = trace_linear_layers(self.model, update.input_shape, params, buffers)
+        target = next((t for t in traces if t.has_bias), None)
+        if target is None:
+            raise AttackNotApplicable("the model has no fully connected layer with bias",
+                                      condition="a fully connected layer with bias")
+        chain = trace_chain(self.model, update.input_shape, params, buffers)
+        names = [l.name for l in chain.layers]
+        position = names.index(target.name) if target.name in names else -1
+        activation = chain.layers[position].activation if position >= 0 else "relu"
+        below = chain.layers[:position] if position > 0 else []
+        if not target.receives_model_input and (not chain.is_chain or any(l.kind != "conv2d" for l in below)):
+            raise AttackNotApplicable(
+                f"the first linear layer with bias ({target.name!r}) is not fed the input and the layers below it are "
+                "not a plain chain of convolutions" + (f" ({'; '.join(chain.unsupported)})" if chain.unsupported else ""),
+                condition="a fully connected layer with bias fed the input, or by a chain of convolutions")
+        batch = qian_batch_inversion(gradient[target.param("weight")], gradient[target.param("bias")],
+                                     params[target.param("weight")], params[target.param("bias")],
+                                     batch_size=update.batch_size, activation=activation, tol=self.tol)
+        notes = [f"layer {target.name!r}: " + n for n in batch.notes]
+        dtype = next(iter(gradient.values())).dtype
+        if target.receives_model_input:
+            x = batch.x.reshape(-1, *update.input_shape)
+        else:
+            images, deficits = [], []
+            for features in batch.x:
+                xi, report = qian_cnn_inversion(below, params, features)
+                images.append(xi)
+                deficits = report
+            x = torch.stack(images).to(dtype)
+            for check, deficit in deficits:
+                notes.append(f"Qian's CNN condition {check.describe()}; rank deficit of the inversion {deficit}")
+            if all(check.holds and deficit == 0 for check, deficit in deficits):
+                notes.append("every convolution is injective: the images are exact")
+            else:
+                notes.append("some convolution loses information: the images are minimum-norm estimates, not exact")
+        spec = update.data_spec
+        images = spec.denormalize(x) if spec is not None else x
+        history = {"units_per_sample": [float(len(u)) for u in batch.units]}
+        return Reconstruction(images=images, history=history, notes=notes,
+                              config={"recovered": int(batch.x.shape[0]), "batch_size": batch.batch_size})
