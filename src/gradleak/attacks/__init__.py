@@ -1,14 +1,18 @@
 """Attacks, one module per family, each registered by name in :data:`ATTACKS`.
 
 - :mod:`.analytic`: closed-form inversion of a fully connected layer with bias (``fc-bias``).
-- :mod:`.labels`: label recovery from the classifier gradient.
+- :mod:`.optimization`: the gradient-matching engine (``gradient-matching``) and its presets
+  ``dlg``, ``idlg``, ``inverting-gradients``, ``fedavg``; pieces in :mod:`.matching`.
+- :mod:`.labels`: label recovery from the classifier gradient (iDLG; counts for batches).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
 from .base import ATTACKS, Attack, Reconstruction, get_attack, register_attack
-from .labels import idlg_label
+from .labels import count_labels, idlg_label
+from .optimization import DLG, IDLG, FedAvgInversion, GradientMatching, InvertingGradients, MatchingConfig
 
 __all__ = [
     "ATTACKS", "Attack", "Reconstruction", "get_attack", "register_attack",
-    "FCBiasInversion", "FCInversion", "fc_bias_inversion", "idlg_label",
+    "FCBiasInversion", "FCInversion", "fc_bias_inversion", "idlg_label", "count_labels",
+    "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
 ]

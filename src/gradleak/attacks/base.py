@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 
-__all__ = ["Reconstruction", "Attack", "ATTACKS", "register_attack", "get_attack"]
+__all__ = ["Reconstruction", "Attack", "Hooks", "ATTACKS", "register_attack", "get_attack"]
 
 
 @dataclass
@@ -67,6 +67,20 @@ class Reconstruction:
         return Reconstruction(images, labels, features, history, notes, parts[0].attack, parts[0].config)
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks an iterative attack calls while it runs (both optional).
+
+    monitor(images) -> {name: value}: called every few iterations with the current best
+        images on the [0, 1] scale; its values are recorded in the history. This is how a
+        report tracks PSNR against ground truth without the attack ever seeing it.
+    progress(done, total): iterations done of the current run.
+    """
+
+    monitor: Callable[[torch.Tensor], dict[str, float]] | None = None
+    progress: Callable[[int, int], None] | None = None
+
+
 class Attack(abc.ABC):
     """Base class of every attack: ``Attack(model, threat, **options).reconstruct(update)``.
 
@@ -83,11 +97,20 @@ class Attack(abc.ABC):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.threat = threat or ThreatModel()
+        self._hooks = Hooks()
 
-    def reconstruct(self, update: SharedUpdate) -> Reconstruction:
-        """Reconstruct the client's inputs from ``update`` as the threat model allows."""
+    def reconstruct(self, update: SharedUpdate, *, monitor: Callable[[torch.Tensor], dict[str, float]] | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Reconstruction:
+        """Reconstruct the client's inputs from ``update`` as the threat model allows.
+
+        ``monitor`` and ``progress`` are optional :class:`Hooks` for iterative attacks.
+        """
         update.validate_for(self.model)
-        result = self._reconstruct(self.threat.observe(update))
+        self._hooks = Hooks(monitor, progress)
+        try:
+            result = self._reconstruct(self.threat.observe(update))
+        finally:
+            self._hooks = Hooks()
         result.attack = result.attack or self.name
         result.config = {**self.options(), **result.config}
         return result

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import AttackNotApplicable
 
-__all__ = ["idlg_label"]
+__all__ = ["idlg_label", "count_labels"]
 
 
 def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -33,3 +33,42 @@ def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, loss: 
                                       condition="non-zero classifier gradient")
         return scores.argmin().reshape(1).to(torch.int64)
     raise AttackNotApplicable(f"iDLG label recovery needs cross_entropy or binary_cross_entropy, not {loss!r}")
+
+
+def _round_counts(estimate: torch.Tensor, batch_size: int, present: torch.Tensor) -> torch.Tensor:
+    """Integer counts summing to ``batch_size``, close to ``estimate``, >= 1 where ``present``."""
+    counts = torch.zeros_like(estimate, dtype=torch.int64)
+    mandatory = torch.nonzero(present).reshape(-1)
+    if mandatory.numel() <= batch_size:
+        counts[mandatory] = 1
+    for _ in range(batch_size - int(counts.sum())):
+        counts[int(torch.argmax(estimate - counts.to(estimate.dtype)))] += 1
+    return counts
+
+
+def count_labels(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, batch_size: int,
+                 mean_probabilities: torch.Tensor, mean_feature_sum: torch.Tensor | float = 1.0,
+                 loss: str = "cross_entropy") -> torch.Tensor:
+    """The labels of a batch, repeated labels included, from the classifier gradient.
+
+    For softmax cross-entropy averaged over a batch of B, the classifier bias gradient is
+    ``dL/db_c = pbar_c - n_c / B`` with ``pbar_c`` the mean predicted probability and ``n_c``
+    the count of class c, so ``n_c = B (pbar_c - dL/db_c)`` (the bias-corrected counting
+    of the breaching framework; Wainakh et al. 2022, "User-level label leakage from
+    gradients" (LLG), do the same with the weight rows, ``sum_j dL/dW_cj = (pbar_c - n_c/B)
+    * mean ||h||_1`` for non-negative features h, used here when there is no bias).
+    ``pbar`` and ``mean ||h||_1`` are estimated by the caller from the model on dummy
+    inputs (exact when the network's output barely depends on its input, e.g. untrained;
+    approximate otherwise). Classes with a negative gradient are always kept (iDLG).
+    Counts are rounded greedily to sum to B. Returns the (B,) labels, sorted.
+    """
+    if loss == "binary_cross_entropy":
+        signal = bias_grad.reshape(-1)[:1] if bias_grad is not None else weight_grad.sum(1)[:1] / mean_feature_sum
+        ones = int(torch.clamp(torch.round(batch_size * (mean_probabilities.reshape(-1)[:1] - signal)), 0, batch_size))
+        return torch.cat([torch.zeros(batch_size - ones, dtype=torch.int64), torch.ones(ones, dtype=torch.int64)])
+    if loss != "cross_entropy":
+        raise AttackNotApplicable(f"label counting needs cross_entropy or binary_cross_entropy, not {loss!r}")
+    signal = bias_grad if bias_grad is not None else weight_grad.sum(dim=1) / mean_feature_sum
+    estimate = batch_size * (mean_probabilities.to(signal.dtype) - signal)
+    counts = _round_counts(estimate, batch_size, signal < 0)
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu())

@@ -62,7 +62,7 @@ MODELS: dict[str, ModelEntry] = {
         "fully connected network; options hidden='256,128', activation=relu|sigmoid|tanh|leaky_relu, bias",
     ),
     "lenet": ModelEntry(
-        lambda shape, num_classes, activation="sigmoid": LeNet(shape[0], num_classes, shape[-1], activation),
+        lambda shape, num_classes, activation="sigmoid", init="dlg": LeNet(shape[0], num_classes, shape[-1], activation, init),
         "cross_entropy",
         "DLG's LeNet: 3 conv (12 ch, 5x5) + sigmoid + 1 FC; 15,826 parameters at 3x32x32, 10 classes",
     ),

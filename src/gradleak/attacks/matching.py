@@ -1,0 +1,157 @@
+"""The pieces of gradient matching: which layers to compare, how to weight them, the
+distance between a candidate's gradient (or update) and the observed one, and the image
+priors. The optimisation engine (:mod:`.optimization`) composes them.
+
+Distances (``objective``):
+- ``l2``: ``sum_i w_i ||g_i - t_i||^2`` (DLG, Zhu et al. 2019);
+- ``l1``: ``sum_i w_i |g_i - t_i|_1``; ``max``: ``max_i w_i max|g_i - t_i|``;
+- ``cosine``: one cosine distance over all selected layers together,
+  ``1 - <g, t>_w / (||g||_w ||t||_w)`` (Inverting Gradients' "sim", Geiping et al. 2020);
+- ``layer-cosine``: the weighted mean of per-layer cosine distances.
+
+Layer weights (``layer_weights``): ``equal``; ``linear``, decreasing from 1 at the first
+selected layer to 1/L at the last (Inverting Gradients' "linear"); ``exp``, decaying from 1
+to e^-4. Priors: anisotropic total variation, squared L2 norm of the input, and the
+BatchNorm-statistics prior of Yin et al. 2021 ("See through gradients").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["OBJECTIVES", "LAYER_WEIGHTS", "select_layers", "layer_weights", "gradient_distance",
+           "total_variation", "BatchNormStatistics", "batch_norm_targets"]
+
+OBJECTIVES = ("l2", "l1", "max", "cosine", "layer-cosine")
+LAYER_WEIGHTS = ("equal", "linear", "exp")
+
+
+def select_layers(names: Sequence[str], target: Mapping[str, torch.Tensor], selection: str | Sequence[str]) -> list[str]:
+    """Which entries of the update to match, in model order.
+
+    ``selection``: ``"all"``, ``"first:k"``, ``"last:k"``, ``"largest:k"`` (by the observed
+    norm), or explicit parameter names (a list, or a comma-separated string).
+    """
+    names = [n for n in names if n in target]
+    if isinstance(selection, str):
+        kind, _, count = selection.partition(":")
+        if selection == "all":
+            return names
+        if kind in ("first", "last", "largest") and count:
+            try:
+                k = int(count)
+            except ValueError:
+                raise ConfigError(f"layers={selection!r}: expected {kind}:<count>") from None
+            if not 1 <= k <= len(names):
+                raise ConfigError(f"layers={selection!r}: count must be between 1 and {len(names)}")
+            if kind == "first":
+                return names[:k]
+            if kind == "last":
+                return names[-k:]
+            norms = {n: float(torch.linalg.vector_norm(target[n])) for n in names}
+            chosen = set(sorted(names, key=norms.__getitem__, reverse=True)[:k])
+            return [n for n in names if n in chosen]
+        selection = [s.strip() for s in selection.split(",") if s.strip()]
+    unknown = [s for s in selection if s not in names]
+    if unknown or not selection:
+        raise ConfigError(f"layers: {unknown or selection!r} not in the update; entries are e.g. {names[:4]}")
+    return [n for n in names if n in set(selection)]
+
+
+def layer_weights(count: int, scheme: str, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    if scheme == "equal":
+        return torch.ones(count, dtype=dtype, device=device)
+    if scheme == "linear":
+        return torch.arange(count, 0, -1, dtype=dtype, device=device) / count
+    if scheme == "exp":
+        return torch.exp(-4.0 * torch.arange(count, dtype=dtype, device=device) / max(count - 1, 1))
+    raise ConfigError(f"layer_weights must be one of {LAYER_WEIGHTS}, got {scheme!r}")
+
+
+def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], names: Sequence[str],
+                      weights: torch.Tensor, objective: str) -> torch.Tensor:
+    """The distance between the candidate's and the observed gradients over ``names``."""
+    if objective == "l2":
+        return sum(w * (candidate[n] - target[n]).pow(2).sum() for n, w in zip(names, weights))
+    if objective == "l1":
+        return sum(w * (candidate[n] - target[n]).abs().sum() for n, w in zip(names, weights))
+    if objective == "max":
+        return torch.stack([w * (candidate[n] - target[n]).abs().max() for n, w in zip(names, weights)]).max()
+    if objective == "cosine":
+        dot = sum(w * (candidate[n] * target[n]).sum() for n, w in zip(names, weights))
+        cand = sum(w * candidate[n].pow(2).sum() for n, w in zip(names, weights))
+        targ = sum(w * target[n].pow(2).sum() for n, w in zip(names, weights))
+        return 1 - dot / (cand.sqrt() * targ.sqrt()).clamp_min(1e-30)
+    if objective == "layer-cosine":
+        terms = [w * (1 - torch.nn.functional.cosine_similarity(candidate[n].flatten(), target[n].flatten(), dim=0,
+                                                                   eps=1e-30)) for n, w in zip(names, weights)]
+        return sum(terms) / weights.sum()
+    raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation: mean absolute difference of vertical and horizontal neighbours."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def batch_norm_targets(model: nn.Module, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The client's batch statistics, recovered exactly from its BatchNorm running statistics.
+
+    A train-mode BatchNorm with momentum m updates ``r1 = (1 - m) r0 + m s`` where s is the
+    batch mean (or unbiased variance), so ``s = (r1 - (1 - m) r0) / m``. Returns
+    ``{module name: (mean, unbiased variance)}``.
+    """
+    targets = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.track_running_stats:
+            continue
+        keys = [f"{name}.running_mean", f"{name}.running_var"]
+        if not all(k in before and k in after for k in keys):
+            continue
+        m = module.momentum if module.momentum is not None else 0.1
+        mean = (after[keys[0]] - (1 - m) * before[keys[0]]) / m
+        var = (after[keys[1]] - (1 - m) * before[keys[1]]) / m
+        targets[name] = (mean, var)
+    return targets
+
+
+class BatchNormStatistics:
+    """Yin et al. 2021's prior: the candidate batch's BatchNorm input statistics should
+    equal the client's, ``sum_l ||mu_l(x) - mu_l||_2 + ||var_l(x) - var_l||_2``.
+
+    Use as a context manager around a forward pass; ``penalty()`` reads what it recorded.
+    """
+
+    def __init__(self, model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.targets = model, dict(targets)
+        self._seen: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self):
+        modules = dict(self.model.named_modules())
+        for name in self.targets:
+            self._handles.append(modules[name].register_forward_pre_hook(
+                lambda module, inputs, name=name: self._seen.__setitem__(name, inputs[0])))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def penalty(self) -> torch.Tensor:
+        total = 0.0
+        for name, (mean, var) in self.targets.items():
+            x = self._seen[name]
+            dims = [0, *range(2, x.ndim)]
+            total = total + torch.linalg.vector_norm(x.mean(dims) - mean) + torch.linalg.vector_norm(
+                x.var(dims, unbiased=True) - var)
+        self._seen.clear()
+        return total if isinstance(total, torch.Tensor) else torch.tensor(math.nan)

@@ -1,0 +1,195 @@
+"""The gradient-matching engine and its presets on real photos: each method lowers its
+objective and beats a floor on the easy case (LeNet, batch 1). Long runs live in benchmarks/."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradleak import DataSpec, ThreatModel, fedavg_update, fedsgd_update, get_attack
+from gradleak.attacks import GradientMatching, MatchingConfig, count_labels
+from gradleak.attacks.matching import batch_norm_targets, layer_weights, select_layers, total_variation
+from gradleak.errors import AttackNotApplicable, ConfigError
+from gradleak.metrics import label_accuracy, match, psnr
+from gradleak.models import build_model
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return build_model("lenet", (3, 32, 32), 10, seed=0)
+
+
+def _psnr(result, truth):
+    return float(psnr(result.images[match(result.images, truth)], truth).mean())
+
+
+def _psnr_of(images, truth):
+    return float(psnr(images[match(images, truth)], truth).mean())
+
+
+def _losses(result, key="loss"):
+    return result.history[key]["y"]
+
+
+def test_inverting_gradients_lowers_the_cosine_loss_and_beats_a_floor(lenet, photos):
+    x, y = photos.images[1:2], photos.labels[1:2]
+    update = fedsgd_update(lenet, x, y)
+    seen = []
+    result = get_attack("inverting-gradients")(lenet, iterations=400, record_every=20).reconstruct(
+        update, monitor=lambda images: {"psnr": float(psnr(images, x)[0])}, progress=lambda d, t: seen.append(d))
+    losses = _losses(result)
+    assert losses[-1] < 0.2 * losses[0]
+    assert _psnr(result, x) > 16.0  # random init scores ~6 dB
+    assert result.history["psnr"]["y"][-1] > result.history["psnr"]["y"][0] + 8
+    assert seen[-1] == 400 and result.labels.tolist() == y.tolist()
+
+
+def test_dlg_optimises_image_and_soft_label_jointly(lenet, photos):
+    x, y = photos.images[2:3], photos.labels[2:3]
+    result = get_attack("dlg")(lenet, iterations=25).reconstruct(fedsgd_update(lenet, x, y))
+    losses = _losses(result)
+    assert losses[-1] < 1e-3 * losses[0]
+    assert result.labels.tolist() == y.tolist()  # argmax of the optimised soft label
+    assert _psnr(result, x) > 12.0
+    assert "soft labels" in result.notes[0]
+
+
+def test_idlg_label_is_right_for_every_photo(lenet, photos):
+    for k in range(len(photos)):
+        update = fedsgd_update(lenet, photos.images[k : k + 1], photos.labels[k : k + 1])
+        result = get_attack("idlg")(lenet, iterations=1).reconstruct(update)
+        assert result.labels.tolist() == [k]
+
+
+@pytest.mark.parametrize("model_name, options", [("lenet", {"init": "default"}), ("convnet", {}), ("resnet20", {})])
+def test_batch_label_counts_are_exact_with_repeated_labels(photos, model_name, options):
+    model = build_model(model_name, (3, 32, 32), 10, seed=1, **options)
+    spec = DataSpec.from_images(photos.images)
+    picks = [0, 3, 3, 7, 7, 7, 1, 9]
+    update = fedsgd_update(model, photos.images[picks], photos.labels[picks], spec=spec)
+    result = get_attack("inverting-gradients")(model, iterations=1).reconstruct(update)
+    assert sorted(result.labels.tolist()) == sorted(picks)
+    assert label_accuracy(result.labels, photos.labels[picks]) == 1.0
+
+
+def test_count_labels_from_weight_rows_when_the_head_has_no_bias():
+    probs = torch.full((4,), 0.25)
+    counts = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    feature = torch.tensor([0.5, 1.0, 0.25])
+    rows = (probs - counts / 4)[:, None] * feature[None, :]  # mean over the batch of (p - y) h^T
+    labels = count_labels(rows, None, 4, probs, mean_feature_sum=feature.sum())
+    assert labels.tolist() == [0, 0, 2, 3]
+
+
+def test_fedavg_unrolls_local_steps_and_refuses_gradients(photos):
+    model = build_model("lenet", (3, 32, 32), 10, seed=2)
+    x, y = photos.images[[1, 7]], photos.labels[[1, 7]]
+    delta = fedavg_update(model, x, y, lr=0.05, local_steps=2, local_batch_size=1, share_labels=True)
+    attack = get_attack("fedavg")(model, ThreatModel(labels_known=True), iterations=150, record_every=10)
+    result = attack.reconstruct(delta, monitor=lambda images: {"psnr": _psnr_of(images, x)})
+    assert _losses(result)[-1] < 0.3 * _losses(result)[0]
+    assert _psnr(result, x) > 8.5  # 150 of the 4,800 iterations; benchmarks/ runs the full budget
+    assert result.history["psnr"]["y"][-1] > result.history["psnr"]["y"][0] + 3
+    with pytest.raises(AttackNotApplicable, match="use inverting-gradients"):
+        attack.reconstruct(fedsgd_update(model, x, y, share_labels=True))
+
+
+def test_vmapped_restarts_equal_looped_restarts(lenet, photos):
+    update = fedsgd_update(lenet, photos.images[:1], photos.labels[:1])
+    runs = {mode: GradientMatching(lenet, iterations=30, restarts=3, batched_restarts=mode, tv=1e-2).reconstruct(update)
+            for mode in ("vmap", "loop")}
+    assert torch.allclose(runs["vmap"].images, runs["loop"].images, atol=1e-4)
+    assert "vmap" in " ".join(runs["vmap"].notes) and set(runs["loop"].history) == {"loss[0]", "loss[1]", "loss[2]"}
+
+
+def test_same_seed_same_result_and_different_seed_differs(lenet, photos):
+    update = fedsgd_update(lenet, photos.images[:1], photos.labels[:1])
+    a, b, c = (GradientMatching(lenet, iterations=10, seed=s).reconstruct(update).images for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_interrupt_keeps_the_best_iterate(lenet, photos):
+    update = fedsgd_update(lenet, photos.images[:1], photos.labels[:1])
+
+    def monitor(images, calls=[]):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return {}
+
+    result = GradientMatching(lenet, iterations=500, record_every=5).reconstruct(update, monitor=monitor)
+    assert any("interrupted at iteration 15 of 500" in note for note in result.notes)
+    assert result.images is not None and torch.isfinite(result.images).all()
+
+
+def test_batchnorm_statistics_are_recovered_exactly_from_running_stats(photos):
+    model = build_model("convnet", (3, 32, 32), 10, seed=3, dtype=torch.float64)
+    x = photos.images[:4].double()
+    update = fedsgd_update(model, x, photos.labels[:4])
+    before = {n: b for n, b in model.named_buffers()}
+    targets = batch_norm_targets(model, before, update.buffers)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, i, n=n: seen.update({n: i[0]}))
+             for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    model.train()(x)
+    for h in hooks:
+        h.remove()
+    assert set(targets) == set(seen) and len(targets) == 8
+    for name, (mean, var) in targets.items():
+        torch.testing.assert_close(mean, seen[name].mean((0, 2, 3)), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(var, seen[name].var((0, 2, 3), unbiased=True), rtol=1e-9, atol=1e-12)
+
+
+def test_batchnorm_prior_needs_granted_statistics(photos):
+    model = build_model("convnet", (3, 32, 32), 10, seed=3)
+    update = fedsgd_update(model, photos.images[:1], photos.labels[:1])
+    with pytest.raises(AttackNotApplicable, match="BatchNorm statistics"):
+        GradientMatching(model, ThreatModel(), iterations=2, bn=1e-2).reconstruct(update)
+    result = GradientMatching(model, ThreatModel(bn_statistics=True), iterations=3, bn=1e-2).reconstruct(update)
+    assert len(_losses(result)) >= 1
+
+
+def test_layer_selection_weights_and_tv():
+    names = ["a.weight", "a.bias", "b.weight", "b.bias"]
+    target = {n: torch.full((3,), float(i + 1)) for i, n in enumerate(names)}
+    assert select_layers(names, target, "first:2") == ["a.weight", "a.bias"]
+    assert select_layers(names, target, "last:1") == ["b.bias"]
+    assert select_layers(names, target, "largest:2") == ["b.weight", "b.bias"]
+    assert select_layers(names, target, "b.weight,a.weight") == ["a.weight", "b.weight"]
+    with pytest.raises(ConfigError, match="not in the update"):
+        select_layers(names, target, ["c.weight"])
+    assert layer_weights(4, "linear").tolist() == [1.0, 0.75, 0.5, 0.25]
+    exp = layer_weights(3, "exp")
+    assert exp[0] == 1 and torch.isclose(exp[-1], torch.exp(torch.tensor(-4.0)))
+    flat, stripes = torch.ones(1, 1, 4, 4), torch.tensor([[[[0.0, 1.0] * 2] * 4]])
+    assert float(total_variation(flat)) == 0.0 and float(total_variation(stripes)) == 1.0
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(objective="l3"), "objective must be one of"),
+    (dict(iterations=0), "iterations must be a positive integer"),
+    (dict(lr=0.0), "lr must be"),
+    (dict(stepsize=1), "unknown option"),
+])
+def test_bad_configuration_is_named(lenet, option, message):
+    with pytest.raises(ConfigError, match=message):
+        GradientMatching(lenet, **option)
+
+
+def test_hidden_batch_size_must_be_given(lenet, photos):
+    update = fedsgd_update(lenet, photos.images[:2], photos.labels[:2])
+    with pytest.raises(ConfigError, match="batch_size=B"):
+        GradientMatching(lenet, ThreatModel(batch_size_known=False), iterations=1).reconstruct(update)
+    result = GradientMatching(lenet, ThreatModel(batch_size_known=False), iterations=1, batch_size=2).reconstruct(update)
+    assert result.images.shape[0] == 2
+
+
+def test_presets_are_configurations_of_one_engine():
+    dlg, ig = get_attack("dlg").preset, get_attack("inverting-gradients").preset
+    assert (dlg.objective, dlg.optimizer, dlg.lr, dlg.iterations, dlg.labels) == ("l2", "lbfgs", 1.0, 300, "optimize")
+    assert (ig.objective, ig.optimizer, ig.signed, ig.boxed, ig.schedule, ig.iterations) == \
+        ("cosine", "adam", "sign", True, "step", 4800)
+    assert get_attack("idlg").preset.labels == "infer"
+    assert all(issubclass(get_attack(n), GradientMatching) for n in ("dlg", "idlg", "inverting-gradients", "fedavg"))
+    assert isinstance(MatchingConfig(), MatchingConfig)
