@@ -93,3 +93,26 @@ def test_attacking_a_pickle_is_refused(tmp_path):
     result = runner.invoke(app, ["attack", str(evil), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "never unpickles" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_optimisation_attack_on_an_update_file_records_psnr_curves(tmp_path):
+    update, truth, run = tmp_path / "u.safetensors", tmp_path / "t.safetensors", tmp_path / "run"
+    assert invoke("capture", "--out", update, "--truth", truth, "--model", "lenet", "--start", 1, "-q").exit_code == 0
+    result = invoke("attack", update, "--truth", truth, "--attack", "inverting-gradients", "-o", "iterations=60",
+                    "-o", "record_every=20", "--out", run, "-q")
+    assert result.exit_code == 0, result.output
+    history = json.loads((run / "history.json").read_text())
+    assert history["loss"]["x"] == [0, 20, 40, 59] and len(history["psnr"]["y"]) == 4
+    assert history["psnr"]["y"][-1] > history["psnr"]["y"][0]
+    config = json.loads((run / "config.json").read_text())
+    assert config["attack_options"]["iterations"] == 60 and config["attack_options"]["objective"] == "cosine"
+
+
+def test_study_architectures_on_lenet_writes_plot_strip_and_table(tmp_path):
+    result = invoke("study", "architectures", "--model", "lenet", "--steps", 3, "--out", tmp_path / "s", "-q")
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "s" / "table.json").read_text())
+    assert [row["model"] for row in table] == ["lenet"] and len(table[0]["mse_curve"]) == 3
+    assert table[0]["mse_final"] < table[0]["mse_start"]
+    for name in ("mse.png", "strip.png", "report.html"):
+        assert (tmp_path / "s" / name).stat().st_size > 1000

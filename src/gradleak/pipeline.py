@@ -24,7 +24,8 @@ from .models import MODELS, build_model, model_info
 from .runs import RunResult, write_run
 from .update import SharedUpdate, save_update
 
-__all__ = ["ClientSetup", "simulate_clients", "attack_updates", "attack_simulated", "attack_file", "demo", "progress_bar"]
+__all__ = ["ClientSetup", "simulate_clients", "attack_updates", "attack_simulated", "attack_file", "demo", "progress_bar",
+           "psnr_monitor"]
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +87,42 @@ def simulate_clients(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return updates
 
 
-def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, quiet: bool = False) -> Reconstruction:
+def psnr_monitor(truth: torch.Tensor):
+    """A monitor for iterative attacks: mean PSNR of the current images against ``truth``
+    after matching. It lives on the evaluation side: the attack only sees the numbers it
+    returns go into the history, never the images."""
+    from .metrics import match, psnr
+
+    def monitor(images: torch.Tensor) -> dict[str, float]:
+        perm = match(images, truth)
+        return {"psnr": float(psnr(images[perm], truth).mean())}
+
+    return monitor
+
+
+def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: Sequence[torch.Tensor] | None = None,
+                   quiet: bool = False) -> Reconstruction:
     """Attack each update in turn and join the results.
 
-    Interrupting (Ctrl-C) keeps what was reconstructed so far: the partial result is
-    returned with a note saying how many updates it covers.
+    ``truths`` (one image batch per update, optional) only feeds :func:`psnr_monitor`, so
+    the curves show PSNR over iterations. Interrupting (Ctrl-C) keeps what was
+    reconstructed so far: the partial result is returned with a note saying how many
+    updates it covers.
     """
     if not updates:
         raise ConfigError("no updates to attack")
     parts: list[Reconstruction] = []
     with progress_bar(quiet) as progress:
         task = progress.add_task(f"{attack.name} on {len(updates)} update(s)", total=len(updates))
+        steps = progress.add_task("  iterations", total=None, visible=False)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(steps, completed=done, total=total, visible=True)
+
         try:
-            for update in updates:
-                parts.append(attack.reconstruct(update))
+            for k, update in enumerate(updates):
+                monitor = psnr_monitor(truths[k]) if truths is not None else None
+                parts.append(attack.reconstruct(update, monitor=monitor, progress=advance))
                 progress.advance(task)
         except KeyboardInterrupt:
             if not parts:
@@ -151,7 +174,9 @@ def attack_simulated(attack: str, out: str | Path, *, data: str = "photos", n: i
         for k, update in enumerate(updates):
             save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
     threat = ThreatModel(labels_known=labels_known)
-    reconstruction = attack_updates(_make_attack(attack, net, threat, dict(options or {})), updates, quiet=quiet)
+    truths = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
+    reconstruction = attack_updates(_make_attack(attack, net, threat, dict(options or {})), updates, truths=truths,
+                                    quiet=quiet)
     kept = reconstruction.num_samples or images.shape[0]
     config = {"data": {"name": data, "n": n, "size": size, "classes": list(dataset.classes)}, "model": description,
               "dtype": str(dtype).removeprefix("torch."), "client": setup.to_json(), "data_spec": spec.to_json(),
@@ -175,11 +200,12 @@ def attack_file(update_path: str | Path, attack: str, out: str | Path, *, truth:
     net = model_from_info(update.model, dtype=dtype)
     update = load_update(update_path, net).to(dtype=dtype)
     threat = ThreatModel(labels_known=labels_known)
-    reconstruction = attack_updates(_make_attack(attack, net, threat, dict(options or {})), [update], quiet=quiet)
     originals = true_labels = None
     if truth is not None:
         originals, true_labels = load_truth(truth)
         originals = originals.to(dtype)
+    reconstruction = attack_updates(_make_attack(attack, net, threat, dict(options or {})), [update],
+                                    truths=None if originals is None else [originals], quiet=quiet)
     config = {"update_file": str(update_path), "model": dict(update.model), "update": {
         k: v for k, v in update.metadata().items() if k not in ("parameters", "model")}, "threat": threat.to_json()}
     return write_run(out, reconstruction, originals=originals, true_labels=true_labels, config=config)

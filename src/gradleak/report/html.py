@@ -20,7 +20,7 @@ from typing import Any
 
 from gradleak._io import atomic_write_text
 
-__all__ = ["render_html", "write_html_report"]
+__all__ = ["render_html", "write_html_report", "image_tag"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NA = "n/a"
@@ -139,6 +139,14 @@ def _png_data_uri(path: Path) -> tuple[str | None, str | None]:
     if not data.startswith(_PNG_SIGNATURE):
         return None, f"{path.name} is not a PNG file; not embedded."
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), None
+
+
+def image_tag(path: str | os.PathLike, alt: str = "") -> str:
+    """An ``<img>`` embedding the PNG at ``path`` (or a note saying why it is missing)."""
+    uri, problem = _png_data_uri(Path(path))
+    if uri is None:
+        return f"<p class='note'>{escape(problem or '')}</p>"
+    return f"<img src='{uri}' alt='{escape(alt)}'>"
 
 
 # --- sections -------------------------------------------------------------------------
