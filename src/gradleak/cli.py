@@ -236,6 +236,39 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by dem
     Console().print(f"wrote {path}")
 
 
+@app.command()
+@_friendly
+def analyze(
+    model: str = typer.Option(..., "--model", help="Zoo name (see `gradleak list`) or package.module:factory."),
+    input_shape: str = typer.Option("3x32x32", help="One input, CxHxW."),
+    batch_size: int = typer.Option(1, min=1, help="Images per client update."),
+    num_classes: int = typer.Option(10, min=1),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    labels_known: bool = typer.Option(True, help="Threat model: the attacker knows the labels."),
+    numeric: bool = typer.Option(True, help="Numerical rank/condition of the layer systems (small layers)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+):
+    """From the architecture alone: which attacks apply, and is exact recovery predicted (and why)."""
+    from .analysis import analyze as run_analysis, load_model_spec, report_table
+    from .errors import ConfigError
+
+    try:
+        shape = tuple(int(d) for d in input_shape.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--input-shape must look like 3x32x32, got {input_shape!r}") from None
+    net, loss = load_model_spec(model, shape, num_classes, **_parse_options(model_option))
+    report = run_analysis(net, shape, batch_size, loss=loss, labels_known=labels_known, numeric=numeric)
+    report.model = model
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    console = Console()
+    for table in report_table(report):
+        console.print(table)
+    for reason in report.reasons:
+        console.print(f"- {reason}", highlight=False)
+
+
 @app.command("list")
 def list_things():
     """The models, attacks and built-in data sets gradleak knows by name."""

@@ -4,15 +4,21 @@
 - :mod:`.optimization`: the gradient-matching engine (``gradient-matching``) and its presets
   ``dlg``, ``idlg``, ``inverting-gradients``, ``fedavg``; pieces in :mod:`.matching`.
 - :mod:`.labels`: label recovery from the classifier gradient (iDLG; counts for batches).
+- :mod:`.qian`, :mod:`.rgap`, :mod:`.copa`: closed-form and layer-wise attacks (``qian``, ``rgap``, ``copa``).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
 from .base import ATTACKS, Attack, Reconstruction, get_attack, register_attack
 from .labels import count_labels, idlg_label
 from .optimization import DLG, IDLG, FedAvgInversion, GradientMatching, InvertingGradients, MatchingConfig
+from .copa import COPA, copa_layer, copa_security
+from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
+from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
 
 __all__ = [
     "ATTACKS", "Attack", "Reconstruction", "get_attack", "register_attack",
     "FCBiasInversion", "FCInversion", "fc_bias_inversion", "idlg_label", "count_labels",
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
+    "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
+    "rgap_layer", "COPA", "copa_layer", "copa_security",
 ]

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ def _clusters(rows: torch.Tensor, tol: float) -> list[list[int]]:
     return groups
 
 
-def _hyperplanes(M: torch.Tensor, B: int, tol: float, trials: int, seed: int = 0) -> torch.Tensor | None:
+def _hyperplanes(M: torch.Tensor, B: int, tol: float, trials: int, seed: int = 0) -> list[torch.Tensor]:
     """Normals of the B hyperplanes of R^B that hold the units inactive for each sample.
 
     Row j of ``M = dL/dW V`` (V: a basis of the samples' span) is ``sum_i delta_ji c_i``; a
@@ -84,7 +85,7 @@ def _hyperplanes(M: torch.Tensor, B: int, tol: float, trials: int, seed: int = 0
     rows = M / torch.linalg.vector_norm(M, dim=1, keepdim=True)
     h = rows.shape[0]
     if h < B - 1:
-        return None
+        return []
     generator = torch.Generator().manual_seed(seed)
     normals: list[torch.Tensor] = []
     counts: list[int] = []
@@ -95,7 +96,7 @@ def _hyperplanes(M: torch.Tensor, B: int, tol: float, trials: int, seed: int = 0
         inliers = (rows @ candidates.T).abs() <= tol                  # (h, T)
         score = inliers.sum(0)
         for t in score.argsort(descending=True).tolist():
-            if int(score[t]) < B or len(normals) >= 4 * B:
+            if int(score[t]) < B or len(normals) >= 6 * B:
                 break
             if any(float((candidates[t] @ n).abs()) > 0.999 for n in normals):
                 continue
@@ -107,35 +108,36 @@ def _hyperplanes(M: torch.Tensor, B: int, tol: float, trials: int, seed: int = 0
             counts.append(int(((rows @ normal).abs() <= tol).sum()))
         if len(normals) >= B and start >= 4000:
             break
-    if len(normals) < B:
-        return None
     order = sorted(range(len(normals)), key=lambda k: -counts[k])
-    chosen: list[torch.Tensor] = []
-    for k in order:
-        trial = torch.stack(chosen + [normals[k]])
-        if torch.linalg.matrix_rank(trial) == len(chosen) + 1:
-            chosen.append(normals[k])
-        if len(chosen) == B:
-            return torch.stack(chosen, dim=1)                          # (B, B): columns = normals
-    return None
+    return [normals[k] for k in order]
 
 
-def _separate(dW: torch.Tensor, db: torch.Tensor, B: int, tol: float, trials: int) -> torch.Tensor | None:
-    """All B samples from the hyperplane structure of the mean gradient, or None."""
+def _separate(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Tensor, B: int, tol: float,
+              trials: int) -> torch.Tensor | None:
+    """All B samples from the hyperplane structure of the mean gradient, or None.
+
+    A choice of B normals is accepted only if it is consistent: the recovered samples'
+    inactive units (computed from W, b) carry zero signal in ``Delta = M Gamma diag(s)``.
+    """
     U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
     V = Vh[:B].T                                                       # (n, B)
     M = dW @ V                                                         # (h, B) = Delta^T C
     keep = torch.linalg.vector_norm(M, dim=1) > S[0] * 1e-9
-    gamma = _hyperplanes(M[keep], B, tol, trials)
-    if gamma is None:
-        return None
-    scales = torch.linalg.lstsq(M @ gamma, db[:, None]).solution[:, 0]  # db = sum_i delta_i
-    if bool((scales.abs() < 1e-12).any()):
-        return None
-    C = torch.linalg.inv(gamma * scales[None, :])
-    X = C @ V.T
-    check = torch.linalg.vector_norm((M @ gamma * scales) @ C @ V.T - dW) / torch.linalg.vector_norm(dW)
-    return X if float(check) < tol else None
+    normals = _hyperplanes(M[keep], B, tol, trials)
+    for combo in itertools.islice(itertools.combinations(range(min(len(normals), B + 10)), B), 2000):
+        gamma = torch.stack([normals[k] for k in combo], dim=1)
+        if torch.linalg.matrix_rank(gamma) < B:
+            continue
+        scales = torch.linalg.lstsq(M @ gamma, db[:, None]).solution[:, 0]   # db = sum_i delta_i
+        if bool((scales.abs() < 1e-12).any()):
+            continue
+        delta = M @ gamma * scales                                      # (h, B)
+        X = torch.linalg.inv(gamma * scales[None, :]) @ V.T
+        inactive = (X @ W.T + b <= 0).T                                  # (h, B)
+        worst = float(delta[inactive].abs().max()) if bool(inactive.any()) else 0.0
+        if worst <= tol * float(delta.abs().max()):
+            return X
+    return None
 
 
 def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
@@ -164,7 +166,7 @@ def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, wei
                      "can be separated")
     active = torch.nonzero(db != 0).reshape(-1)
     if B > 1 and hidden >= B and rank >= B and activation == "relu":
-        X = _separate(dW, db, B, tol, trials)
+        X = _separate(dW, db, W, b, B, tol, trials)
         if X is not None:
             z = X @ W.T + b
             units = [torch.nonzero(z[i] > 0).reshape(-1).tolist() for i in range(B)]

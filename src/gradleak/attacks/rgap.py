@@ -37,7 +37,7 @@ from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
                      solve_normal, trace_chain)
-from .analytic import fc_bias_inversion
+from .analytic import default_rank_tolerance, fc_bias_inversion
 from .base import Attack, Reconstruction, register_attack
 
 __all__ = ["RGAP", "rgap_last_layer", "rgap_layer", "rgap_recursion", "rank_analysis", "LayerRank",
@@ -85,7 +85,8 @@ def rgap_last_layer(weight: torch.Tensor, weight_grad: torch.Tensor, bias_grad: 
     dt = SOLVE_DTYPE
     W, dW = weight.to(dt), weight_grad.to(dt)
     if bias_grad is not None and bool((bias_grad != 0).any()):
-        inv = fc_bias_inversion(weight_grad.to(dt), bias_grad.to(dt), layer="the classifier layer")
+        inv = fc_bias_inversion(weight_grad.to(dt), bias_grad.to(dt), layer="the classifier layer",
+                                rank_tol=default_rank_tolerance(weight_grad.dtype))
         g = bias_grad.to(dt)
         found = int(g.argmin()) if label is None else label
         return LastLayer([(inv.x, g)], found, "last layer: g = dL/db (classifier with bias)")
@@ -123,7 +124,8 @@ def rgap_last_layer(weight: torch.Tensor, weight_grad: torch.Tensor, bias_grad: 
     j = int(dW.norm(dim=1).argmax())
     r = dW[j]
     c = dW @ r / (r @ r)                      # dW = c r^T (rank one for one sample)
-    if float(torch.linalg.vector_norm(dW - torch.outer(c, r)) / torch.linalg.vector_norm(dW)) > 1e-6:
+    if float(torch.linalg.vector_norm(dW - torch.outer(c, r)) / torch.linalg.vector_norm(dW)) > default_rank_tolerance(
+            weight_grad.dtype):
         raise AttackNotApplicable("the classifier gradient is not rank one: it averages several samples",
                                   condition="batch size 1")
     if label is None:

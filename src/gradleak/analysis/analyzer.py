@@ -1,0 +1,281 @@
+"""The leakage analyser: from the architecture (and its weights) alone, can a client's data be rebuilt?
+
+:func:`analyze` walks the model and reports, layer by layer and in total, which attacks
+apply and whether exact recovery is predicted, with the reason in words:
+
+- **FC-bias** (one sample): a fully connected layer with bias fed the input.
+- **Qian batch** (arXiv 2010.15718): B samples through a ReLU layer with bias fed the
+  input; needs h >= B units, and in practice enough units inactive per sample to isolate
+  each one (about h/2 of them; predicted reliable for h >= 4B, uncertain for B <= h < 4B).
+  Through convolutions: Qian's condition ``h >= (d/d')^2 C`` on every convolution below
+  the first fully connected layer with bias.
+- **R-GAP** (arXiv 2010.07733): batch 1, a chain of linear/conv layers with invertible
+  activations; exact when every layer-wise system has full rank (the rank analysis RA,
+  numerically on the model's weights when the layers are small enough, else by counting).
+- **COPA** (arXiv 2111.10178): same systems; its security measure (sum of log10
+  condition numbers, infinite when a layer is rank deficient).
+- **Optimisation** (DLG / Inverting Gradients): always applicable; approximate, never
+  predicted exact.
+
+Nothing here uses client data: the numeric checks run the model on a seeded Gaussian probe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks._chain import trace_chain
+from ..attacks._layers import trace_linear_layers
+from ..attacks.copa import copa_security
+from ..attacks.qian import qian_cnn_condition
+from ..attacks.rgap import rank_analysis, rgap_last_layer
+from ..client import fedsgd_update
+from ..errors import AttackNotApplicable, ConfigError
+
+__all__ = ["AttackVerdict", "LeakageReport", "analyze", "report_table", "load_model_spec"]
+
+
+@dataclass
+class AttackVerdict:
+    attack: str
+    applies: bool
+    exact: bool | None          # True: exact predicted; False: not exact; None: uncertain / approximate
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"attack": self.attack, "applies": self.applies, "exact": self.exact, "reason": self.reason}
+
+
+@dataclass
+class LeakageReport:
+    model: str
+    input_shape: tuple[int, ...]
+    batch_size: int
+    layers: list[dict[str, Any]]
+    attacks: list[AttackVerdict]
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    copa_security: dict | None = None
+
+    def predicted(self, attack: str) -> AttackVerdict:
+        return next(a for a in self.attacks if a.attack == attack)
+
+    @property
+    def exact_predicted(self) -> bool:
+        return any(a.exact for a in self.attacks)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "input_shape": list(self.input_shape), "batch_size": self.batch_size,
+                "verdict": self.verdict, "reasons": self.reasons, "attacks": [a.to_json() for a in self.attacks],
+                "layers": self.layers, "copa_security": self.copa_security}
+
+
+def load_model_spec(spec: str, input_shape: tuple[int, ...], num_classes: int = 10, **kwargs) -> tuple[nn.Module, str]:
+    """A zoo name, or ``package.module:factory`` (called with no arguments). Returns (model, loss)."""
+    from ..models import MODELS, build_model
+
+    if spec in MODELS:
+        return build_model(spec, input_shape, num_classes, **kwargs), MODELS[spec].loss
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(f"--model {spec!r}: cannot import ({error})") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+        return model, "binary_cross_entropy" if _outputs(model, input_shape) == 1 else "cross_entropy"
+    raise ConfigError(f"unknown model {spec!r}: give a zoo name ({', '.join(MODELS)}) or package.module:factory")
+
+
+def _outputs(model: nn.Module, input_shape) -> int:
+    p = next(model.parameters())
+    with torch.no_grad():
+        return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
+
+
+def _probe_gradient(model, input_shape, loss, dtype):
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.rand((1, *input_shape), generator=generator).to(dtype)
+    label = torch.tensor([1])
+    return fedsgd_update(model, x, label, loss=loss)
+
+
+def analyze(model: nn.Module | str, input_shape: tuple[int, ...], batch_size: int = 1, *, num_classes: int = 10,
+            loss: str | None = None, labels_known: bool = True, numeric: bool = True,
+            max_unknowns: int = 4096) -> LeakageReport:
+    """Predict, from the architecture and weights, which attacks recover the client's inputs exactly."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    input_shape = tuple(int(d) for d in input_shape)
+    name = model if isinstance(model, str) else type(model).__name__
+    if isinstance(model, str):
+        model, default_loss = load_model_spec(model, input_shape, num_classes)
+    else:
+        default_loss = "binary_cross_entropy" if _outputs(model, input_shape) == 1 else "cross_entropy"
+    loss = loss or default_loss
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    B = batch_size
+    chain = trace_chain(model, input_shape, params, buffers)
+    linears = trace_linear_layers(model, input_shape, params, buffers)
+    first_fc = next((t for t in linears if t.has_bias), None)
+    verdicts: list[AttackVerdict] = []
+    layers: list[dict[str, Any]] = [{"layer": l.name, "description": l.describe(), "activation": l.activation,
+                                     "unknowns": l.unknowns, "outputs": l.outputs} for l in chain.layers]
+    by_name = {row["layer"]: row for row in layers}
+
+    # FC-bias and Qian ---------------------------------------------------------------
+    fc_on_input = first_fc is not None and first_fc.receives_model_input
+    if fc_on_input:
+        verdicts.append(AttackVerdict("fc-bias", True, B == 1, f"layer {first_fc.name!r} (with bias) is fed the input"
+                                      + ("" if B == 1 else f"; a batch of {B} mixes the samples in every row")))
+    else:
+        verdicts.append(AttackVerdict("fc-bias", False, False,
+                                      "no fully connected layer with bias is fed the input" + (
+                                          f"; only the features entering {first_fc.name!r} are recovered, not the image"
+                                          if first_fc else "")))
+    qian = _qian_verdict(chain, first_fc, fc_on_input, B)
+    verdicts.append(qian)
+    for l in chain.layers:
+        if l.kind == "conv2d":
+            check = qian_cnn_condition(l)
+            by_name[l.name]["qian_cnn_condition"] = {"holds": check.holds, "kernels": check.kernels,
+                                                     "required": check.required}
+
+    # R-GAP and COPA --------------------------------------------------------------------
+    security = None
+    if not chain.is_chain or chain.layers[-1].kind != "linear":
+        why = "; ".join(chain.unsupported) or "the last layer is not fully connected"
+        verdicts += [AttackVerdict("rgap", False, False, f"not a chain of affine layers: {why}"),
+                     AttackVerdict("copa", False, False, f"not a chain of affine layers: {why}")]
+    elif B > 1:
+        verdicts += [AttackVerdict("rgap", False, False, f"one sample per update; the batch has {B}"),
+                     AttackVerdict("copa", False, False, f"one image per update; the batch has {B}")]
+    else:
+        ranks = rank_analysis(chain)
+        for r in ranks:
+            by_name[r.layer]["rgap_ra"] = r.ra
+        lossy = [l.name for l in chain.layers[:-1] if l.activation == "relu"]
+        deficient = [r for r in ranks if r.ra < 0]
+        small = all(l.unknowns <= max_unknowns for l in chain.layers)
+        if numeric and small:
+            try:
+                probe = _probe_gradient(model, input_shape, loss, next(iter(params.values())).dtype)
+                head = chain.layers[-1]
+                last = rgap_last_layer(params[head.param("weight")], probe.tensors[head.param("weight")],
+                                       probe.tensors.get(head.param("bias")) if head.has_bias else None, loss, 1)
+                sec = copa_security(chain, params, probe.tensors, *last.candidates[0])
+                security = sec.to_json()
+                for row in sec.layers:
+                    by_name[row["layer"]].update(numeric_rank=row["rank"], rank_deficit=row["deficit"],
+                                                 condition=row["condition"])
+                deficient_numeric = [row["layer"] for row in sec.layers if row["deficit"] > 0]
+                exact = not deficient_numeric
+                reason = ("every layer-wise system has full rank on the model's weights (numerical RA)" if exact else
+                          f"rank deficit in {', '.join(map(repr, deficient_numeric))}: a null space of inputs fits "
+                          "the same gradients")
+            except AttackNotApplicable as error:
+                exact, reason = False, str(error)
+        else:
+            exact = not deficient and not lossy
+            reason = ("by counting (RA): enough constraints in every layer" if exact else
+                      f"by counting (RA): deficit in {', '.join(repr(r.layer) for r in deficient)}" if deficient else
+                      f"ReLU in {', '.join(map(repr, lossy))} drops the weight constraints of inactive units")
+        label_ok = labels_known or (chain.layers[-1].module.out_features >= 3)
+        if not label_ok:
+            exact, reason = False, "a binary head without bias needs the label, and it is not granted"
+        verdicts.append(AttackVerdict("rgap", label_ok, exact, reason))
+        copa_reason = reason if security is None else (
+            f"security measure {security['measure']:.3g} (sum of log10 condition numbers)" if security["measure"]
+            is not None else "a layer is rank deficient: secure against COPA (infinite measure)")
+        verdicts.append(AttackVerdict("copa", label_ok, exact, copa_reason))
+    verdicts.append(AttackVerdict("optimisation", True, None,
+                                  "gradient matching (DLG / Inverting Gradients) always applies; it approximates, its "
+                                  f"quality falls with batch size ({B}) and depth; never predicted exact"))
+    exact = [v.attack for v in verdicts if v.exact]
+    uncertain = [v.attack for v in verdicts if v.applies and v.exact is None and v.attack != "optimisation"]
+    if exact:
+        verdict = "EXACT RECOVERY PREDICTED"
+        reasons = [f"{v.attack}: {v.reason}" for v in verdicts if v.exact]
+    elif uncertain:
+        verdict = "EXACT RECOVERY POSSIBLE"
+        reasons = [f"{v.attack}: {v.reason}" for v in verdicts if v.attack in uncertain]
+    else:
+        verdict = "NO EXACT CLOSED-FORM RECOVERY"
+        reasons = ["no closed-form attack's conditions hold; optimisation attacks may still approximate the data"]
+    return LeakageReport(name, input_shape, B, layers, verdicts, verdict, reasons, security)
+
+
+def _qian_verdict(chain, first_fc, fc_on_input: bool, B: int) -> AttackVerdict:
+    if first_fc is None:
+        return AttackVerdict("qian", False, False, "no fully connected layer with bias")
+    names = [l.name for l in chain.layers]
+    index = names.index(first_fc.name) if first_fc.name in names else -1
+    activation = chain.layers[index].activation if index >= 0 else "unknown"
+    h = first_fc.out_features
+    if not fc_on_input:
+        below = chain.layers[:index] if index > 0 else []
+        if not chain.is_chain or not below or any(l.kind != "conv2d" for l in below):
+            return AttackVerdict("qian", False, False, f"{first_fc.name!r} is not fed the input nor by a plain chain "
+                                 "of convolutions")
+        checks = [qian_cnn_condition(l) for l in below]
+        failing = [c for c in checks if not c.holds]
+        lossy = [l.name for l in below if l.activation == "relu"]
+        if failing or lossy:
+            parts = [f"{c.layer!r} has h = {c.kernels} < (d/d')^2 C = {c.required:.3g}" for c in failing]
+            parts += [f"ReLU after {n!r} is not invertible" for n in lossy]
+            return AttackVerdict("qian", True, False, "Qian's CNN condition fails: " + "; ".join(parts))
+        base = f"every convolution meets h >= (d/d')^2 C; features recovered at {first_fc.name!r}"
+        if B == 1:
+            return AttackVerdict("qian", True, True, base)
+    else:
+        base = f"{first_fc.name!r} (with bias, {h} units) is fed the input"
+        if B == 1:
+            return AttackVerdict("qian", True, True, base + ": one active unit suffices")
+    if h < B:
+        return AttackVerdict("qian", True, False, f"{h} hidden units < batch size {B}: Qian's condition fails")
+    if activation != "relu":
+        return AttackVerdict("qian", True, False, f"{activation} units are never inactive: nothing separates the "
+                             f"{B} samples")
+    if h >= 4 * B:
+        return AttackVerdict("qian", True, True, f"{base}; h = {h} >= 4B = {4 * B}: about h/2 inactive units per "
+                             "sample isolate each one")
+    return AttackVerdict("qian", True, None, f"{base}; B <= h = {h} < 4B: separation depends on the activation "
+                         "patterns (about h/2 inactive units per sample against B-1 needed)")
+
+
+def report_table(report: LeakageReport):
+    """Two rich tables: the layers, and the attacks with the verdict."""
+    from rich.table import Table
+
+    layers = Table(title=f"{report.model} at {'x'.join(map(str, report.input_shape))}, batch {report.batch_size}")
+    for column in ("layer", "description", "activation", "unknowns", "R-GAP RA", "rank deficit", "condition",
+                   "Qian CNN"):
+        layers.add_column(column)
+    for row in report.layers:
+        qc = row.get("qian_cnn_condition")
+        condition = row.get("condition")
+        layers.add_row(row["layer"], row["description"], row["activation"], str(row["unknowns"]),
+                       _text(row.get("rgap_ra")), _text(row.get("rank_deficit")),
+                       "-" if condition is None else f"{condition:.3g}",
+                       "-" if qc is None else f"{'holds' if qc['holds'] else 'fails'} ({qc['kernels']} vs "
+                                              f"{qc['required']:.3g})")
+    attacks = Table(title=f"verdict: {report.verdict}")
+    for column in ("attack", "applies", "exact recovery", "why"):
+        attacks.add_column(column)
+    for v in report.attacks:
+        attacks.add_row(v.attack, "yes" if v.applies else "no",
+                        {True: "predicted", False: "no", None: "uncertain"}[v.exact], v.reason)
+    return layers, attacks
+
+
+def _text(value) -> str:
+    return "-" if value is None else (f"{value:+d}" if isinstance(value, int) else str(value))
