@@ -116,3 +116,12 @@ def test_study_architectures_on_lenet_writes_plot_strip_and_table(tmp_path):
     assert table[0]["mse_final"] < table[0]["mse_start"]
     for name in ("mse.png", "strip.png", "report.html"):
         assert (tmp_path / "s" / name).stat().st_size > 1000
+
+
+def test_fedavg_attack_on_simulated_fedavg_clients(tmp_path):
+    result = invoke("attack", "--attack", "fedavg", "--protocol", "fedavg", "--local-steps", 2, "--batch-size", 2,
+                    "--n", 2, "--model", "lenet", "-o", "iterations=20", "--out", tmp_path / "r", "-q")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["client"]["protocol"] == "fedavg" and config["client"]["local_steps"] == 2
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["summary"]["n_images"] == 2

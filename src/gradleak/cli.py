@@ -203,6 +203,10 @@ def attack(
     n: int = typer.Option(8, min=1, help="Without UPDATE: number of images."),
     size: Optional[int] = typer.Option(32, min=4, max=512, help="Without UPDATE: image side."),
     batch_size: int = typer.Option(1, min=1, help="Without UPDATE: images per client."),
+    protocol: Protocol = typer.Option(Protocol.fedsgd, help="Without UPDATE: what clients share."),
+    lr: float = typer.Option(0.05, min=0.0, help="Without UPDATE, FedAvg: local learning rate."),
+    local_steps: Optional[int] = typer.Option(None, min=1, help="Without UPDATE, FedAvg: local SGD steps."),
+    local_batch_size: Optional[int] = typer.Option(None, min=1, help="Without UPDATE, FedAvg: minibatch size."),
     model: str = typer.Option("mlp", help="Without UPDATE: zoo model."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     dtype: DType = typer.Option(DType.float32),
@@ -220,7 +224,11 @@ def attack(
         result = attack_file(update, attack_name, out, truth=truth, labels_known=labels_known, options=options,
                              dtype=dtype.torch(), quiet=quiet)
     else:
-        result = attack_simulated(attack_name, out, data=data, n=n, size=size, batch_size=batch_size, model=model,
+        from .pipeline import ClientSetup
+
+        client = ClientSetup(protocol=protocol.value, batch_size=batch_size, lr=lr, local_steps=local_steps,
+                             local_batch_size=local_batch_size, share_labels=labels_known, seed=seed)
+        result = attack_simulated(attack_name, out, data=data, n=n, size=size, client=client, model=model,
                                   model_options=_parse_options(model_option), labels_known=labels_known,
                                   options=options, dtype=dtype.torch(), seed=seed, quiet=quiet)
     _summary(result, quiet)

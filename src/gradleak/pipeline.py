@@ -148,9 +148,10 @@ def attack_simulated(attack: str, out: str | Path, *, data: str = "photos", n: i
                      batch_size: int = 1, model: str = "mlp", model_options: dict[str, Any] | None = None,
                      labels_known: bool = False, options: dict[str, Any] | None = None,
                      dtype: torch.dtype = torch.float32, seed: int = 0, quiet: bool = False,
-                     save_updates: bool = False) -> RunResult:
-    """Simulate FedSGD clients of ``batch_size`` images on real data, attack each update
-    with ``attack``, score against the ground truth and write the run folder ``out``."""
+                     save_updates: bool = False, client: ClientSetup | None = None) -> RunResult:
+    """Simulate clients of ``batch_size`` images on real data (FedSGD, or as ``client``
+    says), attack each update with ``attack``, score against the ground truth and write
+    the run folder ``out``."""
     from .data import load_dataset
     from .threat import ThreatModel
 
@@ -167,7 +168,8 @@ def attack_simulated(attack: str, out: str | Path, *, data: str = "photos", n: i
     model_options = dict(model_options or {})
     net = build_model(model, shape, len(dataset.classes), seed=seed, dtype=dtype, **model_options)
     description = model_info(model, shape, len(dataset.classes), seed, **model_options)
-    setup = ClientSetup(batch_size=batch_size, seed=seed)
+    setup = client or ClientSetup(batch_size=batch_size, seed=seed)
+    batch_size = setup.batch_size
     updates = simulate_clients(net, images, labels, setup, loss=loss, spec=spec, model_description=description)
     out = Path(out)
     if save_updates:
