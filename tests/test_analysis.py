@@ -16,9 +16,9 @@ def test_mlp_single_and_batches():
     one = analyze("mlp", (3, 32, 32), 1)
     assert one.verdict == "EXACT RECOVERY PREDICTED" and one.predicted("fc-bias").exact
     big = analyze("mlp", (3, 32, 32), 8, numeric=False)
-    assert big.predicted("fc-bias").exact is False and big.predicted("qian").exact is True   # 256 >= 4 * 8
-    narrow = analyze("mlp", (3, 8, 8), 8, numeric=False)
-    assert narrow.predicted("qian").exact is True
+    assert big.predicted("fc-bias").exact is False and big.predicted("qian").exact is True   # 256 >= 16 * 8
+    middle = analyze("mlp", (3, 8, 8), 32, numeric=False)
+    assert middle.predicted("qian").exact is None                                            # 32 <= 256 < 16 * 32
     from gradleak.models import MLP
     small = analyze(MLP(3 * 8 * 8, (4,), 10), (3, 8, 8), 8)
     assert small.predicted("qian").exact is False and "4 hidden units < batch size 8" in small.predicted("qian").reason

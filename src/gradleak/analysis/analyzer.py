@@ -6,7 +6,8 @@ apply and whether exact recovery is predicted, with the reason in words:
 - **FC-bias** (one sample): a fully connected layer with bias fed the input.
 - **Qian batch** (arXiv 2010.15718): B samples through a ReLU layer with bias fed the
   input; needs h >= B units, and in practice enough units inactive per sample to isolate
-  each one (about h/2 of them; predicted reliable for h >= 4B, uncertain for B <= h < 4B).
+  each one (about h/2 of them; predicted reliable for h >= 16B, measured on the grid of
+  benchmarks/analyzer_grid.py, uncertain for B <= h < 16B).
   Through convolutions: Qian's condition ``h >= (d/d')^2 C`` on every convolution below
   the first fully connected layer with bias.
 - **R-GAP** (arXiv 2010.07733): batch 1, a chain of linear/conv layers with invertible
@@ -245,10 +246,10 @@ def _qian_verdict(chain, first_fc, fc_on_input: bool, B: int) -> AttackVerdict:
     if activation != "relu":
         return AttackVerdict("qian", True, False, f"{activation} units are never inactive: nothing separates the "
                              f"{B} samples")
-    if h >= 4 * B:
-        return AttackVerdict("qian", True, True, f"{base}; h = {h} >= 4B = {4 * B}: about h/2 inactive units per "
+    if h >= 16 * B:
+        return AttackVerdict("qian", True, True, f"{base}; h = {h} >= 16B = {16 * B}: about h/2 inactive units per "
                              "sample isolate each one")
-    return AttackVerdict("qian", True, None, f"{base}; B <= h = {h} < 4B: separation depends on the activation "
+    return AttackVerdict("qian", True, None, f"{base}; B <= h = {h} < 16B: separation depends on the activation "
                          "patterns (about h/2 inactive units per sample against B-1 needed)")
 
 

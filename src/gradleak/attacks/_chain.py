@@ -36,6 +36,7 @@ __all__ = ["ChainLayer", "Chain", "trace_chain", "act_inverse", "act_derivative"
            "LayerSystem", "layer_system", "solve_normal", "propagate_signal", "SOLVE_DTYPE"]
 
 SOLVE_DTYPE = torch.float64
+RELU_ZERO = 1e-5   # relative size below which a reconstructed ReLU output counts as zero
 _ACTIVATIONS = {nn.LeakyReLU: "leaky_relu", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
                 nn.Identity: "identity"}
 _PASS = (nn.Flatten, nn.Unflatten)
@@ -168,7 +169,7 @@ def act_derivative(kind: str, slope: float, a: torch.Tensor) -> torch.Tensor:
     if kind == "leaky_relu":
         return torch.where(a > 0, torch.ones_like(a), torch.full_like(a, slope))
     if kind == "relu":
-        return (a > 0).to(a.dtype)
+        return _relu_active(a).to(a.dtype)
     if kind == "sigmoid":
         return a * (1 - a)
     if kind == "tanh":
@@ -176,9 +177,15 @@ def act_derivative(kind: str, slope: float, a: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(a)
 
 
+def _relu_active(a: torch.Tensor) -> torch.Tensor:
+    """ReLU outputs that are positive beyond the rounding of a reconstruction (an exact zero
+    reconstructed as +1e-16 must not count as active)."""
+    return a > RELU_ZERO * a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)
+
+
 def act_known(kind: str, a: torch.Tensor) -> torch.Tensor:
     """Where the pre-activation can be read back from the output (ReLU loses ``z <= 0``)."""
-    return a > 0 if kind == "relu" else torch.ones_like(a, dtype=torch.bool)
+    return _relu_active(a) if kind == "relu" else torch.ones_like(a, dtype=torch.bool)
 
 
 def propagate_signal(upper: ChainLayer, upper_weight: torch.Tensor, upper_signal: torch.Tensor,

@@ -211,7 +211,7 @@ def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, wei
             f"no sample of the batch of {B} could be separated ({activation} layer, {hidden} units"
             + (f"; h >= B holds, but about h/2 = {hidden // 2} units are inactive per sample, too few to pin down the "
                f"{B - 1}-dimensional hyperplane that isolates each sample" if hidden >= B and activation == "relu" else "")
-            + "): every row of dL/dW mixes several samples", condition="units that separate the samples (ReLU, h >= 2B)")
+            + "): every row of dL/dW mixes several samples", condition="units that separate the samples (ReLU units, enough inactive per sample)")
     x = torch.stack(found).to(weight_grad.dtype)
     if len(found) == B:
         notes.append(f"all {B} samples recovered exactly (each isolated by >= 1 hidden unit)")
