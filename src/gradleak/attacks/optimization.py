@@ -162,6 +162,8 @@ class GradientMatching(Attack):
         probs = torch.sigmoid(logits).mean(0) if update.loss == "binary_cross_entropy" else logits.softmax(-1).mean(0)
         labels = count_labels(w_grad, b_grad, batch, probs, features["h"].abs().sum(1).mean(), update.loss)
         how = "bias gradient" if b_grad is not None else "weight-row sums (LLG)"
+        if update.kind == "delta" and update.local_steps > 1:
+            how += f" (approximated by -delta / (lr * {update.local_steps}) for the local steps)"
         return labels.to(w_grad.device), f"labels counted from the classifier {how}: {labels.tolist()}"
 
     # -------------------------------------------------------------- objective
