@@ -42,7 +42,6 @@ def test_copa_float32(photos):
 def _security(model, update):
     params = {n: p.detach() for n, p in model.named_parameters()}
     chain = trace_chain(model, (3, 16, 16), params, {})
-    head = chain.layers[-1]
     last = rgap_last_layer(params["fc.weight"], update.tensors["fc.weight"], None, "binary_cross_entropy", 1)
     return copa_security(chain, params, update.tensors, *last.candidates[0])
 

@@ -24,7 +24,6 @@ Nothing here uses client data: the numeric checks run the model on a seeded Gaus
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass, field
 from typing import Any
 

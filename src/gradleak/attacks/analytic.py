@@ -28,7 +28,7 @@ from ..errors import AttackNotApplicable, ConfigError
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._layers import LinearTrace, classifier_layer, trace_linear_layers
-from .base import Attack, Reconstruction, register_attack
+from .base import Attack, Reconstruction, register_attack, require_single_sample
 from .labels import idlg_label
 
 __all__ = ["FCInversion", "fc_bias_inversion", "FCBiasInversion"]
@@ -131,12 +131,7 @@ class FCBiasInversion(Attack):
         return with_bias[0]
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
-        if update.batch_size is not None and update.batch_size > 1:
-            raise AttackNotApplicable(
-                f"the update averages a batch of {update.batch_size} samples: row_j(dW)/db_j mixes them; "
-                "the closed form holds for one sample per update",
-                condition="batch size 1",
-            )
+        require_single_sample(update, "the FC-bias closed form")
         gradient = update.as_gradient()
         params, buffers = self.parameters_at_round(update)
         traces = trace_linear_layers(self.model, update.input_shape, params, buffers)

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 
-__all__ = ["Reconstruction", "Attack", "Hooks", "ATTACKS", "register_attack", "get_attack"]
+__all__ = ["Reconstruction", "Attack", "Hooks", "ATTACKS", "register_attack", "get_attack", "require_single_sample"]
 
 
 @dataclass
@@ -130,6 +130,18 @@ class Attack(abc.ABC):
             params.update({n: w.to(params[n].dtype) for n, w in update.weights.items() if n in params})
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         return params, buffers
+
+
+def require_single_sample(update: SharedUpdate, method: str) -> None:
+    """Refuse an update that (by its metadata) averages several samples, for one-sample methods."""
+    if update.batch_size is not None and update.batch_size > 1:
+        from ..errors import AttackNotApplicable
+
+        raise AttackNotApplicable(
+            f"{method} reconstructs one sample, but the update averages {update.batch_size} samples "
+            f"(a batch of {update.batch_size}), which mixes them",
+            condition="batch size 1",
+        )
 
 
 ATTACKS: dict[str, type[Attack]] = {}

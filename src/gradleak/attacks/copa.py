@@ -37,7 +37,7 @@ from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
                      solve_normal, trace_chain)
-from .base import Attack, Reconstruction, register_attack
+from .base import Attack, Reconstruction, register_attack, require_single_sample
 from .rgap import rgap_last_layer
 
 __all__ = ["COPA", "copa_layer", "copa_security", "CopaSecurity"]
@@ -173,9 +173,7 @@ class COPA(Attack):
         return {**super().options(), "pullback": self.pullback, "iterations": self.iterations, "tol": self.tol}
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
-        if update.batch_size is not None and update.batch_size > 1:
-            raise AttackNotApplicable(f"COPA reconstructs one image; the update averages {update.batch_size}",
-                                      condition="batch size 1")
+        require_single_sample(update, "COPA")
         gradient = update.as_gradient()
         params, buffers = self.parameters_at_round(update)
         chain = trace_chain(self.model, update.input_shape, params, buffers)

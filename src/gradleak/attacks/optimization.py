@@ -145,7 +145,7 @@ class GradientMatching(Attack):
         w_grad = approx[head.param("weight")]
         b_grad = approx.get(head.param("bias")) if head.has_bias else None
         if batch == 1:
-            return idlg_label(w_grad, b_grad, update.loss), f"label from the sign of the classifier gradient (iDLG)"
+            return idlg_label(w_grad, b_grad, update.loss), "label from the sign of the classifier gradient (iDLG)"
         probe = torch.randn((64, *update.input_shape), generator=torch.Generator().manual_seed(self.config.seed),
                             dtype=w_grad.dtype).to(w_grad.device)
         features = {}

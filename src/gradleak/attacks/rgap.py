@@ -38,7 +38,7 @@ from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
                      solve_normal, trace_chain)
 from .analytic import default_rank_tolerance, fc_bias_inversion
-from .base import Attack, Reconstruction, register_attack
+from .base import Attack, Reconstruction, register_attack, require_single_sample
 
 __all__ = ["RGAP", "rgap_last_layer", "rgap_layer", "rgap_recursion", "rank_analysis", "LayerRank",
            "binary_logit_roots"]
@@ -261,9 +261,7 @@ class RGAP(Attack):
         return {**super().options(), "rtol": self.rtol}
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
-        if update.batch_size is not None and update.batch_size > 1:
-            raise AttackNotApplicable(f"R-GAP reconstructs one sample; the update averages {update.batch_size}",
-                                      condition="batch size 1")
+        require_single_sample(update, "R-GAP")
         gradient = update.as_gradient()
         params, buffers = self.parameters_at_round(update)
         chain = trace_chain(self.model, update.input_shape, params, buffers)

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from matplotlib.figure import Figure
 
 from .._io import atomic_write_json, atomic_write_text, save_figure
