@@ -11,7 +11,10 @@ from ._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
-from .attacks import ATTACKS, Attack, FCBiasInversion, Reconstruction, fc_bias_inversion, get_attack  # noqa: E402
+from .attacks import (  # noqa: E402
+    ATTACKS, DLG, IDLG, Attack, FCBiasInversion, FedAvgInversion, GradientMatching, InvertingGradients,
+    MatchingConfig, Reconstruction, fc_bias_inversion, get_attack,
+)
 from .client import fedavg_update, fedsgd_update  # noqa: E402
 from .data.spec import DataSpec  # noqa: E402
 from .errors import AttackNotApplicable, ConfigError, DataError, GradleakError, UpdateFileError  # noqa: E402
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTACKS", "Attack", "FCBiasInversion", "Reconstruction", "fc_bias_inversion", "get_attack",
+    "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
     "fedavg_update", "fedsgd_update", "DataSpec", "build_model", "ThreatModel",
     "SharedUpdate", "load_update", "save_update",
     "AttackNotApplicable", "ConfigError", "DataError", "GradleakError", "UpdateFileError",
