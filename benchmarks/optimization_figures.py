@@ -93,7 +93,8 @@ def fedavg(args):
     photos = load_builtin("photos", size=32, n=4)
     spec = gl.DataSpec.from_images(photos.images)
     model = build_model(args.model, (3, 32, 32), 10, seed=0)
-    delta = gl.fedavg_update(model, photos.images, photos.labels, lr=0.05, local_steps=4, local_batch_size=2,
+    # 4 local SGD steps of one image each (one epoch over the 4 images), lr 1e-3
+    delta = gl.fedavg_update(model, photos.images, photos.labels, lr=1e-3, local_steps=4, local_batch_size=1,
                              spec=spec)
     attack = gl.get_attack("fedavg")(model, iterations=args.iterations or 4800, record_every=50)
     return _run(f"fedavg-{args.model}", attack, [delta], photos.images, photos.labels, 4)

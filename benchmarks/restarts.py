@@ -4,7 +4,8 @@
 
 Prints, per model, the looped and batched time per iteration and the ratio, measured in
 the same run on the same update. gradleak's `batched_restarts="auto"` picks vmap for
-models without BatchNorm below 2M parameters, from these figures.
+models without BatchNorm below 1M parameters, from these figures (8 restarts, 1 thread:
+LeNet 2.43x, ConvNet-16 without BN 1.24x, MLP 1.7M params 0.69x, ConvNet-64 0.97x).
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class GradientMatching(Attack):
         vmappable = cfg.optimizer != "lbfgs" and not has_batch_norm(self.model) and bn is None
         batched = cfg.batched_restarts == "vmap" or (
             cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1
-            and sum(p.numel() for p in params.values()) < 2_000_000)
+            and sum(p.numel() for p in params.values()) < 1_000_000)  # benchmarks/restarts.py
         if batched and not vmappable:
             raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
         groups = [list(range(cfg.restarts))] if batched else [[r] for r in range(cfg.restarts)]
