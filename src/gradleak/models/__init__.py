@@ -106,8 +106,8 @@ def _torchvision_entry(name: str) -> ModelEntry:
         return model if activation == "relu" else swap_activations(model, activation)
 
     return ModelEntry(build, "cross_entropy",
-                      f"torchvision {name}, untrained (224 px; inception_v3 299 px); option activation=sigmoid "
-                      "swaps every ReLU (seed 004)")
+                      f"torchvision {name}, untrained, {299 if name == 'inception_v3' else 224} px inputs; option "
+                      "activation=sigmoid swaps every ReLU (seed 004)")
 
 
 for _name in TORCHVISION_MODELS:
