@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
 
 import gradleak as gl
 from gradleak.analysis import analyze
@@ -22,23 +21,9 @@ from gradleak.data import load_builtin
 from gradleak.errors import AttackNotApplicable
 from gradleak.metrics import match, psnr
 from gradleak.models import CNN6, FCN3, MLP, LeNet
+from gradleak.models.qian import QianConvHead
 
 EXACT_DB = 60.0
-
-
-class ConvHead(nn.Module):
-    """conv(3 -> k, 3x3, stride s) + LeakyReLU, then FC with bias, ReLU, FC: Qian's CNN setting."""
-
-    def __init__(self, kernels: int, stride: int, side: int = 16):
-        super().__init__()
-        self.conv = nn.Conv2d(3, kernels, 3, stride=stride, padding=1)
-        self.act = nn.LeakyReLU(0.2)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(kernels * (side // stride) ** 2, 32)
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.head(self.fc(self.flatten(self.act(self.conv(x)))))
 
 
 def grid():
@@ -52,9 +37,9 @@ def grid():
         ("MLP 3072-4-10", lambda: MLP(3072, (4,), 10), "photos32", 8, "cross_entropy"),
         ("MLP 3072-64-10 sigmoid", lambda: MLP(3072, (64,), 10, "sigmoid"), "photos32", 4, "cross_entropy"),
         ("MLP 3072-1-1-1-10 tanh", lambda: MLP(3072, (1, 1, 1), 10, "tanh"), "photos32", 1, "cross_entropy"),
-        ("ConvHead k4 s1 (Qian holds)", lambda: ConvHead(4, 1), "photos16", 1, "cross_entropy"),
-        ("ConvHead k8 s2 (Qian fails)", lambda: ConvHead(8, 2), "photos16", 1, "cross_entropy"),
-        ("ConvHead k4 s1 (Qian holds)", lambda: ConvHead(4, 1), "photos16", 4, "cross_entropy"),
+        ("ConvHead k4 s1 (Qian holds)", lambda: QianConvHead(4, 1), "photos16", 1, "cross_entropy"),
+        ("ConvHead k8 s2 (Qian fails)", lambda: QianConvHead(8, 2), "photos16", 1, "cross_entropy"),
+        ("ConvHead k4 s1 (Qian holds)", lambda: QianConvHead(4, 1), "photos16", 4, "cross_entropy"),
         ("FCN3 784-1000-100-1", lambda: FCN3(784), "digits28", 1, "binary_cross_entropy"),
         ("CNN6 narrow @16", lambda: CNN6(3, 1, 16, widths=narrow), "photos16", 1, "binary_cross_entropy"),
         ("CNN6 narrow @16, 10 classes", lambda: CNN6(3, 10, 16, widths=narrow), "photos16", 1, "cross_entropy"),

@@ -12,6 +12,7 @@ from gradleak.attacks._chain import trace_chain
 from gradleak.errors import AttackNotApplicable
 from gradleak.metrics import match, psnr
 from gradleak.models import MLP
+from gradleak.models.qian import QianConvHead
 
 FLOORS = {torch.float32: 60.0, torch.float64: 100.0}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
@@ -79,24 +80,11 @@ def test_function_level_batch_inversion(photos):
     assert float(err) < 1e-9
 
 
-class _ConvHead(nn.Module):
-    def __init__(self, kernels: int, stride: int, side: int = 16):
-        super().__init__()
-        self.conv = nn.Conv2d(3, kernels, 3, stride=stride, padding=1)
-        self.act = nn.LeakyReLU(0.2)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(kernels * (side // stride) ** 2, 32)
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.head(self.fc(self.flatten(self.act(self.conv(x)))))
-
-
 @pytest.mark.parametrize("kernels,stride,holds", [(4, 1, True), (8, 2, False)])
 def test_cnn_condition_both_sides(photos, kernels, stride, holds):
     small = photos.resize(16)
     torch.manual_seed(5)
-    model = _ConvHead(kernels, stride).double()
+    model = QianConvHead(kernels, stride).double()
     image = small.images[2:3].double()
     params = {n: p.detach() for n, p in model.named_parameters()}
     check = qian_cnn_condition(trace_chain(model, (3, 16, 16), params, {}).layers[0])
