@@ -3,6 +3,7 @@
     python benchmarks/optimization_figures.py dlg          # DLG, sigmoid LeNet, batch 1, 300 L-BFGS steps
     python benchmarks/optimization_figures.py ig-lenet     # Inverting Gradients, LeNet, batch 1, 4,800 iterations
     python benchmarks/optimization_figures.py ig-resnet18  # Inverting Gradients, CIFAR ResNet-18, batch 1
+                                                           # (--eval-mode: BatchNorm on running statistics)
     python benchmarks/optimization_figures.py labels       # iDLG at batch 1; counts on batches of 8
     python benchmarks/optimization_figures.py fedavg       # 4 images, 4 local steps, unrolled
 
@@ -57,10 +58,13 @@ def ig(args, model_name, iterations):
     photos = load_builtin("photos", size=32, n=args.n)
     spec = gl.DataSpec.from_images(photos.images)
     model = build_model(model_name, (3, 32, 32), 10, seed=0)
+    if args.eval_mode:  # BatchNorm uses running statistics (the Inverting Gradients code's setting)
+        model.eval()
     updates = [gl.fedsgd_update(model, photos.images[k : k + 1], photos.labels[k : k + 1], spec=spec)
                for k in range(args.n)]
     attack = gl.get_attack("inverting-gradients")(model, iterations=args.iterations or iterations, record_every=50)
-    return _run(f"ig-{model_name}", attack, updates, photos.images, photos.labels, 1)
+    suffix = "-eval" if args.eval_mode else ""
+    return _run(f"ig-{model_name}{suffix}", attack, updates, photos.images, photos.labels, 1)
 
 
 def labels(args):
@@ -107,6 +111,7 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--model", default="lenet", help="fedavg: the model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-mode", action="store_true", help="models in eval mode (BatchNorm running stats)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"dlg": dlg, "ig-lenet": lambda a: ig(a, "lenet", 4800), "ig-resnet18": lambda a: ig(a, "resnet18", 4800),
