@@ -57,7 +57,7 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
         raise ConfigError(f"loss 'binary_cross_entropy' needs 0/1 labels, got {sorted(set(labels.tolist()))}")
 
 
-def _common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info):
+def _common_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info):
     return dict(
         loss=loss,
         labels=labels.detach().clone() if share_labels else None,
@@ -98,7 +98,7 @@ def fedsgd_update(
         tensors={n: g.detach() for n, g in gradient.items()},
         kind="gradient",
         batch_size=images.shape[0],
-        **_common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info),
+        **_common_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info),
     )
 
 
@@ -164,5 +164,5 @@ def fedavg_update(
         local_lr=float(lr),
         local_epochs=epochs,
         local_batch_size=batch,
-        **_common_metadata(model, images, spec, loss, share_labels, labels, params, buffers, model_info),
+        **_common_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info),
     )

@@ -72,8 +72,8 @@ def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scor
             psnrs = [from_json_float(matched[i]["psnr"]) for i in sorted(matched)]
         reconstruction_grid(images, run_dir / "grid.png", originals=originals, psnr=psnrs,
                             title=f"{reconstruction.attack}: originals (top) and reconstructions")
-    x_label = "unit (by |dL/db|)" if set(reconstruction.history) <= {"unit_deviation"} or all(
-        k.startswith("unit_deviation") for k in reconstruction.history) else "iteration"
+    per_unit = all(k.startswith("unit_deviation") for k in reconstruction.history)
+    x_label = "unit (by |dL/db|)" if per_unit else "iteration"
     curves_figure(reconstruction.history, run_dir / "curves.png", x_label=x_label, title=reconstruction.attack)
 
 
