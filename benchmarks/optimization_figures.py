@@ -10,7 +10,7 @@
                                                            # train-mode BatchNorm: bn weight 0 ... 1 (--model resnet20)
 
 Each writes a run folder (grid, curves, report) under benchmarks/results/<name>/ and prints
-mean ± std PSNR over the images. Options: --n images, --iterations, --threads.
+mean ± std PSNR over the images. Options: --n images, --iterations, --threads, --restarts.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def ig(args, model_name, iterations):
         model.eval()
     updates = [gl.fedsgd_update(model, photos.images[k : k + 1], photos.labels[k : k + 1], spec=spec)
                for k in range(args.n)]
-    attack = gl.get_attack("inverting-gradients")(model, iterations=args.iterations or iterations, record_every=50)
-    suffix = "-eval" if args.eval_mode else ""
+    attack = gl.get_attack("inverting-gradients")(model, iterations=args.iterations or iterations, record_every=50,
+                                                  restarts=args.restarts)
+    suffix = ("-eval" if args.eval_mode else "") + (f"-r{args.restarts}" if args.restarts > 1 else "")
     return _run(f"ig-{model_name}{suffix}", attack, updates, photos.images, photos.labels, 1)
 
 
@@ -132,6 +133,7 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--model", default=None, help="fedavg: the model (lenet); bn-prior: the model (resnet20)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--restarts", type=int, default=1, help="ig-lenet, ig-resnet18: restarts per image")
     parser.add_argument("--eval-mode", action="store_true", help="models in eval mode (BatchNorm running stats)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
