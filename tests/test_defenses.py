@@ -221,6 +221,32 @@ def test_specs_parse_and_bad_specs_name_the_problem():
         make_defenses(["dp-sgd:epsilon=1", "per-example-clipping"])
 
 
+def test_registries_refuse_a_taken_name_and_a_defense_without_a_stage():
+    """A second class under a registered name would silently change what configs mean."""
+    from dataclasses import dataclass
+
+    from gradleak.attacks import register_attack
+    from gradleak.defenses import DEFENSES, register_defense
+
+    @dataclass(frozen=True)
+    class Impostor(GaussianNoise):
+        name = "gaussian"
+
+    with pytest.raises(ConfigError, match="defense name 'gaussian' is taken by GaussianNoise"):
+        register_defense(Impostor)
+    with pytest.raises(ConfigError, match="attack name 'dlg' is taken by DLG"):
+        register_attack(type("OtherDLG", (gl.InvertingGradients,), {"name": "dlg"}))
+
+    @dataclass(frozen=True)
+    class Stageless(GaussianNoise):
+        name = "stageless"
+        stage = "server-room"
+
+    with pytest.raises(ConfigError, match="Stageless: a defense needs a stage in"):
+        register_defense(Stageless)
+    assert DEFENSES["gaussian"] is GaussianNoise and gl.get_attack("dlg") is gl.DLG and "stageless" not in DEFENSES
+
+
 def test_the_exact_attack_is_stopped_by_noise_and_aggregation_but_not_by_clipping(photos, spec):
     """fc-bias inversion on a real photo: clipping keeps the rank-one gradient (exact recovery),
     noise and secure aggregation break the condition, and the attack says so."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 
@@ -148,19 +149,14 @@ def require_single_sample(update: SharedUpdate, method: str) -> None:
         )
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
     """Class decorator: make an attack available by its ``name`` (CLI, audits)."""
-    if not cls.name:
-        raise ConfigError(f"{cls.__name__} needs a non-empty class attribute 'name' to be registered")
-    ATTACKS[cls.name] = cls
-    return cls
+    return ATTACKS.register(cls)
 
 
 def get_attack(name: str) -> type[Attack]:
-    try:
-        return ATTACKS[name]
-    except KeyError:
-        raise ConfigError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(ATTACKS))}") from None
+    """The attack class registered as ``name``; a ConfigError listing the known names otherwise."""
+    return ATTACKS.lookup(name)

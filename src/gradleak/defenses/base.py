@@ -32,6 +32,7 @@ from torch import nn
 from ..client import ClientSetup
 from ..data.spec import DataSpec
 from ..errors import ConfigError
+from ..registry import Registry
 from ..update import SharedUpdate
 
 __all__ = ["Defense", "ClientContext", "PrivateTraining", "DEFENSES", "register_defense", "get_defense",
@@ -145,21 +146,18 @@ def one_of(owner: str, name: str, value: Any, choices: Sequence[Any]) -> Any:
     return value
 
 
-DEFENSES: dict[str, type[Defense]] = {}
+DEFENSES: Registry[type[Defense]] = Registry(
+    "defense", lambda cls: None if cls.stage in STAGES else f"a defense needs a stage in {STAGES}, got {cls.stage!r}")
 
 
 def register_defense(cls: type[Defense]) -> type[Defense]:
-    if not cls.name or cls.stage not in STAGES:
-        raise ConfigError(f"{cls.__name__}: a defense needs a name and a stage in {STAGES}")
-    DEFENSES[cls.name] = cls
-    return cls
+    """Class decorator: make a defense available by its ``name`` (specs, CLI, audits)."""
+    return DEFENSES.register(cls)
 
 
 def get_defense(name: str) -> type[Defense]:
-    try:
-        return DEFENSES[name]
-    except KeyError:
-        raise ConfigError(f"unknown defense {name!r}; known defenses: {', '.join(sorted(DEFENSES))}") from None
+    """The defense class registered as ``name``; a ConfigError listing the known names otherwise."""
+    return DEFENSES.lookup(name)
 
 
 def _parse_value(text: str) -> Any:
