@@ -75,6 +75,9 @@ def test_yaml_and_toml_configs_are_the_same_audit(tmp_path, config_file):
     ({"client": {"protocol": "fedsgdd"}}, "protocol must be"),
     ({"models": []}, "models: expected a non-empty list"),
     ({"attacks": [{"name": "fc-bias", "models": ["lenet"]}]}, "attacks\\[0\\].models: 'lenet' is not one of"),
+    ({"verdict": {"recognisable_ssim": 1.5}}, "verdict: recognisable_ssim must be in \\(0, 1\\]"),
+    ({"verdict": {"recognisable_ssim": 0.3, "partial_ssim": 0.5}}, "partial_ssim \\(0.5\\) must not exceed"),
+    ({"verdict": {"partial_psnr": 20}}, "partial_psnr \\(20\\) must not exceed recognisable_psnr"),
 ])
 def test_bad_configs_are_refused_naming_the_key(change, needle):
     import yaml
@@ -82,6 +85,18 @@ def test_bad_configs_are_refused_naming_the_key(change, needle):
     raw = yaml.safe_load(YAML) | change
     with pytest.raises(ConfigError, match=needle):
         AuditConfig.from_mapping(raw)
+
+
+def test_verdict_rule_takes_the_higher_of_psnr_and_ssim():
+    """DLG through variance-1e-4 noise, the astronaut: 12.4 dB, SSIM 0.52, recognisable by eye."""
+    from gradleak.audit.config import VerdictRule
+
+    assert VerdictRule().level(12.4, 0.52) == "none"        # PSNR alone: default, SSIM ignored
+    by_ssim = VerdictRule(recognisable_ssim=0.5, partial_ssim=0.3)
+    assert by_ssim.level(12.4, 0.52) == "recognisable" and by_ssim.level(12.4, 0.35) == "partial"
+    assert by_ssim.level(19.0, 0.1) == "recognisable" and by_ssim.level(None, None) == "none"
+    assert by_ssim.level(float("nan"), 0.2) == "none"
+    assert by_ssim.describe("partial") == "PSNR >= 14 dB or SSIM >= 0.3"
 
 
 def test_unparseable_and_missing_files_are_named(tmp_path):
@@ -272,4 +287,18 @@ def test_resume_judges_stored_cells_by_the_current_verdict_and_reads_non_finite_
     none = again.cells[0]
     assert none.summary["psnr_mean"] == float("inf") and none.levels == {"recognisable": 1, "partial": 1, "none": 0}
     verdict = next(v for v in again.verdicts if v["defense"] == "none")
-    assert verdict["level"] == "leaks" and "1 of 2 images >= 1000 dB; mean PSNR inf dB" in verdict["text"]
+    assert verdict["level"] == "leaks" and "1 of 2 images with PSNR >= 1000 dB; mean PSNR inf dB" in verdict["text"]
+
+    # SSIM as a second criterion: the exact reconstructions (SSIM 1) count as recognisable by it ...
+    assert all(s > 0.99 for s in none.ssim) and len(none.ssim) == 2
+    config_file.write_text(config_file.read_text().replace(
+        "verdict: {recognisable_psnr: 1000, partial_psnr: 100}",
+        "verdict: {recognisable_psnr: 1000, partial_psnr: 100, recognisable_ssim: 0.99}"))
+    by_ssim = run_audit(config_file, out, quiet=True)
+    assert by_ssim.cells[0].levels == {"recognisable": 2, "partial": 0, "none": 0}
+    assert "2 of 2 images with PSNR >= 1000 dB or SSIM >= 0.99" in next(
+        v for v in by_ssim.verdicts if v["defense"] == "none")["text"]
+    # ... and a cell stored before SSIM was kept is judged by PSNR alone, not dropped
+    del stored["result"]["ssim"]
+    cell_json.write_text(json.dumps(stored))
+    assert run_audit(config_file, out, quiet=True).cells[0].levels == {"recognisable": 1, "partial": 1, "none": 0}

@@ -73,6 +73,7 @@ class CellResult:
     status: str
     summary: dict[str, Any] = field(default_factory=dict)
     psnr: list[float | None] = field(default_factory=list)   # per attacked image; None: not recovered
+    ssim: list[float | None] = field(default_factory=list)   # the same images (empty in cells stored before it)
     levels: dict[str, int] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     message: str = ""
@@ -147,8 +148,10 @@ def _numbers(value: Any) -> Any:
     return value
 
 
-def _levels(psnr: list[float | None], rule) -> dict[str, int]:
-    return {level: sum(rule.level(p) == level for p in psnr) for level in ("recognisable", "partial", "none")}
+def _levels(cell: "CellResult", rule) -> dict[str, int]:
+    ssim = cell.ssim if len(cell.ssim) == len(cell.psnr) else [None] * len(cell.psnr)
+    found = [rule.level(p, s) for p, s in zip(cell.psnr, ssim)]
+    return {level: found.count(level) for level in ("recognisable", "partial", "none")}
 
 
 def _load_cell(stored: dict[str, Any], spec: "CellSpec", config: AuditConfig, label: str) -> CellResult:
@@ -156,7 +159,7 @@ def _load_cell(stored: dict[str, Any], spec: "CellSpec", config: AuditConfig, la
     cell = CellResult(**_numbers(stored["result"]))
     cell.defense, cell.defense_index = label, spec.defense_index
     if cell.status == "done":
-        cell.levels = _levels(cell.psnr, config.verdict)
+        cell.levels = _levels(cell, config.verdict)
     return cell
 
 
@@ -195,9 +198,10 @@ def _run_cell(spec: CellSpec, config: AuditConfig, context: dict[str, Any], serv
         run = write_run(out / "cells" / result.cell_id, reconstruction, originals=images[order],
                         true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy})
         result.summary = {k: v for k, v in run.scores.summary.items()}
-        recovered = {row["index"]: row["psnr"] for row in run.scores.per_image}
-        result.psnr = [recovered.get(i) for i in range(len(order))]  # None: no reconstruction matched this image
-        result.levels = _levels(result.psnr, config.verdict)
+        rows = {row["index"]: row for row in run.scores.per_image}  # missing: no reconstruction matched this image
+        result.psnr = [rows[i]["psnr"] if i in rows else None for i in range(len(order))]
+        result.ssim = [rows[i].get("ssim") if i in rows else None for i in range(len(order))]
+        result.levels = _levels(result, config.verdict)
     except AttackNotApplicable as error:
         result.status, result.message, result.condition = "not-applicable", str(error), error.condition
     except GradleakError as error:
@@ -254,8 +258,8 @@ def _verdicts(config: AuditConfig, cells: list[CellResult]) -> list[dict[str, An
         where = f"{model}, batch {batch}, defense {defense}"
 
         def describe(c: CellResult) -> str:
-            return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images >= "
-                    f"{rule.recognisable_psnr:g} dB; mean PSNR {c.summary.get('psnr_mean', float('nan')):.1f} dB)")
+            return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images with "
+                    f"{rule.describe()}; mean PSNR {c.summary.get('psnr_mean', float('nan')):.1f} dB)")
 
         if recognisable:
             level = "leaks"
@@ -265,7 +269,7 @@ def _verdicts(config: AuditConfig, cells: list[CellResult]) -> list[dict[str, An
             level = "partial"
             text = (f"{where}: no attack recovers a recognisable image; {', '.join(c.attack for c in partial)} "
                     f"recover{'s' if len(partial) == 1 else ''} partial structure "
-                    f"({rule.partial_psnr:g}-{rule.recognisable_psnr:g} dB).")
+                    f"({rule.describe('partial')}).")
         else:
             scored = [c for c in members if c.status == "done" and c.summary.get("psnr_mean") is not None]
             best = max(scored, key=lambda c: c.summary["psnr_mean"], default=None)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["write_audit_report", "privacy_utility_figure", "psnr_by_defense_figure"]
 
 _LEVEL_COLOURS = {"leaks": "#cf222e", "partial": "#9a6700", "protected": "#1a7f37", "not-measured": "#59636e"}
+_LEVEL_DOT = {"recognisable": "#cf222e", "partial": "#9a6700", "none": "#1a7f37"}   # one cell's mean, by the rule
 
 
 EXACT_DB = 60.0  # PSNR drawn no higher than this: beyond it a reconstruction is exact to the eye
@@ -81,7 +82,7 @@ def privacy_utility_figure(result: "AuditResult", path: Path) -> Path | None:
             psnr = _psnr(cell)
             if accuracy is None or psnr is None:
                 continue
-            colour = "#cf222e" if psnr >= rule.recognisable_psnr else "#9a6700" if psnr >= rule.partial_psnr else "#1a7f37"
+            colour = _LEVEL_DOT[rule.level(psnr, cell.summary.get("ssim_mean"))]
             ax.scatter([100 * accuracy], [_drawn(psnr)], s=22, color=colour, zorder=3)
             ax.annotate(str(cell.defense_index), (100 * accuracy, _drawn(psnr)), fontsize=7, xytext=(3, 2),
                         textcoords="offset points")
@@ -99,7 +100,7 @@ def privacy_utility_figure(result: "AuditResult", path: Path) -> Path | None:
              va="top", ha="left", fontsize=6.5, family="monospace", transform=key.transAxes)
     u = result.config.utility
     fig.suptitle(f"Privacy against utility (lower right is better): accuracy of {u.model} trained federatedly on "
-                 f"{u.data}; red >= {rule.recognisable_psnr:g} dB, amber >= {rule.partial_psnr:g} dB", fontsize=9)
+                 f"{u.data}; red: mean {rule.describe()}; amber: mean {rule.describe('partial')}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
 
@@ -167,8 +168,8 @@ def _verdict_section(result: "AuditResult") -> str:
         if result.baseline_psnr >= rule.partial_psnr:
             baseline += " <strong>That is above the partial threshold: raise the thresholds for this data.</strong>"
     return ("<h2>Verdicts</h2>\n"
-            f'<p class="note">Per image, PSNR >= {rule.recognisable_psnr:g} dB counts as recognisable and '
-            f'>= {rule.partial_psnr:g} dB as partial structure (configurable: <code>verdict</code>).{baseline}</p>\n'
+            f'<p class="note">Per image, {rule.describe()} counts as recognisable and '
+            f'{rule.describe("partial")} as partial structure (configurable: <code>verdict</code>).{baseline}</p>\n'
             '<ul class="notes">' + "\n".join(items) + "</ul>")
 
 
