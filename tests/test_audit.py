@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -133,6 +134,12 @@ def test_audit_runs_the_grid_and_writes_one_report(tmp_path, config_file):
     html = (out / "report.html").read_text()
     assert "Verdicts" in html and "Privacy and utility" in html and "data:image/png;base64," in html
     assert f"cells/{by_defense['none'].cell_id}/report.html" in html
+    glance = html[html.index("At a glance"):html.index('<ul class="notes">')]
+    rows = re.findall(r"<tr><td class=\"num\">(\d)</td><td>([^<]*)</td><td>(.*?)</td></tr>", glance)
+    assert [(i, d) for i, d, _ in rows] == [("0", "none"), ("1", "gaussian(variance=0.0001)"),
+                                           ("2", "secure-aggregation(clients=2)"),
+                                           ("3", "clipping(max_norm=0.1) + half(dtype=float16)")]
+    assert ">leaks</span> (2/2)" in rows[0][2] and ">not-measured</span>" in rows[1][2]
     stored = json.loads((out / "audit.json").read_text())
     assert len(stored["cells"]) == 4 and stored["interrupted"] is False
     assert len((out / "cells.csv").read_text().strip().splitlines()) == 5

@@ -157,6 +157,38 @@ def _pm(mean: Any, std: Any, spec: str) -> str:
     return text if std is None or text == "n/a" else f"{text} ± {_fmt(std, spec)}"
 
 
+def _verdict_matrix(result: "AuditResult") -> str:
+    """Defense entries (rows) x (model, batch size) (columns): each verdict's level, coloured,
+    with the most images any attack recovered recognisably. Empty for a single column and row."""
+    columns = list(dict.fromkeys((v["model"], v["batch_size"]) for v in result.verdicts))
+    rows = list(dict.fromkeys((v["defense_index"], v["defense"]) for v in result.verdicts))
+    if len(columns) * len(rows) < 2:
+        return ""
+    n_images = {(c.model, c.defense_index, c.batch_size): len(c.psnr) for c in result.cells if c.psnr}
+    most = {}
+    for c in result.cells:
+        key = (c.model, c.defense_index, c.batch_size)
+        most[key] = max(most.get(key, 0), c.levels.get("recognisable", 0))
+    by_key = {(v["model"], v["batch_size"], v["defense_index"]): v for v in result.verdicts}
+    many_batches = len({b for _, b in columns}) > 1
+    headers = ["#", "defense"] + [escape(m + (f", batch {b}" if many_batches else "")) for m, b in columns]
+    body = []
+    for index, label in rows:
+        row = [_Num(str(index)), escape(label)]
+        for model, batch in columns:
+            v = by_key.get((model, batch, index))
+            if v is None:
+                row.append("")
+                continue
+            count = n_images.get((model, index, batch))
+            found = f" ({most.get((model, index, batch), 0)}/{count})" if count and v["level"] != "not-measured" else ""
+            row.append(f'<span style="color:{_LEVEL_COLOURS.get(v["level"], "#1f2328")};font-weight:600">'
+                       f'{escape(v["level"])}</span>{escape(found)}')
+        body.append(row)
+    return ('<p class="note">At a glance: the verdict per defense and model; in brackets, the most images any '
+            'attack recovered recognisably, of those attacked.</p>\n<div class="wide">' + _table(headers, body) + "</div>")
+
+
 def _verdict_section(result: "AuditResult") -> str:
     items = [f'<li><strong style="color:{_LEVEL_COLOURS.get(v["level"], "#1f2328")}">{escape(v["level"])}</strong>: '
              f'{escape(v["text"])}</li>' for v in result.verdicts]
@@ -170,7 +202,7 @@ def _verdict_section(result: "AuditResult") -> str:
     return ("<h2>Verdicts</h2>\n"
             f'<p class="note">Per image, {rule.describe()} counts as recognisable and '
             f'{rule.describe("partial")} as partial structure (configurable: <code>verdict</code>).{baseline}</p>\n'
-            '<ul class="notes">' + "\n".join(items) + "</ul>")
+            + _verdict_matrix(result) + '\n<ul class="notes">' + "\n".join(items) + "</ul>")
 
 
 def _utility_section(result: "AuditResult", out: Path) -> str:

@@ -35,7 +35,7 @@ h2 { font-size: 1.15rem; margin: 2rem 0 .6rem; padding-bottom: .25rem; border-bo
 table { border-collapse: collapse; font-size: .92rem; margin: .25rem 0; }
 th, td { border: 1px solid #d8dee4; padding: .3rem .65rem; text-align: left; vertical-align: top; }
 th { background: #f6f8fa; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 table.kv th { white-space: nowrap; }
 td code, th code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .88em; }
 figure { margin: .5rem 0; }
