@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,8 +100,9 @@ def privacy_utility_figure(result: "AuditResult", path: Path) -> Path | None:
     key.text(0.0, 1.0, "\n".join(f"{i:>2}  {label if len(label) < 40 else label[:38] + '..'}" for i, label in labels),
              va="top", ha="left", fontsize=6.5, family="monospace", transform=key.transAxes)
     u = result.config.utility
-    fig.suptitle(f"Privacy against utility (lower right is better): accuracy of {u.model} trained federatedly on "
-                 f"{u.data}; red: mean {rule.describe()}; amber: mean {rule.describe('partial')}", fontsize=9)
+    title = (f"Privacy against utility (lower right is better): accuracy of {u.model} trained federatedly on "
+             f"{u.data}; red: mean {rule.describe()}; amber: mean {rule.describe('partial')}")
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
 
