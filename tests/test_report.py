@@ -283,3 +283,21 @@ def test_write_html_report_and_atomicity(run_dir, monkeypatch):
     with pytest.raises(OSError):
         write_html_report(run_dir)
     assert not path.exists()  # no partial report either
+
+
+@pytest.mark.parametrize("width", [1.7, 3.0, 6.0])
+def test_figure_titles_are_wrapped_to_fit_the_figure(width):
+    """A one-image grid is 1.7 inches wide: its title used to run off both edges."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from gradleak.report.figures import fit_title
+
+    title = "inverting-gradients on 8 update(s): originals (top) and reconstructions, PSNR per image"
+    figure = Figure(figsize=(width, 2))
+    FigureCanvasAgg(figure)
+    text = figure.suptitle(fit_title(title, width, 11), fontsize=11)
+    figure.canvas.draw()
+    box = text.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.width
+    assert text.get_text().replace("\n", " ") == title

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import textwrap
 from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._io import atomic_write_json, atomic_write_text, save_figure
-from .figures import _new_figure
+from .figures import _new_figure, fit_title
 from .html import _Num, _fmt, _table, html_page, image_tag
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,7 +101,7 @@ def privacy_utility_figure(result: "AuditResult", path: Path) -> Path | None:
     u = result.config.utility
     title = (f"Privacy against utility (lower right is better): accuracy of {u.model} trained federatedly on "
              f"{u.data}; red: mean {rule.describe()}; amber: mean {rule.describe('partial')}")
-    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=9)
+    fig.suptitle(fit_title(title, fig.get_figwidth(), 9), fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=130)
 

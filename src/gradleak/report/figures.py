@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,12 @@ def _new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), dpi=_DPI)
     FigureCanvasAgg(figure)
     return figure
+
+
+def fit_title(title: str, width_inches: float, fontsize: float) -> str:
+    """``title`` wrapped into lines that fit a figure ``width_inches`` wide at ``fontsize`` points
+    (about 0.55 em per character in the default sans-serif)."""
+    return textwrap.fill(title, width=max(12, int(width_inches * 72 / (0.55 * fontsize))))
 
 
 def _message_figure(text: str, path: str | os.PathLike, title: str | None) -> Path:
@@ -144,8 +151,9 @@ def reconstruction_grid(
     rows_per_group = 1 if orig is None else 2
     rows = groups * rows_per_group
     label_space = 0.35  # inches at the left for the row labels
-    title_space = 0.45 if title else 0.1
     width = columns * _CELL_INCHES + label_space
+    title = fit_title(title, width, 11) if title else title
+    title_space = 0.25 + 0.2 * title.count("\n") + 0.2 if title else 0.1
     height = rows * (_CELL_INCHES + 0.25) + title_space
     figure = _new_figure(width, height)
     if title:
