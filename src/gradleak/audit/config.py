@@ -341,18 +341,17 @@ def load_audit_config(path: str | Path) -> AuditConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"audit config {str(path)!r} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"audit config {str(path)!r}: expected a .yaml, .yml or .toml file")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix.lower() == ".toml":
+        if suffix == ".toml":
             raw = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
+        else:
             import yaml
 
             raw = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"audit config {str(path)!r}: expected a .yaml, .yml or .toml file")
-    except (tomllib.TOMLDecodeError, Exception) as error:
-        if isinstance(error, ConfigError):
-            raise
+    except Exception as error:  # tomllib.TOMLDecodeError, yaml.YAMLError
         raise ConfigError(f"audit config {str(path)!r} does not parse: {error}") from None
     return AuditConfig.from_mapping(raw)

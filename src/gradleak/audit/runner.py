@@ -163,8 +163,8 @@ def _load_cell(stored: dict[str, Any], spec: "CellSpec", config: AuditConfig, la
     return cell
 
 
-def _run_cell(spec: CellSpec, config: AuditConfig, context: dict[str, Any], served_cache: dict, out: Path,
-              progress) -> CellResult:
+def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], served_cache: dict,
+              out: Path, progress) -> CellResult:
     from ..defenses import defended_updates
     from ..models import MODELS, build_model, model_info
     from ..pipeline import attack_updates, make_attack
@@ -172,7 +172,6 @@ def _run_cell(spec: CellSpec, config: AuditConfig, context: dict[str, Any], serv
     from ..threat import ThreatModel
 
     images, labels, classes, dtype = context["images"], context["labels"], context["classes"], context["dtype"]
-    stack = config.defense_stacks()[spec.defense_index]
     result = CellResult(spec.cell_id(config), spec.model.label, spec.attack.name, spec.defense_index,
                         _defense_label(stack), spec.batch_size, "done")
     start = time.perf_counter()
@@ -329,7 +328,7 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
                 if stored is not None:
                     cells.append(_load_cell(stored, spec, config, _defense_label(stacks[spec.defense_index])))
                 else:
-                    cell = _run_cell(spec, config, context, served_cache, out, progress)
+                    cell = _run_cell(spec, stacks[spec.defense_index], config, context, served_cache, out, progress)
                     atomic_write_json(path, {"key": spec.key(config), "result": cell.to_json()})
                     cells.append(cell)
                 progress.advance(overall)

@@ -158,6 +158,11 @@ def _pm(mean: Any, std: Any, spec: str) -> str:
     return text if std is None or text == "n/a" else f"{text} ± {_fmt(std, spec)}"
 
 
+def _level_html(level: str) -> str:
+    """A verdict level in its colour, bold (the verdict list and the matrix)."""
+    return f'<span style="color:{_LEVEL_COLOURS.get(level, "#1f2328")};font-weight:600">{escape(level)}</span>'
+
+
 def _verdict_matrix(result: "AuditResult") -> str:
     """Defense entries (rows) x (model, batch size) (columns): each verdict's level, coloured,
     with the most images any attack recovered recognisably. Empty for a single column and row."""
@@ -183,16 +188,14 @@ def _verdict_matrix(result: "AuditResult") -> str:
                 continue
             count = n_images.get((model, index, batch))
             found = f" ({most.get((model, index, batch), 0)}/{count})" if count and v["level"] != "not-measured" else ""
-            row.append(f'<span style="color:{_LEVEL_COLOURS.get(v["level"], "#1f2328")};font-weight:600">'
-                       f'{escape(v["level"])}</span>{escape(found)}')
+            row.append(_level_html(v["level"]) + escape(found))
         body.append(row)
     return ('<p class="note">At a glance: the verdict per defense and model; in brackets, the most images any '
             'attack recovered recognisably, of those attacked.</p>\n<div class="wide">' + _table(headers, body) + "</div>")
 
 
 def _verdict_section(result: "AuditResult") -> str:
-    items = [f'<li><strong style="color:{_LEVEL_COLOURS.get(v["level"], "#1f2328")}">{escape(v["level"])}</strong>: '
-             f'{escape(v["text"])}</li>' for v in result.verdicts]
+    items = [f'<li>{_level_html(v["level"])}: {escape(v["text"])}</li>' for v in result.verdicts]
     rule = result.config.verdict
     baseline = ""
     if result.baseline_psnr is not None:
