@@ -74,7 +74,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def fit_title(title: str, width_inches: float, fontsize: float) -> str:
     """``title`` wrapped into lines that fit a figure ``width_inches`` wide at ``fontsize`` points
-    (about 0.55 em per character in the default sans-serif)."""
+    (about 0.55 em per character in the default sans-serif). Every figure title goes through it."""
     return textwrap.fill(title, width=max(12, int(width_inches * 72 / (0.55 * fontsize))))
 
 
@@ -82,7 +82,7 @@ def _message_figure(text: str, path: str | os.PathLike, title: str | None) -> Pa
     """A small figure that only says ``text`` (used when there is nothing to draw)."""
     figure = _new_figure(4.0, 2.0)
     if title:
-        figure.suptitle(title)
+        figure.suptitle(fit_title(title, 4.0, 12))
     figure.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="0.35")
     return save_figure(figure, path)
 
@@ -153,7 +153,7 @@ def reconstruction_grid(
     label_space = 0.35  # inches at the left for the row labels
     width = columns * _CELL_INCHES + label_space
     title = fit_title(title, width, 11) if title else title
-    title_space = 0.25 + 0.2 * title.count("\n") + 0.2 if title else 0.1
+    title_space = 0.45 + 0.2 * title.count("\n") if title else 0.1
     height = rows * (_CELL_INCHES + 0.25) + title_space
     figure = _new_figure(width, height)
     if title:
@@ -254,7 +254,7 @@ def curves_figure(
     rows = math.ceil(len(panels) / columns)
     figure = _new_figure(4.0 * columns, 2.9 * rows + (0.4 if title else 0.0))
     if title:
-        figure.suptitle(title, fontsize=11)
+        figure.suptitle(fit_title(title, 4.0 * columns, 11), fontsize=11)  # tight_layout makes room
     axes = figure.subplots(rows, columns, squeeze=False)
     for index, (panel, members) in enumerate(panels.items()):
         ax = axes[index // columns][index % columns]
