@@ -168,7 +168,9 @@ def test_layer_selection_weights_and_tv():
 
 @pytest.mark.parametrize("option, message", [
     (dict(objective="l3"), "objective must be one of"),
-    (dict(iterations=0), "iterations must be a positive integer"),
+    (dict(iterations=0), "iterations must be an integer in 1..10000000, got 0"),
+        (dict(restarts=100000), "restarts must be an integer in 1..256"),
+        (dict(tv=10**400), "tv must be a finite number"),
     (dict(lr=0.0), "lr must be"),
     (dict(stepsize=1), "unknown option"),
 ])

@@ -9,7 +9,16 @@ __all__ = [
     "DataError",
     "ConfigError",
     "AttackNotApplicable",
+    "OutputError",
+    "one_line",
 ]
+
+
+def one_line(text: object, limit: int = 500) -> str:
+    """``str(text)`` on one line (every run of whitespace, newlines included, becomes one
+    space), cut to ``limit`` characters: how an error from a library is quoted in ours."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 class GradleakError(Exception):
@@ -26,6 +35,10 @@ class DataError(GradleakError, ValueError):
 
 class ConfigError(GradleakError, ValueError):
     """A parameter value is out of range or inconsistent with another."""
+
+
+class OutputError(GradleakError, OSError):
+    """A result cannot be written where it was asked to go (not a folder, read-only, disk full...)."""
 
 
 class AttackNotApplicable(GradleakError):

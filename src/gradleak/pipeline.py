@@ -159,6 +159,18 @@ def attack_simulated(attack: str, out: str | Path, *, data: str = "photos", n: i
     return write_run(out, reconstruction, originals=images[kept], true_labels=labels[kept], config=config)
 
 
+def _check_loss(path, update: SharedUpdate, model_loss: str, num_classes: int) -> None:
+    """The update's loss and labels must fit the model it names (a BCE update from a 10-class model is refused)."""
+    if update.loss != model_loss:
+        raise ConfigError(f"{path}: the update says loss {update.loss!r}, but model {update.model['name']!r} trains with "
+                          f"{model_loss!r}")
+    if update.labels is not None and update.labels.numel():
+        top = int(update.labels.max())
+        limit = 2 if update.loss == "binary_cross_entropy" else num_classes
+        if top >= limit:
+            raise ConfigError(f"{path}: label {top} is out of range for {limit} classes ({update.loss})")
+
+
 def attack_file(update_path: str | Path, attack: str, out: str | Path, *, truth: str | Path | None = None,
                 labels_known: bool = False, options: dict[str, Any] | None = None,
                 dtype: torch.dtype = torch.float32, quiet: bool = False) -> RunResult:
@@ -172,8 +184,12 @@ def attack_file(update_path: str | Path, attack: str, out: str | Path, *, truth:
     if update.model is None:
         raise ConfigError(f"{update_path} does not name a zoo model; attack it from Python with your own nn.Module: "
                           "get_attack(name)(model, ThreatModel(...)).reconstruct(load_update(path, model))")
-    net = model_from_info(update.model, dtype=dtype)
-    update = load_update(update_path, net).to(dtype=dtype)
+    try:  # the description is untrusted: validated and sized on the meta device before anything is built
+        net = model_from_info(update.model, dtype=dtype, expected=update.parameters)
+    except ConfigError as error:
+        raise ConfigError(f"{update_path}: {error}") from None
+    _check_loss(update_path, update, MODELS[update.model["name"]].loss, int(update.model["num_classes"]))
+    update = update.validate_for(net).to(dtype=dtype)
     threat = ThreatModel(labels_known=labels_known)
     originals = true_labels = None
     if truth is not None:

@@ -33,7 +33,8 @@ from safetensors.torch import save as _safetensors_save
 
 from ._io import atomic_write_bytes
 from .data.spec import DataSpec
-from .errors import ConfigError, UpdateFileError
+from .errors import ConfigError, UpdateFileError, one_line
+from .limits import MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_input_shape, short_repr
 from .losses import LOSSES
 
 __all__ = ["SharedUpdate", "save_update", "load_update", "UpdateKind", "FORMAT_VERSION"]
@@ -46,6 +47,12 @@ _PREFIXES = ("update/", "weights/", "buffers/")
 _LABELS = "labels"
 _MAX_HEADER = 64 * 2**20
 DEFAULT_MAX_BYTES = 4 * 2**30
+# dtypes an update file may hold: float tensors (gradients, weights), integer/bool buffers and labels.
+# Anything else (float8, complex, unsigned wide ints) is refused before any arithmetic touches it.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OTHER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
+_LABEL_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_MAX_DIM = 2**31
 
 
 def _check_tensors(group: str, tensors: Mapping[str, torch.Tensor], *, floating: bool = True) -> dict[str, torch.Tensor]:
@@ -57,8 +64,9 @@ def _check_tensors(group: str, tensors: Mapping[str, torch.Tensor], *, floating:
             raise UpdateFileError(f"{group}: parameter names must be non-empty strings, got {name!r}")
         if not isinstance(tensor, torch.Tensor):
             raise UpdateFileError(f"{group}[{name!r}]: expected a tensor, got {type(tensor).__name__}")
-        if floating and not tensor.is_floating_point():
-            raise UpdateFileError(f"{group}[{name!r}]: dtype {tensor.dtype} is not a floating-point dtype")
+        if tensor.dtype not in _FLOAT_DTYPES + (() if floating else _OTHER_DTYPES):
+            kind = "a floating-point dtype (float16/bfloat16/float32/float64)" if floating else "a supported dtype"
+            raise UpdateFileError(f"{group}[{name!r}]: dtype {tensor.dtype} is not {kind}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise UpdateFileError(f"{group}[{name!r}]: {bad} of {tensor.numel()} values are NaN or infinite")
@@ -66,12 +74,22 @@ def _check_tensors(group: str, tensors: Mapping[str, torch.Tensor], *, floating:
     return out
 
 
-def _positive_int(name: str, value: Any, *, optional: bool = True) -> int | None:
+def _positive_int(name: str, value: Any, *, optional: bool = True, high: int = 2**31) -> int | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UpdateFileError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise UpdateFileError(f"{name} must be a positive integer up to {high}{' or None' if optional else ''}, "
+                              f"got {short_repr(value)}")
     return value
+
+
+def _positive_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 @dataclass(frozen=True)
@@ -109,24 +127,26 @@ class SharedUpdate:
             raise UpdateFileError("update: holds no tensors")
         if self.kind not in ("gradient", "delta"):
             raise UpdateFileError(f"kind must be 'gradient' or 'delta', got {self.kind!r}")
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("local_steps", self.local_steps, optional=False)
-        _positive_int("local_epochs", self.local_epochs)
-        _positive_int("local_batch_size", self.local_batch_size)
-        if self.local_lr is not None and not (isinstance(self.local_lr, (int, float)) and math.isfinite(self.local_lr) and self.local_lr > 0):
-            raise UpdateFileError(f"local_lr must be a positive finite number or None, got {self.local_lr!r}")
+        _positive_int("batch_size", self.batch_size, high=MAX_BATCH)
+        _positive_int("local_steps", self.local_steps, optional=False, high=MAX_ITERATIONS)
+        _positive_int("local_epochs", self.local_epochs, high=MAX_ITERATIONS)
+        _positive_int("local_batch_size", self.local_batch_size, high=MAX_BATCH)
+        if self.local_lr is not None and not _positive_finite(self.local_lr):
+            raise UpdateFileError(f"local_lr must be a positive finite number or None, got {short_repr(self.local_lr)}")
         if self.kind == "gradient" and self.local_steps != 1:
             raise UpdateFileError(f"a gradient update has local_steps=1, got {self.local_steps}")
-        if self.loss not in LOSSES:
-            raise UpdateFileError(f"loss {self.loss!r} is not one of {sorted(LOSSES)}")
-        parameters = {name: tuple(int(d) for d in shape) for name, shape in dict(self.parameters).items()} or {
-            name: tuple(t.shape) for name, t in tensors.items()
-        }
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise UpdateFileError(f"loss {short_repr(self.loss)} is not one of {sorted(LOSSES)}")
+        parameters = _parameter_shapes(self.parameters) or {name: tuple(t.shape) for name, t in tensors.items()}
         for name, tensor in tensors.items():
             if name not in parameters:
                 raise UpdateFileError(f"update[{name!r}]: not a parameter of the model it claims to come from")
             if tuple(tensor.shape) != parameters[name]:
                 raise UpdateFileError(f"update[{name!r}]: shape {tuple(tensor.shape)} != parameter shape {parameters[name]}")
+        missing = [name for name in parameters if name not in tensors]
+        if missing:
+            raise UpdateFileError(f"update: no tensor for parameter {missing[0]!r} ({len(missing)} of {len(parameters)} "
+                                  "parameters missing); an update holds every parameter of its model")
         if self.weights is not None:
             weights = _check_tensors("weights", self.weights)
             for name, shape in parameters.items():
@@ -141,16 +161,26 @@ class SharedUpdate:
             _check_tensors("buffers", self.buffers, floating=False)
         if self.labels is not None:
             labels = self.labels
-            if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
+            if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype not in _LABEL_DTYPES:
                 raise UpdateFileError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels))} "
                                       f"of shape {tuple(getattr(labels, 'shape', ()))}")
+            if labels.numel() and not bool(((labels >= 0) & (labels < MAX_CLASSES)).all()):
+                raise UpdateFileError(f"labels must be class indices in 0..{MAX_CLASSES - 1}, got values from "
+                                      f"{int(labels.min())} to {int(labels.max())}")
             if self.batch_size is not None and labels.numel() != self.batch_size:
                 raise UpdateFileError(f"labels: {labels.numel()} labels for batch_size={self.batch_size}")
         if self.input_shape is not None:
-            shape = tuple(self.input_shape)
-            if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-                raise UpdateFileError(f"input_shape must be positive integers (C, H, W), got {self.input_shape!r}")
+            try:
+                shape = check_input_shape("input_shape", self.input_shape)
+            except ConfigError as error:
+                raise UpdateFileError(str(error)) from None
             object.__setattr__(self, "input_shape", shape)
+        if self.data_spec is not None and not isinstance(self.data_spec, DataSpec):
+            raise UpdateFileError(f"data_spec must be a DataSpec, got {type(self.data_spec).__name__}")
+        for name in ("model", "extra"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise UpdateFileError(f"{name} must be a mapping, got {type(value).__name__}")
         object.__setattr__(self, "tensors", tensors)
         object.__setattr__(self, "parameters", parameters)
 
@@ -221,6 +251,22 @@ class SharedUpdate:
         }
 
 
+def _parameter_shapes(parameters: Any) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` with every dimension a non-negative int below 2**31."""
+    if not isinstance(parameters, Mapping):
+        raise UpdateFileError(f"parameters must map names to shapes, got {type(parameters).__name__}")
+    shapes = {}
+    for name, shape in parameters.items():
+        if not isinstance(name, str) or not name:
+            raise UpdateFileError(f"parameters: names must be non-empty strings, got {short_repr(name)}")
+        if not isinstance(shape, (list, tuple)) or len(shape) > 8 or any(
+                isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < _MAX_DIM for d in shape):
+            raise UpdateFileError(f"parameters[{name!r}]: a shape is up to 8 integers in 0..{_MAX_DIM - 1}, "
+                                  f"got {short_repr(shape)}")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
 def _digest(metadata: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
     sha = hashlib.sha256(json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode())
     for key in sorted(tensors):
@@ -248,6 +294,10 @@ def save_update(update: SharedUpdate, path: str | Path) -> Path:
 
 
 def _sniff(path: Path, data: bytes) -> None:
+    """Name the formats that hold pickles. Called only when the first 8 bytes are not a
+    plausible safetensors header length followed by ``{``: a safetensors length is
+    little-endian, so its low byte can be anything (0x80, ``(``, ``c``...), and sniffing
+    before that check refused valid files whose header length is 128 mod 256."""
     if data[:4] == b"PK\x03\x04":
         raise UpdateFileError(f"refusing {path}: it is a zip archive (torch.save format), which holds pickles. "
                               "gradleak never unpickles update files; write them with gradleak.save_update (safetensors)")
@@ -256,19 +306,31 @@ def _sniff(path: Path, data: bytes) -> None:
                               "(they come from untrusted clients); write them with gradleak.save_update (safetensors)")
 
 
+def _json(text: str | bytes, **kwargs) -> Any:
+    """``json.loads`` whose every failure is a ValueError: deep nesting (RecursionError) and
+    integers beyond Python's 4,300-digit conversion limit included."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (UnicodeDecodeError, TypeError) as error:
+        raise ValueError(str(error)) from None
+
+
 def _read_header(path: Path, data: bytes) -> dict[str, Any]:
     if len(data) < 8:
         raise UpdateFileError(f"{path}: {len(data)} bytes is too short to be a safetensors file (truncated?)")
-    _sniff(path, data)
     (length,) = struct.unpack("<Q", data[:8])
+    if not (length <= _MAX_HEADER and data[8:9] == b"{"):
+        _sniff(path, data)
     if length > _MAX_HEADER:
         raise UpdateFileError(f"{path}: header length {length} exceeds the {_MAX_HEADER}-byte limit (not a safetensors file?)")
     if 8 + length > len(data):
         raise UpdateFileError(f"{path}: truncated: the header claims {length} bytes but only {len(data) - 8} follow")
     try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UpdateFileError(f"{path}: the safetensors header is not valid JSON ({error})") from None
+        header = _json(data[8 : 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise UpdateFileError(f"{path}: the safetensors header is not valid JSON ({one_line(error)})") from None
     if not isinstance(header, dict):
         raise UpdateFileError(f"{path}: the safetensors header is not a JSON object")
     return header
@@ -284,9 +346,9 @@ def _parse_metadata(path: Path, header: dict[str, Any]) -> tuple[dict[str, Any],
     if not isinstance(extra, dict) or _META_KEY not in extra:
         raise UpdateFileError(f"{path}: not a gradleak update file (the safetensors metadata has no {_META_KEY!r} entry)")
     try:
-        metadata = json.loads(extra[_META_KEY], parse_constant=_refuse_constant)
-    except (TypeError, ValueError) as error:
-        raise UpdateFileError(f"{path}: the {_META_KEY!r} metadata is not valid JSON ({error})") from None
+        metadata = _json(extra[_META_KEY], parse_constant=_refuse_constant)
+    except ValueError as error:
+        raise UpdateFileError(f"{path}: the {_META_KEY!r} metadata is not valid JSON ({one_line(error)})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise UpdateFileError(f"{path}: metadata 'format' must be {FORMAT_NAME!r}")
     if metadata.get("version") != FORMAT_VERSION:
@@ -304,6 +366,23 @@ def _typed(path: Path, metadata: dict[str, Any], key: str, types: tuple[type, ..
     return value
 
 
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes, refusing what is not a regular file or is over ``max_bytes`` before reading."""
+    try:
+        if not path.is_file():  # also refuses FIFOs and devices, which could block or never end
+            raise UpdateFileError(f"update file not found (or not a regular file): {path}")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UpdateFileError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as error:
+        raise UpdateFileError(f"cannot read update file {str(path)[:200]!r}: {error.strerror or error}") from None
+    if len(data) > max_bytes:
+        raise UpdateFileError(f"{path}: more than max_bytes={max_bytes} bytes")
+    return data
+
+
 def load_update(path: str | Path, model: torch.nn.Module | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> SharedUpdate:
     """Read and validate an update file written by :func:`save_update`.
 
@@ -313,12 +392,7 @@ def load_update(path: str | Path, model: torch.nn.Module | None = None, *, max_b
     its parameters.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UpdateFileError(f"update file not found: {path}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise UpdateFileError(f"{path}: {size} bytes exceeds max_bytes={max_bytes}")
-    data = path.read_bytes()
+    data = _read_bounded(path, max_bytes)
     header = _read_header(path, data)
     metadata, digest = _parse_metadata(path, header)
     try:
@@ -338,8 +412,6 @@ def load_update(path: str | Path, model: torch.nn.Module | None = None, *, max_b
             raise UpdateFileError(f"{path}: unexpected entry {key!r} (entries are update/*, weights/*, buffers/* and labels)")
         groups[prefix][key[len(prefix):]] = tensor
     parameters = _typed(path, metadata, "parameters", (dict,)) or {}
-    if not all(isinstance(s, list) and all(isinstance(d, int) for d in s) for s in parameters.values()):
-        raise UpdateFileError(f"{path}: metadata 'parameters' must map names to integer shape lists")
     input_shape = _typed(path, metadata, "input_shape", (list,))
     try:
         spec = None if metadata.get("data_spec") is None else DataSpec.from_json(metadata["data_spec"])
@@ -355,7 +427,7 @@ def load_update(path: str | Path, model: torch.nn.Module | None = None, *, max_b
             labels=labels,
             weights=groups["weights/"] or None,
             buffers=groups["buffers/"] or None,
-            parameters={n: tuple(s) for n, s in parameters.items()},
+            parameters=parameters,
             input_shape=None if input_shape is None else tuple(input_shape),
             data_spec=spec,
             model=_typed(path, metadata, "model", (dict,)),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttackNotApplicable, ConfigError
+from ..limits import check_float, short_repr
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._layers import LinearTrace, classifier_layer, trace_linear_layers
@@ -110,8 +111,10 @@ class FCBiasInversion(Attack):
     def __init__(self, model, threat: ThreatModel | None = None, *, layer: str | None = None,
                  rank_tol: float | None = None):
         super().__init__(model, threat)
+        if layer is not None and not isinstance(layer, str):
+            raise ConfigError(f"layer must be a layer name, got {short_repr(layer)}")
         self.layer = layer
-        self.rank_tol = rank_tol
+        self.rank_tol = check_float("rank_tol", rank_tol, optional=True)
 
     def options(self):
         return {**super().options(), "layer": self.layer, "rank_tol": self.rank_tol}

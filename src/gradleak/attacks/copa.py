@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AttackNotApplicable
+from ..errors import AttackNotApplicable, ConfigError
+from ..limits import MAX_ITERATIONS, check_float, check_int, short_repr
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
@@ -167,7 +168,10 @@ class COPA(Attack):
     def __init__(self, model, threat: ThreatModel | None = None, *, pullback: bool = True, iterations: int = 2000,
                  tol: float = 1e-13):
         super().__init__(model, threat)
-        self.pullback, self.iterations, self.tol = pullback, iterations, tol
+        if not isinstance(pullback, bool):
+            raise ConfigError(f"pullback must be true or false, got {short_repr(pullback)}")
+        self.pullback, self.iterations = pullback, check_int("iterations", iterations, 1, MAX_ITERATIONS)
+        self.tol = check_float("tol", tol)
 
     def options(self):
         return {**super().options(), "pullback": self.pullback, "iterations": self.iterations, "tol": self.tol}

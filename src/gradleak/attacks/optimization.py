@@ -27,6 +27,8 @@ from torch.func import grad
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError
 from ..functional import forward, has_batch_norm, task_loss
+from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_float, check_int, check_seed,
+                      short_repr)
 from ..losses import get_loss
 from ..update import SharedUpdate
 from ._layers import classifier_layer, trace_linear_layers
@@ -43,6 +45,10 @@ _CHOICES = {
     "labels": ("given", "infer", "optimize"), "batched_restarts": ("auto", "vmap", "loop"),
     "line_search": (None, "strong_wolfe"),
 }
+
+
+_COUNT_LIMITS = {"iterations": MAX_ITERATIONS, "restarts": MAX_RESTARTS, "lbfgs_history": 10_000,
+                 "lbfgs_inner": 10_000, "record_every": MAX_ITERATIONS}
 
 
 @dataclass(frozen=True)
@@ -81,16 +87,27 @@ class MatchingConfig:
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         for field, choices in _CHOICES.items():
-            if getattr(self, field) not in choices:
-                raise ConfigError(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
-        for field in ("iterations", "restarts", "lbfgs_history", "lbfgs_inner", "record_every"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
-        for field in ("tv", "l2", "bn", "lr"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (field == "lr" and value == 0):
-                raise ConfigError(f"{field} must be a finite number >= 0{' (and > 0)' if field == 'lr' else ''}, got {value!r}")
+            if not isinstance(value, (str, type(None))) or value not in choices:
+                raise ConfigError(f"{field} must be one of {choices}, got {short_repr(value)}")
+        for field, high in _COUNT_LIMITS.items():
+            check_int(field, getattr(self, field), 1, high)
+        for field in ("tv", "l2", "bn"):
+            check_float(field, getattr(self, field))
+        check_float("lr", self.lr, low_open=True)
+        check_float("tol", self.tol, optional=True)
+        if self.patience is not None:
+            check_int("patience", self.patience, 1, MAX_ITERATIONS)
+        if self.batch_size is not None:
+            check_batch("batch_size", self.batch_size, None)
+        check_seed("seed", self.seed)
+        if not isinstance(self.boxed, bool):
+            raise ConfigError(f"boxed must be true or false, got {short_repr(self.boxed)}")
+        layers = self.layers
+        if not (isinstance(layers, str) and len(layers) <= 200 or isinstance(layers, tuple) and len(layers) <= 10_000
+                and all(isinstance(name, str) for name in layers)):
+            raise ConfigError(f"layers must be 'all', 'first:k', 'last:k', 'largest:k' or a list of parameter names, "
+                              f"got {short_repr(layers)}")
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -220,6 +237,8 @@ class GradientMatching(Attack):
         batch = update.batch_size or cfg.batch_size
         if batch is None:
             raise ConfigError("the batch size is hidden by the threat model: give the option batch_size=B")
+        check_batch("batch size", batch, update.input_shape)
+        check_batch(f"{cfg.restarts} restarts x batch size", cfg.restarts * batch, update.input_shape)
         params, buffers = self.parameters_at_round(update)
         ref = next(iter(params.values()))
         spec = update.data_spec or DataSpec()

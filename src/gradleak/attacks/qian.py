@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AttackNotApplicable
+from ..limits import check_float
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import SOLVE_DTYPE, ChainLayer, act_inverse, act_known, layer_system, solve_normal, trace_chain
@@ -282,7 +283,7 @@ class QianInversion(Attack):
 
     def __init__(self, model, threat: ThreatModel | None = None, *, tol: float | None = None):
         super().__init__(model, threat)
-        self.tol = tol
+        self.tol = check_float("tol", tol, optional=True)
 
     def options(self):
         return {**super().options(), "tol": self.tol}

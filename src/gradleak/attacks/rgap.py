@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttackNotApplicable
+from ..limits import check_float
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
@@ -255,7 +256,7 @@ class RGAP(Attack):
 
     def __init__(self, model, threat: ThreatModel | None = None, *, rtol: float = 1e-10):
         super().__init__(model, threat)
-        self.rtol = rtol
+        self.rtol = check_float("rtol", rtol)
 
     def options(self):
         return {**super().options(), "rtol": self.rtol}

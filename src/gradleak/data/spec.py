@@ -8,14 +8,38 @@ The client applies the spec; the attacker is granted it (or not) through the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import ConfigError
+from ..limits import short_repr
 
 __all__ = ["DataSpec", "CIFAR10_SPEC", "MNIST_SPEC", "IMAGENET_SPEC"]
+
+
+_MAX_CHANNELS = 4096
+
+
+def _numbers(name: str, values: Any) -> tuple[float, ...]:
+    """A tuple of finite floats (one per channel), or a ConfigError naming ``DataSpec.<name>``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) > _MAX_CHANNELS:
+        raise ConfigError(f"DataSpec.{name}: expected a list of up to {_MAX_CHANNELS} numbers (one per channel), "
+                          f"got {type(values).__name__}")
+    out = []
+    for k, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"DataSpec.{name}[{k}]: expected a number, got {type(value).__name__}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"DataSpec.{name}[{k}]: must be finite, got {'an integer beyond float range' if isinstance(value, int) else value}")
+        out.append(number)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -26,8 +50,7 @@ class DataSpec:
     std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
-        mean = tuple(float(m) for m in self.mean)
-        std = tuple(float(s) for s in self.std)
+        mean, std = _numbers("mean", self.mean), _numbers("std", self.std)
         if len(mean) != len(std):
             raise ConfigError(f"DataSpec: mean has {len(mean)} channels but std has {len(std)}")
         if not mean:
@@ -87,10 +110,9 @@ class DataSpec:
     def from_json(cls, value: dict[str, Sequence[float]] | None) -> "DataSpec":
         if value is None:
             return cls()
-        try:
-            return cls(tuple(value["mean"]), tuple(value["std"]))
-        except (KeyError, TypeError) as error:
-            raise ConfigError(f"DataSpec: expected {{'mean': [...], 'std': [...]}}, got {value!r}") from error
+        if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+            raise ConfigError(f"DataSpec: expected {{'mean': [...], 'std': [...]}}, got {short_repr(value)}")
+        return cls(value["mean"], value["std"])
 
 
 CIFAR10_SPEC = DataSpec((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))

@@ -8,13 +8,15 @@ loss that goes with it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..limits import MAX_CLASSES, MAX_PARAMETERS, check_input_shape, check_int, check_seed, short_repr
 from .exercise import TwoLayerNet, exercise_gradients
 from .adapters import TORCHVISION_MODELS, swap_activations, torchvision_model
 from .convnet import ConvNet
@@ -24,7 +26,8 @@ from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 from .rgap import CNN6, FCN3
 
 __all__ = [
-    "MODELS", "ModelEntry", "build_model", "model_info", "model_from_info", "load_weights",
+    "MODELS", "ModelEntry", "build_model", "parameter_shapes", "model_info", "check_model_info", "model_from_info",
+    "load_weights",
     "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
     "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
     "CNN6", "FCN3",
@@ -39,14 +42,16 @@ class ModelEntry:
 
 
 def _parse_hidden(hidden: Any) -> tuple[int, ...]:
+    """Widths from '256,128', 256 or [256, 128]: whole numbers only (1.5 is refused, not rounded)."""
     if isinstance(hidden, str):
-        try:
-            return tuple(int(h) for h in hidden.replace("x", ",").split(",") if h.strip())
-        except ValueError:
-            raise ConfigError(f"hidden must be comma-separated widths such as '256,128', got {hidden!r}") from None
-    if isinstance(hidden, int):
-        return (hidden,)
-    return tuple(int(h) for h in hidden)
+        parts = [h.strip() for h in hidden.replace("x", ",").split(",") if h.strip()]
+        if not all(h.lstrip("-").isdigit() and len(h) < 12 for h in parts):
+            raise ConfigError(f"hidden must be comma-separated widths such as '256,128', got {short_repr(hidden)}")
+        return tuple(int(h) for h in parts)
+    values = [hidden] if isinstance(hidden, int) and not isinstance(hidden, bool) else hidden
+    if not isinstance(values, (list, tuple)) or not all(isinstance(h, int) and not isinstance(h, bool) for h in values):
+        raise ConfigError(f"hidden must be widths such as '256,128' or [256, 128], got {short_repr(hidden)}")
+    return tuple(values)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -114,19 +119,58 @@ for _name in TORCHVISION_MODELS:
     MODELS[f"tv-{_name}"] = _torchvision_entry(_name)
 
 
+def _entry(name: Any) -> ModelEntry:
+    if not isinstance(name, str) or name not in MODELS:
+        raise ConfigError(f"unknown model {short_repr(name)}; known models: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def _construct(name: str, shape: tuple[int, ...], num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the zoo builder; every failure of a bad option becomes one ConfigError line."""
+    try:
+        return MODELS[name].build(shape, num_classes, **kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"model {name!r}: {error}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError, KeyError) as error:
+        raise ConfigError(f"model {name!r}: bad option {short_repr(kwargs, 120)} ({one_line(error, 200)}); "
+                          f"{MODELS[name].description}") from None
+
+
+def parameter_shapes(name: str, input_shape: tuple[int, ...], num_classes: int = 10, **kwargs: Any) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of a zoo model's parameters, found on PyTorch's ``meta`` device:
+    nothing is allocated, so a description asking for 160 GB of weights is refused
+    (more than MAX_PARAMETERS, or a shape with a zero or negative size) before any memory is used."""
+    _entry(name)
+    shape = check_input_shape("input_shape", input_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
+    check_int("num_classes", num_classes, 1, MAX_CLASSES)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "initializing zero-element tensors is a no-op": refused below
+        model = _construct(name, shape, num_classes, kwargs)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    empty = next((n for n, s in shapes.items() if math.prod(s) == 0), None)
+    if empty is not None:
+        raise ConfigError(f"model {name!r} with options {short_repr(kwargs, 120)}: parameter {empty!r} has shape "
+                          f"{shapes[empty]} (a width of zero?)")
+    total = sum(math.prod(s) for s in shapes.values())
+    if total > MAX_PARAMETERS:
+        raise ConfigError(f"model {name!r} with options {short_repr(kwargs, 120)} at input {shape} has {total:,} "
+                          f"parameters, over the limit of {MAX_PARAMETERS:,}")
+    return shapes
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10, *, seed: int = 0,
                 dtype: torch.dtype = torch.float32, **kwargs: Any) -> nn.Module:
-    """A zoo model with weights initialised deterministically from ``seed``."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    if len(input_shape) != 3 or any(d < 1 for d in input_shape):
-        raise ConfigError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
+    """A zoo model with weights initialised deterministically from ``seed``.
+
+    The options are checked first (:func:`parameter_shapes`, on the ``meta`` device), so a
+    bad or oversized option is refused in one line before anything is allocated."""
+    check_seed("seed", seed)
+    parameter_shapes(name, input_shape, num_classes, **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            model = MODELS[name].build(tuple(input_shape), num_classes, **kwargs)
-        except TypeError as error:
-            raise ConfigError(f"model {name!r}: bad option ({error}); {MODELS[name].description}") from None
+        model = _construct(name, tuple(input_shape), num_classes, kwargs)
     return model.to(dtype)
 
 
@@ -136,13 +180,69 @@ def model_info(name: str, input_shape: tuple[int, ...], num_classes: int, seed: 
             "kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}}
 
 
-def model_from_info(info: Mapping[str, Any], dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild a zoo model from :func:`model_info` (weights are loaded separately)."""
-    try:
-        return build_model(info["name"], tuple(info["input_shape"]), int(info["num_classes"]),
-                           seed=int(info.get("seed", 0)), dtype=dtype, **dict(info.get("kwargs", {})))
-    except (KeyError, TypeError) as error:
-        raise ConfigError(f"the update's model description {dict(info)!r} is incomplete ({error})") from None
+_INFO_KEYS = ("name", "input_shape", "num_classes", "seed", "kwargs")
+
+
+def _check_option_value(key: str, value: Any, depth: int = 0) -> None:
+    """Model options from a file are small JSON values: scalars, short strings, short lists of scalars."""
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and abs(value) < 2**63):
+        return
+    if isinstance(value, str) and len(value) <= 200:
+        return
+    if isinstance(value, list) and len(value) <= 64 and depth == 0:
+        for item in value:
+            _check_option_value(key, item, depth + 1)
+        return
+    raise ConfigError(f"the update's model description: option {key!r} = {short_repr(value)} is not a small "
+                      "JSON value (a number, a string of up to 200 characters, or a list of up to 64 of them)")
+
+
+def check_model_info(info: Any) -> dict[str, Any]:
+    """Validate an untrusted model description (from an update file) without building anything."""
+    if not isinstance(info, Mapping):
+        raise ConfigError(f"the update's model description must be a mapping, got {type(info).__name__}")
+    unknown = sorted((str(k) for k in info if k not in _INFO_KEYS))
+    if unknown:
+        raise ConfigError(f"the update's model description has unknown key {unknown[0]!r} (keys: {', '.join(_INFO_KEYS)})")
+    missing = [k for k in ("name", "input_shape", "num_classes") if k not in info]
+    if missing:
+        raise ConfigError(f"the update's model description is incomplete: no {missing[0]!r}")
+    _entry(info["name"])
+    check_input_shape("model.input_shape", info["input_shape"])
+    check_int("model.num_classes", info["num_classes"], 1, MAX_CLASSES)
+    check_seed("model.seed", info.get("seed", 0))
+    kwargs = info.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping) or len(kwargs) > 32 or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"the update's model description: kwargs must map up to 32 option names to values, "
+                          f"got {short_repr(kwargs)}")
+    for key, value in kwargs.items():
+        _check_option_value(key, value)
+    return {"name": info["name"], "input_shape": tuple(info["input_shape"]), "num_classes": info["num_classes"],
+            "seed": info.get("seed", 0), "kwargs": dict(kwargs)}
+
+
+def model_from_info(info: Mapping[str, Any], dtype: torch.dtype = torch.float32,
+                    expected: Mapping[str, tuple[int, ...]] | None = None) -> nn.Module:
+    """Rebuild a zoo model from :func:`model_info` (weights are loaded separately).
+
+    The description is untrusted (it comes from an update file): it is validated and the
+    model's parameter shapes are worked out on the ``meta`` device first; with ``expected``
+    (the update's parameter names and shapes) a model that does not match is refused
+    before its weights are allocated."""
+    spec = check_model_info(info)
+    shapes = parameter_shapes(spec["name"], spec["input_shape"], spec["num_classes"], **spec["kwargs"])
+    if expected is not None:
+        for name, shape in shapes.items():
+            if name not in expected:
+                raise ConfigError(f"the update's model description builds parameter {name!r}, which the update lacks")
+            if tuple(expected[name]) != shape:
+                raise ConfigError(f"the update's model description builds {name!r} with shape {shape}, but the "
+                                  f"update's parameter has shape {tuple(expected[name])}")
+        extra = next((n for n in expected if n not in shapes), None)
+        if extra is not None:
+            raise ConfigError(f"the update has parameter {extra!r}, which its model description does not build")
+    return build_model(spec["name"], spec["input_shape"], spec["num_classes"], seed=spec["seed"], dtype=dtype,
+                       **spec["kwargs"])
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -1,0 +1,92 @@
+"""Bounds on what untrusted or careless input may ask for, checked before anything is allocated.
+
+Update files, audit configs, weights files and command lines all end up asking gradleak to
+build tensors. Every size that reaches an allocation passes one of these checks first, so a
+hostile file gets a one-line :class:`~gradleak.errors.ConfigError` naming the value instead
+of a 480 GB allocation. The limits are generous for the field (224/299-px ImageNet inputs,
+batches of a few hundred) and documented in ``docs/hardening.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import ConfigError, one_line
+
+__all__ = [
+    "MAX_SIDE", "MAX_INPUT_ELEMENTS", "MAX_BATCH", "MAX_BATCH_ELEMENTS", "MAX_SEED", "MAX_RESTARTS",
+    "MAX_ITERATIONS", "MAX_CLASSES", "MAX_PARAMETERS",
+    "short_repr", "one_line", "check_int", "check_float", "check_input_shape", "check_seed", "check_batch",
+]
+
+MAX_SIDE = 4096                 # pixels per side of one input (ImageNet models use 224-299)
+MAX_INPUT_ELEMENTS = 2**24      # C*H*W of one input (3 x 2364 x 2364)
+MAX_BATCH = 4096                # samples in one update
+MAX_BATCH_ELEMENTS = 2**28      # B*C*H*W of a candidate batch (1 GiB in float32)
+MAX_SEED = 2**63 - 1            # torch.manual_seed accepts [-2**63, 2**64); we take [0, 2**63)
+MAX_RESTARTS = 256              # restarts of an optimisation attack
+MAX_ITERATIONS = 10_000_000     # iterations of an optimisation attack
+MAX_CLASSES = 100_000           # classifier outputs
+MAX_PARAMETERS = 2**31          # parameters of a model built from a description (8 GiB in float32)
+
+
+def check_int(where: str, value: Any, low: int, high: int) -> int:
+    """``value`` is an int (not a bool) in ``[low, high]``; else a ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer in {low}..{high}, got {short_repr(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where} must be an integer in {low}..{high}, got {short_repr(value)}")
+    return value
+
+
+def check_seed(where: str, value: Any) -> int:
+    return check_int(where, value, 0, MAX_SEED)
+
+
+def check_input_shape(where: str, shape: Any) -> tuple[int, ...]:
+    """One input's shape, e.g. (C, H, W): 1-4 positive ints, each side <= MAX_SIDE (channels and
+    flat features may be larger), C*H*W <= MAX_INPUT_ELEMENTS."""
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4:
+        raise ConfigError(f"{where} must be 1 to 4 positive integers such as (3, 32, 32), got {short_repr(shape)}")
+    dims = tuple(check_int(f"{where}[{k}]", d, 1, MAX_INPUT_ELEMENTS) for k, d in enumerate(shape))
+    if len(dims) >= 3 and max(dims[-2:]) > MAX_SIDE:
+        raise ConfigError(f"{where}: an image side of {max(dims[-2:])} pixels exceeds the limit of {MAX_SIDE}")
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise ConfigError(f"{where}: {math.prod(dims):,} values per input exceeds the limit of {MAX_INPUT_ELEMENTS:,}")
+    return dims
+
+
+def check_batch(where: str, batch: int, input_shape: tuple[int, ...] | None) -> int:
+    """A batch size within MAX_BATCH whose candidate batch stays within MAX_BATCH_ELEMENTS."""
+    check_int(where, batch, 1, MAX_BATCH)
+    if input_shape is not None and batch * math.prod(input_shape) > MAX_BATCH_ELEMENTS:
+        raise ConfigError(f"{where}: a batch of {batch} inputs of shape {tuple(input_shape)} is "
+                          f"{batch * math.prod(input_shape):,} values, over the limit of {MAX_BATCH_ELEMENTS:,}")
+    return batch
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a 5,000-digit integer stays one short line)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an integer of about {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_float(where: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+                optional: bool = False) -> float | None:
+    """A finite real number (int or float, not bool) in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    if value is None and optional:
+        return None
+    number = None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = None
+    bracket = "(" if low_open else "["
+    if number is None or not math.isfinite(number) or number < low or (low_open and number == low) or number > high:
+        raise ConfigError(f"{where} must be a finite number in {bracket}{low:g}, {high:g}]{' or None' if optional else ''}, "
+                          f"got {short_repr(value)}")
+    return number
