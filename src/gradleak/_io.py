@@ -15,13 +15,86 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_jsonable", "save_figure"]
+from .errors import OutputError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_jsonable", "save_figure",
+           "output_dir", "output_file"]
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing component of ``path`` (itself included) that is not a folder."""
+    for part in [*reversed(path.parents), path]:
+        if part.exists() and not part.is_dir():
+            return part
+        if not part.exists():
+            return None
+    return None
+
+
+def _probe(folder: Path, option: str) -> None:
+    """Check that a file can be written into ``folder``: create the folders missing on the
+    way, write and delete a probe file, then remove the folders it created, so that a check
+    leaves nothing behind (the command may still fail on its input afterwards)."""
+    created = [p for p in [*reversed(folder.parents), folder] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".gradleak-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(f"{option} {str(folder)!r}: cannot write there ({_why(error)})") from None
+    finally:
+        for part in reversed(created):
+            try:
+                part.rmdir()
+            except OSError:
+                break
+
+
+def output_dir(value: str | os.PathLike, option: str = "--out") -> Path:
+    """A folder results can be written into, checked before any work starts: not an empty
+    name, not an existing file or under one, creatable and writable. Raises OutputError."""
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise OutputError(f"{option}: an empty path would write into the current folder; name a folder")
+    path = Path(text)
+    blocking = _blocking_file(path)
+    if blocking is not None:
+        what = "is an existing file, not a folder" if blocking == path else f"is under {str(blocking)!r}, which is a file"
+        raise OutputError(f"{option} {str(path)!r} {what}")
+    _probe(path, option)
+    return path
+
+
+def output_file(value: str | os.PathLike, option: str = "--out") -> Path:
+    """A file path a result can be written to (atomically), checked before any work starts."""
+    text = os.fspath(value)
+    if not str(text).strip():
+        raise OutputError(f"{option}: an empty path is not a file name")
+    path = Path(text)
+    if path.is_dir():
+        raise OutputError(f"{option} {str(path)!r} is an existing folder; name a file")
+    blocking = _blocking_file(path.parent)
+    if blocking is not None:
+        raise OutputError(f"{option} {str(path)!r} is under {str(blocking)!r}, which is a file")
+    _probe(path.parent, option)
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically. A failure (read-only, disk full, a file where a
+    folder should be) raises :class:`~gradleak.errors.OutputError` naming the path, and
+    leaves neither a partial file nor a temporary one behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise OutputError(f"cannot write {str(path)!r}: {_why(error)}") from None
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
@@ -29,11 +102,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
+        if isinstance(error, OSError) and not isinstance(error, OutputError):
+            raise OutputError(f"cannot write {str(path)!r}: {_why(error)}") from None
         raise
     return path
 

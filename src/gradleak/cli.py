@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import GradleakError
+from ._io import output_dir, output_file
+from .errors import GradleakError, one_line
 
 app = typer.Typer(
     help="Measure how much private training data leaks from federated-learning updates.",
@@ -51,20 +52,34 @@ class Protocol(str, Enum):
 
 
 def _friendly(command):
-    """Turn gradleak's own errors into one line on stderr and exit code 2."""
+    """Turn gradleak's own errors, and the file system's, into one line on stderr and exit
+    code 2; Ctrl-C into exit code 130 (what was finished is written by the command)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except GradleakError as error:
-            _err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            _err.print(f"error: {one_line(error, 2000)}", highlight=False, soft_wrap=True, markup=False)
+            raise typer.Exit(2) from None
+        except OSError as error:  # a file system condition the command did not anticipate
+            where = f": {error.filename}" if getattr(error, "filename", None) else ""
+            _err.print(f"error: {error.strerror or one_line(error)}{where}", highlight=False, soft_wrap=True,
+                       markup=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            _err.print("interrupted")
+            _err.print("interrupted: nothing finished was lost; nothing unfinished was stored", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _stop_if_interrupted(result) -> None:
+    """After a run that Ctrl-C cut short and that wrote what it had: say so, exit 130."""
+    if result.reconstruction.interrupted:
+        _err.print(f"interrupted: wrote the {result.reconstruction.updates} update(s) attacked so far to "
+                   f"{result.run_dir}", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130)
 
 
 def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -109,7 +124,7 @@ ModelOptionOpt = typer.Option(None, "--model-option", "-m", help="Model option k
 @app.command()
 @_friendly
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Run folder to write."),
+    out: str = typer.Option("runs/demo", help="Run folder to write."),
     data: str = typer.Option("photos", help="Built-in data: photos, faces or digits."),
     n: int = typer.Option(8, min=1, help="Number of images (one client each)."),
     size: int = typer.Option(32, min=4, max=512, help="Image side in pixels."),
@@ -126,9 +141,10 @@ def demo(
     from .pipeline import demo as run_demo
 
     _logging(quiet, verbose)
-    result = run_demo(out, data=data, n=n, size=size, model=model, dtype=dtype.torch(), seed=seed, quiet=quiet,
+    result = run_demo(output_dir(out), data=data, n=n, size=size, model=model, dtype=dtype.torch(), seed=seed, quiet=quiet,
                       model_options=_parse_options(model_option))
     _summary(result, quiet)
+    _stop_if_interrupted(result)
 
 
 def _load_data(data: str, n: int, size: Optional[int], start: int):
@@ -144,7 +160,7 @@ def _load_data(data: str, n: int, size: Optional[int], start: int):
 @app.command()
 @_friendly
 def capture(
-    out: Path = typer.Option(..., help="Update file to write (.safetensors)."),
+    out: str = typer.Option(..., help="Update file to write (.safetensors)."),
     data: str = typer.Option("photos", help="Built-in data name, or a path (image folder, CIFAR batches, MNIST idx)."),
     n: int = typer.Option(1, min=1, help="Number of images in the client's batch."),
     start: int = typer.Option(0, min=0, help="Index of the first image."),
@@ -157,7 +173,7 @@ def capture(
     epochs: Optional[int] = typer.Option(None, min=1, help="FedAvg local epochs (instead of steps)."),
     local_batch_size: Optional[int] = typer.Option(None, min=1, help="FedAvg minibatch size (default: whole batch)."),
     share_labels: bool = typer.Option(False, help="The client sends its labels with the update."),
-    truth: Optional[Path] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
+    truth: Optional[str] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
     dtype: DType = typer.Option(DType.float32),
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
@@ -170,6 +186,8 @@ def capture(
     from .update import save_update
 
     _logging(quiet, False)
+    out_path = output_file(out, "--out")
+    truth_path = None if truth is None else output_file(truth, "--truth")
     dataset = _load_data(data, n, size, start)
     images = dataset.images.to(dtype.torch())
     options = _parse_options(model_option)
@@ -184,9 +202,9 @@ def capture(
     (update,) = simulate_clients(net, images, dataset.labels, setup, loss=MODELS[model].loss,
                                  spec=DataSpec.from_images(images),
                                  model_description=model_info(model, tuple(images.shape[1:]), num_classes, seed, **options))
-    save_update(update, out)
-    if truth is not None:
-        save_truth(truth, images, dataset.labels)
+    save_update(update, out_path)
+    if truth_path is not None:
+        save_truth(truth_path, images, dataset.labels)
     if not quiet:
         Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors)")
 
@@ -197,7 +215,7 @@ def attack(
     update: Optional[Path] = typer.Argument(None, help="Update file to attack; omit to simulate fresh clients."),
     attack_name: str = typer.Option("fc-bias", "--attack", "-a", help="Attack name (see `gradleak list`)."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable."),
-    out: Path = typer.Option(Path("runs/attack"), help="Run folder to write."),
+    out: str = typer.Option("runs/attack", help="Run folder to write."),
     truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
     labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
     data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
@@ -224,6 +242,7 @@ def attack(
 
     _logging(quiet, verbose)
     options = _parse_options(option)
+    out = output_dir(out)
     if update is not None:
         if defense:
             from .errors import ConfigError
@@ -240,6 +259,7 @@ def attack(
                                   model_options=_parse_options(model_option), labels_known=labels_known,
                                   options=options, dtype=dtype.torch(), seed=seed, quiet=quiet, defenses=defense)
     _summary(result, quiet)
+    _stop_if_interrupted(result)
 
 
 @app.command()
@@ -289,7 +309,7 @@ def analyze(
 @_friendly
 def audit(
     config: Path = typer.Argument(..., help="Audit config, YAML or TOML (see gradleak.audit.config)."),
-    out: Optional[Path] = typer.Option(None, help="Audit folder (default: runs/audit-<config name>)."),
+    out: Optional[str] = typer.Option(None, help="Audit folder (default: runs/audit-<config name>)."),
     fresh: bool = typer.Option(False, "--fresh", help="Recompute every cell instead of continuing a stored audit."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
     quiet: bool = QuietOpt,
@@ -306,13 +326,16 @@ def audit(
 
         torch.set_num_threads(threads)
     cfg = load_audit_config(config)
-    result = run_audit(cfg, out or Path("runs") / f"audit-{config.stem}", quiet=quiet, resume=not fresh)
+    folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)
+    result = run_audit(cfg, folder, quiet=quiet, resume=not fresh)
     if not quiet:
         console = Console()
         for verdict in result.verdicts:
             console.print(f"[{verdict['level']}] {verdict['text']}", highlight=False, soft_wrap=True, markup=False)
         console.print(f"wrote {result.report}", highlight=False)
     if result.interrupted:
+        _err.print(f"interrupted: {len(result.cells)} finished cell(s) are stored "
+                   f"in {folder}; run the same command again to continue", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(130)
 
 
@@ -347,7 +370,7 @@ app.add_typer(study_app, name="study")
 @study_app.command("architectures")
 @_friendly
 def study_architectures(
-    out: Path = typer.Option(Path("runs/architectures"), help="Folder for mse.png, strip.png, table.json, report.html."),
+    out: str = typer.Option("runs/architectures", help="Folder for mse.png, strip.png, table.json, report.html."),
     steps: int = typer.Option(10, min=1, help="L-BFGS steps per model (seed 004 used 300: hours on a CPU)."),
     inner: int = typer.Option(4, min=1, help="Function evaluations per L-BFGS step (DLG used 20)."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Restrict to these models (repeatable)."),
@@ -360,6 +383,7 @@ def study_architectures(
     from .studies import ARCHITECTURES, architecture_study
 
     _logging(quiet, False)
+    out = output_dir(out)
     results = architecture_study(out, steps=steps, inner=inner, models=model or tuple(ARCHITECTURES), image=image,
                                  seed=seed, quiet=quiet)
     if not quiet:

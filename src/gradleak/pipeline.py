@@ -65,10 +65,12 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
     """Attack each update in turn and join the results.
 
     ``truths`` (one image batch per update, optional) only feeds :func:`psnr_monitor`, so
-    the curves show PSNR over iterations. Interrupting (Ctrl-C) keeps what was
-    reconstructed so far: the partial result is returned with a note saying how many
-    updates it covers. ``progress``: a running rich ``Progress`` to add the bars to
-    (default: a new one, unless ``quiet``).
+    the curves show PSNR over iterations. Interrupting (Ctrl-C) stops the whole call and
+    keeps what was reconstructed so far (for an iterative attack, the best iterate of the
+    update it was working on): the result is marked ``interrupted``, with a note saying how
+    many updates it covers. Ctrl-C before the first result re-raises KeyboardInterrupt.
+    ``progress``: a running rich ``Progress`` to add the bars to (default: a new one,
+    unless ``quiet``).
     """
     if not updates:
         raise ConfigError("no updates to attack")
@@ -82,22 +84,28 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
         def advance(done: int, total: int) -> None:
             progress.update(steps, completed=done, total=total, visible=True)
 
+        interrupted = False
         try:
             for k, update in enumerate(updates):
                 monitor = psnr_monitor(truths[k]) if truths is not None else None
                 parts.append(attack.reconstruct(update, monitor=monitor, progress=advance))
                 progress.advance(task)
+                if parts[-1].interrupted:
+                    break
         except KeyboardInterrupt:
             if not parts:
                 raise
-            log.warning("interrupted after %d of %d updates; keeping those", len(parts), len(updates))
+            interrupted = True
         finally:
             if not own:
                 progress.remove_task(task)
                 progress.remove_task(steps)
     result = Reconstruction.concat(parts)
-    if len(parts) < len(updates):
-        result.notes.append(f"interrupted: {len(parts)} of {len(updates)} updates attacked")
+    result.interrupted = result.interrupted or interrupted
+    if result.interrupted:
+        partly = " (the last one partly)" if parts[-1].interrupted else ""
+        result.notes.append(f"interrupted: {len(parts)} of {len(updates)} updates attacked{partly}")
+        log.warning("interrupted: kept %d of %d updates%s", len(parts), len(updates), partly)
     return result
 
 

@@ -4,7 +4,9 @@ One call optimises a group of restarts stacked along a leading dimension: with
 ``torch.func.vmap`` when the group has several restarts (element-wise optimisers make
 the stacked problem exactly R independent ones), plainly when it has one. The loop keeps
 the best iterate of every restart (by matching loss), records curves, reports progress,
-stops early on ``tol``/``patience``, and turns Ctrl-C into "stop here, keep the best".
+stops early on ``tol``/``patience``, and turns Ctrl-C into "stop here, keep the best": the
+results are marked ``interrupted`` so that the callers stop too (no further restart, update
+or audit cell runs, and nothing interrupted is stored as finished).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class RestartResult:
     iterations: int
     history: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False       # Ctrl-C stopped this restart; x is the best iterate up to then
 
 
 def _initial(cfg, restart: int, shape, spec, dtype, device) -> torch.Tensor:
@@ -96,7 +99,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     best_x, best_y = X.detach().clone(), None if Y is None else Y.detach().clone()
     histories: list[dict[str, Any]] = [{} for _ in group]
     notes: list[str] = []
-    last_improvement, iteration = 0, 0
+    last_improvement, iteration, interrupted = 0, 0, False
 
     def keep_best(values, x_seen, y_seen, it):
         nonlocal last_improvement
@@ -164,7 +167,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
                 _, _, values = evaluate()
                 keep_best(values, X.detach().clone(), None if Y is None else Y.detach().clone(), cfg.iterations)
     except KeyboardInterrupt:
+        interrupted = True
         notes.append(f"interrupted at iteration {iteration} of {cfg.iterations}: kept the best iterate so far")
     return [RestartResult(restart=r, x=best_x[k], y_soft=None if best_y is None else best_y[k],
                           loss=float(best_loss[k]), iterations=iteration + 1, history=histories[k],
-                          notes=notes if k == 0 else []) for k, r in enumerate(group)]
+                          notes=notes if k == 0 else [], interrupted=interrupted) for k, r in enumerate(group)]

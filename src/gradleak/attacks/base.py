@@ -38,6 +38,8 @@ class Reconstruction:
     notes: the conditions of the method that held or failed, in words.
     updates: how many updates this reconstruction covers (several after ``concat``; fewer
         than attacked when a run was interrupted).
+    interrupted: Ctrl-C stopped the attack; the last update's result is the best found
+        until then, not the attack's finished answer.
     """
 
     images: torch.Tensor | None
@@ -48,6 +50,7 @@ class Reconstruction:
     attack: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     updates: int = 1
+    interrupted: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -69,7 +72,7 @@ class Reconstruction:
         history = {f"{k}[{i}]" if len(parts) > 1 else k: v for i, p in enumerate(parts) for k, v in p.history.items()}
         notes = [f"update {i}: {n}" if len(parts) > 1 else n for i, p in enumerate(parts) for n in p.notes]
         return Reconstruction(images, labels, features, history, notes, parts[0].attack, parts[0].config,
-                              sum(p.updates for p in parts))
+                              sum(p.updates for p in parts), any(p.interrupted for p in parts))
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,11 @@ class GradientMatching(Attack):
         groups = [list(range(cfg.restarts))] if batched else [[r] for r in range(cfg.restarts)]
         from ._engine import run_group
 
-        results = [run_group(self, objective, group, shape, classes, labels is None, bounds, spec, update.loss)
-                   for group in groups]
-        runs = [run for result in results for run in result]
+        runs: list = []
+        for group in groups:
+            runs += run_group(self, objective, group, shape, classes, labels is None, bounds, spec, update.loss)
+            if runs[-1].interrupted:  # Ctrl-C: keep the best so far, run no further restart
+                break
         best = min(runs, key=lambda run: run.loss if math.isfinite(run.loss) else math.inf)
         history: dict[str, Any] = {}
         for run in runs:
@@ -282,8 +284,11 @@ class GradientMatching(Attack):
                  f"best of {cfg.restarts} restart(s): restart {best.restart}, matching loss {best.loss:.4g}"
                  f" after {best.iterations} iteration(s)" + (" (batched with vmap)" if batched else "")]
         notes += [note for run in runs for note in run.notes]
+        interrupted = runs[-1].interrupted
+        if interrupted and len(runs) < cfg.restarts:
+            notes.append(f"interrupted: {len(runs)} of {cfg.restarts} restarts run")
         return Reconstruction(images=spec.denormalize(best.x).detach(), labels=None if labels is None else labels.detach(),
-                              history=history, notes=notes)
+                              history=history, notes=notes, interrupted=interrupted)
 
 
 @register_attack

@@ -191,8 +191,8 @@ def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: di
         attack = make_attack(spec.attack.name, net, ThreatModel(**config.threat), dict(spec.attack.options))
         reconstruction = attack_updates(attack, [d.update for d in served], truths=[images[d.indices] for d in served],
                                         progress=progress)
-        if reconstruction.updates < len(served):  # Ctrl-C inside the cell: never store it as finished
-            raise KeyboardInterrupt
+        if reconstruction.interrupted or reconstruction.updates < len(served):
+            raise KeyboardInterrupt  # Ctrl-C inside the cell: never store (or write) it as finished
         order = [i for d in served[: reconstruction.updates] for i in d.indices]
         run = write_run(out / "cells" / result.cell_id, reconstruction, originals=images[order],
                         true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy})

@@ -1,0 +1,129 @@
+"""Ctrl-C means stop: the whole command stops, what was done is written and said, exit 130;
+an interrupted audit cell is never stored, and a resumed audit gives the uninterrupted numbers.
+
+Ctrl-C is simulated by raising KeyboardInterrupt from inside the optimiser's step, which is
+where a real SIGINT lands during an optimisation attack.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradleak import ThreatModel, build_model
+from gradleak.attacks import get_attack
+from gradleak.audit import run_audit
+from gradleak.cli import app
+from gradleak.pipeline import attack_simulated
+
+
+class StepCounter:
+    """Patch ``torch.optim.Adam.step`` to count calls and raise KeyboardInterrupt at call ``at``."""
+
+    def __init__(self, monkeypatch, at: int | None):
+        self.calls, self.at = 0, at
+        original = torch.optim.Adam.step
+
+        def step(optimizer, *args, **kwargs):
+            self.calls += 1
+            if self.at is not None and self.calls == self.at:
+                raise KeyboardInterrupt
+            return original(optimizer, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+IG = ["-o", "iterations=20", "-o", "record_every=5"]
+
+
+def test_ctrl_c_stops_the_whole_attack_command_writes_what_was_done_and_exits_130(tmp_path, monkeypatch):
+    counter = StepCounter(monkeypatch, at=20 + 7)  # inside the second of three images
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["attack", "--attack", "inverting-gradients", "--model", "lenet", "--n", "3",
+                                      "--out", str(out), "-q", *IG])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: wrote the 2 update(s) attacked so far" in result.output
+    assert counter.calls == 27  # no iteration ran after Ctrl-C: the third image was never started
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["per_image"]) == 2
+    assert any("interrupted: 2 of 3 updates attacked (the last one partly)" in note for note in metrics["notes"])
+    assert any("interrupted at iteration 6 of 20" in note for note in metrics["notes"])
+    assert (out / "report.html").is_file() and (out / "grid.png").is_file()
+
+
+def test_ctrl_c_runs_no_further_restart(photos, monkeypatch):
+    model = build_model("lenet", (3, 32, 32), 10)
+    from gradleak import fedsgd_update
+
+    update = fedsgd_update(model, photos.images[:1], photos.labels[:1])
+    attack = get_attack("inverting-gradients")(model, ThreatModel(), iterations=10, restarts=3,
+                                               batched_restarts="loop")
+    counter = StepCounter(monkeypatch, at=4)
+    result = attack.reconstruct(update)
+    assert result.interrupted and counter.calls == 4
+    assert "interrupted: 1 of 3 restarts run" in result.notes
+    assert torch.isfinite(result.images).all()
+
+
+def test_an_uninterrupted_python_run_is_not_marked(tmp_path, monkeypatch):
+    StepCounter(monkeypatch, at=None)
+    run = attack_simulated("inverting-gradients", tmp_path / "r", model="lenet", n=2, quiet=True,
+                           options={"iterations": 5})
+    assert not run.reconstruction.interrupted and run.reconstruction.updates == 2
+
+
+AUDIT = """
+name: interrupt audit
+data: {name: photos, n: 2, size: 32}
+models: [lenet]
+attacks:
+  - {name: inverting-gradients, options: {iterations: 15, record_every: 5}}
+defenses: [none, "gaussian:variance=1e-4"]
+utility: false
+"""
+
+
+def _numbers(result):
+    return [(c.cell_id, c.status, c.psnr, c.ssim, c.summary.get("label_accuracy")) for c in result.cells]
+
+
+def test_a_resumed_audit_gives_the_numbers_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    config = tmp_path / "audit.yaml"
+    config.write_text(AUDIT)
+    whole = run_audit(config, tmp_path / "whole", quiet=True)
+    assert not whole.interrupted and len(whole.cells) == 2
+
+    counter = StepCounter(monkeypatch, at=2 * 15 + 15 + 4)  # second cell, its second image, 4th iteration
+    out = tmp_path / "cut"
+    cut = CliRunner().invoke(app, ["audit", str(config), "--out", str(out), "-q"])
+    assert cut.exit_code == 130, cut.output
+    assert "interrupted: 1 finished cell(s) are stored" in cut.output
+    assert counter.calls == 49
+    stored = sorted(p.parent.name for p in out.glob("cells/*/cell.json"))
+    assert stored == [whole.cells[0].cell_id]
+    # the interrupted cell left no run folder that could pass for a result
+    assert not (out / "cells" / whole.cells[1].cell_id / "metrics.json").exists()
+    report = json.loads((out / "audit.json").read_text())
+    assert report["interrupted"] is True
+
+    counter.at = None
+    resumed = run_audit(config, out, quiet=True)
+    assert not resumed.interrupted
+    assert _numbers(resumed) == _numbers(whole)
+
+
+@pytest.mark.parametrize("command", [["demo"], ["attack", "--model", "mlp", "--n", "2"]])
+def test_ctrl_c_before_anything_finished_exits_130_and_writes_nothing(tmp_path, monkeypatch, command):
+    from gradleak.attacks.analytic import FCBiasInversion
+
+    def interrupt(self, update, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FCBiasInversion, "reconstruct", interrupt)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*command, "--out", str(out), "-q"])
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert not (out / "report.html").exists() and not (out / "metrics.json").exists()
