@@ -13,26 +13,41 @@
 
 Ground truth is stored beside the reconstruction for evaluation only; it never reaches an
 attack. :func:`rebuild_report` regenerates the pictures and the page from the stored files.
+
+A run folder handed to ``gradleak report`` (or a ``--truth`` file) may have been tampered
+with: :func:`load_run` and :func:`load_truth` read JSON files of at most
+:data:`MAX_RUN_JSON_BYTES` (64 MiB) and safetensors files of at most
+:data:`MAX_RUN_TENSOR_BYTES` (1 GiB), never unpickle, and check every entry that the
+pictures and the page use (types, shapes, finiteness, indices in range, at most
+:data:`MAX_RUN_IMAGES` images and :data:`MAX_HISTORY_PANELS` curve panels); each failure is
+one :class:`~gradleak.errors.DataError` line naming the file and the entry.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from ._io import atomic_write_bytes, atomic_write_json, from_json_float
 from .attacks.base import Reconstruction
+from .data._files import quote, read_json, read_safetensors
 from .errors import DataError
 from .metrics import Scores, score
 from .report import curves_figure, reconstruction_grid, write_html_report
 
 __all__ = ["RunResult", "write_run", "load_run", "rebuild_report", "save_truth", "load_truth"]
+
+MAX_RUN_JSON_BYTES = 64 * 2**20
+MAX_RUN_TENSOR_BYTES = 2**30
+MAX_RUN_IMAGES = 1024
+MAX_RUN_IMAGE_ELEMENTS = 2**25  # values in one images/originals tensor (drawn as float64)
+MAX_HISTORY_PANELS = 100
 
 
 @dataclass
@@ -102,39 +117,211 @@ def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals:
     return RunResult(run_dir, reconstruction, scores)
 
 
-def load_run(run_dir: str | Path) -> tuple[Reconstruction, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a run folder back: the reconstruction, the stored tensors, and metrics.json."""
+def _json_kind(value: Any) -> str:
+    for kinds, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
+                        (dict, "an object"), (type(None), "null")):
+        if isinstance(value, kinds):
+            return name
+    return type(value).__name__
+
+
+def _entry(name: Any) -> str:
+    return repr(name if len(name) <= 60 else name[:57] + "...") if isinstance(name, str) else repr(name)
+
+
+def _bad(path: Path, entry: str, condition: str) -> DataError:
+    return DataError(f"run file {quote(path)}: entry {entry} {condition}")
+
+
+def _number_like(value: Any) -> bool:
+    """A JSON number, null, or the strings to_jsonable writes for non-finite floats."""
+    if isinstance(value, bool):
+        return False
+    return value is None or isinstance(value, (int, float)) or value in ("inf", "-inf", "nan")
+
+
+def _check_values(path: Path, entry: str, values: Any) -> int:
+    if not isinstance(values, list):
+        raise _bad(path, entry, f"must be a list of numbers, got {_json_kind(values)}")
+    for k, value in enumerate(values):
+        if not _number_like(value):
+            raise _bad(path, f"{entry}[{k}]", f'must be a number (or null, "inf", "nan"), got {_json_kind(value)}')
+    return len(values)
+
+
+def _check_history(path: Path, history: Any) -> dict[str, Any]:
+    if not isinstance(history, dict):
+        raise DataError(f"run file {quote(path)}: must hold a JSON object (curve name -> values), got "
+                        f"{_json_kind(history)}")
+    if len({name.split("[", 1)[0] for name in history}) > MAX_HISTORY_PANELS:
+        raise DataError(f"run file {quote(path)}: more than {MAX_HISTORY_PANELS} curve panels (MAX_HISTORY_PANELS)")
+    for name, series in history.items():
+        if isinstance(series, dict):
+            if "y" not in series:
+                raise _bad(path, _entry(name), 'is an object without a "y" list')
+            count = _check_values(path, _entry(name) + ".y", series["y"])
+            if series.get("x") is not None and _check_values(path, _entry(name) + ".x", series["x"]) != count:
+                raise _bad(path, _entry(name), f"has {len(series['x'])} x values but {count} y values")
+        else:
+            _check_values(path, _entry(name), series)
+    return history
+
+
+def _check_metrics(path: Path, metrics: Any) -> dict[str, Any]:
+    if not isinstance(metrics, dict):
+        raise DataError(f"run file {quote(path)}: must hold a JSON object, got {_json_kind(metrics)}")
+    for key in ("summary", "lpips"):
+        if key in metrics and not isinstance(metrics[key], dict):
+            raise _bad(path, repr(key), f"must be an object, got {_json_kind(metrics[key])}")
+    if "attack" in metrics and not isinstance(metrics["attack"], (str, type(None))):
+        raise _bad(path, "'attack'", f"must be a string, got {_json_kind(metrics['attack'])}")
+    notes = metrics.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(note, (str, dict)) for note in notes):
+        raise _bad(path, "'notes'", "must be a list of strings")
+    rows = metrics.get("per_image", [])
+    if not isinstance(rows, list):
+        raise _bad(path, "'per_image'", f"must be a list of objects, got {_json_kind(rows)}")
+    for k, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise _bad(path, f"'per_image'[{k}]", f"must be an object, got {_json_kind(row)}")
+        if "psnr" not in row:
+            raise _bad(path, f"'per_image'[{k}]", "has no 'psnr'")
+        for key in ("index", "matched_to"):
+            value = row.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _bad(path, f"'per_image'[{k}].{key}", f"must be a non-negative integer, got {_json_kind(value)}")
+        for key in ("psnr", "ssim", "mse", "lpips"):
+            if not _number_like(row.get(key)):
+                raise _bad(path, f"'per_image'[{k}].{key}", f"must be a number or null, got {_json_kind(row[key])}")
+    return metrics
+
+
+def _check_image_tensor(path: Path, name: str, tensor: torch.Tensor, *, unit_range: bool) -> None:
+    if not tensor.is_floating_point():
+        raise _bad(path, repr(name), f"must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
+        raise _bad(path, repr(name), f"must have shape (N, 1 or 3, H, W), got {tuple(tensor.shape)}")
+    if tensor.shape[0] > MAX_RUN_IMAGES or tensor.numel() > MAX_RUN_IMAGE_ELEMENTS:
+        raise _bad(path, repr(name), f"of shape {tuple(tensor.shape)} exceeds the limits of {MAX_RUN_IMAGES} images "
+                   f"and {MAX_RUN_IMAGE_ELEMENTS} values")
+    if not bool(torch.isfinite(tensor).all()):
+        raise _bad(path, repr(name), "holds NaN or infinite values")
+    if unit_range and tensor.numel() and (float(tensor.min()) < 0.0 or float(tensor.max()) > 1.0):
+        raise _bad(path, repr(name), f"must lie in [0, 1], found [{float(tensor.min()):.4g}, {float(tensor.max()):.4g}]")
+
+
+def _check_label_tensor(path: Path, name: str, tensor: torch.Tensor, count: int | None, of: str) -> None:
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool or tensor.ndim != 1:
+        raise _bad(path, repr(name), f"must be a 1-d integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+    if count is not None and tensor.shape[0] != count:
+        raise _bad(path, repr(name), f"has {tensor.shape[0]} labels but {of!r} has {count} images")
+    if tensor.numel() and int(tensor.min()) < 0:
+        raise _bad(path, repr(name), f"holds a negative label ({int(tensor.min())})")
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    images, originals = tensors.get("images"), tensors.get("originals")
+    for name, tensor in (("images", images), ("originals", originals)):
+        if tensor is not None:
+            _check_image_tensor(path, name, tensor, unit_range=name == "originals")
+    if images is not None and originals is not None and images.shape[1:] != originals.shape[1:]:
+        raise _bad(path, "'originals'", f"of shape {tuple(originals.shape)} does not match 'images' of shape "
+                   f"{tuple(images.shape)} (C, H, W must agree)")
+    for name, of in (("labels", "images"), ("true_labels", "originals")):
+        if tensors.get(name) is not None:
+            count = None if tensors.get(of) is None else int(tensors[of].shape[0])
+            _check_label_tensor(path, name, tensors[name], count, of)
+    for name, tensor in tensors.items():
+        if name.startswith("features/") and (len(name) == 9 or not tensor.is_floating_point() or tensor.ndim < 1):
+            raise _bad(path, repr(name), f"must be a named floating-point tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+
+
+def _check_matching(path: Path, metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """per_image rows index originals ('index') and reconstructions ('matched_to') that exist;
+    without rows, originals and reconstructions are shown in pairs and must be as many."""
+    images, originals = tensors.get("images"), tensors.get("originals")
+    if not metrics.get("per_image") and images is not None and originals is not None \
+            and images.shape[0] != originals.shape[0]:
+        raise DataError(f"run file {quote(path.parent / 'reconstruction.safetensors')}: {originals.shape[0]} "
+                        f"'originals' but {images.shape[0]} 'images', and {path.name} matches none of them")
+    for key, name in (("index", "originals"), ("matched_to", "images")):
+        if tensors.get(name) is None:
+            continue
+        count = int(tensors[name].shape[0])
+        for k, row in enumerate(metrics.get("per_image", [])):
+            if row[key] >= count:
+                raise _bad(path, f"'per_image'[{k}].{key}", f"is {row[key]} but reconstruction.safetensors holds "
+                           f"{count} {name}")
+
+
+def _run_folder(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    needed = ["reconstruction.safetensors", "metrics.json", "history.json"]
-    missing = [name for name in needed if not (run_dir / name).is_file()]
-    if missing:
-        raise DataError(f"{run_dir} is not a gradleak run folder: {', '.join(missing)} missing")
     try:
-        tensors = safetensors_load((run_dir / "reconstruction.safetensors").read_bytes())
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        history = json.loads((run_dir / "history.json").read_text())
-    except Exception as error:  # noqa: BLE001 - any parse failure means a damaged run folder
-        raise DataError(f"{run_dir}: cannot read the run folder ({error})") from None
+        mode = os.stat(run_dir).st_mode
+    except OSError as error:
+        why = "it does not exist" if isinstance(error, FileNotFoundError) else f"cannot access it ({error.strerror})"
+        raise DataError(f"{quote(run_dir)} is not a gradleak run folder: {why}") from None
+    if not stat.S_ISDIR(mode):
+        raise DataError(f"{quote(run_dir)} is not a gradleak run folder: it is a file, not a folder")
+    needed = ["reconstruction.safetensors", "metrics.json", "history.json"]
+    missing = [name for name in needed if not os.path.lexists(run_dir / name)]
+    if missing:
+        raise DataError(f"{quote(run_dir)} is not a gradleak run folder: {', '.join(missing)} missing")
+    return run_dir
+
+
+def load_run(run_dir: str | Path) -> tuple[Reconstruction, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a run folder back: the reconstruction, the stored tensors, and metrics.json.
+
+    Every file is checked (see the module's docstring); a tampered file is one DataError
+    line naming the file and the entry. config.json, when present, must hold an object."""
+    run_dir = _run_folder(run_dir)
+    tensor_file, metrics_file = run_dir / "reconstruction.safetensors", run_dir / "metrics.json"
+    tensors = read_safetensors(tensor_file, "run file", MAX_RUN_TENSOR_BYTES)
+    _check_tensors(tensor_file, tensors)
+    metrics = _check_metrics(metrics_file, read_json(metrics_file, "run file", MAX_RUN_JSON_BYTES))
+    _check_matching(metrics_file, metrics, tensors)
+    history = _check_history(run_dir / "history.json",
+                             read_json(run_dir / "history.json", "run file", MAX_RUN_JSON_BYTES))
+    if os.path.lexists(run_dir / "config.json"):
+        config = read_json(run_dir / "config.json", "run file", MAX_RUN_JSON_BYTES)
+        if not isinstance(config, dict):
+            raise DataError(f"run file {quote(run_dir / 'config.json')}: must hold a JSON object, got "
+                            f"{_json_kind(config)}")
     reconstruction = Reconstruction(
         images=tensors.get("images"),
         labels=tensors.get("labels"),
         features={k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("features/")},
         history=history,
         notes=list(metrics.get("notes", [])),
-        attack=str(metrics.get("attack", "")),
+        attack=str(metrics.get("attack") or ""),
     )
     return reconstruction, tensors, metrics
 
 
 def rebuild_report(run_dir: str | Path) -> Path:
-    """Regenerate grid.png, curves.png and report.html from a run folder's stored files."""
+    """Regenerate grid.png, curves.png and report.html from a run folder's stored files
+    (validated by :func:`load_run` first)."""
     run_dir = Path(run_dir)
     reconstruction, tensors, metrics = load_run(run_dir)
     scores = None
     if "per_image" in metrics:
         scores = Scores(per_image=metrics["per_image"], summary=metrics.get("summary", {}), lpips=metrics.get("lpips", {}))
     _draw(run_dir, reconstruction, tensors.get("originals"), scores)
+    for name in ("grid.png", "curves.png"):  # not redrawn (no images): the page would embed what is there
+        _check_picture(run_dir / name)
     return write_html_report(run_dir)
+
+
+def _check_picture(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RUN_JSON_BYTES:
+        what = "a symbolic link" if stat.S_ISLNK(info.st_mode) else (
+            f"{info.st_size} bytes" if stat.S_ISREG(info.st_mode) else "not a regular file")
+        raise DataError(f"run file {quote(path)}: is {what}; the report would embed it (remove it and rebuild)")
 
 
 def save_truth(path: str | Path, images: torch.Tensor, labels: torch.Tensor) -> Path:
@@ -144,18 +331,30 @@ def save_truth(path: str | Path, images: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def load_truth(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a ground-truth file written by :func:`save_truth`, checking what it holds."""
+    """Read a ground-truth file written by :func:`save_truth`, checking what it holds: a
+    safetensors file (never a pickle) of at most :data:`MAX_RUN_TENSOR_BYTES`, with float
+    'images' (N, C, H, W) finite in [0, 1] and integer 'labels' (N,) >= 0."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"ground truth file not found: {path}")
-    try:
-        tensors = safetensors_load(path.read_bytes())
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types
-        raise DataError(f"{path}: not a safetensors ground-truth file ({error})") from None
+    if not os.path.lexists(path):
+        raise DataError(f"ground truth file not found: {quote(path)}")
+    tensors = read_safetensors(path, "ground truth file", MAX_RUN_TENSOR_BYTES)
     images, labels = tensors.get("images"), tensors.get("labels")
-    if images is None or labels is None or images.ndim != 4 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{path}: expected 'images' (N, C, H, W) and 'labels' (N,), got "
-                        f"{ {k: tuple(v.shape) for k, v in tensors.items()} }")
-    if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
-        raise DataError(f"{path}: 'images' must be finite floating-point values in [0, 1]")
-    return images, labels
+    where = f"ground truth file {quote(path)}"
+    if images is None or labels is None:
+        raise DataError(f"{where}: expected entries 'images' and 'labels', found "
+                        f"{', '.join(repr(k) for k in sorted(tensors)[:8]) or 'none'}")
+    if not images.is_floating_point() or images.ndim != 4 or images.shape[0] < 1:
+        raise DataError(f"{where}: entry 'images' must be a floating-point tensor (N, C, H, W) with N >= 1, got "
+                        f"{images.dtype} {tuple(images.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
+        raise DataError(f"{where}: entry 'labels' must be a 1-d integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(f"{where}: {images.shape[0]} 'images' but {labels.shape[0]} 'labels'")
+    if not bool(torch.isfinite(images).all()):
+        raise DataError(f"{where}: entry 'images' holds NaN or infinite values")
+    if float(images.min()) < 0.0 or float(images.max()) > 1.0:
+        raise DataError(f"{where}: entry 'images' must lie in [0, 1], found [{float(images.min()):.4g}, "
+                        f"{float(images.max()):.4g}]")
+    if int(labels.min()) < 0:
+        raise DataError(f"{where}: entry 'labels' holds a negative label ({int(labels.min())})")
+    return images, labels.to(torch.int64)

@@ -16,20 +16,28 @@ Every failure is a :class:`~gradleak.errors.DataError` naming the path and the c
 
 from __future__ import annotations
 
-import codecs
 import gzip
-import io
+import math
 import os
-import pickle
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, one_line
+from ._files import existing_dir, open_regular, printable, quote
+from ._folder import (
+    IMAGE_EXTENSIONS,
+    MAX_FOLDER_ENTRIES,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    list_image_folder,
+    load_image_folder,
+    load_listing,
+)
+from ._unpickle import MAX_PICKLE_BYTES, RestrictedUnpickler, safe_unpickle
 from .builtin import (
     BUILTIN_DATASETS,
     DIGIT_CLASSES,
@@ -38,18 +46,19 @@ from .builtin import (
     check_count,
     check_size,
     load_builtin,
-    pil_to_tensor_chw,
 )
 
-__all__ = ["load_image_folder", "load_cifar", "load_mnist_idx", "load_dataset", "read_idx", "IMAGE_EXTENSIONS"]
+__all__ = ["load_image_folder", "load_cifar", "load_mnist_idx", "load_dataset", "read_idx", "IMAGE_EXTENSIONS",
+           "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES", "MAX_FOLDER_ENTRIES", "MAX_PICKLE_BYTES", "MAX_IDX_BYTES",
+           "RestrictedUnpickler", "safe_unpickle"]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
 FASHION_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 _SPLITS = ("train", "test")
+#: Data bytes one idx file may hold (EMNIST's largest file is ~550 MB); checked from the header.
+MAX_IDX_BYTES = 2**30
+_GZIP_MAX_RATIO = 1032  # deflate never expands more than this: a claim beyond it cannot be honest
 
 
 def _check_split(split: str, where: str) -> str:
@@ -58,133 +67,9 @@ def _check_split(split: str, where: str) -> str:
     return split
 
 
-def _existing_dir(path: str | os.PathLike, where: str) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{where}: path {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise DataError(f"{where}: path {str(path)!r} is a file, expected a folder")
-    return path
-
-
-# ---------------------------------------------------------------- image folders
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )  # fmt: skip
-
-
-def _folder_entries(root: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
-    """(class names, [(file, label)]) of an image folder, in sorted (deterministic) order."""
-    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = [(p.name, _image_files(p)) for p in subfolders]
-    per_class = [(name, files) for name, files in per_class if files]
-    if not per_class:  # flat folder: one class named after the folder
-        per_class = [(root.resolve().name or "images", _image_files(root))]
-    classes = tuple(name for name, _ in per_class)
-    entries = [(file, label) for label, (_, files) in enumerate(per_class) for file in files]
-    return classes, entries
-
-
-def load_image_folder(path: str | os.PathLike, size: int, n: int | None = None, channels: int = 3) -> LabeledImages:
-    """Images from a local folder, decoded with Pillow, center-cropped to a square and
-    resized to ``size`` x ``size`` (Lanczos).
-
-    With class subfolders, label = index of the subfolder in sorted order (subfolders
-    without images are skipped, and images directly in the root are ignored); otherwise the
-    folder's own images form one class named after the folder. Files are read in sorted
-    order; ``n`` keeps the first ``n``. Non-image files (by extension) and hidden files are
-    skipped; a file with an image extension that Pillow cannot decode is an error.
-    """
-    root = _existing_dir(path, "load_image_folder")
-    size = check_size(size, "load_image_folder")
-    if channels not in (1, 3):
-        raise DataError(f"load_image_folder: channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
-    classes, entries = _folder_entries(root)
-    if not entries:
-        raise DataError(
-            f"load_image_folder: no images in {str(root)!r} (expected files ending in "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, directly or in class subfolders)"
-        )
-    count = check_available(check_count(n, "load_image_folder"), len(entries), f"load_image_folder({str(root)!r})")
-    arrays = []
-    for file, _ in entries[:count]:
-        try:
-            with Image.open(file) as image:
-                image = ImageOps.exif_transpose(image)
-                arrays.append(pil_to_tensor_chw(image, size, channels))
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise DataError(f"load_image_folder: cannot decode image {str(file)!r}: {error}") from error
-    labels = torch.tensor([label for _, label in entries[:count]], dtype=torch.int64)
-    return LabeledImages(torch.from_numpy(np.stack(arrays)), labels, classes, root.resolve().name or "images")
-
-
-# ---------------------------------------------------------------- restricted pickle
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    """What protocol-2 pickles of ``bytes`` call (``_codecs.encode``), limited to latin-1."""
-    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1":
-        raise pickle.UnpicklingError(f"_codecs.encode is only allowed with latin-1 text, got {encoding!r}")
-    return text.encode("latin1")
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a data pickle may name: numpy array reconstruction and containers."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
-    allowed[("_codecs", "encode")] = _latin1_encode
-    for module in ("builtins", "__builtin__"):
-        for kind in (dict, list, tuple, set, frozenset, bytes, bytearray, str, int, float, complex, bool):
-            allowed[(module, kind.__name__)] = kind
-    return allowed
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler whose ``find_class`` resolves only numpy array reconstruction and
-    builtin containers; any other global (``os.system``, ``builtins.eval``, ...) is refused
-    with a DataError before anything is called."""
-
-    def __init__(self, file: io.BufferedIOBase, source: str):
-        super().__init__(file, encoding="latin1")
-        self._source = source
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise DataError(
-                f"{self._source}: refused to unpickle global {module}.{name} (a data batch may only hold "
-                "numpy arrays and builtin containers; this file may be malicious)"
-            ) from None
-
-
-def safe_unpickle(path: Path) -> Any:
-    """Read one pickle file with :class:`RestrictedUnpickler`."""
-    try:
-        with open(path, "rb") as handle:
-            return RestrictedUnpickler(handle, str(path)).load()
-    except DataError:
-        raise
-    except Exception as error:  # truncated or corrupt: EOFError, UnpicklingError, ValueError, ...
-        raise DataError(f"{str(path)!r}: not a readable pickle ({type(error).__name__}: {error})") from error
-
-
 def _plain_keys(value: Any, path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise DataError(f"{str(path)!r}: expected a pickled dict, got {type(value).__name__}")
+        raise DataError(f"{quote(path)}: expected a pickled dict, got {type(value).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in value.items()}
 
 
@@ -201,52 +86,85 @@ def _cifar_root(path: Path) -> tuple[Path, int] | None:
     return None
 
 
+def _cifar_classes(meta_file: Path, names_key: str) -> tuple[str, ...]:
+    meta = _plain_keys(safe_unpickle(meta_file), meta_file)
+    names = meta.get(names_key)
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(c, (str, bytes)) for c in names):
+        raise DataError(f"load_cifar: the meta file {quote(meta_file)} has no non-empty list of names {names_key!r}")
+    return tuple(printable(c.decode("latin1") if isinstance(c, bytes) else c) for c in names)
+
+
+def _label_array(value: Any, where: str, key: str, count: int, n_classes: int) -> np.ndarray:
+    """Integer labels, one per image, in [0, n_classes)."""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
+            raise DataError(f"load_cifar: {where}: {key!r} must be a list of integers")
+        try:
+            value = np.array(value, dtype=np.int64)
+        except OverflowError:
+            raise DataError(f"load_cifar: {where}: {key!r} holds integers too large for int64") from None
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in "iu":
+        found = f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise DataError(f"load_cifar: {where}: {key!r} must be a 1-d list or array of integer labels, got {found}")
+    if value.shape[0] != count:
+        raise DataError(f"load_cifar: {where}: {count} images but {value.shape[0]} {key!r}")
+    if count and (int(value.min()) < 0 or int(value.max()) >= n_classes):
+        raise DataError(f"load_cifar: {where}: {key!r} must lie in [0, {n_classes - 1}] (one per class), found "
+                        f"[{int(value.min())}, {int(value.max())}]")
+    return value.astype(np.int64)
+
+
+def _cifar_batch(file: Path, labels_key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images N x 3 x 32 x 32, int64 labels) of one batch file, validated."""
+    batch = _plain_keys(safe_unpickle(file), file)
+    data = batch.get("data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"load_cifar: {quote(file)}: 'data' must be a uint8 array N x 3072, got {found}")
+    if labels_key not in batch:
+        raise DataError(f"load_cifar: {quote(file)}: no {labels_key!r} entry")
+    labels = _label_array(batch[labels_key], quote(file), labels_key, data.shape[0], n_classes)
+    return data.reshape(-1, 3, 32, 32), labels
+
+
 def load_cifar(path: str | os.PathLike, split: str = "test", n: int | None = None) -> LabeledImages:
     """CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100
     (``train``, ``test``, ``meta``; fine labels) from the extracted python-version folder
-    (or its parent). Images 3x32x32 in [0, 1]; class names from the meta file."""
-    folder = _existing_dir(path, "load_cifar")
+    (or its parent). Images 3x32x32 in [0, 1]; class names from the meta file.
+
+    The batches are pickles, read by :func:`~gradleak.data._unpickle.safe_unpickle`: only
+    numpy arrays and builtin containers, each file at most ``MAX_PICKLE_BYTES`` (1 GiB)."""
+    folder = existing_dir(path, "load_cifar")
     split = _check_split(split, "load_cifar")
     found = _cifar_root(folder)
     if found is None:
         raise DataError(
-            f"load_cifar: {str(folder)!r} is not a CIFAR folder (expected 'batches.meta' + 'test_batch' / "
+            f"load_cifar: {quote(folder)} is not a CIFAR folder (expected 'batches.meta' + 'test_batch' / "
             "'data_batch_1..5' for CIFAR-10, or 'meta' + 'test' / 'train' for CIFAR-100)"
         )
     root, kind = found
-    meta = _plain_keys(safe_unpickle(root / ("batches.meta" if kind == 10 else "meta")), root)
     names_key, labels_key = ("label_names", "labels") if kind == 10 else ("fine_label_names", "fine_labels")
-    if not isinstance(meta.get(names_key), (list, tuple)) or not meta[names_key]:
-        raise DataError(f"load_cifar: the meta file in {str(root)!r} has no list {names_key!r}")
-    classes = tuple(c.decode("latin1") if isinstance(c, bytes) else str(c) for c in meta[names_key])
+    classes = _cifar_classes(root / ("batches.meta" if kind == 10 else "meta"), names_key)
     if kind == 10:
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     else:
         files = [split]
     missing = [name for name in files if not (root / name).is_file()]
     if missing:
-        raise DataError(f"load_cifar: {str(root)!r} lacks the {split} batch file(s) {', '.join(missing)}")
+        raise DataError(f"load_cifar: {quote(root)} lacks the {split} batch file(s) {', '.join(missing)}")
     wanted = check_count(n, "load_cifar")
     images, labels, total = [], [], 0
     for name in files:
-        batch = _plain_keys(safe_unpickle(root / name), root / name)
-        data, batch_labels = batch.get("data"), batch.get(labels_key)
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-            shape = getattr(data, "shape", None)
-            raise DataError(f"load_cifar: {str(root / name)!r}: 'data' must be a uint8 array N x 3072, got {shape}")
-        batch_labels = np.asarray(batch_labels if batch_labels is not None else [], dtype=np.int64).reshape(-1)
-        if batch_labels.shape[0] != data.shape[0]:
-            count = f"{data.shape[0]} images but {batch_labels.shape[0]} {labels_key!r}"
-            raise DataError(f"load_cifar: {str(root / name)!r}: {count}")
-        images.append(data.reshape(-1, 3, 32, 32))
+        data, batch_labels = _cifar_batch(root / name, labels_key, len(classes))
+        images.append(data)
         labels.append(batch_labels)
         total += data.shape[0]
         if wanted is not None and total >= wanted:
             break
-    count = check_available(wanted, total, f"load_cifar({str(root)!r}, split={split!r})")
+    count = check_available(wanted, total, f"load_cifar({quote(root)}, split={split!r})")
+    if count == 0:
+        raise DataError(f"load_cifar: the {split} batches in {quote(root)} hold no images")
     label_array = np.concatenate(labels)[:count]
-    if label_array.min() < 0 or label_array.max() >= len(classes):
-        raise DataError(f"load_cifar: {str(root)!r}: labels must lie in [0, {len(classes) - 1}]")
     pixels = torch.from_numpy(np.concatenate(images)[:count].astype(np.float32) / 255.0)
     return LabeledImages(pixels, torch.from_numpy(label_array), classes, f"cifar{kind}-{split}")
 
@@ -256,35 +174,63 @@ def load_cifar(path: str | os.PathLike, split: str = "test", n: int | None = Non
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """One idx file (plain or ``.gz``): magic ``00 00 <type> <ndim>``, ``ndim`` big-endian
-    uint32 sizes, then the data. The header and the data length are validated."""
-    path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"idx file {str(path)!r}: cannot read ({type(error).__name__}: {error})") from error
-    if len(raw) < 4:
-        raise DataError(f"idx file {str(path)!r}: truncated header ({len(raw)} bytes, the magic number needs 4)")
-    magic = int.from_bytes(raw[:4], "big")
-    code, ndim = raw[2], raw[3]
-    if raw[0] != 0 or raw[1] != 0 or code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(
-            f"idx file {str(path)!r}: wrong magic number 0x{magic:08x} (expected 0x0000, a type code in "
-            f"{{{', '.join(hex(c) for c in _IDX_DTYPES)}}} and ndim >= 1, e.g. 0x00000803 for MNIST images, "
-            "0x00000801 for labels)"
-        )
+def _exactly(stream, count: int, where: str, what: str) -> bytes:
+    data = stream.read(count)
+    if len(data) < count:
+        raise DataError(f"{where}: truncated header ({what})")
+    return data
+
+
+def _idx_header(stream, where: str) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(header bytes, dims, dtype) from the first bytes of an idx stream."""
+    magic_bytes = stream.read(4)
+    if len(magic_bytes) < 4:
+        raise DataError(f"{where}: truncated header ({len(magic_bytes)} bytes, the magic number needs 4)")
+    magic = int.from_bytes(magic_bytes, "big")
+    if magic_bytes[0] != 0 or magic_bytes[1] != 0:
+        raise DataError(f"{where}: wrong magic number 0x{magic:08x} (expected 0x0000, a type code and ndim, e.g. "
+                        "0x00000803 for MNIST images, 0x00000801 for labels)")
+    code, ndim = magic_bytes[2], magic_bytes[3]
+    if code not in _IDX_DTYPES:
+        raise DataError(f"{where}: wrong magic number 0x{magic:08x}: type code 0x{code:02x} is not an idx type "
+                        f"(expected one of {', '.join(f'0x{c:02x}' for c in _IDX_DTYPES)})")
+    if ndim == 0:
+        raise DataError(f"{where}: wrong magic number 0x{magic:08x}: ndim is 0 (expected >= 1)")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"idx file {str(path)!r}: truncated header ({len(raw)} bytes, {ndim} dims need {header})")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    found = len(raw) - header
-    if found != expected:
-        state = "truncated" if found < expected else "has trailing bytes"
-        raise DataError(f"idx file {str(path)!r}: {state}: dims {dims} need {expected} data bytes, found {found}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    raw_dims = _exactly(stream, 4 * ndim, where, f"{ndim} dims need {header} bytes")
+    dims = tuple(int.from_bytes(raw_dims[4 * k : 4 * k + 4], "big") for k in range(ndim))
+    return header, dims, np.dtype(_IDX_DTYPES[code])
+
+
+def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """One idx file (plain or ``.gz``): magic ``00 00 <type> <ndim>``, ``ndim`` big-endian
+    uint32 sizes, then the data. The sizes the header claims are checked before any data is
+    read: against ``max_bytes`` (default :data:`MAX_IDX_BYTES`, 1 GiB), against the file size
+    (plain files) or the most a gzip stream of that size can expand to; a ``.gz`` file is
+    decompressed up to the claimed size plus one byte, never further (a gzip bomb is refused)."""
+    path = Path(path)
+    where = f"idx file {quote(path)}"
+    gz = path.suffix == ".gz"
+    handle, size = open_regular(path, "idx file", max_bytes + 4 + 4 * 255)
+    try:
+        with handle, (gzip.GzipFile(fileobj=handle, mode="rb") if gz else handle) as stream:
+            header, dims, dtype = _idx_header(stream, where)
+            expected = math.prod(dims) * dtype.itemsize
+            if expected > max_bytes:
+                raise DataError(f"{where}: dims {dims} claim {expected} data bytes, over the limit of {max_bytes}")
+            if gz and expected > size * _GZIP_MAX_RATIO + 1024:
+                raise DataError(f"{where}: dims {dims} claim {expected} data bytes, more than a {size}-byte gzip "
+                                "file can hold")
+            if not gz and size - header != expected:
+                state = "truncated" if size - header < expected else "has trailing bytes"
+                raise DataError(f"{where}: {state}: dims {dims} need {expected} data bytes, found {size - header}")
+            raw = stream.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{where}: cannot read ({type(error).__name__}: {one_line(error)})") from None
+    if len(raw) != expected:
+        state, found = ("truncated", str(len(raw))) if len(raw) < expected else ("has trailing bytes", "more")
+        raise DataError(f"{where}: {state}: dims {dims} need {expected} data bytes, found {found}")
+    return np.frombuffer(raw, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 def _find_idx(folder: Path, split: str, kind: str) -> Path | None:
@@ -301,28 +247,37 @@ def _find_idx(folder: Path, split: str, kind: str) -> Path | None:
 def load_mnist_idx(path: str | os.PathLike, split: str = "test", n: int | None = None) -> LabeledImages:
     """MNIST-style idx files from a folder (or its ``raw`` subfolder):
     ``t10k-images-idx3-ubyte`` + ``t10k-labels-idx1-ubyte`` (``train-...`` for
-    ``split="train"``), plain or ``.gz``. Images 1xHxW in [0, 1]. Class names are the
-    digits, or the Fashion-MNIST names when the folder path mentions "fashion"."""
-    folder = _existing_dir(path, "load_mnist_idx")
+    ``split="train"``), plain or ``.gz``, read by :func:`read_idx`. Images 1xHxW in [0, 1].
+    Class names are the digits, or the Fashion-MNIST names when the folder path mentions
+    "fashion"."""
+    folder = existing_dir(path, "load_mnist_idx")
     split = _check_split(split, "load_mnist_idx")
-    arrays = {}
+    arrays, files = {}, {}
     for kind, rank in (("images", 3), ("labels", 1)):
         file = _find_idx(folder, split, kind)
         if file is None:
             prefix = "t10k" if split == "test" else "train"
-            raise DataError(f"load_mnist_idx: {str(folder)!r} has no {prefix}-{kind}-idx{rank}-ubyte[.gz]")
+            raise DataError(f"load_mnist_idx: {quote(folder)} has no {prefix}-{kind}-idx{rank}-ubyte[.gz]")
         arrays[kind] = array = read_idx(file)
+        files[kind] = file
         if array.ndim != rank or array.dtype != np.uint8:
-            raise DataError(f"idx file {str(file)!r}: expected {rank}-d uint8 {kind}, got {array.dtype} {array.shape}")
+            raise DataError(f"idx file {quote(file)}: expected {rank}-d uint8 {kind}, got {array.dtype} {array.shape}")
     images, labels = arrays["images"], arrays["labels"]
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"load_mnist_idx: {str(folder)!r}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise DataError(f"load_mnist_idx: {images.shape[0]} images but {labels.shape[0]} labels (in "
+                        f"{quote(files['images'])} and {quote(files['labels'])})")
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataError(f"idx file {quote(files['images'])}: holds no images (dims {images.shape})")
     fashion = any("fashion" in part.lower() for part in folder.resolve().parts[-2:])
-    count = check_available(check_count(n, "load_mnist_idx"), images.shape[0], f"load_mnist_idx({str(folder)!r})")
+    classes = FASHION_CLASSES if fashion else DIGIT_CLASSES
+    count = check_available(check_count(n, "load_mnist_idx"), images.shape[0], f"load_mnist_idx({quote(folder)})")
+    if int(labels[:count].max()) >= len(classes):
+        raise DataError(f"idx file {quote(files['labels'])}: labels must lie in [0, {len(classes) - 1}], found "
+                        f"{int(labels[:count].max())}")
     pixels = torch.from_numpy(images[:count, None].astype(np.float32) / 255.0)
     targets = torch.from_numpy(labels[:count].astype(np.int64))
     name = f"{'fashion-mnist' if fashion else 'mnist'}-{split}"
-    return LabeledImages(pixels, targets, FASHION_CLASSES if fashion else DIGIT_CLASSES, name)
+    return LabeledImages(pixels, targets, classes, name)
 
 
 # ---------------------------------------------------------------- dispatch
@@ -333,28 +288,31 @@ def load_dataset(
 ) -> LabeledImages:
     """A built-in data set by name (``photos``, ``faces``, ``digits``) or a local path,
     detected as a CIFAR folder, an MNIST idx folder or an image folder (in that order).
-    ``size`` resizes (an image folder defaults to 32); ``split`` applies to CIFAR and MNIST."""
+    ``size`` resizes (an image folder defaults to 32); ``split`` applies to CIFAR and MNIST.
+    Local files are untrusted input: see :func:`load_image_folder`, :func:`load_cifar` and
+    :func:`read_idx` for the limits that apply."""
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return load_builtin(source, size=size, n=n)
     if size is not None:
         size = check_size(size, "load_dataset")
     path = Path(source).expanduser()
-    if not path.exists():
+    if not os.path.lexists(path):
         raise DataError(
-            f"load_dataset: {str(source)!r} is neither a built-in data set ({', '.join(sorted(BUILTIN_DATASETS))}) "
+            f"load_dataset: {quote(source)} is neither a built-in data set ({', '.join(sorted(BUILTIN_DATASETS))}) "
             "nor an existing path"
         )
-    folder = _existing_dir(path, "load_dataset")
+    folder = existing_dir(path, "load_dataset")
     if _cifar_root(folder) is not None:
         data = load_cifar(folder, split=split, n=n)
     elif _find_idx(folder, _check_split(split, "load_dataset"), "images") is not None:
         data = load_mnist_idx(folder, split=split, n=n)
-    elif _folder_entries(folder)[1]:
-        return load_image_folder(folder, 32 if size is None else size, n=n)
     else:
-        raise DataError(
-            f"load_dataset: the format of {str(folder)!r} is not recognised; expected a CIFAR python folder "
-            "('batches.meta' or 'meta' + batches), MNIST idx files ('t10k-images-idx3-ubyte[.gz]' and "
-            "labels), or image files (directly or in class subfolders)"
-        )
+        listing = list_image_folder(folder)
+        if not listing.entries and not listing.skipped:
+            raise DataError(
+                f"load_dataset: the format of {quote(folder)} is not recognised; expected a CIFAR python folder "
+                "('batches.meta' or 'meta' + batches), MNIST idx files ('t10k-images-idx3-ubyte[.gz]' and "
+                "labels), or image files (directly or in class subfolders)"
+            )
+        return load_listing(listing, 32 if size is None else size, n, 3, MAX_IMAGE_PIXELS)
     return data if size is None else data.resize(size)
