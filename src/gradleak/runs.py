@@ -48,6 +48,8 @@ MAX_RUN_TENSOR_BYTES = 2**30
 MAX_RUN_IMAGES = 1024
 MAX_RUN_IMAGE_ELEMENTS = 2**25  # values in one images/originals tensor (drawn as float64)
 MAX_HISTORY_PANELS = 100
+_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass
@@ -197,8 +199,8 @@ def _check_metrics(path: Path, metrics: Any) -> dict[str, Any]:
 
 
 def _check_image_tensor(path: Path, name: str, tensor: torch.Tensor, *, unit_range: bool) -> None:
-    if not tensor.is_floating_point():
-        raise _bad(path, repr(name), f"must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dtype not in _IMAGE_DTYPES:
+        raise _bad(path, repr(name), f"must be a floating-point tensor (float16/32/64, bfloat16), got {tensor.dtype}")
     if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
         raise _bad(path, repr(name), f"must have shape (N, 1 or 3, H, W), got {tuple(tensor.shape)}")
     if tensor.shape[0] > MAX_RUN_IMAGES or tensor.numel() > MAX_RUN_IMAGE_ELEMENTS:
@@ -211,7 +213,7 @@ def _check_image_tensor(path: Path, name: str, tensor: torch.Tensor, *, unit_ran
 
 
 def _check_label_tensor(path: Path, name: str, tensor: torch.Tensor, count: int | None, of: str) -> None:
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool or tensor.ndim != 1:
+    if tensor.dtype not in _LABEL_DTYPES or tensor.ndim != 1:
         raise _bad(path, repr(name), f"must be a 1-d integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
     if count is not None and tensor.shape[0] != count:
         raise _bad(path, repr(name), f"has {tensor.shape[0]} labels but {of!r} has {count} images")
@@ -232,7 +234,7 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             count = None if tensors.get(of) is None else int(tensors[of].shape[0])
             _check_label_tensor(path, name, tensors[name], count, of)
     for name, tensor in tensors.items():
-        if name.startswith("features/") and (len(name) == 9 or not tensor.is_floating_point() or tensor.ndim < 1):
+        if name.startswith("features/") and (len(name) == 9 or tensor.dtype not in _IMAGE_DTYPES or tensor.ndim < 1):
             raise _bad(path, repr(name), f"must be a named floating-point tensor, got {tensor.dtype} {tuple(tensor.shape)}")
 
 
@@ -343,10 +345,10 @@ def load_truth(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if images is None or labels is None:
         raise DataError(f"{where}: expected entries 'images' and 'labels', found "
                         f"{', '.join(repr(k) for k in sorted(tensors)[:8]) or 'none'}")
-    if not images.is_floating_point() or images.ndim != 4 or images.shape[0] < 1:
+    if images.dtype not in _IMAGE_DTYPES or images.ndim != 4 or images.shape[0] < 1:
         raise DataError(f"{where}: entry 'images' must be a floating-point tensor (N, C, H, W) with N >= 1, got "
                         f"{images.dtype} {tuple(images.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
+    if labels.dtype not in _LABEL_DTYPES or labels.ndim != 1:
         raise DataError(f"{where}: entry 'labels' must be a 1-d integer tensor, got {labels.dtype} {tuple(labels.shape)}")
     if labels.shape[0] != images.shape[0]:
         raise DataError(f"{where}: {images.shape[0]} 'images' but {labels.shape[0]} 'labels'")

@@ -140,7 +140,7 @@ def read_safetensors(path: str | os.PathLike, what: str, max_bytes: int) -> dict
         found = sniff_pickle(data)
         if found is not None:
             raise DataError(f"{what} {quote(path)}: refused: it is {found}, not a safetensors file; gradleak "
-                            "never unpickles run files")
+                            "never unpickles these files")
         raise DataError(f"{what} {quote(path)}: not a safetensors file (header length {length} does not fit "
                         f"the {len(data)}-byte file)")
     try:

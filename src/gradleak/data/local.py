@@ -12,6 +12,14 @@ Supported layouts, all read without torchvision:
 
 :func:`load_dataset` picks a built-in data set by name or detects the layout of a path.
 Every failure is a :class:`~gradleak.errors.DataError` naming the path and the condition.
+
+Local files are untrusted input. Sizes are checked before anything is allocated and nothing
+blocks (files are opened non-blocking and must be regular files): image folders in
+:mod:`gradleak.data._folder` (``MAX_IMAGE_PIXELS`` = 40 million pixels read from the header,
+``MAX_IMAGE_BYTES``, ``MAX_FOLDER_ENTRIES``), pickles in :mod:`gradleak.data._unpickle`
+(``MAX_PICKLE_BYTES`` = 1 GiB, checked stand-ins for every global), idx files here
+(``MAX_IDX_BYTES`` = 1 GiB of data, claimed sizes checked against the file, gzip read up to
+the claimed size only).
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ def _check_split(split: str, where: str) -> str:
 def _plain_keys(value: Any, path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DataError(f"{quote(path)}: expected a pickled dict, got {type(value).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in value.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in value.items() if isinstance(k, (str, bytes))}
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -228,7 +236,7 @@ def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndar
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{where}: cannot read ({type(error).__name__}: {one_line(error)})") from None
     if len(raw) != expected:
-        state, found = ("truncated", str(len(raw))) if len(raw) < expected else ("has trailing bytes", "more")
+        state, found = ("truncated", str(len(raw))) if len(raw) < expected else ("has trailing bytes", "more (decompressed no further)")
         raise DataError(f"{where}: {state}: dims {dims} need {expected} data bytes, found {found}")
     return np.frombuffer(raw, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
