@@ -25,7 +25,8 @@ def model():
 @pytest.fixture()
 def update(model, photos):
     return fedsgd_update(model, photos.images[:2], photos.labels[:2], share_labels=True,
-                         spec=DataSpec.from_images(photos.images), model_info={"name": "mlp"})
+                         spec=DataSpec.from_images(photos.images),
+                         model_info=model_info("mlp", (3, 32, 32), 10, 0, hidden=(32,)))
 
 
 def _write_raw(path, tensors, metadata):
@@ -41,7 +42,7 @@ def test_gradient_round_trip_is_bit_exact(tmp_path, model, update):
     assert loaded.kind == "gradient" and loaded.batch_size == 2 and loaded.loss == "cross_entropy"
     assert loaded.labels.tolist() == update.labels.tolist()
     assert loaded.data_spec == update.data_spec and loaded.input_shape == (3, 32, 32)
-    assert loaded.parameters == update.parameters and loaded.model == {"name": "mlp"}
+    assert loaded.parameters == update.parameters and loaded.model == update.model
     for name in update.tensors:
         assert torch.equal(loaded.tensors[name], update.tensors[name])
         assert torch.equal(loaded.weights[name], update.weights[name])

@@ -22,7 +22,9 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_j
 
 
 def _why(error: OSError) -> str:
-    return error.strerror or type(error).__name__
+    from .errors import one_line
+
+    return error.strerror or one_line(error) or type(error).__name__
 
 
 def _blocking_file(path: Path) -> Path | None:

@@ -366,6 +366,28 @@ def _typed(path: Path, metadata: dict[str, Any], key: str, types: tuple[type, ..
     return value
 
 
+def _check_against_description(path: Path, update: SharedUpdate) -> None:
+    """An update that names a zoo model must be one that model produces: the description
+    builds exactly its parameters (checked on the meta device, nothing allocated, nothing
+    imported), with the same input shape, the model's own loss, and labels in its range."""
+    from .models import MODELS, check_description
+
+    try:
+        described = check_description(update.model, update.parameters)
+    except ConfigError as error:
+        raise UpdateFileError(f"{path}: {error}") from None
+    if update.input_shape is not None and update.input_shape != described["input_shape"]:
+        raise UpdateFileError(f"{path}: input_shape {update.input_shape} disagrees with the model description's "
+                              f"{described['input_shape']}")
+    loss = MODELS[described["name"]].loss
+    if update.loss != loss:
+        raise UpdateFileError(f"{path}: the update says loss {update.loss!r}, but model {described['name']!r} trains "
+                              f"with {loss!r}")
+    classes = 2 if loss == "binary_cross_entropy" else described["num_classes"]
+    if update.labels is not None and update.labels.numel() and int(update.labels.max()) >= classes:
+        raise UpdateFileError(f"{path}: label {int(update.labels.max())} is out of range for {classes} classes")
+
+
 def _read_bounded(path: Path, max_bytes: int) -> bytes:
     """The file's bytes, refusing what is not a regular file or is over ``max_bytes`` before reading."""
     try:
@@ -435,6 +457,8 @@ def load_update(path: str | Path, model: torch.nn.Module | None = None, *, max_b
         )
     except (UpdateFileError, ConfigError) as error:
         raise UpdateFileError(f"{path}: {error}") from None
+    if update.model is not None:
+        _check_against_description(path, update)
     if model is not None:
         try:
             update.validate_for(model)

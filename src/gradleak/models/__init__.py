@@ -26,7 +26,8 @@ from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 from .rgap import CNN6, FCN3
 
 __all__ = [
-    "MODELS", "ModelEntry", "build_model", "parameter_shapes", "model_info", "check_model_info", "model_from_info",
+    "MODELS", "ModelEntry", "build_model", "parameter_shapes", "model_info", "check_model_info", "check_description",
+    "model_from_info",
     "load_weights",
     "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
     "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
@@ -221,14 +222,11 @@ def check_model_info(info: Any) -> dict[str, Any]:
             "seed": info.get("seed", 0), "kwargs": dict(kwargs)}
 
 
-def model_from_info(info: Mapping[str, Any], dtype: torch.dtype = torch.float32,
-                    expected: Mapping[str, tuple[int, ...]] | None = None) -> nn.Module:
-    """Rebuild a zoo model from :func:`model_info` (weights are loaded separately).
-
-    The description is untrusted (it comes from an update file): it is validated and the
-    model's parameter shapes are worked out on the ``meta`` device first; with ``expected``
-    (the update's parameter names and shapes) a model that does not match is refused
-    before its weights are allocated."""
+def check_description(info: Any, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Validate an untrusted model description and, with ``expected`` (the update's parameter
+    names and shapes), check on the ``meta`` device that it builds exactly those parameters.
+    Nothing is allocated and no code named by the description is imported. Returns the
+    normalised description."""
     spec = check_model_info(info)
     shapes = parameter_shapes(spec["name"], spec["input_shape"], spec["num_classes"], **spec["kwargs"])
     if expected is not None:
@@ -241,6 +239,18 @@ def model_from_info(info: Mapping[str, Any], dtype: torch.dtype = torch.float32,
         extra = next((n for n in expected if n not in shapes), None)
         if extra is not None:
             raise ConfigError(f"the update has parameter {extra!r}, which its model description does not build")
+    return spec
+
+
+def model_from_info(info: Mapping[str, Any], dtype: torch.dtype = torch.float32,
+                    expected: Mapping[str, tuple[int, ...]] | None = None) -> nn.Module:
+    """Rebuild a zoo model from :func:`model_info` (weights are loaded separately).
+
+    The description is untrusted (it comes from an update file): it is validated and the
+    model's parameter shapes are worked out on the ``meta`` device first; with ``expected``
+    (the update's parameter names and shapes) a model that does not match is refused
+    before its weights are allocated."""
+    spec = check_description(info, expected)
     return build_model(spec["name"], spec["input_shape"], spec["num_classes"], seed=spec["seed"], dtype=dtype,
                        **spec["kwargs"])
 
