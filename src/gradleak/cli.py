@@ -26,7 +26,35 @@ from . import __version__
 from ._io import output_dir, output_file
 from .errors import GradleakError, one_line
 
+try:  # typer >= 0.20 vendors click; older typer uses click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+from typer.core import TyperGroup
+
+
+class _OneLineErrors(TyperGroup):
+    """A usage error (a mistyped option, a value of the wrong type, an unknown command) is one
+    line on stderr naming the problem and where to look, not click's three-line block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # `gradleak` alone: the help, as asked for
+                print(error.ctx.get_help(), file=sys.stderr)
+                sys.exit(2)
+            ctx = getattr(error, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {one_line(error.format_message())}{where}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Measure how much private training data leaks from federated-learning updates.",
     no_args_is_help=True,
     add_completion=False,
