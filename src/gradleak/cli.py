@@ -316,10 +316,10 @@ def analyze(
     from .analysis import analyze as run_analysis, load_model_spec, report_table
     from .errors import ConfigError
 
-    try:
-        shape = tuple(int(d) for d in input_shape.lower().split("x"))
-    except ValueError:
-        raise ConfigError(f"--input-shape must look like 3x32x32, got {input_shape!r}") from None
+    parts = input_shape.lower().split("x")
+    if not all(p.strip().isdigit() and len(p.strip()) < 10 for p in parts):
+        raise ConfigError(f"--input-shape must look like 3x32x32, got {input_shape[:40]!r}")
+    shape = tuple(int(d) for d in parts)
     net, loss = load_model_spec(model, shape, num_classes, **_parse_options(model_option))
     report = run_analysis(net, shape, batch_size, loss=loss, labels_known=labels_known, numeric=numeric)
     report.model = model

@@ -36,7 +36,8 @@ from ..attacks.copa import copa_security
 from ..attacks.qian import qian_cnn_condition
 from ..attacks.rgap import rank_analysis, rgap_last_layer
 from ..client import fedsgd_update
-from ..errors import AttackNotApplicable, ConfigError
+from ..errors import AttackNotApplicable, ConfigError, one_line
+from ..limits import check_batch, check_input_shape
 
 __all__ = ["AttackVerdict", "LeakageReport", "analyze", "report_table", "load_model_spec"]
 
@@ -77,28 +78,50 @@ class LeakageReport:
 
 
 def load_model_spec(spec: str, input_shape: tuple[int, ...], num_classes: int = 10, **kwargs) -> tuple[nn.Module, str]:
-    """A zoo name, or ``package.module:factory`` (called with no arguments). Returns (model, loss)."""
+    """A zoo name, or ``package.module:factory`` called with the model options as keyword
+    arguments. Returns (model, loss). The module is the user's own code, named on the command
+    line (never taken from a file); whatever goes wrong importing or calling it is one
+    ConfigError line naming the spec."""
     from ..models import MODELS, build_model
 
+    shape = check_input_shape("--input-shape", input_shape)
     if spec in MODELS:
-        return build_model(spec, input_shape, num_classes, **kwargs), MODELS[spec].loss
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(f"--model {spec!r}: cannot import ({error})") from None
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-        return model, "binary_cross_entropy" if _outputs(model, input_shape) == 1 else "cross_entropy"
-    raise ConfigError(f"unknown model {spec!r}: give a zoo name ({', '.join(MODELS)}) or package.module:factory")
+        return build_model(spec, shape, num_classes, **kwargs), MODELS[spec].loss
+    if ":" not in spec:
+        raise ConfigError(f"unknown model {spec!r}: give a zoo name ({', '.join(MODELS)}) or package.module:factory")
+    model = _call_factory(spec, kwargs)
+    return model, "binary_cross_entropy" if _outputs(spec, model, shape) == 1 else "cross_entropy"
 
 
-def _outputs(model: nn.Module, input_shape) -> int:
+def _call_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - ImportError, SyntaxError, or whatever the module raises
+        raise ConfigError(f"--model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: "
+                          f"{one_line(error, 200)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
+    try:
+        model = factory(**kwargs)
+    except Exception as error:  # noqa: BLE001 - the user's factory failed: say how, in one line
+        raise ConfigError(f"--model {spec!r}: the factory raised {type(error).__name__}: {one_line(error, 200)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    if next(model.parameters(), None) is None:
+        raise ConfigError(f"--model {spec!r}: the model has no parameters (nothing is shared, nothing to attack)")
+    return model
+
+
+def _outputs(spec: str, model: nn.Module, input_shape) -> int:
     p = next(model.parameters())
-    with torch.no_grad():
-        return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
+    try:
+        with torch.no_grad():
+            return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
+    except Exception as error:  # noqa: BLE001 - the user's model does not take this input
+        raise ConfigError(f"--model {spec!r} does not accept an input of shape {tuple(input_shape)} "
+                          f"({type(error).__name__}: {one_line(error, 200)})") from None
 
 
 def _probe_gradient(model, input_shape, loss, dtype):
@@ -112,14 +135,13 @@ def analyze(model: nn.Module | str, input_shape: tuple[int, ...], batch_size: in
             loss: str | None = None, labels_known: bool = True, numeric: bool = True,
             max_unknowns: int = 4096) -> LeakageReport:
     """Predict, from the architecture and weights, which attacks recover the client's inputs exactly."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    input_shape = tuple(int(d) for d in input_shape)
+    input_shape = check_input_shape("input_shape", tuple(input_shape))
+    check_batch("batch_size", batch_size, input_shape)
     name = model if isinstance(model, str) else type(model).__name__
     if isinstance(model, str):
         model, default_loss = load_model_spec(model, input_shape, num_classes)
     else:
-        default_loss = "binary_cross_entropy" if _outputs(model, input_shape) == 1 else "cross_entropy"
+        default_loss = "binary_cross_entropy" if _outputs(name, model, input_shape) == 1 else "cross_entropy"
     loss = loss or default_loss
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
