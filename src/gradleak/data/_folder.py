@@ -57,14 +57,12 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _inside(target: str, root_real: str) -> bool:
-    return target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep)
-
-
-def _scan(folder: Path, root: Path, root_real: str, budget: list[int]) -> tuple[list[str], list[str], list[str]]:
+def _scan(folder: Path, root: Path, budget: list[int]) -> tuple[list[str], list[str], list[str]]:
     """(image file names, subfolder names, skipped names) of one folder, each sorted. Symbolic
-    links are followed only to targets inside the data folder; dangling links, link loops,
-    FIFOs, devices and sockets named like images are skipped (never opened)."""
+    links to folders and regular files are followed wherever they lead (``mydata/fish ->
+    /data/imagenet/n01443537`` is how data sets are assembled); dangling links, link loops,
+    FIFOs, devices (``/dev/zero``) and sockets named like images are skipped, never opened.
+    Only the root and one level of class folders are listed, so directory links cannot loop."""
     files, folders, skipped = [], [], []
     try:
         scanner = os.scandir(folder)
@@ -92,10 +90,6 @@ def _scan(folder: Path, root: Path, root_real: str, budget: list[int]) -> tuple[
                 if image:
                     skipped.append(name)
                 continue
-            target = os.path.realpath(entry.path)
-            if not _inside(target, root_real) and (image or stat.S_ISDIR(mode)):
-                raise DataError(f"{_WHERE}: {quote(entry.path)} is a symbolic link to {quote(target)}, outside the "
-                                f"data folder {quote(root)}; copy what it points to into the folder")
             if stat.S_ISDIR(mode):
                 folders.append(name)
             elif image:
@@ -109,10 +103,10 @@ def list_image_folder(root: Path) -> FolderListing:
     class named after the folder. Bounded by :data:`MAX_FOLDER_ENTRIES`."""
     root_real = os.path.realpath(root)
     budget = [MAX_FOLDER_ENTRIES]
-    files, folders, skipped = _scan(root, root, root_real, budget)
+    files, folders, skipped = _scan(root, root, budget)
     per_class = []
     for name in folders:
-        class_files, _, class_skipped = _scan(root / name, root, root_real, budget)
+        class_files, _, class_skipped = _scan(root / name, root, budget)
         skipped += [os.path.join(name, s) for s in class_skipped]
         if class_files:
             per_class.append((printable(name), [root / name / f for f in class_files]))
@@ -210,7 +204,7 @@ def load_image_folder(path: str | os.PathLike, size: int, n: int | None = None, 
     folder's own images form one class named after the folder. Files are read in sorted
     order; ``n`` keeps the first ``n`` and no other file is opened. Non-image files (by
     extension), hidden files, and entries that are not regular files (FIFOs, devices, dangling
-    links) are skipped; a symbolic link leading outside the folder is refused. Animated or
+    links) are skipped; links to folders and regular files are followed. Animated or
     multi-page files give their first frame; 16-bit grayscale is scaled to 8 bits; alpha is
     dropped. Class names are made printable (control characters escaped).
 
