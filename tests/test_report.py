@@ -301,3 +301,14 @@ def test_figure_titles_are_wrapped_to_fit_the_figure(width):
     box = text.get_window_extent()
     assert box.x0 >= 0 and box.x1 <= figure.bbox.width
     assert text.get_text().replace("\n", " ") == title
+
+
+def test_a_report_never_embeds_what_a_linked_figure_points_to(run_dir, tmp_path):
+    """A run folder is data: a grid.png that is a link (to a private picture, say) is not embedded."""
+    private = tmp_path / "private.png"
+    Image.fromarray(skimage.data.camera()).save(private)
+    (run_dir / "grid.png").unlink()
+    (run_dir / "grid.png").symlink_to(private)
+    page = render_html(run_dir)
+    assert base64.b64encode(private.read_bytes()[:300]).decode()[:200] not in page
+    assert "grid.png is a symbolic link; not embedded." in page

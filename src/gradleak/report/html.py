@@ -118,25 +118,38 @@ def _config_value(value: Any) -> str:
 # --- reading the run folder -----------------------------------------------------------
 
 
+_MAX_EMBED_BYTES = 64 * 2**20   # a PNG embedded in a report, or a JSON file it reads
+
+
 def _load_json(path: Path, problems: list[str]) -> Any | None:
-    """The parsed JSON file, or None (with a line in ``problems``) when missing or unreadable."""
+    """The parsed JSON file, or None (with a line in ``problems``) when missing or unreadable.
+    Read bounded, never from a FIFO or device."""
+    from ..data._files import read_json
+    from ..errors import DataError
+
     if not path.is_file():
         problems.append(f"{path.name} not found in the run folder.")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return read_json(path, "run file", _MAX_EMBED_BYTES)
+    except DataError as error:
         problems.append(f"{path.name} could not be read: {error}")
         return None
 
 
 def _png_data_uri(path: Path) -> tuple[str | None, str | None]:
-    """``(data URI, None)`` for a PNG file, or ``(None, reason)`` when it cannot be embedded."""
+    """``(data URI, None)`` for a PNG file, or ``(None, reason)`` when it cannot be embedded.
+    A symbolic link is never followed: a page would otherwise embed whatever it points to."""
+    from ..data._files import read_bounded
+    from ..errors import DataError
+
+    if path.is_symlink():
+        return None, f"{path.name} is a symbolic link; not embedded."
     if not path.is_file():
         return None, f"{path.name} not found in the run folder."
     try:
-        data = path.read_bytes()
-    except OSError as error:
+        data = read_bounded(path, "figure", _MAX_EMBED_BYTES)
+    except DataError as error:
         return None, f"{path.name} could not be read: {error}"
     if not data.startswith(_PNG_SIGNATURE):
         return None, f"{path.name} is not a PNG file; not embedded."
