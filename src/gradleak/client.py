@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch.func import grad
 from .data.spec import DataSpec
 from .errors import ConfigError
 from .functional import buffers_after_forward, task_loss
+from .limits import check_seed, short_repr
 from .losses import get_loss
 from .update import SharedUpdate
 
@@ -44,6 +45,22 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _count(name: str, value: Any, high: int) -> int:
+    """``value`` is a positive int (not a bool) of at most ``high``; else a ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ConfigError(f"{name} must be a positive integer (at most {high}), got {short_repr(value)}")
+    return value
+
+
+def _positive_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
 
 
 def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
@@ -176,7 +193,17 @@ class ClientSetup:
     protocol: "fedsgd" (one gradient of the batch mean) or "fedavg" (weight delta after
     local SGD with ``lr`` for ``local_steps`` steps or ``epochs`` epochs in minibatches of
     ``local_batch_size``). ``batch_size``: images per client.
+
+    Every field is checked on construction (and by ``dataclasses.replace``), so a bad value
+    is refused in one line naming it before any client trains: counts are positive integers
+    within ``MAX_*`` below, ``lr`` a positive finite number, ``seed`` in 0..2**63-1, flags
+    booleans, ``extra`` a mapping with string keys. At most one of ``local_steps`` and
+    ``epochs`` is given; under FedAvg without either, one local step.
     """
+
+    MAX_BATCH: ClassVar[int] = 2**20       # images per client, minibatch size
+    MAX_STEPS: ClassVar[int] = 100_000     # local SGD steps
+    MAX_EPOCHS: ClassVar[int] = 10_000     # local epochs
 
     protocol: str = "fedsgd"
     batch_size: int = 1
@@ -189,10 +216,22 @@ class ClientSetup:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.protocol not in ("fedsgd", "fedavg"):
-            raise ConfigError(f"protocol must be 'fedsgd' or 'fedavg', got {self.protocol!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.protocol, str) or self.protocol not in ("fedsgd", "fedavg"):
+            raise ConfigError(f"protocol must be 'fedsgd' or 'fedavg', got {short_repr(self.protocol)}")
+        _count("batch_size", self.batch_size, self.MAX_BATCH)
+        for name, high in (("local_steps", self.MAX_STEPS), ("epochs", self.MAX_EPOCHS),
+                           ("local_batch_size", self.MAX_BATCH)):
+            if getattr(self, name) is not None:
+                _count(name, getattr(self, name), high)
+        if self.local_steps is not None and self.epochs is not None:
+            raise ConfigError(f"give at most one of local_steps ({self.local_steps}) and epochs ({self.epochs})")
+        if not _positive_finite(self.lr):
+            raise ConfigError(f"lr must be a positive finite number, got {short_repr(self.lr)}")
+        if not isinstance(self.share_labels, bool):
+            raise ConfigError(f"share_labels must be true or false, got {short_repr(self.share_labels)}")
+        check_seed("seed", self.seed)
+        if not isinstance(self.extra, Mapping) or not all(isinstance(k, str) for k in self.extra):
+            raise ConfigError(f"extra must be a mapping with string keys, got {short_repr(self.extra)}")
         if self.protocol == "fedavg" and self.local_steps is None and self.epochs is None:
             self.local_steps = 1
 

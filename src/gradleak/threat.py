@@ -11,13 +11,24 @@ enters an attack and is used only in evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
 from .data.spec import DataSpec
 from .errors import ConfigError
+from .limits import check_input_shape, short_repr
 from .update import SharedUpdate
 
 __all__ = ["ThreatModel"]
+
+
+def _data_spec(value: Any) -> DataSpec:
+    """A DataSpec from ``{mean: [...], std: [...]}`` (as a config file gives it)."""
+    if not isinstance(value, Mapping) or set(value) != {"mean", "std"}:
+        raise ConfigError(f"data_spec must be a DataSpec or a mapping {{mean: [...], std: [...]}}, got {short_repr(value)}")
+    try:
+        return DataSpec(value["mean"], value["std"])
+    except ConfigError as error:
+        raise ConfigError(f"data_spec: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -38,11 +49,15 @@ class ThreatModel:
     input_shape: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        """Flags must be booleans; ``data_spec`` a DataSpec or a {mean, std} mapping; ``input_shape``
+        1-4 positive integers within :mod:`gradleak.limits` (sides <= 4096, C*H*W <= 2**24)."""
+        for name in ("labels_known", "batch_size_known", "bn_statistics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
+        if self.data_spec is not None and not isinstance(self.data_spec, DataSpec):
+            object.__setattr__(self, "data_spec", _data_spec(self.data_spec))
         if self.input_shape is not None:
-            shape = tuple(self.input_shape)
-            if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-                raise ConfigError(f"ThreatModel.input_shape must be positive integers, e.g. (3, 32, 32); got {self.input_shape!r}")
-            object.__setattr__(self, "input_shape", shape)
+            object.__setattr__(self, "input_shape", check_input_shape("input_shape", self.input_shape))
 
     def observe(self, update: SharedUpdate) -> SharedUpdate:
         """The update as this attacker sees it: labels, batch size and buffers removed

@@ -21,6 +21,13 @@ named by its key (``defenses[3]: unknown defense 'gausian'``). A YAML example::
     utility: {data: digits, model: mlp, clients: 10, rounds: 50, server_lr: 0.5}   # or false
     verdict: {recognisable_psnr: 18, partial_psnr: 14}   # optional: recognisable_ssim, partial_ssim
 
+The file is untrusted input and bounded (``gradleak.audit._parse``, ``gradleak.audit._checks``):
+at most 1 MiB of UTF-8; at most 100,000 values and 1,000,000 characters counting every YAML
+alias where it is used; nesting at most 32 deep; integers within 64 bits, no NaN; data.n at
+most 100,000 (and n x 3 x size x size at most 2**28), data.size and utility.size 4..512,
+batch sizes at most 4096, utility rounds/clients/eval_every at most 100,000, the grid at most
+100,000 cells, the name one line of at most 200 characters, seed in 0..2**63-1.
+
 A ``dp-sgd`` defense without ``rounds`` has its budget spread over the utility training's
 ``rounds``, in the attack cells too. With FedSGD both the attacked client and the training
 clients use their whole batch (q = 1, one step per round), so both get the same noise
@@ -32,13 +39,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..client import ClientSetup
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..limits import MAX_SEED
+from ._checks import MAX_BATCH, MAX_COUNT, MAX_GRID, MAX_NAME, check_data, check_tree, count, integer
+from ._checks import check_keys as _check_keys
+from ._checks import named_entry as _named
+from ._checks import named_errors as _named_errors
+from ._checks import nonempty_list as _list
+from ._checks import number, show, side, sorted_keys, source, str_keyed, text
+from ._parse import parse_config, read_config
 
 __all__ = ["AuditConfig", "ModelChoice", "AttackChoice", "UtilityConfig", "VerdictRule", "load_audit_config",
            "stable_hash"]
@@ -47,22 +61,6 @@ __all__ = ["AuditConfig", "ModelChoice", "AttackChoice", "UtilityConfig", "Verdi
 def stable_hash(value: Any) -> str:
     """A short hash of a JSON-able value (keys sorted): the identity of a cell on disk."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _named(where: str, entry: Any, extra_keys: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(name, options, other allowed keys) from ``"name"`` or ``{name: ..., options: {...}, ...}``."""
-    if isinstance(entry, str) and entry.strip():
-        return entry.strip(), {}, {}
-    if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
-        allowed = ("name", "options", *extra_keys)
-        extra = sorted(set(entry) - set(allowed))
-        if extra:
-            raise ConfigError(f"{where}: unknown key {extra[0]!r} (expected {', '.join(allowed)})")
-        options = entry.get("options") or {}
-        if not isinstance(options, Mapping):
-            raise ConfigError(f"{where}.options: expected a mapping, got {options!r}")
-        return entry["name"], dict(options), {k: entry[k] for k in extra_keys if k in entry}
-    raise ConfigError(f"{where}: expected a name or {{name: ..., options: {{...}}}}, got {entry!r}")
 
 
 @dataclass(frozen=True)
@@ -111,22 +109,25 @@ class UtilityConfig:
     local_batch_size: int | None = None
 
     def __post_init__(self):
-        from ..defenses.base import count, fraction, positive
+        from ..models import MODELS
 
+        source("utility: data", self.data)
+        if not isinstance(self.model, str) or self.model not in MODELS:
+            raise ConfigError(f"utility: model must be one of {', '.join(MODELS)}, got {show(self.model)}")
+        str_keyed("utility: model_options", self.model_options)
+        side("utility: size", self.size)
         for name in ("clients", "rounds", "eval_every"):
-            count("utility", name, getattr(self, name))
-        for name in ("local_steps", "local_batch_size"):
+            count(f"utility: {name}", getattr(self, name), MAX_COUNT)
+        for name, high in (("local_steps", ClientSetup.MAX_STEPS), ("local_batch_size", ClientSetup.MAX_BATCH)):
             if getattr(self, name) is not None:
-                count("utility", name, getattr(self, name))
-        positive("utility", "server_lr", self.server_lr)
+                count(f"utility: {name}", getattr(self, name), high)
+        number("utility: server_lr", self.server_lr)
         if self.lr is not None:
-            positive("utility", "lr", self.lr)
-        if not 0 < fraction("utility", "test_fraction", self.test_fraction):
-            raise ConfigError(f"utility: test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        if self.protocol not in (None, "fedsgd", "fedavg"):
-            raise ConfigError(f"utility: protocol must be fedsgd or fedavg, got {self.protocol!r}")
-        if not isinstance(self.model_options, Mapping):
-            raise ConfigError(f"utility: model_options must be a mapping, got {self.model_options!r}")
+            number("utility: lr", self.lr)
+        if number("utility: test_fraction", self.test_fraction) >= 1:
+            raise ConfigError(f"utility: test_fraction must be in (0, 1), got {show(self.test_fraction)}")
+        if self.protocol is not None and (not isinstance(self.protocol, str) or self.protocol not in ("fedsgd", "fedavg")):
+            raise ConfigError(f"utility: protocol must be fedsgd or fedavg, got {show(self.protocol)}")
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,8 @@ class VerdictRule:
     partial_ssim: float | None = None
 
     def __post_init__(self):
-        from ..defenses.base import positive
-
-        if positive("verdict", "partial_psnr", self.partial_psnr) > positive("verdict", "recognisable_psnr",
-                                                                             self.recognisable_psnr):
+        if number("verdict: partial_psnr", self.partial_psnr) > number("verdict: recognisable_psnr",
+                                                                        self.recognisable_psnr):
             raise ConfigError(f"verdict: partial_psnr ({self.partial_psnr}) must not exceed recognisable_psnr "
                               f"({self.recognisable_psnr})")
         for name in ("recognisable_ssim", "partial_ssim"):
@@ -195,71 +194,141 @@ class AuditConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        """Check every value, cheapest first, before anything is built, run or written."""
+        text("name:", self.name, MAX_NAME, one_line_only=True)
+        integer("seed:", self.seed, 0, MAX_SEED)
+        if not isinstance(self.dtype, str) or self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype: must be float32 or float64, got {show(self.dtype)}")
+        for where, value in (("data", self.data), ("client", self.client), ("threat", self.threat)):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a mapping, got {show(value)}")
+            check_tree(value, where)
+        check_data(self.data)
+        self._check_grid()
+        self._check_defenses()
+        self._check_client()
+        self._check_utility()
+        if not isinstance(self.verdict, VerdictRule):
+            raise ConfigError(f"verdict: expected a VerdictRule, got {show(self.verdict)}")
+        self._check_attack_options()
+
+    def _check_grid(self) -> None:
+        """Models and attacks by zoo name with string-keyed options, batch sizes, the grid's size."""
         from ..attacks import ATTACKS
-        from ..defenses import make_defenses
         from ..models import MODELS
 
-        if not self.models or not self.attacks or not self.defenses or not self.batch_sizes:
-            raise ConfigError("an audit needs at least one model, attack, defense entry (none allowed) and batch size")
+        for key in ("models", "attacks", "defenses", "batch_sizes"):
+            value = getattr(self, key)
+            if not isinstance(value, (tuple, list)) or not value:
+                raise ConfigError(f"{key}: expected a non-empty list, got {show(value)}")
+        cells = len(self.models) * len(self.attacks) * len(self.defenses) * len(self.batch_sizes)
+        if cells > MAX_GRID:
+            raise ConfigError(f"the audit grid (models x attacks x defenses x batch_sizes) has {cells:,} cells; "
+                              f"the limit is {MAX_GRID:,}")
         for k, m in enumerate(self.models):
-            if m.name not in MODELS:
-                raise ConfigError(f"models[{k}]: unknown model {m.name!r}; known: {', '.join(MODELS)}")
+            if not isinstance(m, ModelChoice) or not isinstance(m.name, str) or m.name not in MODELS:
+                raise ConfigError(f"models[{k}]: unknown model {show(getattr(m, 'name', m))}; known: {', '.join(MODELS)}")
+            check_tree(str_keyed(f"models[{k}].options", m.options), f"models[{k}].options")
         names = {m.name for m in self.models}
         for k, a in enumerate(self.attacks):
-            if a.name not in ATTACKS:
-                raise ConfigError(f"attacks[{k}]: unknown attack {a.name!r}; known: {', '.join(sorted(ATTACKS))}")
+            if not isinstance(a, AttackChoice) or not isinstance(a.name, str) or a.name not in ATTACKS:
+                raise ConfigError(f"attacks[{k}]: unknown attack {show(getattr(a, 'name', a))}; "
+                                  f"known: {', '.join(sorted(ATTACKS))}")
+            check_tree(str_keyed(f"attacks[{k}].options", a.options), f"attacks[{k}].options")
+            if a.models is not None and (not isinstance(a.models, (tuple, list))
+                                         or not all(isinstance(m, str) for m in a.models)):
+                raise ConfigError(f"attacks[{k}].models: expected a list of model names, got {show(a.models)}")
             missing = sorted(set(a.models or ()) - names)
             if missing:
                 raise ConfigError(f"attacks[{k}].models: {missing[0]!r} is not one of the audit's models "
                                   f"({', '.join(sorted(names))})")
         for k, b in enumerate(self.batch_sizes):
-            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                raise ConfigError(f"batch_sizes[{k}]: must be a positive integer, got {b!r}")
-        n = self.data.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"data.n: the number of images to attack must be a positive integer, got {n!r}")
+            count(f"batch_sizes[{k}]:", b, MAX_BATCH)
+
+    def _check_defenses(self) -> None:
+        """Every grid value's defense stack builds, and its clients split the images."""
+        from ..defenses import make_defenses
+
+        n = self.data["n"]
         for k, entry in enumerate(self.defenses):
+            if not isinstance(entry, (tuple, list)):
+                raise ConfigError(f"defenses[{k}]: expected a list of defense specs, got {show(entry)}")
+            check_tree(list(entry), f"defenses[{k}]")
             try:
                 stack = make_defenses(list(entry))
             except ConfigError as error:
-                raise ConfigError(f"defenses[{k}]: {error}") from None
+                raise ConfigError(f"defenses[{k}]: {one_line(error, 300)}") from None
+            except (TypeError, ValueError, OverflowError) as error:
+                raise ConfigError(f"defenses[{k}]: not a valid defense spec ({one_line(error, 200)})") from None
             group = next((d.clients for d in stack if d.stage == "aggregate"), 1)
             for b in self.batch_sizes:
                 if n % (b * group):
                     raise ConfigError(f"defenses[{k}] with batch size {b}: data.n={n} images do not split into "
                                       f"clients of {b} image(s) aggregated in groups of {group}")
+
+    def _check_client(self) -> None:
+        """``client`` holds ClientSetup fields except those the audit sets (batch size, seed)."""
+        known = [f.name for f in dataclasses.fields(ClientSetup)]
+        for key in sorted_keys(self.client):
+            if key == "batch_size":
+                raise ConfigError("client: batch_size is set by the audit's batch_sizes, not here")
+            if key == "seed":
+                raise ConfigError("client: seed is set by the audit's top-level seed, not here")
+            if key not in known:
+                raise ConfigError(f"client: unknown key {show(key)}; keys: "
+                                  f"{', '.join(k for k in known if k not in ('batch_size', 'seed'))}")
+        self._client_setup("client", self.client)
+
+    def _client_setup(self, where: str, values: Mapping[str, Any]) -> ClientSetup:
         try:
-            ClientSetup(**{**self.client, "batch_size": 1})
-        except TypeError as error:
-            raise ConfigError(f"client: {error}") from None
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
-        self._check_attack_options()
+            return ClientSetup(**{**values, "batch_size": 1, "seed": self.seed})
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {one_line(error, 300)}") from None
+
+    def _check_utility(self) -> None:
+        """The utility training's clients: the audit's client settings with its overrides."""
+        u = self.utility
+        if u is None:
+            return
+        if not isinstance(u, UtilityConfig):
+            raise ConfigError(f"utility: expected a UtilityConfig or None, got {show(u)}")
+        check_tree(u.model_options, "utility.model_options")
+        overrides = {k: getattr(u, k) for k in ("protocol", "lr", "local_steps", "local_batch_size")
+                     if getattr(u, k) is not None}
+        self._client_setup("utility", {**self.client, **overrides})
+        from ..models import parameter_shapes
+
+        channels = 1 if u.data in ("faces", "digits") else 3
+        with _named_errors("utility: model_options"):  # on the meta device: nothing is allocated
+            parameter_shapes(u.model, (channels, u.size or 32, u.size or 32), 10, **u.model_options)
 
     def _check_attack_options(self) -> None:
         """Build every (model, attack) once, so that a bad model or attack option (or threat
         key) is refused now, naming it, rather than after hours of other cells."""
         from ..models import build_model
         from ..pipeline import make_attack
-        from ..threat import ThreatModel
 
-        try:
-            threat = ThreatModel(**self.threat)
-        except TypeError as error:
-            raise ConfigError(f"threat: {error}") from None
+        threat = self._threat_model()
         size = self.data.get("size") or 32
         channels = 1 if self.data.get("name") in ("faces", "digits") else 3
         for k, model in enumerate(self.models):
-            try:
+            with _named_errors(f"models[{k}]"):
                 net = build_model(model.name, (channels, size, size), 10, **model.options)
-            except ConfigError as error:
-                raise ConfigError(f"models[{k}]: {error}") from None
             for j, attack in enumerate(self.attacks):
                 if attack.applies_to(model):
-                    try:
+                    with _named_errors(f"attacks[{j}]"):
                         make_attack(attack.name, net, threat, dict(attack.options))
-                    except ConfigError as error:
-                        raise ConfigError(f"attacks[{j}]: {error}") from None
+
+    def _threat_model(self):
+        """The ThreatModel of ``threat``, its keys and values checked."""
+        from ..threat import ThreatModel
+
+        known = [f.name for f in dataclasses.fields(ThreatModel)]
+        unknown = [k for k in sorted_keys(self.threat) if k not in known]
+        if unknown:
+            raise ConfigError(f"threat: unknown key {show(unknown[0])}; keys: {', '.join(known)}")
+        with _named_errors("threat"):
+            return ThreatModel(**self.threat)
 
     def defense_stacks(self) -> list[list[Any]]:
         """Each grid value's defenses, with DP budgets spread over the utility rounds."""
@@ -282,6 +351,8 @@ class AuditConfig:
     # ------------------------------------------------------------------ from mappings
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "AuditConfig":
+        """An audit from parsed YAML/TOML: its size and value types are checked first (:func:`check_tree`)."""
+        check_tree(raw)
         _check_keys("the audit config", raw, cls)
         for key in ("models", "attacks"):
             if key not in raw:
@@ -293,7 +364,7 @@ class AuditConfig:
             name, options, extra = _named(f"attacks[{k}]", entry, ("models",))
             models = extra.get("models")
             if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
-                raise ConfigError(f"attacks[{k}].models: expected a list of model names, got {models!r}")
+                raise ConfigError(f"attacks[{k}].models: expected a list of model names, got {show(models)}")
             attacks.append(AttackChoice(name, options, None if models is None else tuple(models)))
         values["attacks"] = tuple(attacks)
         if "defenses" in raw:
@@ -303,32 +374,16 @@ class AuditConfig:
         for key in ("data", "client", "threat"):
             if key in raw:
                 if not isinstance(raw[key], Mapping):
-                    raise ConfigError(f"{key}: expected a mapping, got {raw[key]!r}")
+                    raise ConfigError(f"{key}: expected a mapping, got {show(raw[key])}")
                 values[key] = dict(raw[key])
         if "data" in values:
             values["data"] = {"name": "photos", "n": 4, "size": 32, **values["data"]}
         if "utility" in raw:
-            values["utility"] = None if raw["utility"] in (False, None) else _sub(UtilityConfig, "utility", raw["utility"])
+            off = raw["utility"] is False or raw["utility"] is None
+            values["utility"] = None if off else _sub(UtilityConfig, "utility", raw["utility"])
         if "verdict" in raw:
             values["verdict"] = _sub(VerdictRule, "verdict", raw["verdict"])
         return cls(**values)
-
-
-def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
-    value = raw[key]
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
-    return value
-
-
-def _check_keys(where: str, value: Any, cls) -> None:
-    """``value`` is a mapping whose keys are fields of the dataclass ``cls``; else name the first stranger."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys: {', '.join(sorted(known))}")
 
 
 def _sub(cls, key: str, value: Any):
@@ -337,21 +392,18 @@ def _sub(cls, key: str, value: Any):
 
 
 def load_audit_config(path: str | Path) -> AuditConfig:
-    """An :class:`AuditConfig` from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file."""
+    """An :class:`AuditConfig` from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file.
+
+    The file is untrusted: at most 1 MiB, UTF-8, parsed safely, its size counted with YAML
+    aliases expanded before any value is used; every problem is one ConfigError line."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"audit config {str(path)!r} does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(f"audit config {str(path)!r}: expected a .yaml, .yml or .toml file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if suffix == ".toml":
-            raw = tomllib.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as error:  # tomllib.TOMLDecodeError, yaml.YAMLError
-        raise ConfigError(f"audit config {str(path)!r} does not parse: {error}") from None
+    raw = parse_config(path, read_config(path))
+    if raw is None or raw == {}:
+        raise ConfigError(f"audit config {str(path)!r} is empty")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"audit config {str(path)!r}: expected a mapping of keys at the top, "
+                          f"got a {type(raw).__name__}")
     return AuditConfig.from_mapping(raw)
