@@ -506,7 +506,7 @@ def test_zip_archive_instead_of_tensors(tmp_path, genuine_run):
 TENSOR_CASES = {
     "images int": (dict(images=torch.zeros(2, 3, 32, 32, dtype=torch.int32)),
                    "'images' must be a floating-point tensor (float16/32/64, bfloat16), got torch.int32"),
-    "images NaN": (dict(images=torch.full((2, 3, 32, 32), float("nan"))), "'images' holds NaN or infinite values"),
+    "originals NaN": (dict(originals=torch.full((2, 3, 32, 32), float("nan"))), "'originals' holds NaN or infinite values"),
     "images 3-d": (dict(images=torch.zeros(2, 32, 32)), "'images' must have shape (N, 1 or 3, H, W), got (2, 32, 32)"),
     "originals mismatch": (dict(originals=torch.zeros(2, 3, 16, 16)), "'originals' of shape (2, 3, 16, 16) does not match"),
     "originals range": (dict(originals=torch.full((2, 3, 32, 32), 3.0)), "'originals' must lie in [0, 1]"),
@@ -515,8 +515,8 @@ TENSOR_CASES = {
     "images float8": (dict(images=torch.zeros(2, 3, 32, 32, dtype=torch.float8_e4m3fn)), "got torch.float8_e4m3fn"),
     "labels count": (dict(true_labels=torch.zeros(5, dtype=torch.int64)),
                      "'true_labels' has 5 labels but 'originals' has 2"),
-    "too many images": (dict(images=torch.zeros(1025, 1, 1, 1), originals=None, labels=None),
-                        "exceeds the limits of 1024 images"),
+    "too many images": (dict(images=torch.zeros(100_001, 1, 1, 1), originals=None, labels=None),
+                        "exceeds the limits of 100000 images"),
 }
 
 

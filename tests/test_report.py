@@ -312,3 +312,21 @@ def test_a_report_never_embeds_what_a_linked_figure_points_to(run_dir, tmp_path)
     page = render_html(run_dir)
     assert base64.b64encode(private.read_bytes()[:300]).decode()[:200] not in page
     assert "grid.png is a symbolic link; not embedded." in page
+
+
+def test_a_diverged_reconstruction_is_written_and_rebuilt(tmp_path, rgb_images):
+    from gradleak.attacks.base import Reconstruction
+    from gradleak.runs import rebuild_report, write_run
+
+    images = rgb_images[:2].clone()
+    images[1] = float("nan")  # an attack that diverged on the second image
+    write_run(tmp_path / "run", Reconstruction(images), originals=rgb_images[:2])
+    assert rebuild_report(tmp_path / "run").is_file()
+
+
+def test_a_grid_of_many_images_draws_the_first_ones_and_says_so(tmp_path):
+    from gradleak.report.figures import MAX_GRID_IMAGES
+
+    images = torch.rand(MAX_GRID_IMAGES + 40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    path = reconstruction_grid(images, tmp_path / "grid.png", title="many")
+    assert _png(path).size[1] < 10_000  # 32 rows of 8, not 37

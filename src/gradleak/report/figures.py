@@ -105,6 +105,9 @@ def _show_image(ax: Any, image: np.ndarray) -> None:
         spine.set_visible(False)
 
 
+MAX_GRID_IMAGES = 256  # images drawn in one grid (32 row pairs of 8); the rest are in the tables
+
+
 def reconstruction_grid(
     reconstructions: Any,
     path: str | os.PathLike,
@@ -124,7 +127,8 @@ def reconstruction_grid(
             matched); shown in an ``original`` row above each ``reconstruction`` row.
         psnr: one PSNR per reconstruction (float, ``"inf"`` or None), shown as its title.
         title: a title over the whole figure.
-        max_columns: images per row; more images wrap into further row pairs.
+        max_columns: images per row; more images wrap into further row pairs. At most
+            :data:`MAX_GRID_IMAGES` images are drawn (the title says so when there are more).
 
     Returns:
         The path of the written PNG.
@@ -145,6 +149,10 @@ def reconstruction_grid(
         raise ConfigError(f"psnr has {len(labels)} values but there are {n} reconstructions")
     if n == 0:
         return _message_figure("no reconstruction", path, title)
+    if n > MAX_GRID_IMAGES:  # matplotlib cannot draw a figure thousands of cells tall; the page says so
+        title = f"{title or ''} (the first {MAX_GRID_IMAGES} of {n})".strip()
+        recon, labels, n = recon[:MAX_GRID_IMAGES], labels[:MAX_GRID_IMAGES], MAX_GRID_IMAGES
+        orig = None if orig is None else orig[:MAX_GRID_IMAGES]
 
     columns = min(n, max_columns)
     groups = math.ceil(n / columns)
