@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -108,6 +109,7 @@ def match(reconstructed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     a = reconstructed.detach().double().clamp(0, 1).flatten(1)
     b = original.detach().double().clamp(0, 1).flatten(1)
     cost = torch.cdist(b, a).pow(2).cpu().numpy()
+    cost[~np.isfinite(cost)] = np.finfo(np.float64).max / (4 * max(cost.shape))  # a diverged (NaN) image matches last
     rows, cols = linear_sum_assignment(cost)
     perm = torch.full((original.shape[0],), -1, dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
