@@ -198,6 +198,7 @@ name: anchors
 data: &data {name: photos, n: 2, size: 16}
 models:
   - &mlp {name: mlp, options: {hidden: "64"}}
+  - {<<: *mlp, options: {hidden: "32"}}   # a merge key may be overridden
 attacks:
   - &fc {name: fc-bias, models: [mlp]}
 defenses: [&none none, *none, [*none]]
@@ -207,6 +208,7 @@ utility: false
 """
     config = load_audit_config(_yaml(tmp_path, text))
     assert config.models[0].options == {"hidden": "64"} and len(config.defenses) == 3
+    assert [m.name for m in config.models] == ["mlp", "mlp"] and config.models[1].options == {"hidden": "32"}
     assert config.batch_sizes == (1, 2)
 
 
@@ -324,6 +326,25 @@ def test_parse_errors_are_one_line_with_line_and_column(tmp_path, name, text, ne
     path = _yaml(tmp_path, text, name)
     refused(lambda: load_audit_config(path), *needles)
     cli_refuses(tmp_path, path, "does not parse")
+
+
+@pytest.mark.parametrize("name, text, needles", [
+    ("audit.yaml", "name: 2024-01-01\n", ["name: a date is not a config value"]),
+    ("audit.yaml", "name: !!binary aGVsbG8=\n", ["name: a bytes is not a config value"]),
+    ("audit.yaml", "name: !!set {a, b}\n", ["name: a set is not a config value"]),
+    ("audit.yaml", "name: .nan\n", ["name: nan"]),
+    ("audit.toml", "name = 1979-05-27T07:32:00Z\n", ["name: a datetime is not a config value"]),
+    ("audit.toml", "seed = nan\n", ["seed: nan"]),
+    ("audit.toml", "seed = inf\n", ["seed: must be an integer", "inf"]),
+])
+def test_values_that_are_not_plain_data_are_refused(tmp_path, name, text, needles):
+    body = {k: v for k, v in BASE.items() if k not in ("name", "utility")}
+    head = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in body.items() if k != "data")
+    if name.endswith(".toml"):
+        content = text + head + '[data]\nname = "photos"\nn = 2\nsize = 16\n'
+    else:
+        content = yaml.safe_dump(body, sort_keys=False) + text
+    refused(lambda: load_audit_config(_yaml(tmp_path, content, name)), *needles)
 
 
 def test_yaml_never_runs_code(tmp_path):
