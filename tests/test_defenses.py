@@ -213,7 +213,7 @@ def test_specs_parse_and_bad_specs_name_the_problem():
     assert make_defense("dp-sgd:epsilon=8").label() == "dp-sgd(epsilon=8)"
     for spec, needle in [("gausian", "unknown defense 'gausian'"), ("gaussian", "exactly one of variance, std"),
                          ("gaussian:variance=1e-2,std=1", "exactly one"), ("pruning:ratio=1.5", "ratio must be in"),
-                         ("pruning:rate=0.5", "unknown option 'rate'"), ("dp-sgd:epsilon=-1", "epsilon must be > 0"),
+                         ("pruning:rate=0.5", "unknown option 'rate'"), ("dp-sgd:epsilon=-1", "epsilon must be a finite number > 0"),
                          ("half:dtype=int4", "dtype must be one of"), ("secure-aggregation:clients=0", "clients")]:
         with pytest.raises(ConfigError, match=needle):
             make_defense(spec)

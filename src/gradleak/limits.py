@@ -85,8 +85,11 @@ def check_float(where: str, value: Any, *, low: float = 0.0, high: float = math.
             number = float(value)
         except OverflowError:
             number = None
-    bracket = "(" if low_open else "["
     if number is None or not math.isfinite(number) or number < low or (low_open and number == low) or number > high:
-        raise ConfigError(f"{where} must be a finite number in {bracket}{low:g}, {high:g}]{' or None' if optional else ''}, "
+        if math.isinf(high):
+            bound = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{where} must be a finite number {bound}{' or None' if optional else ''}, "
                           f"got {short_repr(value)}")
     return number

@@ -30,7 +30,7 @@ import torch
 from .._io import atomic_write_json, from_json_float, to_jsonable
 from ..client import ClientSetup
 from ..data.spec import DataSpec
-from ..errors import AttackNotApplicable, ConfigError, GradleakError
+from ..errors import AttackNotApplicable, GradleakError
 from .config import AuditConfig, AttackChoice, ModelChoice, load_audit_config, stable_hash
 
 __all__ = ["CellSpec", "CellResult", "AuditResult", "run_audit", "audit_cells", "mean_image_psnr"]
@@ -222,15 +222,15 @@ def _run_utility(stack: list[Any], config: AuditConfig, out: Path, progress, res
     stored = _stored(path, key) if resume else None
     if stored is not None:
         return _numbers(stored["result"])
-    dataset = load_dataset(u.data, size=u.size)
-    train, test = split_dataset(dataset, u.test_fraction, seed=config.seed)
-    shape = tuple(train.images.shape[1:])
-    net = build_model(u.model, shape, len(dataset.classes), seed=config.seed, **u.model_options)
     client = {**config.client, **{k: v for k, v in (("protocol", u.protocol), ("lr", u.lr), ("local_steps", u.local_steps),
                                                     ("local_batch_size", u.local_batch_size)) if v is not None}}
-    setup = ClientSetup(**{**client, "seed": config.seed})
     task = progress.add_task(f"utility: {_defense_label(stack)}", total=u.rounds)
     try:
+        dataset = load_dataset(u.data, size=u.size)
+        train, test = split_dataset(dataset, u.test_fraction, seed=config.seed)
+        net = build_model(u.model, tuple(train.images.shape[1:]), len(dataset.classes), seed=config.seed,
+                          **u.model_options)
+        setup = ClientSetup(**{**client, "seed": config.seed})
         result = train_federated(net, train, test, clients=u.clients, rounds=u.rounds, setup=setup, defenses=stack,
                                  server_lr=u.server_lr, loss=MODELS[u.model].loss, seed=config.seed,
                                  eval_every=u.eval_every,
@@ -304,10 +304,8 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
         config = load_audit_config(config)
     out = Path(out)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
-    data = dict(config.data)
-    dataset = load_dataset(data.pop("name"), size=data.pop("size", None), n=data.pop("n"))
-    if data:
-        raise ConfigError(f"data: unknown key {sorted(data)[0]!r} (expected name, n, size)")
+    data = config.data  # keys and values checked by AuditConfig
+    dataset = load_dataset(data["name"], size=data.get("size"), n=data["n"])
     images = dataset.images.to(dtype)
     context = {"images": images, "labels": dataset.labels, "classes": dataset.classes, "dtype": dtype,
                "spec": DataSpec.from_images(images)}

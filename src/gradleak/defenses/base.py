@@ -32,6 +32,7 @@ from torch import nn
 from ..client import ClientSetup
 from ..data.spec import DataSpec
 from ..errors import ConfigError
+from ..limits import check_float, check_int, short_repr
 from ..registry import Registry
 from ..update import SharedUpdate
 
@@ -117,32 +118,26 @@ def _short(value: Any) -> str:
 
 
 def positive(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> float:
-    """``value`` as a float, > 0 (or >= 0); else a ConfigError naming ``owner.name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"),):
-        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{owner}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
+    """``value`` as a float, > 0 (or >= 0) and finite; else a ConfigError naming ``owner: name``."""
+    return check_float(f"{owner}: {name}", value, low_open=not allow_zero)
 
 
 def count(owner: str, name: str, value: Any) -> int:
-    """``value`` as a positive int; else a ConfigError naming ``owner.name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return value
+    """``value`` as a positive int (up to 2**63 - 1); else a ConfigError naming ``owner: name``."""
+    return check_int(f"{owner}: {name}", value, 1, 2**63 - 1)
 
 
 def fraction(owner: str, name: str, value: Any) -> float:
     """``value`` as a float in [0, 1); else a ConfigError naming ``owner.name``."""
     value = positive(owner, name, value, allow_zero=True)
     if value >= 1:
-        raise ConfigError(f"{owner}: {name} must be in [0, 1), got {value!r}")
+        raise ConfigError(f"{owner}: {name} must be in [0, 1), got {short_repr(value)}")
     return value
 
 
 def one_of(owner: str, name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
-        raise ConfigError(f"{owner}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise ConfigError(f"{owner}: {name} must be one of {', '.join(map(str, choices))}; got {short_repr(value)}")
     return value
 
 
