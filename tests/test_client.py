@@ -85,7 +85,7 @@ def test_bad_client_arguments_are_named(lenet, photos):
     x, y = photos.images[:2].double(), photos.labels[:2]
     with pytest.raises(ConfigError, match="exactly one of local_steps and epochs"):
         fedavg_update(lenet, x, y, lr=0.1)
-    with pytest.raises(ConfigError, match="lr must be a positive finite number"):
+    with pytest.raises(ConfigError, match="lr must be a finite number > 0"):
         fedavg_update(lenet, x, y, lr=-1.0, local_steps=1)
     with pytest.raises(ConfigError, match="one label per image"):
         fedsgd_update(lenet, x, y[:1])

@@ -274,8 +274,8 @@ def test_client_settings_are_checked_up_front(tmp_path, client, needles):
 
 
 @pytest.mark.parametrize("fields, needles", [
-    ({"lr": -1}, ["lr", "positive", "-1"]),
-    ({"batch_size": 0}, ["batch_size", "positive"]),
+    ({"lr": -1}, ["lr must be a finite number > 0", "-1"]),
+    ({"batch_size": 0}, ["batch_size must be an integer in 1.."]),
     ({"batch_size": "2"}, ["batch_size"]),
     ({"seed": -1}, ["seed"]),
     ({"seed": 2**63}, ["seed"]),

@@ -150,14 +150,14 @@ def test_tensors_of_unsupported_dtypes_are_refused(tmp_path, update, dtype):
 
 
 @pytest.mark.parametrize("key, value, needle", [
-    ("local_lr", "1" + "0" * 400, "local_lr must be a positive finite number"),
-    ("local_lr", "1e999", "local_lr must be a positive finite number"),
+    ("local_lr", "1" + "0" * 400, "local_lr must be a finite number > 0 or None"),
+    ("local_lr", "1e999", "local_lr must be a finite number > 0 or None"),
     ("data_spec", '["a"]', "DataSpec: expected {'mean': [...], 'std': [...]}"),
     ("data_spec", '{"mean": ["a"], "std": [1]}', "DataSpec.mean[0]: expected a number"),
     ("data_spec", '{"mean": [1' + "0" * 400 + '], "std": [1]}', "DataSpec.mean[0]: must be finite"),
     ("data_spec", '{"mean": [1e999], "std": [1]}', "DataSpec.mean[0]: must be finite"),
     ("data_spec", '{"mean": [0], "std": [1e999]}', "DataSpec.std[0]: must be finite"),
-    ("batch_size", "100000000", "batch_size must be a positive integer up to 4096"),
+    ("batch_size", "100000000", "batch_size must be an integer in 1..4096"),
     ("input_shape", "[3, 32, 32, 0]", "input_shape[3] must be an integer in 1.."),
 ])
 def test_hostile_metadata_values_are_refused_naming_the_key(tmp_path, update, key, value, needle):

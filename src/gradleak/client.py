@@ -25,7 +25,7 @@ from torch.func import grad
 from .data.spec import DataSpec
 from .errors import ConfigError
 from .functional import buffers_after_forward, task_loss
-from .limits import check_seed, short_repr
+from .limits import check_float, check_int, check_seed, short_repr
 from .losses import get_loss
 from .update import SharedUpdate
 
@@ -45,22 +45,6 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _count(name: str, value: Any, high: int) -> int:
-    """``value`` is a positive int (not a bool) of at most ``high``; else a ConfigError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise ConfigError(f"{name} must be a positive integer (at most {high}), got {short_repr(value)}")
-    return value
-
-
-def _positive_finite(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value)) and value > 0
-    except OverflowError:
-        return False
 
 
 def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
@@ -155,10 +139,9 @@ def fedavg_update(
     if (local_steps is None) == (epochs is None):
         raise ConfigError("give exactly one of local_steps and epochs")
     for name, value in (("local_steps", local_steps), ("epochs", epochs), ("local_batch_size", local_batch_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+        if value is not None:
+            check_int(name, value, 1, ClientSetup.MAX_BATCH if name == "local_batch_size" else ClientSetup.MAX_STEPS)
+    check_float("lr", lr, low_open=True)
     n = images.shape[0]
     batch = min(local_batch_size or n, n)
     spec = spec or DataSpec()
@@ -218,15 +201,14 @@ class ClientSetup:
     def __post_init__(self):
         if not isinstance(self.protocol, str) or self.protocol not in ("fedsgd", "fedavg"):
             raise ConfigError(f"protocol must be 'fedsgd' or 'fedavg', got {short_repr(self.protocol)}")
-        _count("batch_size", self.batch_size, self.MAX_BATCH)
+        check_int("batch_size", self.batch_size, 1, self.MAX_BATCH)
         for name, high in (("local_steps", self.MAX_STEPS), ("epochs", self.MAX_EPOCHS),
                            ("local_batch_size", self.MAX_BATCH)):
             if getattr(self, name) is not None:
-                _count(name, getattr(self, name), high)
+                check_int(name, getattr(self, name), 1, high)
         if self.local_steps is not None and self.epochs is not None:
             raise ConfigError(f"give at most one of local_steps ({self.local_steps}) and epochs ({self.epochs})")
-        if not _positive_finite(self.lr):
-            raise ConfigError(f"lr must be a positive finite number, got {short_repr(self.lr)}")
+        check_float("lr", self.lr, low_open=True)
         if not isinstance(self.share_labels, bool):
             raise ConfigError(f"share_labels must be true or false, got {short_repr(self.share_labels)}")
         check_seed("seed", self.seed)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +33,7 @@ from safetensors.torch import save as _safetensors_save
 from ._io import atomic_write_bytes
 from .data.spec import DataSpec
 from .errors import ConfigError, UpdateFileError, one_line
-from .limits import MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_input_shape, short_repr
+from .limits import MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_float, check_input_shape, check_int, short_repr
 from .losses import LOSSES
 
 __all__ = ["SharedUpdate", "save_update", "load_update", "UpdateKind", "FORMAT_VERSION"]
@@ -74,22 +73,16 @@ def _check_tensors(group: str, tensors: Mapping[str, torch.Tensor], *, floating:
     return out
 
 
-def _positive_int(name: str, value: Any, *, optional: bool = True, high: int = 2**31) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise UpdateFileError(f"{name} must be a positive integer up to {high}{' or None' if optional else ''}, "
-                              f"got {short_repr(value)}")
-    return value
-
-
-def _positive_finite(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
+def _checked(check, *args, **kwargs):
+    """A :mod:`gradleak.limits` check whose refusal is an UpdateFileError (the update is the bad input)."""
     try:
-        return math.isfinite(float(value)) and value > 0
-    except OverflowError:  # an int beyond float range
-        return False
+        return check(*args, **kwargs)
+    except ConfigError as error:
+        raise UpdateFileError(str(error)) from None
+
+
+def _positive_int(name: str, value: Any, *, optional: bool = True, high: int = 2**31) -> int | None:
+    return None if value is None and optional else _checked(check_int, name, value, 1, high)
 
 
 @dataclass(frozen=True)
@@ -131,8 +124,7 @@ class SharedUpdate:
         _positive_int("local_steps", self.local_steps, optional=False, high=MAX_ITERATIONS)
         _positive_int("local_epochs", self.local_epochs, high=MAX_ITERATIONS)
         _positive_int("local_batch_size", self.local_batch_size, high=MAX_BATCH)
-        if self.local_lr is not None and not _positive_finite(self.local_lr):
-            raise UpdateFileError(f"local_lr must be a positive finite number or None, got {short_repr(self.local_lr)}")
+        _checked(check_float, "local_lr", self.local_lr, low_open=True, optional=True)
         if self.kind == "gradient" and self.local_steps != 1:
             raise UpdateFileError(f"a gradient update has local_steps=1, got {self.local_steps}")
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
@@ -170,10 +162,7 @@ class SharedUpdate:
             if self.batch_size is not None and labels.numel() != self.batch_size:
                 raise UpdateFileError(f"labels: {labels.numel()} labels for batch_size={self.batch_size}")
         if self.input_shape is not None:
-            try:
-                shape = check_input_shape("input_shape", self.input_shape)
-            except ConfigError as error:
-                raise UpdateFileError(str(error)) from None
+            shape = _checked(check_input_shape, "input_shape", self.input_shape)
             object.__setattr__(self, "input_shape", shape)
         if self.data_spec is not None and not isinstance(self.data_spec, DataSpec):
             raise UpdateFileError(f"data_spec must be a DataSpec, got {type(self.data_spec).__name__}")
