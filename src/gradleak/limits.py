@@ -10,6 +10,7 @@ batches of a few hundred) and documented in ``docs/hardening.md``.
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 from .errors import ConfigError, one_line
@@ -66,12 +67,22 @@ def check_batch(where: str, batch: int, input_shape: tuple[int, ...] | None) -> 
     return batch
 
 
-def short_repr(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a 5,000-digit integer stays one short line)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
-        return f"an integer of about {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """A short one-line repr of ``value`` for a message: long strings, lists and nesting cut
+    (:mod:`reprlib`), huge integers described by their size (a 5,000-digit integer has no
+    repr in Python 3.11+), never more than ``limit`` characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        return one_line(_REPR.repr(value), limit)
+    except Exception:  # noqa: BLE001 - a repr that fails (e.g. a huge int nested in a list): name the type
+        return f"a {type(value).__name__}"
 
 
 def check_float(where: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..errors import ConfigError, one_line
+from ..limits import short_repr
 
 MAX_NODES = 100_000          # values in the parsed config, every alias counted where it is used
 MAX_CHARS = 1_000_000        # characters of text (keys and strings), aliases counted likewise
@@ -40,20 +40,7 @@ MAX_NAME = 200               # characters of the audit's name
 MAX_PATH = 4096              # characters of a data name or path
 
 _CONTAINERS = (dict, list, tuple)
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 60
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 6
-_repr.maxlevel = 3
-
-
-def show(value: Any) -> str:
-    """A short, one-line repr of ``value`` for a message: long strings, lists and huge integers cut."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    try:
-        return one_line(_repr.repr(value), 120)
-    except Exception:  # a repr that fails (e.g. a huge int nested in a list): name the type
-        return f"a {type(value).__name__}"
+show = short_repr  # a short, one-line repr of a value for a message
 
 
 def sorted_keys(keys) -> list[Any]:
