@@ -127,3 +127,23 @@ def test_ctrl_c_before_anything_finished_exits_130_and_writes_nothing(tmp_path, 
     result = CliRunner().invoke(app, [*command, "--out", str(out), "-q"])
     assert result.exit_code == 130 and "interrupted" in result.output
     assert not (out / "report.html").exists() and not (out / "metrics.json").exists()
+
+
+def test_ctrl_c_stops_the_architecture_study_and_keeps_the_models_run(tmp_path, monkeypatch):
+    original = torch.optim.LBFGS.step
+    calls = []
+
+    def step(optimizer, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.LBFGS, "step", step)
+    out = tmp_path / "study"
+    result = CliRunner().invoke(app, ["study", "architectures", "--model", "lenet", "--model", "tv-resnet18",
+                                      "--steps", "4", "--inner", "2", "--out", str(out), "-q"])
+    assert result.exit_code == 130 and "interrupted: wrote the 1 model(s) run so far" in result.output
+    table = json.loads((out / "table.json").read_text())
+    assert [row["model"] for row in table] == ["lenet"] and table[0]["interrupted"] is True
+    assert len(calls) == 2  # tv-resnet18 never ran

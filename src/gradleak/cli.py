@@ -423,6 +423,10 @@ def study_architectures(
                           f"{r.psnr_final:.1f}", f"{r.seconds:.0f}")
         Console().print(table)
         Console().print(f"wrote {out}/report.html")
+    if results and results[-1].interrupted:
+        _err.print(f"interrupted: wrote the {len(results)} model(s) run so far to {out}",
+                   highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -17,6 +17,7 @@ in minutes on a 2-core CPU, the seed's 300 steps take hours there.
 from __future__ import annotations
 
 import html
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class ArchitectureResult:
     psnr_final: float
     seconds: float
     mse_curve: list[float]
+    interrupted: bool = False   # Ctrl-C stopped this model's run (the study ran no further model)
 
 
 def _snapshot_steps(steps: int, count: int) -> list[int]:
@@ -66,7 +68,8 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
                        models: Sequence[str] = tuple(ARCHITECTURES), image: int = 1, snapshots: int = 6,
                        num_classes: int = 10, seed: int = 0, quiet: bool = False) -> list[ArchitectureResult]:
     """Run DLG on each sigmoid model with the same photo (index ``image`` of the built-in
-    photos); ``steps`` L-BFGS steps of at most ``inner`` evaluations each."""
+    photos); ``steps`` L-BFGS steps of at most ``inner`` evaluations each. Ctrl-C stops the
+    study: the models run so far are written, the last one marked ``interrupted``."""
     unknown = [m for m in models if m not in ARCHITECTURES]
     if unknown:
         raise ConfigError(f"models {unknown} are not part of the study; choose from {list(ARCHITECTURES)}")
@@ -79,34 +82,42 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
     results, strips = [], {}
     with progress_bar(quiet) as progress:
         task = progress.add_task("DLG across architectures", total=len(models) * steps)
-        for name in models:
-            side, spec = ARCHITECTURES[name]
-            photo = load_builtin("photos", size=side).select([image])
-            model = build_model(name, (3, side, side), num_classes, seed=seed, activation="sigmoid")
-            label = photo.labels % num_classes
-            update = fedsgd_update(model, photo.images, label, spec=spec)
-            curve, frames, calls = [], {}, [0]
+        try:
+            for name in models:
+                side, spec = ARCHITECTURES[name]
+                photo = load_builtin("photos", size=side).select([image])
+                model = build_model(name, (3, side, side), num_classes, seed=seed, activation="sigmoid")
+                label = photo.labels % num_classes
+                update = fedsgd_update(model, photo.images, label, spec=spec)
+                curve, frames, calls = [], {}, [0]
 
-            def monitor(images, truth=photo.images):
-                step = calls[0]
-                calls[0] += 1
-                if step in wanted:
-                    frames[step] = images.detach().clamp(0, 1).clone()
-                value = float(mse(images, truth)[0])
-                curve.append(value)
-                progress.update(task, advance=1)
-                return {"mse": value}
+                def monitor(images, truth=photo.images):
+                    step = calls[0]
+                    calls[0] += 1
+                    if step in wanted:
+                        frames[step] = images.detach().clamp(0, 1).clone()
+                    value = float(mse(images, truth)[0])
+                    curve.append(value)
+                    progress.update(task, advance=1)
+                    return {"mse": value}
 
-            attack = DLG(model, iterations=steps, lbfgs_inner=inner, record_every=1, seed=seed)
-            start = time.perf_counter()
-            rec = attack.reconstruct(update, monitor=monitor)
-            seconds = time.perf_counter() - start
-            frames.setdefault(steps, rec.images.clamp(0, 1))
-            strips[name] = [frames[s] for s in sorted(frames)]
-            results.append(ArchitectureResult(
-                model=name, pixels=side, parameters=sum(p.numel() for p in model.parameters()), steps=steps,
-                mse_start=curve[0], mse_final=float(mse(rec.images, photo.images)[0]),
-                psnr_final=float(psnr(rec.images, photo.images)[0]), seconds=seconds, mse_curve=curve))
+                attack = DLG(model, iterations=steps, lbfgs_inner=inner, record_every=1, seed=seed)
+                start = time.perf_counter()
+                rec = attack.reconstruct(update, monitor=monitor)
+                seconds = time.perf_counter() - start
+                frames.setdefault(steps, rec.images.clamp(0, 1))
+                strips[name] = [frames[s] for s in sorted(frames)]
+                results.append(ArchitectureResult(
+                    model=name, pixels=side, parameters=sum(p.numel() for p in model.parameters()), steps=steps,
+                    mse_start=curve[0] if curve else math.nan, mse_final=float(mse(rec.images, photo.images)[0]),
+                    psnr_final=float(psnr(rec.images, photo.images)[0]), seconds=seconds, mse_curve=curve))
+                if rec.interrupted:
+                    results[-1].interrupted = True
+                    break
+        except KeyboardInterrupt:  # outside an attack (building a model, say): keep the models finished
+            if not results:
+                raise
+            results[-1].interrupted = True
     _write(out, results, strips, sorted(set(wanted) | {steps}), steps, inner)
     return results
 
