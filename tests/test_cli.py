@@ -65,7 +65,7 @@ def test_capture_then_attack_the_file_then_rebuild_the_report(tmp_path):
 
 
 def test_attack_on_simulated_batches_reports_the_failed_condition(tmp_path):
-    result = runner.invoke(app, ["attack", "--batch-size", "2", "--n", "2", "--out", str(tmp_path / "r"), "-q"])
+    result = runner.invoke(app, ["attack", "-c", "batch_size=2", "--n", "2", "--out", str(tmp_path / "r"), "-q"])
     assert result.exit_code == 2
     assert result.output.count("\n") <= 2 and "Traceback" not in result.output
     assert "batch of 2" in result.output
@@ -120,7 +120,7 @@ def test_study_architectures_on_lenet_writes_plot_strip_and_table(tmp_path):
 
 
 def test_fedavg_attack_on_simulated_fedavg_clients(tmp_path):
-    result = invoke("attack", "--attack", "fedavg", "--protocol", "fedavg", "--local-steps", 2, "--batch-size", 2,
+    result = invoke("attack", "--attack", "fedavg", "-c", "protocol=fedavg", "-c", "local_steps=2", "-c", "batch_size=2",
                     "--n", 2, "--model", "lenet", "-o", "iterations=20", "--out", tmp_path / "r", "-q")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "r" / "config.json").read_text())

@@ -266,11 +266,11 @@ def test_the_exact_attack_is_stopped_by_noise_and_aggregation_but_not_by_clippin
 def test_secure_aggregation_decays_qian_batch_recovery_and_scoring_counts_every_image(tmp_path):
     """Qian's exact batch attack on a ReLU MLP: the sum of 8 clients' gradients still gives all 8
     faces back exactly; the sum of 16 gives one. Every original is scored, recovered or not."""
-    from gradleak.pipeline import attack_simulated
+    from gradleak.pipeline import DataRequest, attack_simulated
 
     runs = {}
     for clients in (8, 16):
-        runs[clients] = attack_simulated("qian", tmp_path / str(clients), data="faces", n=16, size=32, model="mlp",
+        runs[clients] = attack_simulated("qian", tmp_path / str(clients), data=DataRequest("faces", 16, 32), model="mlp",
                                          defenses=[f"secure-aggregation:clients={clients}"], quiet=True)
     for clients, run in runs.items():
         assert run.scores.summary["n_images"] == 16

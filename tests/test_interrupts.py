@@ -70,7 +70,9 @@ def test_ctrl_c_runs_no_further_restart(photos, monkeypatch):
 
 def test_an_uninterrupted_python_run_is_not_marked(tmp_path, monkeypatch):
     StepCounter(monkeypatch, at=None)
-    run = attack_simulated("inverting-gradients", tmp_path / "r", model="lenet", n=2, quiet=True,
+    from gradleak.pipeline import DataRequest
+
+    run = attack_simulated("inverting-gradients", tmp_path / "r", model="lenet", data=DataRequest("photos", 2), quiet=True,
                            options={"iterations": 5})
     assert not run.reconstruction.interrupted and run.reconstruction.updates == 2
 

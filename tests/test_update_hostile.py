@@ -92,7 +92,6 @@ def test_every_header_length_residue_loads(tmp_path, lenet, photos):
     ({"kwargs": {"hidden": "200000,200000"}}, "over the limit"),
     ({"input_shape": [3, 50000, 50000]}, "exceeds the limit of 4096"),
     ({"seed": 10**30}, "model.seed must be an integer in 0.."),
-    ({"name": "os:system"}, "unknown model 'os:system'"),
     ({"num_classes": -3}, "model.num_classes must be an integer"),
     ({"kwargs": {"hidden": list(range(100))}}, "not a small JSON value"),
     ({"extra_key": 1}, "unknown key 'extra_key'"),
@@ -111,6 +110,28 @@ def test_model_descriptions_are_bounded_before_anything_is_built(tmp_path, photo
     assert result.exit_code == 2 and needle in result.output and result.output.count("\n") == 1
     assert time.perf_counter() - started < 10
     assert not out.exists()
+
+
+def test_a_factory_named_by_a_file_is_never_imported(tmp_path, photos, monkeypatch):
+    """An update may record a user factory (pkg.mod:factory), but attacking the file never
+    imports it: the user names the model. A module that would leave a marker on import is
+    on sys.path; the marker never appears."""
+    (tmp_path / "gl_evil_models.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('IMPORTED').write_text('x')\n"
+        "import torch\ndef make():\n    return torch.nn.Linear(3 * 32 * 32, 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mlp = build_model("mlp", (3, 32, 32), 10, hidden=(8,))
+    update = fedsgd_update(mlp, photos.images[:1], photos.labels[:1],
+                           model_info=model_info("mlp", (3, 32, 32), 10, 0, hidden=(8,)))
+    metadata = update.metadata()
+    metadata["model"] = {**metadata["model"], "name": "gl_evil_models:make", "kwargs": {}}
+    path = _signed(tmp_path / "u.safetensors", _flat_tensors(update), json.dumps(metadata))
+    assert load_update(path).model["name"] == "gl_evil_models:make"  # a file may name it...
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["attack", str(path), "--out", str(out), "-q"])
+    assert result.exit_code == 2 and "never imports code named by a file" in result.output
+    assert "pass --model gl_evil_models:make" in result.output
+    assert not (tmp_path / "IMPORTED").exists() and not out.exists()  # ...but it is never imported
 
 
 def test_a_description_that_builds_other_parameters_is_refused(tmp_path, photos):

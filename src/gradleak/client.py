@@ -59,8 +59,11 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
         raise ConfigError(f"loss 'binary_cross_entropy' needs 0/1 labels, got {sorted(set(labels.tolist()))}")
 
 
-def shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info):
+def shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info, mode=None):
+    """The update's metadata besides its tensors; ``mode``: the client ran ``model`` in
+    train or eval mode (what BatchNorm normalises with), recorded so attacks use the same."""
     return dict(
+        mode=mode,
         loss=loss,
         labels=labels.detach().clone() if share_labels else None,
         weights=params,
@@ -100,7 +103,8 @@ def fedsgd_update(
         tensors={n: g.detach() for n, g in gradient.items()},
         kind="gradient",
         batch_size=images.shape[0],
-        **shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info),
+        **shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info,
+                          mode="train" if model.training else "eval"),
     )
 
 
@@ -165,7 +169,8 @@ def fedavg_update(
         local_lr=float(lr),
         local_epochs=epochs,
         local_batch_size=batch,
-        **shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info),
+        **shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info,
+                          mode="train" if model.training else "eval"),
     )
 
 

@@ -18,13 +18,15 @@ from torch import nn
 
 from .attacks.base import Attack, Reconstruction
 from .client import ClientSetup
+from .data.request import DataRequest
 from .data.spec import DataSpec
 from .errors import ConfigError
-from .models import MODELS, build_model, model_info
+from .models import ModelSpec
 from .runs import RunResult, write_run
 from .update import SharedUpdate, save_update
 
-__all__ = ["ClientSetup", "simulate_clients", "attack_updates", "attack_simulated", "attack_file", "demo", "progress_bar",
+__all__ = ["ClientSetup", "ModelSpec", "DataRequest", "simulate_clients", "attack_updates", "attack_simulated",
+           "attack_file", "model_for_update", "demo", "progress_bar",
            "psnr_monitor", "make_attack"]
 
 log = logging.getLogger(__name__)
@@ -119,105 +121,121 @@ def make_attack(name: str, model: nn.Module, threat, options: dict[str, Any]) ->
         raise ConfigError(f"attack {name!r}: bad option ({error}); see help(gradleak.attacks.{cls.__name__})") from None
 
 
-def attack_simulated(attack: str, out: str | Path, *, data: str = "photos", n: int = 8, size: int | None = 32,
-                     batch_size: int = 1, model: str = "mlp", model_options: dict[str, Any] | None = None,
-                     labels_known: bool = False, options: dict[str, Any] | None = None,
-                     dtype: torch.dtype = torch.float32, seed: int = 0, quiet: bool = False,
-                     save_updates: bool = False, client: ClientSetup | None = None,
-                     defenses: Any = None) -> RunResult:
-    """Simulate clients of ``batch_size`` images on real data (FedSGD, or as ``client``
-    says), defended by ``defenses`` (specs or :class:`~gradleak.defenses.Defense` objects),
-    attack each update as the server sees it with ``attack``, score against the ground
-    truth and write the run folder ``out``."""
-    from .data import load_dataset
+def _model_spec(model: ModelSpec | str) -> ModelSpec:
+    return model if isinstance(model, ModelSpec) else ModelSpec(model)
+
+
+def _data_request(data: DataRequest | str) -> DataRequest:
+    return data if isinstance(data, DataRequest) else DataRequest(data)
+
+
+def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = "photos",
+                     model: ModelSpec | str = "mlp", client: ClientSetup | None = None, threat: Any = None,
+                     options: dict[str, Any] | None = None, defenses: Any = None, quiet: bool = False,
+                     save_updates: bool = False) -> RunResult:
+    """Simulate clients on real data (``data``: a :class:`~gradleak.data.request.DataRequest`
+    or a built-in name) training ``model`` (a :class:`~gradleak.models.ModelSpec` or a zoo
+    name: options, weights, device, mode, dtype, seed) as ``client`` says (FedSGD, batch 1 by
+    default), defended by ``defenses`` (specs or :class:`~gradleak.defenses.Defense`
+    objects); attack each update as the server sees it under ``threat`` (default: an
+    honest-but-curious server that is not granted the labels) with ``attack`` and its
+    ``options``; score against the ground truth and write the run folder ``out``."""
+    from .defenses import defended_updates, make_defenses
     from .threat import ThreatModel
 
-    dataset = load_dataset(data, size=size, n=n)
-    if model not in MODELS:
-        raise ConfigError(f"unknown model {model!r}; known models: {', '.join(MODELS)}")
-    loss = MODELS[model].loss
-    if loss == "binary_cross_entropy" and len(dataset.classes) != 2:
-        raise ConfigError(f"model {model!r} is a binary classifier, but data {data!r} has {len(dataset.classes)} "
-                          "classes; use binary data (e.g. faces) or another model")
-    images, labels = dataset.images.to(dtype), dataset.labels
-    spec = DataSpec.from_images(images)
-    shape = tuple(images.shape[1:])
-    model_options = dict(model_options or {})
-    net = build_model(model, shape, len(dataset.classes), seed=seed, dtype=dtype, **model_options)
-    description = model_info(model, shape, len(dataset.classes), seed, **model_options)
-    setup = client or ClientSetup(batch_size=batch_size, seed=seed)
-    from .defenses import defended_updates, make_defenses
-
+    request, spec = _data_request(data), _model_spec(model)
+    dataset = request.load()
+    built = spec.build(tuple(dataset.images.shape[1:]), len(dataset.classes))
+    if built.loss == "binary_cross_entropy" and len(dataset.classes) != 2:
+        raise ConfigError(f"model {spec.name!r} is a binary classifier, but data {str(request.name)!r} has "
+                          f"{len(dataset.classes)} classes; use binary data (e.g. faces) or another model")
+    images = dataset.images.to(device=built.device, dtype=built.dtype)
+    labels = dataset.labels.to(built.device)
+    data_spec = DataSpec.from_images(images)
+    setup = client or ClientSetup(seed=spec.seed)
     stack = make_defenses(defenses)
-    served = defended_updates(net, images, labels, setup, stack, loss=loss, spec=spec, model_info=description)
+    served = defended_updates(built.module, images, labels, setup, stack, loss=built.loss, spec=data_spec,
+                              model_info=built.description())
     updates = [d.update for d in served]
     out = Path(out)
     if save_updates:
         for k, update in enumerate(updates):
             save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
-    threat = ThreatModel(labels_known=labels_known)
+    threat = threat or ThreatModel(labels_known=setup.share_labels)
     truths = [images[d.indices] for d in served]
-    reconstruction = attack_updates(make_attack(attack, net, threat, dict(options or {})), updates, truths=truths,
-                                    quiet=quiet)
+    reconstruction = attack_updates(make_attack(attack, built.module, threat, dict(options or {})), updates,
+                                    truths=truths, quiet=quiet)
     kept = [i for d in served[: reconstruction.updates] for i in d.indices]  # fewer if interrupted
-    config = {"data": {"name": data, "n": n, "size": size, "classes": list(dataset.classes)}, "model": description,
-              "dtype": str(dtype).removeprefix("torch."), "client": setup.to_json(), "data_spec": spec.to_json(),
+    config = {"data": {**request.to_json(), "classes": list(dataset.classes)}, "model": built.description(),
+              "model_spec": spec.to_json(), "device": str(built.device), "mode": spec.mode,
+              "dtype": spec.dtype, "client": setup.to_json(), "data_spec": data_spec.to_json(),
               "threat": threat.to_json(), "defenses": [d.describe() for d in stack],
               "privacy": [d.privacy for d in served if d.privacy]}
     return write_run(out, reconstruction, originals=images[kept], true_labels=labels[kept], config=config)
 
 
-def _check_loss(path, update: SharedUpdate, model_loss: str, num_classes: int) -> None:
-    """The update's loss and labels must fit the model it names (a BCE update from a 10-class model is refused)."""
-    if update.loss != model_loss:
-        raise ConfigError(f"{path}: the update says loss {update.loss!r}, but model {update.model['name']!r} trains with "
-                          f"{model_loss!r}")
-    if update.labels is not None and update.labels.numel():
-        top = int(update.labels.max())
-        limit = 2 if update.loss == "binary_cross_entropy" else num_classes
-        if top >= limit:
-            raise ConfigError(f"{path}: label {top} is out of range for {limit} classes ({update.loss})")
+def model_for_update(update: SharedUpdate, model: ModelSpec | str | None, where: str | Path, **overrides: Any):
+    """The model an update was made with: the user's spec when given (checked against what
+    the update recorded: name, options, shape, classes, weights digest), else the recorded
+    zoo model. A recorded factory is never imported because a file names it."""
+    from .models import FACTORY_PATTERN, check_recorded
+
+    recorded = update.model
+    if model is None:
+        if recorded is None:
+            raise ConfigError(f"{where} does not say which model made it; pass --model (a zoo name or "
+                              "package.module:factory) and --weights")
+        if FACTORY_PATTERN.match(str(recorded["name"])):
+            raise ConfigError(f"{where} was made with the user model {recorded['name']!r}; gradleak never imports "
+                              f"code named by a file: pass --model {recorded['name']} (and its --model-option values)")
+        spec = ModelSpec.from_description(recorded, **overrides)
+    else:
+        spec = _model_spec(model).with_(**overrides) if overrides else _model_spec(model)
+    if update.input_shape is None:
+        raise ConfigError(f"{where} does not record its input shape")
+    classes = recorded.get("num_classes") if recorded else None
+    built = spec.build(update.input_shape, classes)
+    if recorded is not None:
+        check_recorded(recorded, built, str(where))
+    return built
 
 
-def attack_file(update_path: str | Path, attack: str, out: str | Path, *, truth: str | Path | None = None,
-                labels_known: bool = False, options: dict[str, Any] | None = None,
-                dtype: torch.dtype = torch.float32, quiet: bool = False) -> RunResult:
-    """Attack an update file whose model is a zoo model (rebuilt from the file's description)."""
-    from .models import model_from_info
+def attack_file(update_path: str | Path, attack: str, out: str | Path, *, model: ModelSpec | str | None = None,
+                truth: str | Path | None = None, threat: Any = None, options: dict[str, Any] | None = None,
+                quiet: bool = False, device: str = "auto", dtype: str = "float32") -> RunResult:
+    """Attack an update file. ``model``: the spec to rebuild it with (required for a user's
+    factory, and checked against what the update recorded); without it the recorded zoo
+    model is rebuilt on ``device`` in ``dtype``. The model runs in the mode the update records."""
     from .runs import load_truth
     from .threat import ThreatModel
     from .update import load_update
 
     update = load_update(update_path)
-    if update.model is None:
-        raise ConfigError(f"{update_path} does not name a zoo model; attack it from Python with your own nn.Module: "
-                          "get_attack(name)(model, ThreatModel(...)).reconstruct(load_update(path, model))")
-    try:  # the description is untrusted: validated and sized on the meta device before anything is built
-        net = model_from_info(update.model, dtype=dtype, expected=update.parameters)
-    except ConfigError as error:
-        raise ConfigError(f"{update_path}: {error}") from None
-    _check_loss(update_path, update, MODELS[update.model["name"]].loss, int(update.model["num_classes"]))
-    update = update.validate_for(net).to(dtype=dtype)
-    threat = ThreatModel(labels_known=labels_known)
+    overrides: dict[str, Any] = {} if model is not None else {"device": device, "dtype": dtype}
+    if update.mode is not None:
+        overrides["mode"] = update.mode
+    built = model_for_update(update, model, update_path, **overrides)
+    update = update.validate_for(built.module).to(dtype=built.dtype, device=built.device)
+    if update.model is None and update.loss != built.loss:
+        raise ConfigError(f"{update_path}: the update says loss {update.loss!r}, but the model trains with {built.loss!r}")
+    threat = threat or ThreatModel()
     originals = true_labels = None
     if truth is not None:
         originals, true_labels = load_truth(truth)
-        originals = originals.to(dtype)
-    reconstruction = attack_updates(make_attack(attack, net, threat, dict(options or {})), [update],
+        originals, true_labels = originals.to(device=built.device, dtype=built.dtype), true_labels.to(built.device)
+    reconstruction = attack_updates(make_attack(attack, built.module, threat, dict(options or {})), [update],
                                     truths=None if originals is None else [originals], quiet=quiet)
-    config = {"update_file": str(update_path), "model": dict(update.model), "update": {
-        k: v for k, v in update.metadata().items() if k not in ("parameters", "model")}, "threat": threat.to_json()}
+    config = {"update_file": str(update_path), "model": built.description(), "device": str(built.device),
+              "update": {k: v for k, v in update.metadata().items() if k not in ("parameters", "model")},
+              "threat": threat.to_json()}
     return write_run(out, reconstruction, originals=originals, true_labels=true_labels, config=config)
 
 
-def demo(out: str | Path = "runs/demo", *, data: str = "photos", n: int = 8, size: int = 32, model: str = "mlp",
-         dtype: torch.dtype = torch.float32, seed: int = 0, quiet: bool = False,
-         model_options: dict[str, Any] | None = None) -> RunResult:
-    """The quick-start job: ``n`` clients each share the FedSGD gradient of one real image;
-    the server inverts the first fully connected layer of each in closed form (``fc-bias``).
+def demo(out: str | Path = "runs/demo", *, data: DataRequest | str = "photos", model: ModelSpec | str = "mlp",
+         quiet: bool = False) -> RunResult:
+    """The quick-start job: every client shares the FedSGD gradient of one real image; the
+    server inverts the first fully connected layer of each in closed form (``fc-bias``).
 
     Writes the clients' update files to ``out/updates/`` and the run folder to ``out``.
     """
-    result = attack_simulated("fc-bias", out, data=data, n=n, size=size, batch_size=1, model=model,
-                              model_options=model_options, dtype=dtype, seed=seed, quiet=quiet, save_updates=True)
-    return result
+    return attack_simulated("fc-bias", out, data=data, model=model, quiet=quiet, save_updates=True)

@@ -23,7 +23,6 @@ Nothing here uses client data: the numeric checks run the model on a seeded Gaus
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,7 @@ from ..attacks.copa import copa_security
 from ..attacks.qian import qian_cnn_condition
 from ..attacks.rgap import rank_analysis, rgap_last_layer
 from ..client import fedsgd_update
-from ..errors import AttackNotApplicable, ConfigError, one_line
+from ..errors import AttackNotApplicable
 from ..limits import check_batch, check_input_shape
 
 __all__ = ["AttackVerdict", "LeakageReport", "analyze", "report_table", "load_model_spec"]
@@ -77,51 +76,24 @@ class LeakageReport:
                 "layers": self.layers, "copa_security": self.copa_security}
 
 
-def load_model_spec(spec: str, input_shape: tuple[int, ...], num_classes: int = 10, **kwargs) -> tuple[nn.Module, str]:
-    """A zoo name, or ``package.module:factory`` called with the model options as keyword
-    arguments. Returns (model, loss). The module is the user's own code, named on the command
-    line (never taken from a file); whatever goes wrong importing or calling it is one
-    ConfigError line naming the spec."""
-    from ..models import MODELS, build_model
+def load_model_spec(spec: Any, input_shape: tuple[int, ...], num_classes: int = 10,
+                    **kwargs) -> tuple[nn.Module, str]:
+    """The model a :class:`~gradleak.models.ModelSpec` (or a zoo name / ``package.module:factory``
+    with ``kwargs`` as its options) builds for ``input_shape``; returns (model, loss). A
+    factory is the user's own code, named on the command line or in the user's config."""
+    from ..models import ModelSpec
 
     shape = check_input_shape("--input-shape", input_shape)
-    if spec in MODELS:
-        return build_model(spec, shape, num_classes, **kwargs), MODELS[spec].loss
-    if ":" not in spec:
-        raise ConfigError(f"unknown model {spec!r}: give a zoo name ({', '.join(MODELS)}) or package.module:factory")
-    model = _call_factory(spec, kwargs)
-    return model, "binary_cross_entropy" if _outputs(spec, model, shape) == 1 else "cross_entropy"
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec(spec, kwargs)
+    built = spec.build(shape, num_classes)
+    return built.module, built.loss
 
 
-def _call_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - ImportError, SyntaxError, or whatever the module raises
-        raise ConfigError(f"--model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: "
-                          f"{one_line(error, 200)})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
-    try:
-        model = factory(**kwargs)
-    except Exception as error:  # noqa: BLE001 - the user's factory failed: say how, in one line
-        raise ConfigError(f"--model {spec!r}: the factory raised {type(error).__name__}: {one_line(error, 200)}") from None
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    if next(model.parameters(), None) is None:
-        raise ConfigError(f"--model {spec!r}: the model has no parameters (nothing is shared, nothing to attack)")
-    return model
+def _outputs(name: str, model: nn.Module, input_shape) -> int:
+    from ..models.spec import model_outputs
 
-
-def _outputs(spec: str, model: nn.Module, input_shape) -> int:
-    p = next(model.parameters())
-    try:
-        with torch.no_grad():
-            return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
-    except Exception as error:  # noqa: BLE001 - the user's model does not take this input
-        raise ConfigError(f"--model {spec!r} does not accept an input of shape {tuple(input_shape)} "
-                          f"({type(error).__name__}: {one_line(error, 200)})") from None
+    return model_outputs(name, model, input_shape)
 
 
 def _probe_gradient(model, input_shape, loss, dtype):

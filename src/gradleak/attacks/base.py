@@ -111,14 +111,20 @@ class Attack(abc.ABC):
                     progress: Callable[[int, int], None] | None = None) -> Reconstruction:
         """Reconstruct the client's inputs from ``update`` as the threat model allows.
 
-        ``monitor`` and ``progress`` are optional :class:`Hooks` for iterative attacks.
+        ``monitor`` and ``progress`` are optional :class:`Hooks` for iterative attacks. The
+        model runs in the mode the update records (``train``: BatchNorm with the batch's
+        statistics, as the client trained; ``eval``), and is left in its own mode afterwards.
         """
         update.validate_for(self.model)
         self._hooks = Hooks(monitor, progress)
+        was_training = self.model.training
+        if update.mode is not None:
+            self.model.train(update.mode == "train")
         try:
             result = self._reconstruct(self.threat.observe(update))
         finally:
             self._hooks = Hooks()
+            self.model.train(was_training)
         result.attack = result.attack or self.name
         result.config = {**self.options(), **result.config}
         return result

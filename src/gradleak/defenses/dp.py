@@ -190,7 +190,8 @@ def private_client_update(model: nn.Module, images: torch.Tensor, labels: torch.
         "epsilon": epsilon_spent(sigma, sample_rate, steps, private.delta, private.accountant),
         "epsilon_budget": epsilon_spent(sigma, sample_rate, steps * private.rounds, private.delta, private.accountant),
     }
-    meta = shared_metadata(images, spec, loss, setup.share_labels, labels, params, buffers, model_info)
+    meta = shared_metadata(images, spec, loss, setup.share_labels, labels, params, buffers, model_info,
+                           mode="train" if model.training else "eval")
     if fedsgd:
         return SharedUpdate(tensors=tensors, kind="gradient", batch_size=n, **meta), privacy
     return SharedUpdate(tensors=tensors, kind="delta", batch_size=n, local_steps=steps, local_lr=float(setup.lr),

@@ -8,6 +8,7 @@ loss that goes with it.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -24,6 +25,8 @@ from .lenet import LeNet
 from .mlp import ACTIVATIONS, MLP
 from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 from .rgap import CNN6, FCN3
+from .spec import FACTORY_PATTERN, MODES, BuiltModel, ModelSpec, check_recorded, resolve_device
+from .weights import apply_weights, read_weights
 
 __all__ = [
     "MODELS", "ModelEntry", "build_model", "parameter_shapes", "model_info", "check_model_info", "check_description",
@@ -31,7 +34,8 @@ __all__ = [
     "load_weights",
     "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
     "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
-    "CNN6", "FCN3",
+    "CNN6", "FCN3", "ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "read_weights",
+    "apply_weights",
 ]
 
 
@@ -181,7 +185,7 @@ def model_info(name: str, input_shape: tuple[int, ...], num_classes: int, seed: 
             "kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}}
 
 
-_INFO_KEYS = ("name", "input_shape", "num_classes", "seed", "kwargs")
+_INFO_KEYS = ("name", "input_shape", "num_classes", "seed", "kwargs", "weights_sha256")
 
 
 def _check_option_value(key: str, value: Any, depth: int = 0) -> None:
@@ -208,7 +212,11 @@ def check_model_info(info: Any) -> dict[str, Any]:
     missing = [k for k in ("name", "input_shape", "num_classes") if k not in info]
     if missing:
         raise ConfigError(f"the update's model description is incomplete: no {missing[0]!r}")
-    _entry(info["name"])
+    if not (isinstance(info["name"], str) and FACTORY_PATTERN.match(info["name"])):  # a factory is only named
+        _entry(info["name"])
+    digest = info.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ConfigError(f"the update's model description: weights_sha256 must be 64 hex digits, got {short_repr(digest)}")
     check_input_shape("model.input_shape", info["input_shape"])
     check_int("model.num_classes", info["num_classes"], 1, MAX_CLASSES)
     check_seed("model.seed", info.get("seed", 0))
@@ -219,7 +227,7 @@ def check_model_info(info: Any) -> dict[str, Any]:
     for key, value in kwargs.items():
         _check_option_value(key, value)
     return {"name": info["name"], "input_shape": tuple(info["input_shape"]), "num_classes": info["num_classes"],
-            "seed": info.get("seed", 0), "kwargs": dict(kwargs)}
+            "seed": info.get("seed", 0), "kwargs": dict(kwargs), "weights_sha256": digest}
 
 
 def check_description(info: Any, expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
@@ -228,6 +236,8 @@ def check_description(info: Any, expected: Mapping[str, tuple[int, ...]] | None 
     Nothing is allocated and no code named by the description is imported. Returns the
     normalised description."""
     spec = check_model_info(info)
+    if FACTORY_PATTERN.match(spec["name"]):  # the user's code: never imported because a file names it
+        return spec
     shapes = parameter_shapes(spec["name"], spec["input_shape"], spec["num_classes"], **spec["kwargs"])
     if expected is not None:
         for name, shape in shapes.items():

@@ -33,6 +33,7 @@ from ..data.spec import IMAGENET_SPEC, DataSpec
 from ..errors import ConfigError
 from ..metrics import mse, psnr
 from ..models import build_model
+from ..models.spec import resolve_device
 from ..report.html import image_tag
 
 __all__ = ["ARCHITECTURES", "ArchitectureResult", "architecture_study"]
@@ -66,7 +67,8 @@ def _snapshot_steps(steps: int, count: int) -> list[int]:
 
 def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 10, inner: int = 4,
                        models: Sequence[str] = tuple(ARCHITECTURES), image: int = 1, snapshots: int = 6,
-                       num_classes: int = 10, seed: int = 0, quiet: bool = False) -> list[ArchitectureResult]:
+                       num_classes: int = 10, seed: int = 0, quiet: bool = False,
+                       device: str = "auto") -> list[ArchitectureResult]:
     """Run DLG on each sigmoid model with the same photo (index ``image`` of the built-in
     photos); ``steps`` L-BFGS steps of at most ``inner`` evaluations each. Ctrl-C stops the
     study: the models run so far are written, the last one marked ``interrupted``."""
@@ -78,6 +80,7 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
     from ..pipeline import progress_bar
 
     out = Path(out)
+    target = resolve_device(device)
     wanted = _snapshot_steps(steps, snapshots)
     results, strips = [], {}
     with progress_bar(quiet) as progress:
@@ -86,12 +89,13 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
             for name in models:
                 side, spec = ARCHITECTURES[name]
                 photo = load_builtin("photos", size=side).select([image])
-                model = build_model(name, (3, side, side), num_classes, seed=seed, activation="sigmoid")
-                label = photo.labels % num_classes
-                update = fedsgd_update(model, photo.images, label, spec=spec)
+                model = build_model(name, (3, side, side), num_classes, seed=seed, activation="sigmoid").to(target)
+                images = photo.images.to(target)
+                label = (photo.labels % num_classes).to(target)
+                update = fedsgd_update(model, images, label, spec=spec)
                 curve, frames, calls = [], {}, [0]
 
-                def monitor(images, truth=photo.images):
+                def monitor(images, truth=images):
                     step = calls[0]
                     calls[0] += 1
                     if step in wanted:
@@ -109,8 +113,8 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
                 strips[name] = [frames[s] for s in sorted(frames)]
                 results.append(ArchitectureResult(
                     model=name, pixels=side, parameters=sum(p.numel() for p in model.parameters()), steps=steps,
-                    mse_start=curve[0] if curve else math.nan, mse_final=float(mse(rec.images, photo.images)[0]),
-                    psnr_final=float(psnr(rec.images, photo.images)[0]), seconds=seconds, mse_curve=curve))
+                    mse_start=curve[0] if curve else math.nan, mse_final=float(mse(rec.images, images)[0]),
+                    psnr_final=float(psnr(rec.images, images)[0]), seconds=seconds, mse_curve=curve))
                 if rec.interrupted:
                     results[-1].interrupted = True
                     break

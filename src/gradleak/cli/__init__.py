@@ -1,0 +1,25 @@
+"""The ``gradleak`` command: a thin layer over the public functions.
+
+    gradleak demo                     the quick-start job (closed-form attack on real photos)
+    gradleak capture ...              simulate a client and write its update file
+    gradleak attack [UPDATE] ...      attack an update file, or freshly simulated clients
+    gradleak report RUN_DIR           rebuild the pictures and HTML report of a run folder
+    gradleak analyze --model M        which attacks apply to an architecture, and why
+    gradleak audit CONFIG             defenses x attacks grid, privacy-utility, verdicts
+    gradleak study architectures      seed 004's DLG study across architectures
+    gradleak list                     models, attacks and built-in data sets
+
+Every command that names a model takes the same options (``--model`` zoo name or
+``package.module:factory``, ``--model-option``, ``--weights``, ``--device``, ``--mode``,
+``--dtype``, ``--seed``), parsed into one :class:`~gradleak.models.ModelSpec`.
+"""
+
+from __future__ import annotations
+
+from . import analysis, audit, runs, study  # noqa: F401  (registers the commands)
+from ._common import app
+
+__all__ = ["app"]
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

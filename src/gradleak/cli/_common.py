@@ -1,0 +1,164 @@
+"""What every ``gradleak`` command shares: the app, one-line errors, Ctrl-C, option parsing,
+and the options that name a model (one :class:`~gradleak.models.ModelSpec` per command)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from enum import Enum
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import ConfigError, GradleakError, one_line
+
+try:  # typer >= 0.20 vendors click; older typer uses click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+from typer.core import TyperGroup
+
+err = Console(stderr=True)
+
+
+class _OneLineErrors(TyperGroup):
+    """A usage error (a mistyped option, a value of the wrong type, an unknown command) is one
+    line on stderr naming the problem and where to look, not click's three-line block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # `gradleak` alone: the help, as asked for
+                print(error.ctx.get_help(), file=sys.stderr)
+                sys.exit(2)
+            ctx = getattr(error, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {one_line(error.format_message())}{where}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    help="Measure how much private training data leaks from federated-learning updates.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Mode(str, Enum):
+    train = "train"
+    eval = "eval"
+
+
+def friendly(command):
+    """Turn gradleak's own errors, and the file system's, into one line on stderr and exit
+    code 2; Ctrl-C into exit code 130 (what was finished is written by the command)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except GradleakError as error:
+            err.print(f"error: {one_line(error, 2000)}", highlight=False, soft_wrap=True, markup=False)
+            raise typer.Exit(2) from None
+        except OSError as error:  # a file system condition the command did not anticipate
+            where = f": {error.filename}" if getattr(error, "filename", None) else ""
+            err.print(f"error: {error.strerror or one_line(error)}{where}", highlight=False, soft_wrap=True,
+                      markup=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing finished was lost; nothing unfinished was stored", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def stop_if_interrupted(result) -> None:
+    """After a run that Ctrl-C cut short and that wrote what it had: say so, exit 130."""
+    if result.reconstruction.interrupted:
+        err.print(f"interrupted: wrote the {result.reconstruction.updates} update(s) attacked so far to "
+                  f"{result.run_dir}", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130)
+
+
+def parse_options(pairs: list[str] | None, option: str = "--option") -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true/false), else strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} expects key=value, got {pair[:80]!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            options[key.strip()] = value
+    return options
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def summary(result, quiet: bool) -> None:
+    if quiet:
+        return
+    s = result.scores.summary if result.scores else {}
+    psnr = s.get("psnr_mean")
+    line = f"wrote {result.run_dir}/report.html"
+    if psnr is not None:
+        line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
+    if s.get("label_accuracy") is not None:
+        line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
+    Console().print(line, highlight=False, soft_wrap=True)
+
+
+def model_spec(model: str, model_option: Optional[list[str]], weights: Optional[str], device: str,
+               mode: Optional[Mode], dtype: DType, seed: int, num_classes: Optional[int] = None):
+    """The one :class:`~gradleak.models.ModelSpec` a command's model options describe."""
+    from ..models import ModelSpec
+
+    return ModelSpec(model, parse_options(model_option, "--model-option"), weights=weights or None, device=device,
+                     mode=(mode or Mode.train).value, dtype=dtype.value, seed=seed, num_classes=num_classes)
+
+
+def client_setup(pairs: Optional[list[str]], **defaults: Any):
+    """A :class:`~gradleak.client.ClientSetup` from ``--client key=value`` pairs over ``defaults``."""
+    from ..client import ClientSetup
+
+    values = {**defaults, **parse_options(pairs, "--client")}
+    try:
+        return ClientSetup(**values)
+    except TypeError as error:
+        known = ", ".join(f.name for f in ClientSetup.__dataclass_fields__.values())
+        raise ConfigError(f"--client: {one_line(error)}; keys: {known}") from None
+
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; warnings only.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+ModelOptionOpt = typer.Option(None, "--model-option", "-m",
+                              help="Model option key=value (e.g. hidden=256,128); for a factory, its keyword "
+                                   "arguments. Repeatable.")
+WeightsOpt = typer.Option(None, "--weights", help="Weights file: safetensors, or a PyTorch state dict (.pt/.pth, "
+                                                  "read with weights_only=True).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
+ModeOpt = typer.Option(None, "--mode", help="train: BatchNorm uses the batch's statistics, as a training client "
+                                            "does (default); eval: running statistics.")
+DTypeOpt = typer.Option(DType.float32, "--dtype", help="Computation precision.")
+ClientOpt = typer.Option(None, "--client", "-c", help="Client setting key=value: protocol=fedsgd|fedavg, "
+                                                      "batch_size, lr, local_steps, epochs, local_batch_size. "
+                                                      "Repeatable.")

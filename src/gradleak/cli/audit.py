@@ -1,0 +1,52 @@
+"""``gradleak audit CONFIG``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .._io import output_dir
+from ._common import QuietOpt, VerboseOpt, app, err, friendly, setup_logging
+
+
+@app.command()
+@friendly
+def audit(
+    config: Path = typer.Argument(..., help="Audit config, YAML or TOML (see gradleak.audit.config)."),
+    out: Optional[str] = typer.Option(None, help="Audit folder (default: runs/audit-<config name>)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Recompute every cell instead of continuing a stored audit."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the "
+                                                                 "config's device, else auto)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+):
+    """Run a grid of models x attacks x defenses x batch sizes on real images, train each
+    defense federatedly for its accuracy cost, and write one report with verdicts.
+    Finished cells are stored as they finish: run the same command again to continue."""
+    import dataclasses
+
+    from ..audit import load_audit_config, run_audit
+
+    setup_logging(quiet, verbose)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = load_audit_config(config)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, device=device)
+    folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)
+    result = run_audit(cfg, folder, quiet=quiet, resume=not fresh)
+    if not quiet:
+        console = Console()
+        for verdict in result.verdicts:
+            console.print(f"[{verdict['level']}] {verdict['text']}", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"wrote {result.report}", highlight=False)
+    if result.interrupted:
+        err.print(f"interrupted: {len(result.cells)} finished cell(s) are stored "
+                  f"in {folder}; run the same command again to continue", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(130)

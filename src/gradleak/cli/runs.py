@@ -1,0 +1,155 @@
+"""``gradleak demo``, ``capture``, ``attack`` and ``report``: single runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .._io import output_dir, output_file
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt, VerboseOpt,
+                      WeightsOpt, app, client_setup, friendly, model_spec, parse_options, setup_logging,
+                      stop_if_interrupted, summary)
+
+
+@app.command()
+@friendly
+def demo(
+    out: str = typer.Option("runs/demo", help="Run folder to write."),
+    data: str = typer.Option("photos", help="Built-in data: photos, faces or digits."),
+    n: int = typer.Option(8, min=1, help="Number of images (one client each)."),
+    size: int = typer.Option(32, min=4, max=512, help="Image side in pixels."),
+    model: str = typer.Option("mlp", help="A model whose first layer is fully connected: mlp, two-layer, or yours."),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    device: str = DeviceOpt,
+    dtype: DType = DTypeOpt,
+    seed: int = typer.Option(0, help="Seed of the model initialisation and clients."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+):
+    """The quick-start job: N clients each share the gradient of one real image; the
+    server recovers every image exactly with the closed-form FC-bias inversion and
+    writes a grid, curves, metrics and an HTML report."""
+    from ..data.request import DataRequest
+    from ..pipeline import demo as run_demo
+
+    setup_logging(quiet, verbose)
+    spec = model_spec(model, model_option, None, device, None, dtype, seed)
+    result = run_demo(output_dir(out), data=DataRequest(data, n, size), model=spec, quiet=quiet)
+    summary(result, quiet)
+    stop_if_interrupted(result)
+
+
+@app.command()
+@friendly
+def capture(
+    out: str = typer.Option(..., help="Update file to write (.safetensors)."),
+    data: str = typer.Option("photos", help="Built-in data name, or a path (image folder, CIFAR batches, MNIST idx)."),
+    n: int = typer.Option(1, min=1, help="Number of images in the client's batch."),
+    start: int = typer.Option(0, min=0, help="Index of the first image."),
+    size: Optional[int] = typer.Option(32, min=4, max=512, help="Image side in pixels (resize)."),
+    model: str = typer.Option("mlp", help="Zoo name (see `gradleak list`) or package.module:factory."),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    weights: Optional[str] = WeightsOpt,
+    device: str = DeviceOpt,
+    mode: Optional[Mode] = ModeOpt,
+    client: Optional[list[str]] = ClientOpt,
+    truth: Optional[str] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
+    dtype: DType = DTypeOpt,
+    seed: int = typer.Option(0),
+    quiet: bool = QuietOpt,
+):
+    """Simulate one client on given data and write its update file (and, apart, the ground truth).
+    The file records the model (zoo name or factory, options, weights digest) and its mode."""
+    from ..data.request import DataRequest
+    from ..data.spec import DataSpec
+    from ..pipeline import simulate_clients
+    from ..runs import save_truth
+    from ..update import save_update
+
+    setup_logging(quiet, False)
+    out_path = output_file(out, "--out")
+    truth_path = None if truth is None else output_file(truth, "--truth")
+    dataset = DataRequest(data, n, size, start).load()
+    spec = model_spec(model, model_option, weights, device, mode, dtype, seed)
+    built = spec.build(tuple(dataset.images.shape[1:]), max(len(dataset.classes), 2))
+    images = dataset.images.to(device=built.device, dtype=built.dtype)
+    setup = client_setup(client, batch_size=n, seed=seed)
+    (update,) = simulate_clients(built.module, images, dataset.labels.to(built.device), setup, loss=built.loss,
+                                 spec=DataSpec.from_images(images), model_description=built.description())
+    save_update(update, out_path)
+    if truth_path is not None:
+        save_truth(truth_path, images.cpu(), dataset.labels)
+    if not quiet:
+        Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors, "
+                        f"{update.mode} mode)")
+
+
+@app.command()
+@friendly
+def attack(
+    update: Optional[Path] = typer.Argument(None, help="Update file to attack; omit to simulate fresh clients."),
+    attack_name: str = typer.Option("fc-bias", "--attack", "-a", help="Attack name (see `gradleak list`)."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable."),
+    out: str = typer.Option("runs/attack", help="Run folder to write."),
+    truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
+    labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
+    data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
+    n: int = typer.Option(8, min=1, help="Without UPDATE: number of images."),
+    size: Optional[int] = typer.Option(32, min=4, max=512, help="Without UPDATE: image side."),
+    client: Optional[list[str]] = ClientOpt,
+    model: Optional[str] = typer.Option(None, help="Zoo name or package.module:factory (default mlp; with UPDATE: "
+                                                   "the recorded zoo model, required for a factory)."),
+    model_option: Optional[list[str]] = ModelOptionOpt,
+    weights: Optional[str] = WeightsOpt,
+    device: str = DeviceOpt,
+    mode: Optional[Mode] = ModeOpt,
+    defense: Optional[list[str]] = typer.Option(None, "--defense", "-d", help="Without UPDATE: a client defense, "
+                                                "name or name:key=value,key=value (e.g. gaussian:variance=1e-2). "
+                                                "Repeatable; applied in order. See `gradleak list`."),
+    dtype: DType = DTypeOpt,
+    seed: int = typer.Option(0),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
+):
+    """Attack an update file (the model is rebuilt from its record, or from --model and checked
+    against it) or freshly simulated clients, score against the ground truth, and write the
+    run folder."""
+    from ..errors import ConfigError
+    from ..pipeline import attack_file, attack_simulated
+    from ..threat import ThreatModel
+
+    setup_logging(quiet, verbose)
+    options = parse_options(option)
+    out = output_dir(out)
+    threat = ThreatModel(labels_known=labels_known)
+    if update is not None:
+        if defense or client:
+            raise ConfigError("--defense and --client apply to simulated clients; an update file was made (and "
+                              "defended, or not) by its client")
+        spec = None
+        if model is not None or weights is not None:
+            spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
+        result = attack_file(update, attack_name, out, model=spec, truth=truth, threat=threat, options=options,
+                             quiet=quiet, device=device, dtype=dtype.value)
+    else:
+        from ..data.request import DataRequest
+
+        setup = client_setup(client, lr=0.05, seed=seed, share_labels=labels_known)
+        spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
+        result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
+                                  threat=threat, options=options, defenses=defense, quiet=quiet)
+    summary(result, quiet)
+    stop_if_interrupted(result)
+
+
+@app.command()
+@friendly
+def report(run_dir: Path = typer.Argument(..., help="A run folder written by demo or attack.")):
+    """Rebuild grid.png, curves.png and report.html from a run folder."""
+    from ..runs import rebuild_report
+
+    path = rebuild_report(run_dir)
+    Console().print(f"wrote {path}")

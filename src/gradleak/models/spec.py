@@ -1,0 +1,261 @@
+"""``ModelSpec``: one way to name a model everywhere.
+
+A spec is a zoo name (``"lenet"``) or the user's own factory (``"mypkg.nets:make_net"``,
+called with the options as keyword arguments), its options, an optional weights file
+(safetensors, or a PyTorch state dict read with ``weights_only=True``), the device, the
+mode the client runs it in (``train``: BatchNorm normalises with the batch's statistics, as
+a training client does; ``eval``: with the running statistics), the dtype and the seed of
+the initialisation. The CLI and audit configs parse it once and pass it down; every
+command builds its model from it with :meth:`ModelSpec.build`.
+
+An update records where its model came from (:meth:`BuiltModel.description`): the zoo
+name or factory, options, input shape, classes, seed and the SHA-256 of the weights file.
+``gradleak attack update.safetensors`` rebuilds a zoo model from it; a factory is never
+imported because a file names it: the user passes ``--model`` and gradleak checks that it
+is the one recorded (:func:`check_recorded`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, one_line
+from ..limits import MAX_CLASSES, check_int, check_seed, short_repr
+
+__all__ = ["ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "FACTORY_PATTERN"]
+
+MODES = ("train", "eval")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): CUDA when present, else Apple's MPS when present, else the CPU.
+    An explicit device that this machine lacks is one ConfigError line."""
+    text = "auto" if device is None else str(device)
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {short_repr(text)}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"device {text!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                              f"{built}); use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {text!r}: Apple's MPS is not available on this machine; use cpu or auto")
+    elif resolved.type != "cpu":
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return resolved
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A model built from a spec: the module (on its device, in its mode), its training loss,
+    and the description an update records."""
+
+    module: nn.Module
+    loss: str
+    spec: "ModelSpec"
+    input_shape: tuple[int, ...]
+    num_classes: int
+    weights_sha256: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def description(self) -> dict[str, Any]:
+        """What an update file records about its model (JSON): enough to rebuild a zoo model
+        and to recognise a user's model (factory name and weights digest)."""
+        out = {"name": self.spec.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes,
+               "seed": self.spec.seed, "kwargs": {k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in self.spec.options.items()}}
+        if self.weights_sha256 is not None:
+            out["weights_sha256"] = self.weights_sha256
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a model: ``ModelSpec("lenet")``, ``ModelSpec("convnet", {"width": 16},
+    weights="convnet.safetensors", device="cuda", mode="eval")`` or
+    ``ModelSpec("mypkg.nets:make_net", {"depth": 4})``. ``num_classes`` overrides the data's
+    class count (e.g. 1000 for ImageNet weights)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    weights: str | Path | None = None
+    device: str = "auto"
+    mode: str = "train"
+    dtype: str = "float32"
+    seed: int = 0
+    num_classes: int | None = None
+
+    def __post_init__(self):
+        from . import MODELS
+
+        if not isinstance(self.name, str) or not (self.name in MODELS or FACTORY_PATTERN.match(self.name)):
+            raise ConfigError(f"unknown model {short_repr(self.name)}: give a zoo name ({', '.join(MODELS)}) or "
+                              "package.module:factory")
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise ConfigError(f"model options must map names to values, got {short_repr(self.options)}")
+        object.__setattr__(self, "options", dict(self.options))
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be 'train' (BatchNorm uses the batch's statistics, as a training client "
+                              f"does) or 'eval' (running statistics), got {short_repr(self.mode)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be float32 or float64, got {short_repr(self.dtype)}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {short_repr(self.device)}")
+        check_seed("seed", self.seed)
+        if self.num_classes is not None:
+            check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
+        if self.weights is not None and not isinstance(self.weights, (str, Path)):
+            raise ConfigError(f"weights must be a file path, got {short_repr(self.weights)}")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def is_factory(self) -> bool:
+        return ":" in self.name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        """``convnet(width=16)``: the name and its options, for tables."""
+        options = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return self.name + (f"({options})" if options else "") + (" [eval]" if self.mode == "eval" else "")
+
+    def with_(self, **changes: Any) -> "ModelSpec":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(self.options), "weights": None if self.weights is None else
+                str(self.weights), "device": str(self.device), "mode": self.mode, "dtype": self.dtype,
+                "seed": self.seed, "num_classes": self.num_classes}
+
+    # ------------------------------------------------------------------ building
+    def build(self, input_shape: tuple[int, ...], num_classes: int | None = None) -> BuiltModel:
+        """The model for inputs of ``input_shape`` (C, H, W) and ``num_classes`` classes (the
+        spec's own ``num_classes`` wins): built on the CPU from the seed, weights loaded,
+        cast, put in its mode and moved to its device. Every failure is one ConfigError line."""
+        from . import MODELS, build_model
+        from .weights import apply_weights, read_weights
+
+        classes = self.num_classes or num_classes or 10
+        device = resolve_device(self.device)
+        if self.is_factory:
+            module = _call_factory(self.name, self.options, self.seed)
+        else:
+            module = build_model(self.name, tuple(input_shape), classes, seed=self.seed, **self.options)
+        module = module.to(self.torch_dtype)
+        digest = None
+        if self.weights is not None:
+            weights = read_weights(self.weights)
+            apply_weights(module, weights)
+            digest = weights.sha256
+        module.train(self.mode == "train")
+        module = module.to(device)
+        loss = MODELS[self.name].loss if not self.is_factory else _factory_loss(self.name, module, tuple(input_shape))
+        return BuiltModel(module, loss, self, tuple(input_shape), classes, digest)
+
+    @classmethod
+    def from_description(cls, description: Mapping[str, Any], **overrides: Any) -> "ModelSpec":
+        """The spec of a zoo model recorded in an update (weights come with the update)."""
+        return cls(description["name"], dict(description.get("kwargs") or {}), seed=description.get("seed", 0),
+                   **overrides)
+
+
+def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module:
+    """Import the user's module (named on the command line or in the user's own config) and
+    call the factory with the options; every failure is one line naming the spec."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - ImportError, SyntaxError, or whatever the module raises
+        raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: "
+                          f"{one_line(error, 200)})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model {spec!r}: {module_name!r} has no callable {attr!r}")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory(**options)
+    except Exception as error:  # noqa: BLE001 - the user's factory failed: say how, in one line
+        raise ConfigError(f"model {spec!r}: the factory raised {type(error).__name__}: {one_line(error, 200)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    if next(model.parameters(), None) is None:
+        raise ConfigError(f"model {spec!r}: the model has no parameters (nothing is shared, nothing to attack)")
+    return model
+
+
+def model_outputs(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The number of outputs of ``model`` on one input of ``input_shape`` (a probe forward pass)."""
+    p = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
+    except Exception as error:  # noqa: BLE001 - the user's model does not take this input
+        raise ConfigError(f"model {spec!r} does not accept an input of shape {tuple(input_shape)} "
+                          f"({type(error).__name__}: {one_line(error, 200)})") from None
+    finally:
+        model.train(was_training)
+
+
+def _factory_loss(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    return "binary_cross_entropy" if model_outputs(spec, model, input_shape) == 1 else "cross_entropy"
+
+
+def check_recorded(recorded: Mapping[str, Any], built: BuiltModel, where: str) -> None:
+    """Refuse a model that is not the one an update recorded: another zoo model or factory,
+    other options, input shape or classes, or weights with another digest."""
+    mine = built.description()
+    for key in ("name", "input_shape", "num_classes", "kwargs"):
+        theirs = recorded.get(key)
+        if key == "kwargs":
+            theirs = theirs or {}
+        if theirs is not None and _json_equal(theirs, mine[key]) is False:
+            raise ConfigError(f"{where}: the update was made with model {key} {short_repr(theirs)}, not "
+                              f"{short_repr(mine[key])}")
+    digest = recorded.get("weights_sha256")
+    if digest is not None and built.weights_sha256 is not None and digest != built.weights_sha256:
+        raise ConfigError(f"{where}: the update was made from weights with SHA-256 {digest[:12]}..., but "
+                          f"{str(built.spec.weights)!r} has {built.weights_sha256[:12]}...")
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    import json
+
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())
