@@ -52,6 +52,7 @@ from ._checks import named_entry as _named
 from ._checks import named_errors as _named_errors
 from ._checks import nonempty_list as _list
 from ._checks import number, show, side, sorted_keys, source, str_keyed, text
+from ._models import ModelChoice, check_imports, resolve_weights
 from ._parse import parse_config, read_config
 
 __all__ = ["AuditConfig", "ModelChoice", "AttackChoice", "UtilityConfig", "VerdictRule", "load_audit_config",
@@ -61,16 +62,6 @@ __all__ = ["AuditConfig", "ModelChoice", "AttackChoice", "UtilityConfig", "Verdi
 def stable_hash(value: Any) -> str:
     """A short hash of a JSON-able value (keys sorted): the identity of a cell on disk."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.name + ("(" + ",".join(f"{k}={v}" for k, v in self.options.items()) + ")" if self.options else "")
 
 
 @dataclass(frozen=True)
@@ -192,6 +183,7 @@ class AuditConfig:
     name: str = "gradleak audit"
     seed: int = 0
     dtype: str = "float32"
+    device: str = "auto"
 
     def __post_init__(self):
         """Check every value, cheapest first, before anything is built, run or written."""
@@ -199,6 +191,10 @@ class AuditConfig:
         integer("seed:", self.seed, 0, MAX_SEED)
         if not isinstance(self.dtype, str) or self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype: must be float32 or float64, got {show(self.dtype)}")
+        from ..models import resolve_device
+
+        with _named_errors("device"):
+            resolve_device(self.device)
         for where, value in (("data", self.data), ("client", self.client), ("threat", self.threat)):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: expected a mapping, got {show(value)}")
@@ -226,8 +222,9 @@ class AuditConfig:
             raise ConfigError(f"the audit grid (models x attacks x defenses x batch_sizes) has {cells:,} cells; "
                               f"the limit is {MAX_GRID:,}")
         for k, m in enumerate(self.models):
-            if not isinstance(m, ModelChoice) or not isinstance(m.name, str) or m.name not in MODELS:
-                raise ConfigError(f"models[{k}]: unknown model {show(getattr(m, 'name', m))}; known: {', '.join(MODELS)}")
+            if not isinstance(m, ModelChoice):
+                raise ConfigError(f"models[{k}]: expected a ModelChoice, got {show(m)}; known models: {', '.join(MODELS)}")
+            m.check(f"models[{k}]")
             check_tree(str_keyed(f"models[{k}].options", m.options), f"models[{k}].options")
         names = {m.name for m in self.models}
         for k, a in enumerate(self.attacks):
@@ -305,7 +302,6 @@ class AuditConfig:
     def _check_attack_options(self) -> None:
         """Build every (model, attack) once, so that a bad model or attack option (or threat
         key) is refused now, naming it, rather than after hours of other cells."""
-        from ..models import build_model
         from ..pipeline import make_attack
 
         threat = self._threat_model()
@@ -313,7 +309,10 @@ class AuditConfig:
         channels = 1 if self.data.get("name") in ("faces", "digits") else 3
         for k, model in enumerate(self.models):
             with _named_errors(f"models[{k}]"):
-                net = build_model(model.name, (channels, size, size), 10, **model.options)
+                spec = model.spec(seed=self.seed, dtype=self.dtype, device="cpu")
+                if model.train is not None:  # the plan's weights do not exist yet: the architecture is checked
+                    spec = spec.with_(weights=None)
+                net = spec.build((channels, size, size), 10).module
             for j, attack in enumerate(self.attacks):
                 if attack.applies_to(model):
                     with _named_errors(f"attacks[{j}]"):
@@ -357,8 +356,9 @@ class AuditConfig:
         for key in ("models", "attacks"):
             if key not in raw:
                 raise ConfigError(f"the audit config needs {key!r}")
-        values: dict[str, Any] = {k: raw[k] for k in ("name", "seed", "dtype") if k in raw}
-        values["models"] = tuple(ModelChoice(*_named(f"models[{k}]", m)[:2]) for k, m in enumerate(_list(raw, "models")))
+        values: dict[str, Any] = {k: raw[k] for k in ("name", "seed", "dtype", "device") if k in raw}
+        models = [_named(f"models[{k}]", m, ("weights", "mode", "train")) for k, m in enumerate(_list(raw, "models"))]
+        values["models"] = tuple(ModelChoice(name, options, **extra) for name, options, extra in models)
         attacks = []
         for k, entry in enumerate(_list(raw, "attacks")):
             name, options, extra = _named(f"attacks[{k}]", entry, ("models",))
@@ -391,11 +391,14 @@ def _sub(cls, key: str, value: Any):
     return cls(**value)
 
 
-def load_audit_config(path: str | Path) -> AuditConfig:
+def load_audit_config(path: str | Path, allow_imports: tuple[str, ...] = ()) -> AuditConfig:
     """An :class:`AuditConfig` from a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file.
 
     The file is untrusted: at most 1 MiB, UTF-8, parsed safely, its size counted with YAML
-    aliases expanded before any value is used; every problem is one ConfigError line."""
+    aliases expanded before any value is used; every problem is one ConfigError line. A
+    model named ``package.module:factory`` is imported only if its module is in
+    ``allow_imports`` (the CLI's ``--allow-import``); relative ``weights`` paths are read
+    from the config's folder."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
@@ -406,4 +409,6 @@ def load_audit_config(path: str | Path) -> AuditConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"audit config {str(path)!r}: expected a mapping of keys at the top, "
                           f"got a {type(raw).__name__}")
-    return AuditConfig.from_mapping(raw)
+    check_tree(raw)
+    check_imports(raw, tuple(allow_imports), f"audit config {str(path)!r}")
+    return AuditConfig.from_mapping(resolve_weights(raw, path.parent))

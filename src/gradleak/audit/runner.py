@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,10 @@ from .._io import atomic_write_json, from_json_float, to_jsonable
 from ..client import ClientSetup
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, GradleakError
+from ..models import resolve_device
+from ..report.audit import write_audit_report
 from .config import AuditConfig, AttackChoice, ModelChoice, load_audit_config, stable_hash
+from .results import AuditResult, CellResult
 
 __all__ = ["CellSpec", "CellResult", "AuditResult", "run_audit", "audit_cells", "mean_image_psnr"]
 
@@ -48,7 +51,7 @@ class CellSpec:
 
     def key(self, config: AuditConfig) -> dict[str, Any]:
         """Everything that determines the cell's result."""
-        return {"model": {"name": self.model.name, "options": self.model.options},
+        return {"model": self.model.key(),
                 "attack": {"name": self.attack.name, "options": self.attack.options}, "defenses": list(self.defenses),
                 "batch_size": self.batch_size, "data": config.data, "client": config.client, "threat": config.threat,
                 "seed": config.seed, "dtype": config.dtype}
@@ -58,48 +61,6 @@ class CellSpec:
         # no grid position in the name: inserting a defense entry must not rename (and recompute) the others
         text = f"{self.model.name}-{self.attack.name}-{defense}-b{self.batch_size}"
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", text) + "-" + stable_hash(self.key(config))
-
-
-@dataclass
-class CellResult:
-    """One cell's outcome: ``status`` is done, not-applicable or error."""
-
-    cell_id: str
-    model: str
-    attack: str
-    defense_index: int
-    defense: str
-    batch_size: int
-    status: str
-    summary: dict[str, Any] = field(default_factory=dict)
-    psnr: list[float | None] = field(default_factory=list)   # per attacked image; None: not recovered
-    ssim: list[float | None] = field(default_factory=list)   # the same images (empty in cells stored before it)
-    levels: dict[str, int] = field(default_factory=dict)
-    privacy: dict[str, Any] = field(default_factory=dict)
-    message: str = ""
-    condition: str = ""          # not-applicable: the failed condition of the method, in few words
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-
-@dataclass
-class AuditResult:
-    out: Path
-    config: AuditConfig
-    cells: list[CellResult]
-    utility: dict[int, dict[str, Any]]
-    verdicts: list[dict[str, Any]]
-    interrupted: bool = False
-    baseline_psnr: float | None = None   # the attacked images' mean image against each: a no-information guess
-
-    def __post_init__(self):
-        self.out = Path(self.out)
-
-    @property
-    def report(self) -> Path:
-        return self.out / "report.html"
 
 
 def _defense_label(stack: list[Any]) -> str:
@@ -166,12 +127,11 @@ def _load_cell(stored: dict[str, Any], spec: "CellSpec", config: AuditConfig, la
 def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], served_cache: dict,
               out: Path, progress) -> CellResult:
     from ..defenses import defended_updates
-    from ..models import MODELS, build_model, model_info
     from ..pipeline import attack_updates, make_attack
     from ..runs import write_run
     from ..threat import ThreatModel
 
-    images, labels, classes, dtype = context["images"], context["labels"], context["classes"], context["dtype"]
+    images, labels, classes = context["images"], context["labels"], context["classes"]
     result = CellResult(spec.cell_id(config), spec.model.label, spec.attack.name, spec.defense_index,
                         _defense_label(stack), spec.batch_size, "done")
     start = time.perf_counter()
@@ -180,11 +140,13 @@ def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: di
     try:
         if served_key not in served_cache:
             served_cache.clear()  # one (model, defense, batch) at a time: attacks are the inner loop
-            net = build_model(spec.model.name, shape, len(classes), seed=config.seed, dtype=dtype, **spec.model.options)
+            model_spec = spec.model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]),
+                                         weights=context["weights"].get(spec.model.label))
+            built = model_spec.build(shape, len(classes))
+            net = built.module
             setup = ClientSetup(**{**config.client, "batch_size": spec.batch_size, "seed": config.seed})
-            description = model_info(spec.model.name, shape, len(classes), config.seed, **spec.model.options)
-            served = defended_updates(net, images, labels, setup, stack, loss=MODELS[spec.model.name].loss,
-                                      spec=context["spec"], model_info=description)
+            served = defended_updates(net, images, labels, setup, stack, loss=built.loss, spec=context["spec"],
+                                      model_info=built.description())
             served_cache[served_key] = (net, served)
         net, served = served_cache[served_key]
         result.privacy = next((d.privacy for d in served if d.privacy), {})
@@ -298,17 +260,17 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
     and still writes the report of what is there."""
     from ..data import load_dataset
     from ..pipeline import progress_bar
-    from ..report.audit import write_audit_report
 
     if not isinstance(config, AuditConfig):
         config = load_audit_config(config)
     out = Path(out)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
+    device = resolve_device(config.device)
     data = config.data  # keys and values checked by AuditConfig
     dataset = load_dataset(data["name"], size=data.get("size"), n=data["n"])
-    images = dataset.images.to(dtype)
-    context = {"images": images, "labels": dataset.labels, "classes": dataset.classes, "dtype": dtype,
-               "spec": DataSpec.from_images(images)}
+    images = dataset.images.to(device=device, dtype=dtype)
+    context = {"images": images, "labels": dataset.labels.to(device), "classes": dataset.classes, "device": device,
+               "spec": DataSpec.from_images(images), "weights": {}}
     atomic_write_json(out / "config.json", config.to_json())
     baseline = mean_image_psnr(images)
     specs = audit_cells(config)

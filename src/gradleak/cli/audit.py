@@ -20,6 +20,8 @@ def audit(
     fresh: bool = typer.Option(False, "--fresh", help="Recompute every cell instead of continuing a stored audit."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the "
                                                                  "config's device, else auto)."),
+    allow_import: Optional[list[str]] = typer.Option(None, "--allow-import", help="A module whose factories the "
+                                                     "config may name (package.module:factory). Repeatable."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
@@ -36,7 +38,7 @@ def audit(
         import torch
 
         torch.set_num_threads(threads)
-    cfg = load_audit_config(config)
+    cfg = load_audit_config(config, tuple(allow_import or ()))
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
     folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)

@@ -20,6 +20,7 @@ import hashlib
 import io
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -92,7 +93,9 @@ def read_weights(path: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> Weight
             raise ConfigError(f"weights {str(path)!r}: malformed safetensors data ({one_line(error, 200)})") from None
         return WeightsFile(path, _unwrap(tensors, path), digest, "safetensors")
     try:
-        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing what it cannot read
+            warnings.simplefilter("ignore")
+            value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError, TypeError, KeyError,
             OSError, RecursionError, UnicodeDecodeError, ImportError, IndexError) as error:
         first = one_line(str(error).split("\n\n")[0], 200)

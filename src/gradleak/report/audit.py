@@ -22,7 +22,7 @@ from .figures import _new_figure, fit_title
 from .html import _Num, _fmt, _table, html_page, image_tag
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..audit.runner import AuditResult
+    from ..audit.results import AuditResult
 
 __all__ = ["write_audit_report", "privacy_utility_figure", "psnr_by_defense_figure"]
 
