@@ -120,92 +120,40 @@ def analyze(model: nn.Module | str, input_shape: tuple[int, ...], batch_size: in
     B = batch_size
     chain = trace_chain(model, input_shape, params, buffers)
     linears = trace_linear_layers(model, input_shape, params, buffers)
-    first_fc = next((t for t in linears if t.has_bias), None)
-    verdicts: list[AttackVerdict] = []
     layers: list[dict[str, Any]] = [{"layer": l.name, "description": l.describe(), "activation": l.activation,
                                      "unknowns": l.unknowns, "outputs": l.outputs} for l in chain.layers]
     by_name = {row["layer"]: row for row in layers}
+    verdicts = _fc_verdicts(chain, linears, B, by_name)
+    structural, security = _rgap_copa_verdicts(model, chain, params, input_shape, loss, B, by_name,
+                                               labels_known=labels_known, numeric=numeric, max_unknowns=max_unknowns)
+    verdicts += structural
+    verdicts.append(_optimisation_verdict(B))
+    verdict, reasons = _overall_verdict(verdicts)
+    return LeakageReport(name, input_shape, B, layers, verdicts, verdict, reasons, security)
 
-    # FC-bias and Qian ---------------------------------------------------------------
+
+# FC-bias and Qian ---------------------------------------------------------------------
+def _fc_verdicts(chain, linears, B: int, by_name: dict[str, dict[str, Any]]) -> list[AttackVerdict]:
+    """FC-bias and Qian's verdicts; each convolution's row gets Qian's CNN condition."""
+    first_fc = next((t for t in linears if t.has_bias), None)
     fc_on_input = first_fc is not None and first_fc.receives_model_input
-    if fc_on_input:
-        verdicts.append(AttackVerdict("fc-bias", True, B == 1, f"layer {first_fc.name!r} (with bias) is fed the input"
-                                      + ("" if B == 1 else f"; a batch of {B} mixes the samples in every row")))
-    else:
-        verdicts.append(AttackVerdict("fc-bias", False, False,
-                                      "no fully connected layer with bias is fed the input" + (
-                                          f"; only the features entering {first_fc.name!r} are recovered, not the image"
-                                          if first_fc else "")))
-    qian = _qian_verdict(chain, first_fc, fc_on_input, B)
-    verdicts.append(qian)
+    verdicts = [_fc_bias_verdict(first_fc, fc_on_input, B), _qian_verdict(chain, first_fc, fc_on_input, B)]
     for l in chain.layers:
         if l.kind == "conv2d":
             check = qian_cnn_condition(l)
             by_name[l.name]["qian_cnn_condition"] = {"holds": check.holds, "kernels": check.kernels,
                                                      "required": check.required}
+    return verdicts
 
-    # R-GAP and COPA --------------------------------------------------------------------
-    security = None
-    if not chain.is_chain or chain.layers[-1].kind != "linear":
-        why = "; ".join(chain.unsupported) or "the last layer is not fully connected"
-        verdicts += [AttackVerdict("rgap", False, False, f"not a chain of affine layers: {why}"),
-                     AttackVerdict("copa", False, False, f"not a chain of affine layers: {why}")]
-    elif B > 1:
-        verdicts += [AttackVerdict("rgap", False, False, f"one sample per update; the batch has {B}"),
-                     AttackVerdict("copa", False, False, f"one image per update; the batch has {B}")]
-    else:
-        ranks = rank_analysis(chain)
-        for r in ranks:
-            by_name[r.layer]["rgap_ra"] = r.ra
-        lossy = [l.name for l in chain.layers[:-1] if l.activation == "relu"]
-        deficient = [r for r in ranks if r.ra < 0]
-        small = all(l.unknowns <= max_unknowns for l in chain.layers)
-        if numeric and small:
-            try:
-                probe = _probe_gradient(model, input_shape, loss, next(iter(params.values())).dtype)
-                head = chain.layers[-1]
-                last = rgap_last_layer(params[head.param("weight")], probe.tensors[head.param("weight")],
-                                       probe.tensors.get(head.param("bias")) if head.has_bias else None, loss, 1)
-                sec = copa_security(chain, params, probe.tensors, *last.candidates[0])
-                security = sec.to_json()
-                for row in sec.layers:
-                    by_name[row["layer"]].update(numeric_rank=row["rank"], rank_deficit=row["deficit"],
-                                                 condition=row["condition"])
-                deficient_numeric = [row["layer"] for row in sec.layers if row["deficit"] > 0]
-                exact = not deficient_numeric
-                reason = ("every layer-wise system has full rank on the model's weights (numerical RA)" if exact else
-                          f"rank deficit in {', '.join(map(repr, deficient_numeric))}: a null space of inputs fits "
-                          "the same gradients")
-            except AttackNotApplicable as error:
-                exact, reason = False, str(error)
-        else:
-            exact = not deficient and not lossy
-            reason = ("by counting (RA): enough constraints in every layer" if exact else
-                      f"by counting (RA): deficit in {', '.join(repr(r.layer) for r in deficient)}" if deficient else
-                      f"ReLU in {', '.join(map(repr, lossy))} drops the weight constraints of inactive units")
-        label_ok = labels_known or (chain.layers[-1].module.out_features >= 3)
-        if not label_ok:
-            exact, reason = False, "a binary head without bias needs the label, and it is not granted"
-        verdicts.append(AttackVerdict("rgap", label_ok, exact, reason))
-        copa_reason = reason if security is None else (
-            f"security measure {security['measure']:.3g} (sum of log10 condition numbers)" if security["measure"]
-            is not None else "a layer is rank deficient: secure against COPA (infinite measure)")
-        verdicts.append(AttackVerdict("copa", label_ok, exact, copa_reason))
-    verdicts.append(AttackVerdict("optimisation", True, None,
-                                  "gradient matching (DLG / Inverting Gradients) always applies; it approximates, its "
-                                  f"quality falls with batch size ({B}) and depth; never predicted exact"))
-    exact = [v.attack for v in verdicts if v.exact]
-    uncertain = [v.attack for v in verdicts if v.applies and v.exact is None and v.attack != "optimisation"]
-    if exact:
-        verdict = "EXACT RECOVERY PREDICTED"
-        reasons = [f"{v.attack}: {v.reason}" for v in verdicts if v.exact]
-    elif uncertain:
-        verdict = "EXACT RECOVERY POSSIBLE"
-        reasons = [f"{v.attack}: {v.reason}" for v in verdicts if v.attack in uncertain]
-    else:
-        verdict = "NO EXACT CLOSED-FORM RECOVERY"
-        reasons = ["no closed-form attack's conditions hold; optimisation attacks may still approximate the data"]
-    return LeakageReport(name, input_shape, B, layers, verdicts, verdict, reasons, security)
+
+def _fc_bias_verdict(first_fc, fc_on_input: bool, B: int) -> AttackVerdict:
+    if fc_on_input:
+        return AttackVerdict("fc-bias", True, B == 1, f"layer {first_fc.name!r} (with bias) is fed the input"
+                             + ("" if B == 1 else f"; a batch of {B} mixes the samples in every row"))
+    return AttackVerdict("fc-bias", False, False,
+                         "no fully connected layer with bias is fed the input" + (
+                             f"; only the features entering {first_fc.name!r} are recovered, not the image"
+                             if first_fc else ""))
 
 
 def _qian_verdict(chain, first_fc, fc_on_input: bool, B: int) -> AttackVerdict:
@@ -244,6 +192,90 @@ def _qian_verdict(chain, first_fc, fc_on_input: bool, B: int) -> AttackVerdict:
                              "sample isolate each one")
     return AttackVerdict("qian", True, None, f"{base}; B <= h = {h} < 16B: separation depends on the activation "
                          "patterns (about h/2 inactive units per sample against B-1 needed)")
+
+
+# R-GAP and COPA ------------------------------------------------------------------------
+def _rgap_copa_verdicts(model, chain, params, input_shape, loss: str, B: int, by_name: dict[str, dict[str, Any]], *,
+                        labels_known: bool, numeric: bool, max_unknowns: int
+                        ) -> tuple[list[AttackVerdict], dict | None]:
+    """R-GAP's and COPA's verdicts and COPA's security measure (None unless computed). Each
+    layer's row gets its RA and, when checked numerically, its rank, deficit and condition."""
+    if not chain.is_chain or chain.layers[-1].kind != "linear":
+        why = "; ".join(chain.unsupported) or "the last layer is not fully connected"
+        return [AttackVerdict("rgap", False, False, f"not a chain of affine layers: {why}"),
+                AttackVerdict("copa", False, False, f"not a chain of affine layers: {why}")], None
+    if B > 1:
+        return [AttackVerdict("rgap", False, False, f"one sample per update; the batch has {B}"),
+                AttackVerdict("copa", False, False, f"one image per update; the batch has {B}")], None
+    ranks = rank_analysis(chain)
+    for r in ranks:
+        by_name[r.layer]["rgap_ra"] = r.ra
+    security = None
+    if numeric and all(l.unknowns <= max_unknowns for l in chain.layers):
+        exact, reason, security = _numerical_rank(model, chain, params, input_shape, loss, by_name)
+    else:
+        exact, reason = _counting_rank(chain, ranks)
+    label_ok = labels_known or (chain.layers[-1].module.out_features >= 3)
+    if not label_ok:
+        exact, reason = False, "a binary head without bias needs the label, and it is not granted"
+    copa_reason = reason if security is None else (
+        f"security measure {security['measure']:.3g} (sum of log10 condition numbers)" if security["measure"]
+        is not None else "a layer is rank deficient: secure against COPA (infinite measure)")
+    verdicts = [AttackVerdict("rgap", label_ok, exact, reason), AttackVerdict("copa", label_ok, exact, copa_reason)]
+    return verdicts, security
+
+
+def _numerical_rank(model, chain, params, input_shape, loss: str, by_name: dict[str, dict[str, Any]]
+                    ) -> tuple[bool, str, dict | None]:
+    """RA on the model's weights: each layer-wise system of a seeded probe's gradient is
+    built and its rank measured (COPA's security measure comes with it)."""
+    try:
+        probe = _probe_gradient(model, input_shape, loss, next(iter(params.values())).dtype)
+        head = chain.layers[-1]
+        last = rgap_last_layer(params[head.param("weight")], probe.tensors[head.param("weight")],
+                               probe.tensors.get(head.param("bias")) if head.has_bias else None, loss, 1)
+        sec = copa_security(chain, params, probe.tensors, *last.candidates[0])
+        security = sec.to_json()
+        for row in sec.layers:
+            by_name[row["layer"]].update(numeric_rank=row["rank"], rank_deficit=row["deficit"],
+                                         condition=row["condition"])
+    except AttackNotApplicable as error:
+        return False, str(error), None
+    deficient = [row["layer"] for row in sec.layers if row["deficit"] > 0]
+    reason = ("every layer-wise system has full rank on the model's weights (numerical RA)" if not deficient else
+              f"rank deficit in {', '.join(map(repr, deficient))}: a null space of inputs fits the same gradients")
+    return not deficient, reason, security
+
+
+def _counting_rank(chain, ranks) -> tuple[bool, str]:
+    """RA by counting constraints against unknowns; a ReLU below the head loses constraints."""
+    lossy = [l.name for l in chain.layers[:-1] if l.activation == "relu"]
+    deficient = [r for r in ranks if r.ra < 0]
+    exact = not deficient and not lossy
+    reason = ("by counting (RA): enough constraints in every layer" if exact else
+              f"by counting (RA): deficit in {', '.join(repr(r.layer) for r in deficient)}" if deficient else
+              f"ReLU in {', '.join(map(repr, lossy))} drops the weight constraints of inactive units")
+    return exact, reason
+
+
+# Optimisation and the overall verdict ---------------------------------------------------
+def _optimisation_verdict(B: int) -> AttackVerdict:
+    return AttackVerdict("optimisation", True, None,
+                         "gradient matching (DLG / Inverting Gradients) always applies; it approximates, its "
+                         f"quality falls with batch size ({B}) and depth; never predicted exact")
+
+
+def _overall_verdict(verdicts: list[AttackVerdict]) -> tuple[str, list[str]]:
+    """Exact if any closed-form attack is predicted exact; possible if one applies with an
+    uncertain verdict; otherwise only optimisation remains."""
+    exact = [v.attack for v in verdicts if v.exact]
+    uncertain = [v.attack for v in verdicts if v.applies and v.exact is None and v.attack != "optimisation"]
+    if exact:
+        return "EXACT RECOVERY PREDICTED", [f"{v.attack}: {v.reason}" for v in verdicts if v.exact]
+    if uncertain:
+        return "EXACT RECOVERY POSSIBLE", [f"{v.attack}: {v.reason}" for v in verdicts if v.attack in uncertain]
+    return "NO EXACT CLOSED-FORM RECOVERY", [
+        "no closed-form attack's conditions hold; optimisation attacks may still approximate the data"]
 
 
 def report_table(report: LeakageReport):

@@ -7,6 +7,9 @@ the best iterate of every restart (by matching loss), records curves, reports pr
 stops early on ``tol``/``patience``, and turns Ctrl-C into "stop here, keep the best": the
 results are marked ``interrupted`` so that the callers stop too (no further restart, update
 or audit cell runs, and nothing interrupted is stored as finished).
+
+The engine depends on nothing of :mod:`.optimization` (which imports :func:`run_group`): it
+reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import torch
 from torch.func import grad_and_value, vmap
 
 __all__ = ["RestartResult", "run_group"]
+
+# What one evaluation of the group returns: the input gradient, the soft-label gradient
+# (or None) and the matching loss, each stacked over the restarts.
+Evaluation = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
 @dataclass
@@ -33,6 +40,7 @@ class RestartResult:
     interrupted: bool = False       # Ctrl-C stopped this restart; x is the best iterate up to then
 
 
+# ------------------------------------------------------------------ initial candidates
 def _initial(cfg, restart: int, shape, spec, dtype, device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + restart)
     if cfg.init == "randn":
@@ -44,6 +52,83 @@ def _initial(cfg, restart: int, shape, spec, dtype, device) -> torch.Tensor:
     return x.to(device)
 
 
+def _initial_labels(cfg, restart: int, label_shape, dtype) -> torch.Tensor:
+    """Soft-label logits of one restart (DLG): standard normal, seeded per restart."""
+    return torch.randn(label_shape, generator=torch.Generator().manual_seed(cfg.seed + 7919 * restart), dtype=dtype)
+
+
+def _candidates(cfg, group: list[int], shape, classes: int, optimize_labels: bool, loss_name: str, spec, dtype,
+                device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stacked leaves optimised: inputs ``X`` (R, B, C, H, W) and, when labels are
+    optimised, soft-label logits ``Y`` (R, B, classes), or (R, B) for a binary head."""
+    X = torch.stack([_initial(cfg, r, shape, spec, dtype, device) for r in group]).requires_grad_(True)
+    if not optimize_labels:
+        return X, None
+    label_shape = (shape[0],) if loss_name == "binary_cross_entropy" else (shape[0], classes)
+    Y = torch.stack([_initial_labels(cfg, r, label_shape, dtype) for r in group]).to(device).requires_grad_(True)
+    return X, Y
+
+
+def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return X.detach().clone(), None if Y is None else Y.detach().clone()
+
+
+# ------------------------------------------------------------------------- evaluator
+def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, restarts: int
+               ) -> Callable[[], Evaluation]:
+    """The matching loss of the current candidates and its gradients: one ``vmap`` over the
+    restarts when there are several, plain autograd (cheaper) for one."""
+    if restarts > 1:
+        return _vmap_evaluator(objective, X, Y)
+    return _autograd_evaluator(objective, X, Y)
+
+
+def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None) -> Callable[[], Evaluation]:
+    single = grad_and_value(objective, argnums=(0, 1) if Y is not None else 0)
+
+    def evaluate() -> Evaluation:
+        x, y = X.detach(), None if Y is None else Y.detach()
+        grads, values = vmap(single, in_dims=(0, 0 if y is not None else None))(x, y)
+        gx, gy = grads if isinstance(grads, tuple) else (grads, None)
+        return gx, gy, values.detach()
+
+    return evaluate
+
+
+def _autograd_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None) -> Callable[[], Evaluation]:
+    def evaluate() -> Evaluation:
+        x, y = X.detach(), None if Y is None else Y.detach()
+        inputs = [x[0].requires_grad_(True)] + ([] if y is None else [y[0].requires_grad_(True)])
+        value = objective(inputs[0], None if y is None else inputs[1], functional=False)
+        grads = torch.autograd.grad(value, inputs)
+        return grads[0][None], None if y is None else grads[1][None], value.detach()[None]
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------ best iterate
+class _Best:
+    """The best iterate of every restart by matching loss (non-finite losses never count),
+    and the iteration of the last improvement of any restart (for ``patience``)."""
+
+    def __init__(self, X: torch.Tensor, Y: torch.Tensor | None):
+        self.loss = torch.full((X.shape[0],), math.inf, dtype=torch.float64)
+        self.x, self.y = _snapshot(X, Y)
+        self.last_improvement = 0
+
+    def keep(self, values: torch.Tensor, x_seen: torch.Tensor, y_seen: torch.Tensor | None, iteration: int) -> None:
+        values = values.to(torch.float64).cpu()
+        better = torch.isfinite(values) & (values < self.loss)
+        if bool(better.any()):
+            self.last_improvement = iteration
+            self.loss[better] = values[better]
+            mask = better.to(self.x.device)
+            self.x[mask] = x_seen[mask]
+            if self.y is not None:
+                self.y[mask] = y_seen[mask]
+
+
+# ----------------------------------------------------------------- one optimisation step
 def _optimizer(cfg, tensors):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(tensors, lr=cfg.lr)
@@ -62,113 +147,136 @@ def _scheduler(cfg, optimizer):
     return None
 
 
+def _signed(g: torch.Tensor, mode: str | None) -> torch.Tensor:
+    """The input gradient as the first-order step sees it: ``sign(g)`` (Inverting Gradients),
+    ``tanh(g / mean|g|)``, or ``g`` itself."""
+    if mode == "sign":
+        return g.sign()
+    if mode == "tanh":
+        return torch.tanh(g / g.abs().mean().clamp_min(1e-30))
+    return g
+
+
+def _step(cfg, optimizer, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None):
+    """One step of the optimiser; returns the losses it saw and the candidates they belong to."""
+    if cfg.optimizer == "lbfgs":
+        return _lbfgs_step(optimizer, evaluate, X, Y)
+    return _first_order_step(cfg, optimizer, evaluate, X, Y)
+
+
+def _lbfgs_step(optimizer, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None):
+    """One L-BFGS step (its inner iterations and line search re-evaluate through the closure);
+    the loss reported is that of the closure's first evaluation, at the candidates before the step."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def closure():
+        optimizer.zero_grad()
+        gx, gy, values = evaluate()
+        X.grad = gx
+        if Y is not None:
+            Y.grad = gy
+        if not seen:
+            x_seen, y_seen = _snapshot(X, Y)
+            seen.update(values=values, x=x_seen, y=y_seen)
+        return values.sum()
+
+    optimizer.step(closure)
+    return seen["values"], seen["x"], seen["y"]
+
+
+def _first_order_step(cfg, optimizer, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None):
+    """One Adam/SGD step on the (signed) input gradient and the plain soft-label gradient."""
+    gx, gy, values = evaluate()
+    x_seen, y_seen = _snapshot(X, Y)
+    X.grad = _signed(gx, cfg.signed)
+    if Y is not None:
+        Y.grad = gy
+    optimizer.step()
+    return values, x_seen, y_seen
+
+
+def _project(X: torch.Tensor, bounds) -> None:
+    """The box constraint: clamp the candidates into the image of [0, 1] under the data spec."""
+    with torch.no_grad():
+        X.copy_(torch.maximum(torch.minimum(X, bounds[1]), bounds[0]))
+
+
+# ---------------------------------------------------------------------------- recording
 def _record(series: dict[str, Any], key: str, iteration: int, value: float) -> None:
     entry = series.setdefault(key, {"x": [], "y": []})
     entry["x"].append(iteration)
     entry["y"].append(value)
 
 
+def _recording_due(cfg, iteration: int) -> bool:
+    return iteration % cfg.record_every == 0 or iteration == cfg.iterations - 1
+
+
+def _record_iteration(histories: list[dict[str, Any]], iteration: int, values: torch.Tensor, best: _Best,
+                      monitor: Callable | None, spec) -> None:
+    """Each restart's matching loss at this iteration, and what the monitor says of its best iterate."""
+    for k, value in enumerate(values.tolist()):
+        _record(histories[k], "loss", iteration, value)
+        if monitor is not None:
+            for key, metric in monitor(spec.denormalize(best.x[k])).items():
+                _record(histories[k], key, iteration, float(metric))
+
+
+# ------------------------------------------------------------------------ stopping rules
+def _stop_reason(cfg, X: torch.Tensor, best: _Best, iteration: int, group: list[int]) -> str | None:
+    """Why the loop stops after this iteration (a note), or None to go on."""
+    if not bool(torch.isfinite(X).all()):
+        return (f"restarts {group}: the candidate diverged (non-finite) at iteration {iteration}; "
+                "kept the best finite iterate")
+    if cfg.tol is not None and bool((best.loss < cfg.tol).all()):
+        return f"stopped at iteration {iteration}: matching loss below tol={cfg.tol}"
+    if cfg.patience is not None and iteration - best.last_improvement >= cfg.patience:
+        return f"stopped at iteration {iteration}: no improvement for {cfg.patience} iterations"
+    return None
+
+
+def _final_evaluation(cfg, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None,
+                      best: _Best) -> None:
+    """After the last iteration the candidates have taken one more step: score them too."""
+    if bool(torch.isfinite(X).all()):
+        _, _, values = evaluate()
+        best.keep(values, *_snapshot(X, Y), cfg.iterations)
+
+
+# ---------------------------------------------------------------------------- the loop
 def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, ...], classes: int,
               optimize_labels: bool, bounds, spec, loss_name: str) -> list[RestartResult]:
-    from .optimization import _signed
-
+    """Optimise the restarts ``group`` together; one :class:`RestartResult` per restart."""
     cfg, hooks = attack.config, attack._hooks
-    dtype, device = bounds[0].dtype, bounds[0].device
-    X = torch.stack([_initial(cfg, r, shape, spec, dtype, device) for r in group]).requires_grad_(True)
-    Y = None
-    if optimize_labels:
-        label_shape = (shape[0],) if loss_name == "binary_cross_entropy" else (shape[0], classes)
-        Y = torch.stack([torch.randn(label_shape, generator=torch.Generator().manual_seed(cfg.seed + 7919 * r),
-                                     dtype=dtype) for r in group]).to(device).requires_grad_(True)
-    single = grad_and_value(objective, argnums=(0, 1) if Y is not None else 0)
-
-    def evaluate():
-        x, y = X.detach(), None if Y is None else Y.detach()
-        if len(group) > 1:
-            grads, values = vmap(single, in_dims=(0, 0 if y is not None else None))(x, y)
-            gx, gy = grads if isinstance(grads, tuple) else (grads, None)
-            return gx, gy, values.detach()
-        inputs = [x[0].requires_grad_(True)] + ([] if y is None else [y[0].requires_grad_(True)])
-        value = objective(inputs[0], None if y is None else inputs[1], functional=False)
-        grads = torch.autograd.grad(value, inputs)
-        return grads[0][None], None if y is None else grads[1][None], value.detach()[None]
-
+    X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
+    evaluate = _evaluator(objective, X, Y, len(group))
     optimizer = _optimizer(cfg, [X] if Y is None else [X, Y])
     scheduler = _scheduler(cfg, optimizer)
-    best_loss = torch.full((len(group),), math.inf, dtype=torch.float64)
-    best_x, best_y = X.detach().clone(), None if Y is None else Y.detach().clone()
+    best = _Best(X, Y)
     histories: list[dict[str, Any]] = [{} for _ in group]
     notes: list[str] = []
-    last_improvement, iteration, interrupted = 0, 0, False
-
-    def keep_best(values, x_seen, y_seen, it):
-        nonlocal last_improvement
-        values = values.to(torch.float64).cpu()
-        better = torch.isfinite(values) & (values < best_loss)
-        if bool(better.any()):
-            last_improvement = it
-            best_loss[better] = values[better]
-            mask = better.to(device)
-            best_x[mask] = x_seen[mask]
-            if best_y is not None:
-                best_y[mask] = y_seen[mask]
-
+    iteration, interrupted = 0, False
     try:
         for iteration in range(cfg.iterations):
-            if cfg.optimizer == "lbfgs":
-                seen: dict[str, torch.Tensor] = {}
-
-                def closure():
-                    optimizer.zero_grad()
-                    gx, gy, values = evaluate()
-                    X.grad = gx
-                    if Y is not None:
-                        Y.grad = gy
-                    if not seen:
-                        seen.update(values=values, x=X.detach().clone(),
-                                    y=None if Y is None else Y.detach().clone())
-                    return values.sum()
-
-                optimizer.step(closure)
-                values, x_seen, y_seen = seen["values"], seen["x"], seen["y"]
-            else:
-                gx, gy, values = evaluate()
-                x_seen, y_seen = X.detach().clone(), None if Y is None else Y.detach().clone()
-                X.grad = _signed(gx, cfg.signed)
-                if Y is not None:
-                    Y.grad = gy
-                optimizer.step()
+            values, x_seen, y_seen = _step(cfg, optimizer, evaluate, X, Y)
             if scheduler is not None:
                 scheduler.step()
             if cfg.boxed:
-                with torch.no_grad():
-                    X.copy_(torch.maximum(torch.minimum(X, bounds[1]), bounds[0]))
-            keep_best(values, x_seen, y_seen, iteration)
-            if iteration % cfg.record_every == 0 or iteration == cfg.iterations - 1:
-                for k, value in enumerate(values.tolist()):
-                    _record(histories[k], "loss", iteration, value)
-                    if hooks.monitor is not None:
-                        for key, metric in hooks.monitor(spec.denormalize(best_x[k])).items():
-                            _record(histories[k], key, iteration, float(metric))
+                _project(X, bounds)
+            best.keep(values, x_seen, y_seen, iteration)
+            if _recording_due(cfg, iteration):
+                _record_iteration(histories, iteration, values, best, hooks.monitor, spec)
             if hooks.progress is not None:
                 hooks.progress(iteration + 1, cfg.iterations)
-            if not bool(torch.isfinite(X).all()):
-                notes.append(f"restarts {group}: the candidate diverged (non-finite) at iteration {iteration}; "
-                             "kept the best finite iterate")
-                break
-            if cfg.tol is not None and bool((best_loss < cfg.tol).all()):
-                notes.append(f"stopped at iteration {iteration}: matching loss below tol={cfg.tol}")
-                break
-            if cfg.patience is not None and iteration - last_improvement >= cfg.patience:
-                notes.append(f"stopped at iteration {iteration}: no improvement for {cfg.patience} iterations")
+            stop = _stop_reason(cfg, X, best, iteration, group)
+            if stop is not None:
+                notes.append(stop)
                 break
         else:
-            if bool(torch.isfinite(X).all()):
-                _, _, values = evaluate()
-                keep_best(values, X.detach().clone(), None if Y is None else Y.detach().clone(), cfg.iterations)
-    except KeyboardInterrupt:
+            _final_evaluation(cfg, evaluate, X, Y, best)
+    except KeyboardInterrupt:  # Ctrl-C anywhere in the loop: stop here, keep the best iterate
         interrupted = True
         notes.append(f"interrupted at iteration {iteration} of {cfg.iterations}: kept the best iterate so far")
-    return [RestartResult(restart=r, x=best_x[k], y_soft=None if best_y is None else best_y[k],
-                          loss=float(best_loss[k]), iterations=iteration + 1, history=histories[k],
+    return [RestartResult(restart=r, x=best.x[k], y_soft=None if best.y is None else best.y[k],
+                          loss=float(best.loss[k]), iterations=iteration + 1, history=histories[k],
                           notes=notes if k == 0 else [], interrupted=interrupted) for k, r in enumerate(group)]

@@ -31,6 +31,7 @@ from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_float, ch
                       short_repr)
 from ..losses import get_loss
 from ..update import SharedUpdate
+from ._engine import run_group
 from ._layers import classifier_layer, trace_linear_layers
 from .base import Attack, Reconstruction, register_attack
 from .labels import count_labels, idlg_label
@@ -111,14 +112,6 @@ class MatchingConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def _signed(g: torch.Tensor, mode: str | None) -> torch.Tensor:
-    if mode == "sign":
-        return g.sign()
-    if mode == "tanh":
-        return torch.tanh(g / g.abs().mean().clamp_min(1e-30))
-    return g
 
 
 @register_attack
@@ -265,8 +258,6 @@ class GradientMatching(Attack):
         if batched and not vmappable:
             raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
         groups = [list(range(cfg.restarts))] if batched else [[r] for r in range(cfg.restarts)]
-        from ._engine import run_group
-
         runs: list = []
         for group in groups:
             runs += run_group(self, objective, group, shape, classes, labels is None, bounds, spec, update.loss)
