@@ -195,3 +195,12 @@ def test_presets_are_configurations_of_one_engine():
     assert get_attack("idlg").preset.labels == "infer"
     assert all(issubclass(get_attack(n), GradientMatching) for n in ("dlg", "idlg", "inverting-gradients", "fedavg"))
     assert isinstance(MatchingConfig(), MatchingConfig)
+
+
+def test_a_time_budget_stops_the_attack_with_a_note(lenet, photos):
+    update = fedsgd_update(lenet, photos.images[:1], photos.labels[:1])
+    rec = get_attack("inverting-gradients")(lenet, iterations=1_000_000, time_budget=0.2).reconstruct(update)
+    note = next(n for n in rec.notes if "time budget" in n)
+    assert "time budget of 0.2 s spent" in note and int(note.split("iteration ")[1].split(":")[0]) < 1_000_000
+    with pytest.raises(ConfigError, match="time_budget must be a finite number > 0"):
+        get_attack("inverting-gradients")(lenet, time_budget=0)

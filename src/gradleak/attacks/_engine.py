@@ -15,6 +15,7 @@ reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -223,7 +224,8 @@ def _record_iteration(histories: list[dict[str, Any]], iteration: int, values: t
 
 
 # ------------------------------------------------------------------------ stopping rules
-def _stop_reason(cfg, X: torch.Tensor, best: _Best, iteration: int, group: list[int]) -> str | None:
+def _stop_reason(cfg, X: torch.Tensor, best: _Best, iteration: int, group: list[int],
+                 deadline: float | None = None) -> str | None:
     """Why the loop stops after this iteration (a note), or None to go on."""
     if not bool(torch.isfinite(X).all()):
         return (f"restarts {group}: the candidate diverged (non-finite) at iteration {iteration}; "
@@ -232,6 +234,8 @@ def _stop_reason(cfg, X: torch.Tensor, best: _Best, iteration: int, group: list[
         return f"stopped at iteration {iteration}: matching loss below tol={cfg.tol}"
     if cfg.patience is not None and iteration - best.last_improvement >= cfg.patience:
         return f"stopped at iteration {iteration}: no improvement for {cfg.patience} iterations"
+    if deadline is not None and time.perf_counter() >= deadline:
+        return f"stopped at iteration {iteration}: time budget of {cfg.time_budget:g} s spent"
     return None
 
 
@@ -256,6 +260,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     histories: list[dict[str, Any]] = [{} for _ in group]
     notes: list[str] = []
     iteration, interrupted = 0, False
+    deadline = None if cfg.time_budget is None else time.perf_counter() + cfg.time_budget
     try:
         for iteration in range(cfg.iterations):
             values, x_seen, y_seen = _step(cfg, optimizer, evaluate, X, Y)
@@ -268,7 +273,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
                 _record_iteration(histories, iteration, values, best, hooks.monitor, spec)
             if hooks.progress is not None:
                 hooks.progress(iteration + 1, cfg.iterations)
-            stop = _stop_reason(cfg, X, best, iteration, group)
+            stop = _stop_reason(cfg, X, best, iteration, group, deadline)
             if stop is not None:
                 notes.append(stop)
                 break

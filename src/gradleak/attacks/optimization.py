@@ -77,6 +77,7 @@ class MatchingConfig:
     line_search: str | None = "strong_wolfe"  # L-BFGS line search; None = fixed step lr (DLG's code)
     tol: float | None = None     # stop once the matching loss is below this
     patience: int | None = None  # stop after this many iterations without improvement
+    time_budget: float | None = None  # stop after this many seconds (per group of restarts)
     record_every: int = 10
     batched_restarts: str = "auto"
     seed: int = 0
@@ -97,6 +98,7 @@ class MatchingConfig:
             check_float(field, getattr(self, field))
         check_float("lr", self.lr, low_open=True)
         check_float("tol", self.tol, optional=True)
+        check_float("time_budget", self.time_budget, low_open=True, optional=True)
         if self.patience is not None:
             check_int("patience", self.patience, 1, MAX_ITERATIONS)
         if self.batch_size is not None:

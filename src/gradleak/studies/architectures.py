@@ -58,6 +58,7 @@ class ArchitectureResult:
     psnr_final: float
     seconds: float
     mse_curve: list[float]
+    steps_run: int = 0          # L-BFGS steps actually run (fewer than ``steps`` when the time budget ran out)
     interrupted: bool = False   # Ctrl-C stopped this model's run (the study ran no further model)
 
 
@@ -65,13 +66,15 @@ def _snapshot_steps(steps: int, count: int) -> list[int]:
     return sorted({round(i * steps / (count - 1)) for i in range(count)}) if count > 1 else [steps]
 
 
-def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 10, inner: int = 4,
+def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 300, inner: int = 20,
                        models: Sequence[str] = tuple(ARCHITECTURES), image: int = 1, snapshots: int = 6,
                        num_classes: int = 10, seed: int = 0, quiet: bool = False,
-                       device: str = "auto") -> list[ArchitectureResult]:
+                       device: str = "auto", time_budget: float | None = None) -> list[ArchitectureResult]:
     """Run DLG on each sigmoid model with the same photo (index ``image`` of the built-in
-    photos); ``steps`` L-BFGS steps of at most ``inner`` evaluations each. Ctrl-C stops the
-    study: the models run so far are written, the last one marked ``interrupted``."""
+    photos); ``steps`` L-BFGS steps of at most ``inner`` evaluations each (the seed's budget:
+    300 x 20), each model stopping early after ``time_budget`` seconds when given (the
+    224/299-px models need 2-6 s per evaluation on a CPU). Ctrl-C stops the study: the models
+    run so far are written, the last one marked ``interrupted``."""
     unknown = [m for m in models if m not in ARCHITECTURES]
     if unknown:
         raise ConfigError(f"models {unknown} are not part of the study; choose from {list(ARCHITECTURES)}")
@@ -105,7 +108,8 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
                     progress.update(task, advance=1)
                     return {"mse": value}
 
-                attack = DLG(model, iterations=steps, lbfgs_inner=inner, record_every=1, seed=seed)
+                attack = DLG(model, iterations=steps, lbfgs_inner=inner, record_every=1, seed=seed,
+                             time_budget=time_budget)
                 start = time.perf_counter()
                 rec = attack.reconstruct(update, monitor=monitor)
                 seconds = time.perf_counter() - start
@@ -114,7 +118,8 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 1
                 results.append(ArchitectureResult(
                     model=name, pixels=side, parameters=sum(p.numel() for p in model.parameters()), steps=steps,
                     mse_start=curve[0] if curve else math.nan, mse_final=float(mse(rec.images, images)[0]),
-                    psnr_final=float(psnr(rec.images, images)[0]), seconds=seconds, mse_curve=curve))
+                    psnr_final=float(psnr(rec.images, images)[0]), seconds=seconds, mse_curve=curve,
+                    steps_run=max(len(curve) - 1, 0)))
                 if rec.interrupted:
                     results[-1].interrupted = True
                     break
@@ -154,7 +159,7 @@ def _write(out: Path, results, strips, steps_shown, steps, inner) -> None:
     save_figure(figure, out / "strip.png", dpi=110)
     atomic_write_json(out / "table.json", [asdict(r) for r in results])
     rows = "".join(
-        f"<tr><td>{html.escape(r.model)}</td><td>{r.pixels}</td><td>{r.parameters:,}</td><td>{r.steps}</td>"
+        f"<tr><td>{html.escape(r.model)}</td><td>{r.pixels}</td><td>{r.parameters:,}</td><td>{r.steps_run}</td>"
         f"<td>{r.mse_start:.4g}</td><td>{r.mse_final:.4g}</td><td>{r.psnr_final:.1f}</td>"
         f"<td>{r.seconds:.0f}</td></tr>" for r in results)
     page = (
