@@ -14,6 +14,11 @@ the training split; every client takes part in every round.
 Aggregation defenses (secure aggregation) do not change the mean the server applies, so
 they cost no accuracy by construction; DP-SGD's epsilon over the whole training is
 reported from Opacus's accountant.
+
+BatchNorm running statistics travel with the updates (``update.buffers``, as the clients'
+forward passes left them); the server averages the floating ones over the clients and
+takes the maximum of the integer ones (``num_batches_tracked``), so a federatedly trained
+BatchNorm model has running statistics to evaluate with. Accuracy is measured in eval mode.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from .errors import ConfigError
 from .functional import forward
 from .models import load_weights
 
-__all__ = ["UtilityResult", "train_federated", "split_dataset", "accuracy"]
+__all__ = ["UtilityResult", "train_federated", "split_dataset", "split_indices", "accuracy", "eval_accuracy",
+           "average_buffers"]
 
 
 @dataclass
@@ -53,36 +59,76 @@ class UtilityResult:
                 "clients": self.clients, "privacy": self.privacy, "seconds": self.seconds}
 
 
-def split_dataset(data: LabeledImages, test_fraction: float = 0.2, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
-    """A fixed random train/test split of ``data``."""
+def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The indices of a fixed random train/test split of ``n`` items: (train, test)."""
     if not 0 < test_fraction < 1:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = int(round(len(data) * (1 - test_fraction)))
-    return data.select(order[:cut]), data.select(order[cut:])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(round(n * (1 - test_fraction)))
+    return order[:cut], order[cut:]
+
+
+def split_dataset(data: LabeledImages, test_fraction: float = 0.2, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
+    """A fixed random train/test split of ``data`` (the indices: :func:`split_indices`)."""
+    train, test = split_indices(len(data), test_fraction, seed)
+    return data.select(train), data.select(test)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: DataSpec, batch: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (its current weights, eval mode not forced) on [0, 1] images."""
+    """Top-1 accuracy of ``model`` (its current weights, eval mode not forced) on [0, 1] images.
+    A model with one output (a binary head) predicts class 1 where its logit is positive."""
     params, buffers = model_state(model)
     correct = 0
     for start in range(0, images.shape[0], batch):
         logits = forward(model, params, buffers, spec.normalize(images[start:start + batch]))
-        correct += int((logits.argmax(1) == labels[start:start + batch]).sum())
+        if logits.ndim == 1 or logits.shape[-1] == 1:
+            predicted = (logits.reshape(logits.shape[0]) > 0).long()
+        else:
+            predicted = logits.argmax(1)
+        correct += int((predicted == labels[start:start + batch]).sum())
     return correct / images.shape[0]
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module, updates: list) -> None:
+    """Set ``model``'s buffers from the clients' (``update.buffers``): floating ones to their
+    mean, integer ones (``num_batches_tracked``) to their maximum. Nothing changes when a
+    client shared no buffers (a model without any, or a defense that drops them)."""
+    if not updates or any(u.buffers is None for u in updates):
+        return
+    for name, buffer in model.named_buffers():
+        if not all(name in u.buffers for u in updates):
+            continue
+        stacked = torch.stack([u.buffers[name].to(device=buffer.device, dtype=buffer.dtype) for u in updates])
+        buffer.copy_(stacked.mean(0) if buffer.is_floating_point() else stacked.max(0).values)
+
+
+def eval_accuracy(model: nn.Module, data: LabeledImages, spec: DataSpec) -> float:
+    """:func:`accuracy` on ``data`` in eval mode (BatchNorm with its running statistics);
+    the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return accuracy(model, data.images, data.labels, spec)
+    finally:
+        model.train(was_training)
 
 
 def train_federated(model: nn.Module, train: LabeledImages, test: LabeledImages, *, clients: int = 10,
                     rounds: int = 50, setup: ClientSetup | None = None, defenses: Any = None, server_lr: float = 1.0,
                     loss: str = "cross_entropy", spec: DataSpec | None = None, seed: int = 0, eval_every: int = 5,
-                    progress: Callable[[int, int], None] | None = None) -> UtilityResult:
+                    progress: Callable[[int, int], None] | None = None,
+                    on_round: Callable[[int, nn.Module], None] | None = None) -> UtilityResult:
     """Train a copy of ``model`` federatedly with every client applying ``defenses``; return
     the test accuracy of the global model.
 
     ``setup`` gives the protocol (fedsgd: the gradient of the client's whole shard; fedavg:
     local SGD with ``setup.lr``, ``local_steps``/``epochs``, ``local_batch_size``).
-    ``server_lr`` scales the averaged update (FedSGD: it is the learning rate)."""
+    ``server_lr`` scales the averaged update (FedSGD: it is the learning rate). The clients'
+    BatchNorm buffers are averaged into the global model (see the module's notes).
+    ``on_round(r, model)`` is called after round r (1-based) with the global model, e.g. to
+    save a checkpoint; the model is the one training continues with: copy what you keep."""
     from .defenses import defend_client, make_defenses
 
     for name, value in (("clients", clients), ("rounds", rounds), ("eval_every", eval_every)):
@@ -109,9 +155,12 @@ def train_federated(model: nn.Module, train: LabeledImages, test: LabeledImages,
         sign = -1.0 if updates[0].kind == "gradient" else 1.0
         step = {n: sign * server_lr * torch.stack([u.tensors[n] for u in updates]).mean(0) for n in params}
         load_weights(net, {n: params[n] + step[n] for n in params})
+        average_buffers(net, updates)
+        if on_round is not None:
+            on_round(r + 1, net)
         if (r + 1) % eval_every == 0 or r == rounds - 1:
             curve["round"].append(r + 1)
-            curve["accuracy"].append(accuracy(net, test.images, test.labels, spec))
+            curve["accuracy"].append(eval_accuracy(net, test, spec))
         if progress is not None:
             progress(r + 1, rounds)
     if privacy:
