@@ -250,3 +250,23 @@ def test_audit_configs_name_weights_and_modes_and_factories_only_when_allowed(tm
     assert stored["cell"]["model"]["mode"] == "eval" and len(stored["cell"]["model"]["weights_sha256"]) == 64
     cli = CliRunner().invoke(app, ["audit", str(config), "--out", str(tmp_path / "cli"), "-q"])
     assert cli.exit_code == 2 and "--allow-import my_nets" in cli.output
+
+
+def test_trained_weights_bring_their_input_normalization(tmp_path):
+    """A network trained on normalised inputs expects the same normalisation when attacked: the
+    weights file records it and clients use it instead of the attacked batch's own statistics."""
+    from safetensors.torch import save
+
+    from gradleak import DataSpec
+    from gradleak.models.weights import weights_metadata
+    from gradleak.pipeline import DataRequest, attack_simulated
+
+    trained_spec = DataSpec((0.25, 0.5, 0.75), (0.2, 0.3, 0.4))
+    module = _trained_like(ModelSpec("lenet"), (3, 32, 32))
+    (tmp_path / "w.safetensors").write_bytes(save(module.state_dict(), metadata=weights_metadata(trained_spec)))
+    built = ModelSpec("lenet", weights=tmp_path / "w.safetensors").build((3, 32, 32), 10)
+    assert built.data_spec == trained_spec
+    run = attack_simulated("fc-bias", tmp_path / "run", data=DataRequest("photos", 1),
+                           model=ModelSpec("lenet", weights=tmp_path / "w.safetensors"), quiet=True)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_spec"] == trained_spec.to_json()
+    assert run.reconstruction is not None

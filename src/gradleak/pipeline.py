@@ -151,7 +151,7 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
                           f"{len(dataset.classes)} classes; use binary data (e.g. faces) or another model")
     images = dataset.images.to(device=built.device, dtype=built.dtype)
     labels = dataset.labels.to(built.device)
-    data_spec = DataSpec.from_images(images)
+    data_spec = built.data_spec or DataSpec.from_images(images)   # trained weights bring their normalization
     setup = client or ClientSetup(seed=spec.seed)
     stack = make_defenses(defenses)
     served = defended_updates(built.module, images, labels, setup, stack, loss=built.loss, spec=data_spec,

@@ -241,23 +241,26 @@ class _Session:
             self.result.curve["accuracy"].append(self.result.held_out_accuracy)
         if k in self.plan.checkpoints and self.result.out is not None:
             name = f"checkpoints/{self.plan.unit}-{k:04d}.safetensors"
-            digest = _save_weights(self.result.out / name, model)
+            digest = _save_weights(self.result.out / name, model, self.result.data_spec)
             self.result.checkpoints[k] = {"path": name, "sha256": digest}
         self.bar.update(self.task, completed=k, description=self._label())
         if self.progress is not None:
             self.progress(k, self.plan.epochs)
 
 
-def _state_bytes(model: nn.Module) -> bytes:
+def _state_bytes(model: nn.Module, data_spec: DataSpec | None = None) -> bytes:
     from safetensors.torch import save
 
+    from .models.weights import weights_metadata
+
     state = {name: t.detach().to("cpu").clone().contiguous() for name, t in model.state_dict().items()}
-    return save(state, metadata={"format": "pt"})   # one key: the header's order is then fixed
+    return save(state, metadata=weights_metadata(data_spec))   # one key: the header's order is then fixed
 
 
-def _save_weights(path: Path, model: nn.Module) -> str:
-    """Write ``model``'s state dict as safetensors (atomically); return the file's SHA-256."""
-    data = _state_bytes(model)
+def _save_weights(path: Path, model: nn.Module, data_spec: DataSpec | None = None) -> str:
+    """Write ``model``'s state dict as safetensors (atomically), recording the input
+    normalization it was trained with; return the file's SHA-256."""
+    data = _state_bytes(model, data_spec)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -355,6 +358,6 @@ def _finish(result: TrainResult, model: nn.Module, train: LabeledImages, test: L
     result.model.train(result.spec.mode == "train")
     result.seconds = seconds
     if result.out is not None:
-        result.weights_sha256 = _save_weights(result.weights, result.model)
+        result.weights_sha256 = _save_weights(result.weights, result.model, result.data_spec)
         atomic_write_json(result.out / "training.json", result.to_json())
     return result

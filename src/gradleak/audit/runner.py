@@ -145,8 +145,8 @@ def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: di
             built = model_spec.build(shape, len(classes))
             net = built.module
             setup = ClientSetup(**{**config.client, "batch_size": spec.batch_size, "seed": config.seed})
-            served = defended_updates(net, images, labels, setup, stack, loss=built.loss, spec=context["spec"],
-                                      model_info=built.description())
+            served = defended_updates(net, images, labels, setup, stack, loss=built.loss,
+                                      spec=built.data_spec or context["spec"], model_info=built.description())
             served_cache[served_key] = (net, served)
         net, served = served_cache[served_key]
         result.privacy = next((d.privacy for d in served if d.privacy), {})

@@ -7,6 +7,7 @@
     gradleak analyze --model M        which attacks apply to an architecture, and why
     gradleak audit CONFIG             defenses x attacks grid, privacy-utility, verdicts
     gradleak study architectures      seed 004's DLG study across architectures
+    gradleak train ...                train a zoo or user model (centralised or federated), with checkpoints
     gradleak list                     models, attacks and built-in data sets
 
 Every command that names a model takes the same options (``--model`` zoo name or
@@ -16,7 +17,7 @@ Every command that names a model takes the same options (``--model`` zoo name or
 
 from __future__ import annotations
 
-from . import analysis, audit, runs, study  # noqa: F401  (registers the commands)
+from . import analysis, audit, runs, study, train  # noqa: F401  (registers the commands)
 from ._common import app
 
 __all__ = ["app"]

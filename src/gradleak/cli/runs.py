@@ -78,7 +78,8 @@ def capture(
     images = dataset.images.to(device=built.device, dtype=built.dtype)
     setup = client_setup(client, batch_size=n, seed=seed)
     (update,) = simulate_clients(built.module, images, dataset.labels.to(built.device), setup, loss=built.loss,
-                                 spec=DataSpec.from_images(images), model_description=built.description())
+                                 spec=built.data_spec or DataSpec.from_images(images),
+                                 model_description=built.description())
     save_update(update, out_path)
     if truth_path is not None:
         save_truth(truth_path, images.cpu(), dataset.labels)

@@ -77,6 +77,7 @@ class BuiltModel:
     input_shape: tuple[int, ...]
     num_classes: int
     weights_sha256: str | None = None
+    data_spec: Any = None   # the input normalization the weights were trained with, when their file says
 
     @property
     def device(self) -> torch.device:
@@ -173,15 +174,15 @@ class ModelSpec:
         else:
             module = build_model(self.name, tuple(input_shape), classes, seed=self.seed, **self.options)
         module = module.to(self.torch_dtype)
-        digest = None
+        digest = data_spec = None
         if self.weights is not None:
             weights = read_weights(self.weights)
             apply_weights(module, weights)
-            digest = weights.sha256
+            digest, data_spec = weights.sha256, weights.data_spec
         module.train(self.mode == "train")
         module = module.to(device)
         loss = MODELS[self.name].loss if not self.is_factory else _factory_loss(self.name, module, tuple(input_shape))
-        return BuiltModel(module, loss, self, tuple(input_shape), classes, digest)
+        return BuiltModel(module, loss, self, tuple(input_shape), classes, digest, data_spec)
 
     @classmethod
     def from_description(cls, description: Mapping[str, Any], **overrides: Any) -> "ModelSpec":

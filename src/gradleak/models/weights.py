@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError, one_line
 
-__all__ = ["MAX_WEIGHTS_BYTES", "WeightsFile", "read_weights", "apply_weights", "state_shapes"]
+__all__ = ["MAX_WEIGHTS_BYTES", "WeightsFile", "read_weights", "apply_weights", "state_shapes", "weights_metadata"]
 
 MAX_WEIGHTS_BYTES = 8 * 2**30   # a weights file: 8 GiB (ResNet-152 is 230 MB, ViT-H 2.5 GB)
 _MAX_HEADER = 64 * 2**20
@@ -44,6 +44,7 @@ class WeightsFile:
     tensors: dict[str, torch.Tensor]
     sha256: str
     format: str   # "safetensors" | "pytorch"
+    data_spec: Any = None   # the input normalization the weights were trained with (gradleak train records it)
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -91,7 +92,7 @@ def read_weights(path: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> Weight
             tensors = safetensors_load(data)
         except (SafetensorError, ValueError, RuntimeError) as error:
             raise ConfigError(f"weights {str(path)!r}: malformed safetensors data ({one_line(error, 200)})") from None
-        return WeightsFile(path, _unwrap(tensors, path), digest, "safetensors")
+        return WeightsFile(path, _unwrap(tensors, path), digest, "safetensors", _recorded_spec(data, path))
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing what it cannot read
             warnings.simplefilter("ignore")
@@ -102,6 +103,35 @@ def read_weights(path: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> Weight
         raise ConfigError(f"weights {str(path)!r}: not a safetensors file or a PyTorch state dict that loads with "
                           f"weights_only=True (nothing but tensors is ever unpickled): {first}") from None
     return WeightsFile(path, _unwrap(value, path), digest, "pytorch")
+
+
+def weights_metadata(data_spec: Any = None) -> dict[str, str]:
+    """The safetensors metadata ``gradleak train`` writes: one key (so the header's bytes are
+    reproducible) holding what the weights were trained with, e.g. the input normalization."""
+    import json
+
+    return {"gradleak": json.dumps({"data_spec": None if data_spec is None else data_spec.to_json()},
+                                   sort_keys=True)}
+
+
+def _recorded_spec(data: bytes, path: Path):
+    """The DataSpec a gradleak weights file records, or None (any other safetensors file)."""
+    import json
+
+    from ..data.spec import DataSpec
+
+    (length,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + length])
+        recorded = json.loads((header.get("__metadata__") or {}).get("gradleak") or "null")
+    except (ValueError, RecursionError, AttributeError, TypeError):
+        return None  # safetensors already parsed the file; a foreign or odd header records nothing for us
+    if not isinstance(recorded, dict) or recorded.get("data_spec") is None:
+        return None
+    try:
+        return DataSpec.from_json(recorded["data_spec"])
+    except ConfigError as error:
+        raise ConfigError(f"weights {str(path)!r}: recorded data_spec: {error}") from None
 
 
 def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
