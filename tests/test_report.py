@@ -330,3 +330,11 @@ def test_a_grid_of_many_images_draws_the_first_ones_and_says_so(tmp_path):
     images = torch.rand(MAX_GRID_IMAGES + 40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     path = reconstruction_grid(images, tmp_path / "grid.png", title="many")
     assert _png(path).size[1] < 10_000  # 32 rows of 8, not 37
+
+
+def test_large_images_are_drawn_at_full_size(tmp_path):
+    """A 224-px reconstruction gets at least 224 pixels of its cell, not a shrunk thumbnail."""
+    photo = _to_tensor(skimage.data.astronaut(), 224)[None]
+    path = reconstruction_grid(photo, tmp_path / "grid.png", originals=photo)
+    width, height = _png(path).size
+    assert width >= 224 and height >= 2 * 224

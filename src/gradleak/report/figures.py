@@ -23,7 +23,7 @@ from gradleak.errors import ConfigError
 
 __all__ = ["reconstruction_grid", "curves_figure"]
 
-_CELL_INCHES = 1.35  # width and height of one image cell
+_CELL_INCHES = 1.35  # width and height of one image cell (larger for images above 162 px: shown at full size)
 _DPI = 120
 _LOG_DECADES = 2.0  # a positive series spanning more than this many decades is drawn on a log axis
 
@@ -88,13 +88,10 @@ def _message_figure(text: str, path: str | os.PathLike, title: str | None) -> Pa
 
 
 def _show_image(ax: Any, image: np.ndarray) -> None:
-    """Draw one C,H,W image in an axis without ticks.
-
-    Images smaller than their cell are enlarged with nearest neighbours (sharp pixels, as
-    the attack produced them); larger ones are shrunk with anti-aliasing.
-    """
-    smaller_than_cell = max(image.shape[1:]) <= _CELL_INCHES * _DPI
-    interpolation = "nearest" if smaller_than_cell else "antialiased"
+    """Draw one C,H,W image in an axis without ticks, with nearest neighbours: its cell is at
+    least as many pixels as the image (small images are enlarged with sharp pixels, as the
+    attack produced them; large ones are shown at full size)."""
+    interpolation = "nearest"
     if image.shape[0] == 1:
         ax.imshow(image[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation=interpolation)
     else:
@@ -159,10 +156,11 @@ def reconstruction_grid(
     rows_per_group = 1 if orig is None else 2
     rows = groups * rows_per_group
     label_space = 0.35  # inches at the left for the row labels
-    width = columns * _CELL_INCHES + label_space
+    cell = max(_CELL_INCHES, max(recon.shape[2:]) / _DPI)  # a 224-px image gets 224 px, not a shrunk copy
+    width = columns * cell + label_space
     title = fit_title(title, width, 11) if title else title
     title_space = 0.45 + 0.2 * title.count("\n") if title else 0.1
-    height = rows * (_CELL_INCHES + 0.25) + title_space
+    height = rows * (cell + 0.25) + title_space
     figure = _new_figure(width, height)
     if title:
         figure.suptitle(title, fontsize=11)
