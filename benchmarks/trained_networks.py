@@ -109,16 +109,16 @@ def sweep(args):
     tune = trained.held_out_indices[:args.tune]
     images, labels = _images(data, tune)
     untrained = spec.build(tuple(images.shape[1:]), trained.num_classes).module
-    grid = [dict(tv=tv, lr=lr, layer_weights=w) for tv in (1e-4, 1e-3, 1e-2, 1e-1) for lr in (0.1, 0.03)
-            for w in ("equal", "linear")]
+    grid = [json.loads(item) for item in args.grid]
     rows = []
     for options in grid:
         for name, module in (("untrained", untrained), ("trained", trained.model)):
-            _, psnr, ssim = _attack(module, images, labels, 1, trained.data_spec, _ig_options(args, **options),
-                                    args.mode)
-            rows.append({**options, "model": name, "psnr": statistics.fmean(psnr), "ssim": statistics.fmean(ssim)})
-            print(json.dumps(rows[-1]))
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+            _, psnr, ssim = _attack(module, images, labels, args.batches[0], trained.data_spec,
+                                    _ig_options(args, **options), args.mode)
+            rows.append({**options, "model": name, "batch": args.batches[0], "psnr": statistics.fmean(psnr),
+                         "ssim": statistics.fmean(ssim), "psnr_each": psnr})
+            print(json.dumps(rows[-1]), flush=True)
+    (out / f"sweep-b{args.batches[0]}-{args.mode}.json").write_text(json.dumps(rows, indent=1))
 
 
 def progress(args):
@@ -169,6 +169,8 @@ def main():
     parser.add_argument("--restarts", type=int, default=1)
     parser.add_argument("--layer-weights", default="equal")
     parser.add_argument("--mode", default="train", choices=("train", "eval"))
+    parser.add_argument("--grid", nargs="+", default=['{"tv": 1e-3}', '{"tv": 1e-2}', '{"tv": 1e-1}'],
+                        help="sweep: attack options to try, each a JSON object")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -270,3 +270,40 @@ def test_trained_weights_bring_their_input_normalization(tmp_path):
                            model=ModelSpec("lenet", weights=tmp_path / "w.safetensors"), quiet=True)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data_spec"] == trained_spec.to_json()
     assert run.reconstruction is not None
+
+
+TRAINED_AUDIT = """
+name: trained first
+data: {name: faces, n: 2, size: 16}
+models:
+  - {name: convnet, options: {width: 4}, mode: eval, train: {epochs: 2, lr: 0.05, batch_size: 16}}
+attacks: [{name: inverting-gradients, options: {iterations: 5}}]
+utility: false
+"""
+
+
+def test_audit_models_can_be_trained_first_and_the_training_is_stored(tmp_path, monkeypatch):
+    import gradleak.training as training
+    from gradleak.audit import load_audit_config, run_audit
+
+    config = tmp_path / "audit.yaml"
+    config.write_text(TRAINED_AUDIT)
+    calls = []
+    original = training.train_model
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_model", counting)
+    first = run_audit(load_audit_config(config), tmp_path / "out", quiet=True)
+    assert first.cells[0].status == "done", first.cells[0].message
+    (folder,) = (tmp_path / "out" / "models").iterdir()
+    assert (folder / "weights.safetensors").is_file() and (folder / "training.json").is_file()
+    stored = json.loads((tmp_path / "out" / "cells" / first.cells[0].cell_id / "config.json").read_text())
+    assert stored["cell"]["model"]["train"]["epochs"] == 2
+    again = run_audit(load_audit_config(config), tmp_path / "out", quiet=True)
+    assert calls == [1] and again.cells[0].psnr == first.cells[0].psnr  # neither retrained nor recomputed
+    config.write_text(TRAINED_AUDIT.replace("epochs: 2", "epochs: 0"))
+    with pytest.raises(ConfigError, match=r"models\[0\].train: epochs"):
+        load_audit_config(config)

@@ -73,8 +73,28 @@ class ModelChoice:
         if self.weights is not None:
             if not isinstance(self.weights, (str, Path)) or not Path(self.weights).is_file():
                 raise ConfigError(f"{where}.weights: {show(self.weights)} is not a file")
-        if self.train is not None and not isinstance(self.train, Mapping):
-            raise ConfigError(f"{where}.train: expected a mapping of training settings, got {show(self.train)}")
+        if self.train is not None:
+            if not isinstance(self.train, Mapping):
+                raise ConfigError(f"{where}.train: expected a mapping of training settings, got {show(self.train)}")
+            if self.weights is not None:
+                raise ConfigError(f"{where}: give weights or train, not both")
+
+    def training(self, data: Mapping[str, Any], seed: int):
+        """(TrainPlan, DataRequest) of ``train``: TrainPlan fields, plus ``data`` ({name, n, size};
+        by default every image of the audit's data set at its size, so the attacked images are
+        among the training images, as a client's data is in federated learning)."""
+        from ..data.request import DataRequest
+        from ..training import TrainPlan
+
+        values = dict(self.train or {})
+        request = values.pop("data", None) or {}
+        if not isinstance(request, Mapping):
+            raise ConfigError(f"train.data: expected {{name, n, size}}, got {show(request)}")
+        request = {"name": data["name"], "n": None, "size": data.get("size"), **request}
+        try:
+            return TrainPlan(**{"seed": seed, **values}), DataRequest(**request)
+        except TypeError as error:
+            raise ConfigError(f"train: {error}") from None
 
 
 def _file_digest(path: str | Path) -> str:

@@ -225,6 +225,9 @@ class AuditConfig:
             if not isinstance(m, ModelChoice):
                 raise ConfigError(f"models[{k}]: expected a ModelChoice, got {show(m)}; known models: {', '.join(MODELS)}")
             m.check(f"models[{k}]")
+            if m.train is not None:
+                with _named_errors(f"models[{k}].train"):
+                    m.training(self.data, self.seed)
             check_tree(str_keyed(f"models[{k}].options", m.options), f"models[{k}].options")
         names = {m.name for m in self.models}
         for k, a in enumerate(self.attacks):

@@ -171,6 +171,33 @@ def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: di
     return result
 
 
+def _train_models(config: AuditConfig, out: Path, context: dict[str, Any], progress, resume: bool) -> None:
+    """Train every model that has a ``train`` plan once, before the cells; store its weights in
+    ``OUT/models/<label>-<hash>/`` (reused when the same plan was stored before) and let the
+    cells start from them (``context["weights"]``)."""
+    from ..training import train_model
+
+    for model in config.models:
+        if model.train is None:
+            continue
+        plan, request = model.training(config.data, config.seed)
+        key = {"model": {"name": model.name, "options": model.options}, "plan": plan.to_json(),
+               "data": request.to_json(), "dtype": config.dtype}
+        folder = out / "models" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", model.name) + "-" + stable_hash(key))
+        stored = _stored(folder / "key.json", key) if resume else None
+        if stored is None or not (folder / "weights.safetensors").is_file():
+            task = progress.add_task(f"training {model.label}", total=plan.epochs)
+            spec = model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]))
+            result = train_model(spec, request, plan, folder, quiet=True,
+                                 progress=lambda done, total: progress.update(task, completed=done))
+            progress.remove_task(task)
+            if result.interrupted:
+                raise KeyboardInterrupt
+            atomic_write_json(folder / "key.json", {"key": key, "result": {"held_out_accuracy":
+                                                                            result.held_out_accuracy}})
+        context["weights"][model.label] = str(folder / "weights.safetensors")
+
+
 def _run_utility(stack: list[Any], config: AuditConfig, out: Path, progress, resume: bool) -> dict[str, Any]:
     from ..data import load_dataset
     from ..federated import split_dataset, train_federated
@@ -280,6 +307,11 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
     interrupted = False
     served_cache: dict = {}
     with progress_bar(quiet) as progress:
+        try:
+            _train_models(config, out, context, progress, resume)
+        except KeyboardInterrupt:  # nothing of a half-trained model is used: report what is stored, stop
+            write_audit_report(AuditResult(out, config, [], {}, [], True, baseline))
+            return AuditResult(out, config, [], {}, [], True, baseline)
         overall = progress.add_task(f"audit: {len(specs)} cells", total=len(specs) + (len(stacks) if config.utility else 0))
         try:
             for spec in specs:

@@ -21,7 +21,7 @@ class DataRequest:
     set's own size)."""
 
     name: str | os.PathLike = "photos"
-    n: int = 8
+    n: int | None = 8                # None: every image of the set
     size: int | None = 32
     start: int = 0
 
@@ -30,7 +30,8 @@ class DataRequest:
 
         if not isinstance(self.name, (str, os.PathLike)) or not str(self.name).strip():
             raise ConfigError(f"data must be a built-in name or a path, got {short_repr(self.name)}")
-        check_int("n", self.n, 1, MAX_IMAGES)
+        if self.n is not None:
+            check_int("n", self.n, 1, MAX_IMAGES)
         check_int("start", self.start, 0, MAX_IMAGES)
         if self.size is not None:
             check_int("size", self.size, 4, 512)
@@ -39,7 +40,9 @@ class DataRequest:
         """The :class:`~gradleak.data.LabeledImages`, exactly ``n`` of them from ``start``."""
         from . import load_dataset
 
-        dataset = load_dataset(self.name, size=self.size, n=self.start + self.n)
+        dataset = load_dataset(self.name, size=self.size, n=None if self.n is None else self.start + self.n)
+        if self.n is None:
+            return dataset.select(list(range(self.start, len(dataset)))) if self.start else dataset
         if self.start + self.n > len(dataset):
             raise ConfigError(f"start {self.start} with n {self.n} is outside the {len(dataset)} images of "
                               f"{str(self.name)!r}")
