@@ -113,8 +113,8 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 3
                 start = time.perf_counter()
                 rec = attack.reconstruct(update, monitor=monitor)
                 seconds = time.perf_counter() - start
-                frames.setdefault(steps, rec.images.clamp(0, 1))
-                strips[name] = [frames[s] for s in sorted(frames)]
+                frames.setdefault(max(len(curve) - 1, 0), rec.images.clamp(0, 1))  # the last step run
+                strips[name] = sorted(frames.items())
                 results.append(ArchitectureResult(
                     model=name, pixels=side, parameters=sum(p.numel() for p in model.parameters()), steps=steps,
                     mse_start=curve[0] if curve else math.nan, mse_final=float(mse(rec.images, images)[0]),
@@ -127,11 +127,11 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 3
             if not results:
                 raise
             results[-1].interrupted = True
-    _write(out, results, strips, sorted(set(wanted) | {steps}), steps, inner)
+    _write(out, results, strips, steps, inner)
     return results
 
 
-def _write(out: Path, results, strips, steps_shown, steps, inner) -> None:
+def _write(out: Path, results, strips, steps, inner) -> None:
     figure = Figure(figsize=(6.5, 4))
     ax = figure.subplots()
     for r in results:
@@ -151,8 +151,12 @@ def _write(out: Path, results, strips, steps_shown, steps, inner) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             if col < len(frames):
-                ax.imshow(frames[col][0].permute(1, 2, 0).cpu().float().numpy())
-                ax.set_title(f"step {steps_shown[col] if col < len(steps_shown) else steps}", fontsize=7)
+                step, frame = frames[col]
+                ax.imshow(frame[0].permute(1, 2, 0).cpu().float().numpy())
+                ax.set_title(f"step {step}" + (" (last)" if col == len(frames) - 1 and step < steps else ""),
+                             fontsize=7)
+            else:
+                ax.axis("off")
             if col == 0:
                 ax.set_ylabel(name, fontsize=8)
     figure.tight_layout()
