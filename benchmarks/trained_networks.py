@@ -30,6 +30,7 @@ import torch
 
 import gradleak as gl
 from gradleak.data.request import DataRequest
+from gradleak.federated import eval_accuracy
 from gradleak.metrics import score
 from gradleak.models import ModelSpec
 from gradleak.report import reconstruction_grid
@@ -78,6 +79,31 @@ def _ig_options(args, **overrides):
     return options
 
 
+def _side_by_side(images, grids, path: Path, title: str) -> None:
+    """Rows: the originals, then each setting's reconstructions with their PSNR."""
+    from matplotlib.figure import Figure
+
+    rows = [("original", images, None)] + [(key, rec, psnr) for key, (rec, psnr) in grids.items()]
+    figure = Figure(figsize=(1.3 * images.shape[0] + 1.2, 1.45 * len(rows) + 0.5), dpi=120)
+    axes = figure.subplots(len(rows), images.shape[0], squeeze=False)
+    for r, (name, batch, psnr) in enumerate(rows):
+        for c in range(images.shape[0]):
+            ax = axes[r][c]
+            picture = batch[c].detach().clamp(0, 1).cpu()
+            ax.imshow(picture[0] if picture.shape[0] == 1 else picture.permute(1, 2, 0), cmap="gray",
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if psnr is not None:
+                ax.set_title(f"{psnr[c]:.1f} dB", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
 def compare(args):
     out = RESULTS / f"{args.data}-{args.model}"
     spec, data, trained = _trained(args, out)
@@ -97,6 +123,9 @@ def compare(args):
     for key, (rec, psnr) in grids.items():
         reconstruction_grid(rec, out / f"grid-{key.replace(' ', '-')}.png", originals=images, psnr=psnr,
                             title=f"Inverting Gradients, {args.model} {key} ({args.data}, held out)")
+    _side_by_side(images, grids, out / f"trained-vs-untrained-{args.mode}.png",
+                  f"Inverting Gradients on {args.model} ({args.data}, held-out images, {args.mode}-mode BatchNorm, "
+                  f"{args.iterations} it)")
     summary = {"data": args.data, "model": args.model, "options": json.loads(args.options), "held_out": held,
                "train_accuracy": trained.train_accuracy, "held_out_accuracy": trained.held_out_accuracy,
                "attack": _ig_options(args), "mode": args.mode, "results": table}
@@ -133,22 +162,53 @@ def progress(args):
     held = trained.held_out_indices[args.tune:args.tune + args.n]
     images, labels = _images(data, held)
     rows = []
+    dataset = data.load()
+    test = dataset.select([i - data.start for i in trained.held_out_indices])
     for round_ in (0, *checkpoints):
-        weights = None if round_ == 0 else trained.checkpoints[round_]["path"]
-        module = spec.with_(weights=weights).build(tuple(images.shape[1:]), trained.num_classes).module
-        accuracy = None if round_ == 0 else trained.curve
+        weights = None if round_ == 0 else out / "model" / trained.checkpoints[round_]["path"]
+        module = spec.with_(weights=weights, mode="eval").build(tuple(images.shape[1:]), trained.num_classes).module
+        held_out = eval_accuracy(module, test, trained.data_spec)
         _, psnr, ssim = _attack(module, images, labels, 1, trained.data_spec, _ig_options(args), args.mode)
-        rows.append({"round": round_, "psnr": psnr, "ssim": ssim, "psnr_mean": statistics.fmean(psnr),
-                     "ssim_mean": statistics.fmean(ssim)})
-        print(f"round {round_:4d}: PSNR {statistics.fmean(psnr):5.2f} dB, SSIM {statistics.fmean(ssim):.3f}")
-        del accuracy
+        rows.append({"round": round_, "held_out_accuracy": held_out, "psnr": psnr, "ssim": ssim,
+                     "psnr_mean": statistics.fmean(psnr), "ssim_mean": statistics.fmean(ssim)})
+        print(f"round {round_:4d}: held-out accuracy {held_out:.3f}, PSNR {statistics.fmean(psnr):5.2f} dB "
+              f"({', '.join(f'{p:.1f}' for p in psnr)}), SSIM {statistics.fmean(ssim):.3f}", flush=True)
     (out / "progress.json").write_text(json.dumps({"curve": trained.curve, "rows": rows,
                                                     "held_out_accuracy": trained.held_out_accuracy}, indent=1))
+    replot(args)
+
+
+def _progress_figure(rows: list[dict], path: Path, title: str) -> None:
+    """PSNR per image (dots) and their mean (line) against the round, held-out accuracy beside."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.6), dpi=120)
+    ax = figure.subplots()
+    rounds = [r["round"] for r in rows]
+    for r in rows:
+        ax.scatter([r["round"]] * len(r["psnr"]), r["psnr"], s=12, color="0.6")
+    ax.plot(rounds, [r["psnr_mean"] for r in rows], "o-", color="#cf222e", label="mean PSNR (dB)")
+    ax.set(xlabel="federated round", ylabel="PSNR (dB)")
+    ax.set_title(title, fontsize=8)
+    twin = ax.twinx()
+    twin.plot(rounds, [100 * r["held_out_accuracy"] for r in rows], "s--", color="#0969da", label="held-out accuracy")
+    twin.set(ylabel="held-out accuracy (%)", ylim=(0, 105))
+    ax.legend(loc="lower left", fontsize=7)
+    twin.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def replot(args):
+    out = RESULTS / f"progress-{args.data}-{args.model}"
+    rows = json.loads((out / "progress.json").read_text())["rows"]
+    _progress_figure(rows, out / "leakage-vs-round.png",
+                     f"Inverting Gradients on {args.model} during FedAvg\n({args.data}, held-out images, batch 1)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("compare", "sweep", "progress"))
+    parser.add_argument("what", choices=("compare", "sweep", "progress", "replot"))
     parser.add_argument("--data", default="faces")
     parser.add_argument("--n-data", type=int, default=200, help="images of the data set used (train + held out)")
     parser.add_argument("--size", type=int, default=32)
@@ -175,7 +235,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"compare": compare, "sweep": sweep, "progress": progress}[args.what](args)
+    {"compare": compare, "sweep": sweep, "progress": progress, "replot": replot}[args.what](args)
 
 
 if __name__ == "__main__":
