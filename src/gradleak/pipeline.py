@@ -197,6 +197,9 @@ def model_for_update(update: SharedUpdate, model: ModelSpec | str | None, where:
     built = spec.build(update.input_shape, classes)
     if recorded is not None:
         check_recorded(recorded, built, str(where))
+        if recorded.get("weights_sha256") and update.weights is None and built.weights_sha256 is None:
+            raise ConfigError(f"{where} was made from a weights file (SHA-256 {recorded['weights_sha256'][:12]}...) "
+                              "and does not carry the weights of its round: pass --weights")
     return built
 
 

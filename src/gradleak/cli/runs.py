@@ -77,6 +77,10 @@ def capture(
     built = spec.build(tuple(dataset.images.shape[1:]), max(len(dataset.classes), 2))
     images = dataset.images.to(device=built.device, dtype=built.dtype)
     setup = client_setup(client, batch_size=n, seed=seed)
+    if setup.batch_size != n:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"capture writes one client's update, whose batch is the --n {n} images; drop -c batch_size")
     (update,) = simulate_clients(built.module, images, dataset.labels.to(built.device), setup, loss=built.loss,
                                  spec=built.data_spec or DataSpec.from_images(images),
                                  model_description=built.description())
