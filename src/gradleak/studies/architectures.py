@@ -119,7 +119,7 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 3
                     model=name, pixels=side, parameters=sum(p.numel() for p in model.parameters()), steps=steps,
                     mse_start=curve[0] if curve else math.nan, mse_final=float(mse(rec.images, images)[0]),
                     psnr_final=float(psnr(rec.images, images)[0]), seconds=seconds, mse_curve=curve,
-                    steps_run=max(len(curve) - 1, 0)))
+                    steps_run=len(curve)))
                 if rec.interrupted:
                     results[-1].interrupted = True
                     break
@@ -153,7 +153,7 @@ def _write(out: Path, results, strips, steps, inner) -> None:
             if col < len(frames):
                 step, frame = frames[col]
                 ax.imshow(frame[0].permute(1, 2, 0).cpu().float().numpy())
-                ax.set_title(f"step {step}" + (" (last)" if col == len(frames) - 1 and step < steps else ""),
+                ax.set_title(f"step {step}" + (" (last)" if col == len(frames) - 1 and step < steps - 1 else ""),
                              fontsize=7)
             else:
                 ax.axis("off")
