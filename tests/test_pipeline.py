@@ -81,9 +81,10 @@ def test_import_gradleak_then_torchvision_models_and_metrics_in_a_fresh_interpre
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, floor", [(torch.float32, 60.0), (torch.float64, 100.0)], ids=["float32", "float64"])
 def test_the_quick_start_job_meets_its_promise(tmp_path, dtype, floor):
+    from gradleak.models import ModelSpec
     from gradleak.pipeline import demo
 
-    result = demo(tmp_path / "demo", dtype=dtype, quiet=True)
+    result = demo(tmp_path / "demo", model=ModelSpec("mlp", dtype=str(dtype).removeprefix("torch.")), quiet=True)
     psnrs = [row["psnr"] for row in result.scores.per_image]
     assert len(psnrs) == 8 and min(psnrs) >= floor
     assert result.scores.summary["label_accuracy"] == 1.0
