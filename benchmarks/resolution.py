@@ -6,7 +6,7 @@ ResNet-20 (He et al. 2016; any side works: global average pooling before the cla
 eval-mode BatchNorm (the Inverting Gradients code's setting), batch 1, labels inferred, the
 built-in photos resized to each side. For every side: seconds per iteration (median of the
 timed iterations), peak memory (RSS growth), PSNR/SSIM per image, and the grid at full size
-under benchmarks/results/resolution/<side>/. Prints a table; writes resolution.json.
+under benchmarks/results/resolution/<model><tag>/<side>/. Prints a table; writes resolution.json.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def main():
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--options", default="{}")
     parser.add_argument("--iterations", type=int, default=1500)
+    parser.add_argument("--tv", type=float, default=1e-2, help="total-variation weight")
+    parser.add_argument("--tag", default="", help="suffix of the results folder")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,17 +62,18 @@ def main():
         per_iteration = _seconds_per_iteration(side, args.model, options)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
-        run = attack_simulated("inverting-gradients", RESULTS / str(side),
+        run = attack_simulated("inverting-gradients", RESULTS / f"{args.model}{args.tag}" / str(side),
                                data=DataRequest("photos", args.n, side, args.start),
                                model=ModelSpec(args.model, options, mode="eval"),
-                               options={"iterations": args.iterations, "record_every": 50}, quiet=True)
+                               options={"iterations": args.iterations, "record_every": 50, "tv": args.tv},
+                               quiet=True)
         rows.append({"side": side, "seconds_per_iteration": per_iteration, "seconds": time.perf_counter() - started,
                      "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024,
                      "psnr": [r["psnr"] for r in run.scores.per_image], "ssim": [r["ssim"] for r in run.scores.per_image],
                      "psnr_mean": run.scores.summary["psnr_mean"], "iterations": args.iterations})
         print(json.dumps(rows[-1]), flush=True)
-    (RESULTS / "resolution.json").write_text(json.dumps({"model": args.model, "options": options, "rows": rows},
-                                                        indent=1))
+    (RESULTS / f"{args.model}{args.tag}" / "resolution.json").write_text(json.dumps(
+        {"model": args.model, "options": options, "tv": args.tv, "iterations": args.iterations, "rows": rows}, indent=1))
     print(f"{'side':>5} {'s/it':>8} {'PSNR':>7} {'SSIM':>6} {'minutes':>8}")
     for r in rows:
         print(f"{r['side']:>5} {r['seconds_per_iteration']:8.3f} {r['psnr_mean']:7.2f} "
