@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .attacks.base import Attack, Reconstruction
+from .attacks.malicious import MaliciousAttack
 from .client import ClientSetup
 from .data.request import DataRequest
 from .data.spec import DataSpec
@@ -154,17 +155,21 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
     data_spec = built.data_spec or DataSpec.from_images(images)   # trained weights bring their normalization
     setup = client or ClientSetup(seed=spec.seed)
     stack = make_defenses(defenses)
-    served = defended_updates(built.module, images, labels, setup, stack, loss=built.loss, spec=data_spec,
-                              model_info=built.description())
+    threat = threat or ThreatModel(labels_known=setup.share_labels)
+    attacker = make_attack(attack, built.module, threat, dict(options or {}))
+    sent, description = built.module, built.description()
+    if isinstance(attacker, MaliciousAttack):  # the clients train on the model the server sends
+        public = _public_images(request, built, data_spec)
+        sent, description = attacker.serve(built.module, tuple(images.shape[1:]), public), None
+    served = defended_updates(sent, images, labels, setup, stack, loss=built.loss, spec=data_spec,
+                              model_info=description)
     updates = [d.update for d in served]
     out = Path(out)
     if save_updates:
         for k, update in enumerate(updates):
             save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
-    threat = threat or ThreatModel(labels_known=setup.share_labels)
     truths = [images[d.indices] for d in served]
-    reconstruction = attack_updates(make_attack(attack, built.module, threat, dict(options or {})), updates,
-                                    truths=truths, quiet=quiet)
+    reconstruction = attack_updates(attacker, updates, truths=truths, quiet=quiet)
     kept = [i for d in served[: reconstruction.updates] for i in d.indices]  # fewer if interrupted
     config = {"data": {**request.to_json(), "classes": list(dataset.classes)}, "model": built.description(),
               "model_spec": spec.to_json(), "device": str(built.device), "mode": spec.mode,
@@ -172,6 +177,23 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
               "threat": threat.to_json(), "defenses": [d.describe() for d in stack],
               "privacy": [d.privacy for d in served if d.privacy]}
     return write_run(out, reconstruction, originals=images[kept], true_labels=labels[kept], config=config)
+
+
+def _public_images(request: DataRequest, built, data_spec: DataSpec) -> torch.Tensor | None:
+    """What a malicious server knows of the data: other images of the same source (after the
+    attacked ones, up to 64), normalized as the clients normalize; None when there are none."""
+    from .data import load_dataset
+    from .errors import GradleakError
+
+    try:
+        rest = load_dataset(request.name, size=request.size, n=None)
+    except GradleakError:
+        return None
+    first = request.start + (request.n or len(rest))
+    if len(rest) - first < 2:
+        return None
+    images = rest.images[first:first + 64].to(device=built.device, dtype=built.dtype)
+    return data_spec.normalize(images)
 
 
 def model_for_update(update: SharedUpdate, model: ModelSpec | str | None, where: str | Path, **overrides: Any):

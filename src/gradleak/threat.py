@@ -40,6 +40,9 @@ class ThreatModel:
     bn_statistics: the client's BatchNorm batch statistics (buffers) are visible.
     data_spec: the client's input normalization; ``None`` means "use the update's".
     input_shape: (C, H, W) of one input; ``None`` means "use the update's".
+    server: ``honest`` (honest but curious: it sends the real model) or ``malicious`` (it may
+        change the weights, or insert modules, in the model it sends; the client trains on
+        what it receives). Malicious-server attacks refuse an honest threat model.
     """
 
     labels_known: bool = False
@@ -47,6 +50,7 @@ class ThreatModel:
     bn_statistics: bool = False
     data_spec: DataSpec | None = None
     input_shape: tuple[int, ...] | None = None
+    server: str = "honest"
 
     def __post_init__(self):
         """Flags must be booleans; ``data_spec`` a DataSpec or a {mean, std} mapping; ``input_shape``
@@ -58,6 +62,8 @@ class ThreatModel:
             object.__setattr__(self, "data_spec", _data_spec(self.data_spec))
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", check_input_shape("input_shape", self.input_shape))
+        if self.server not in ("honest", "malicious"):
+            raise ConfigError(f"server must be 'honest' or 'malicious', got {short_repr(self.server)}")
 
     def observe(self, update: SharedUpdate) -> SharedUpdate:
         """The update as this attacker sees it: labels, batch size and buffers removed
@@ -80,4 +86,5 @@ class ThreatModel:
             "bn_statistics": self.bn_statistics,
             "data_spec": None if self.data_spec is None else self.data_spec.to_json(),
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "server": self.server,
         }

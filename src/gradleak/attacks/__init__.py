@@ -5,6 +5,7 @@
   ``dlg``, ``idlg``, ``inverting-gradients``, ``fedavg``; pieces in :mod:`.matching`.
 - :mod:`.labels`: label recovery from the classifier gradient (iDLG; counts for batches).
 - :mod:`.qian`, :mod:`.rgap`, :mod:`.copa`: closed-form and layer-wise attacks (``qian``, ``rgap``, ``copa``).
+- :mod:`.malicious`: a malicious server that changes the model it sends (``imprint``, Robbing the Fed).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
@@ -14,6 +15,7 @@ from .optimization import DLG, IDLG, FedAvgInversion, GradientMatching, Invertin
 from .copa import COPA, copa_layer, copa_security
 from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
 from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
+from .malicious import ImprintAttack, ImprintedModel, MaliciousAttack, imprint_cuts, imprint_inversion
 
 __all__ = [
     "ATTACKS", "Attack", "Reconstruction", "get_attack", "register_attack",
@@ -21,4 +23,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
+    "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion",
 ]

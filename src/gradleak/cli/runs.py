@@ -129,7 +129,11 @@ def attack(
     setup_logging(quiet, verbose)
     options = parse_options(option)
     out = output_dir(out)
-    threat = ThreatModel(labels_known=labels_known)
+    from ..attacks import MaliciousAttack, get_attack
+
+    # choosing a malicious-server attack is choosing that threat model (recorded in the run's config)
+    server = "malicious" if issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
+    threat = ThreatModel(labels_known=labels_known, server=server)
     if update is not None:
         if defense or client:
             raise ConfigError("--defense and --client apply to simulated clients; an update file was made (and "

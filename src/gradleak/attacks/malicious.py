@@ -1,0 +1,154 @@
+"""Malicious-server attacks: the server changes the model it sends, the client trains on it.
+
+**Imprint module** (Fowl, Geiping, Czaja, Goldblum, Goldstein, "Robbing the Fed: Directly
+Obtaining Private Data in Federated Learning with Modified Models", ICLR 2022, arXiv
+2110.13057). The server puts a linear layer with ``N`` units in front of the model: every
+unit measures the same quantity of the input, ``m(x) = <w, x>`` (here the mean pixel,
+i.e. brightness), with a bias ``-c_i`` at an increasing cut ``c_i``, then a ReLU. Unit ``i``
+fires for the samples with ``m(x) > c_i``. The units' outputs are added back to the input
+along one direction ``a`` (``x + a * sum_i h_i``), so every unit receives the same
+back-propagated signal ``g_s = a^T dL/dx'_s`` from sample ``s``. Then for consecutive units
+
+    dL/dW_i - dL/dW_{i+1} = (1/B) sum_{s in bin i} g_s x_s,
+    dL/db_i - dL/db_{i+1} = (1/B) sum_{s in bin i} g_s,
+
+where bin ``i`` holds the samples with ``c_i < m(x) <= c_{i+1}``: a sample alone in its bin
+is their ratio, exactly, whatever the rest of the network and the batch size. The server
+places the cuts at quantiles of ``m`` on public images, so that the B samples of a batch
+spread over the bins; with N bins about ``B exp(-B/N)`` of them are alone in theirs.
+
+Conditions: a malicious server (``ThreatModel(server="malicious")``) that may insert the
+module; one FedSGD gradient (or a single local step of known learning rate); samples
+alone in a bin come back exactly, samples sharing a bin come back as a weighted mix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AttackNotApplicable, ConfigError
+from ..limits import check_int
+from ..update import SharedUpdate
+from .base import Attack, Reconstruction, register_attack
+
+__all__ = ["ImprintedModel", "imprint_cuts", "imprint_inversion", "ImprintAttack", "MaliciousAttack"]
+
+
+class ImprintedModel(nn.Module):
+    """``model`` behind an imprint module: ``model(x + a * sum_i relu(<w, x> - c_i))``.
+
+    Parameter names: ``imprint.weight`` (N, d), ``imprint.bias`` (N,), ``spread.weight``
+    (d, N), and the original model's parameters under ``model.``."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], cuts: torch.Tensor, *,
+                 spread: float = 1e-3, seed: int = 0):
+        super().__init__()
+        d = math.prod(input_shape)
+        ref = next(model.parameters())
+        self.input_shape = tuple(input_shape)
+        self.imprint = nn.Linear(d, cuts.numel()).to(dtype=ref.dtype, device=ref.device)
+        self.spread = nn.Linear(cuts.numel(), d, bias=False).to(dtype=ref.dtype, device=ref.device)
+        direction = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=ref.dtype)
+        with torch.no_grad():
+            self.imprint.weight.copy_(torch.full((cuts.numel(), d), 1.0 / d, dtype=ref.dtype))   # m(x): mean pixel
+            self.imprint.bias.copy_(-cuts.to(ref.dtype))
+            column = spread * direction / torch.linalg.vector_norm(direction)
+            self.spread.weight.copy_(column[:, None].expand(d, cuts.numel()).to(ref.device))
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.imprint(x.flatten(1)))
+        return self.model(x + self.spread(h).view_as(x))
+
+
+def imprint_cuts(public: torch.Tensor | None, bins: int) -> torch.Tensor:
+    """``bins`` increasing cuts at the quantiles ``k / (bins + 1)`` of a Gaussian fitted to
+    the mean pixel of ``public`` images (normalized as the client normalizes; images the
+    server has, not the client's), as Robbing the Fed places its bins; without public images,
+    a standard normal. The client's samples then spread over the bins."""
+    check_int("bins", bins, 2, 1_000_000)
+    mu, sigma = 0.0, 1.0
+    if public is not None:
+        measurement = public.flatten(1).mean(1).double()
+        if measurement.numel() < 2:
+            raise ConfigError("imprint_cuts needs at least 2 public images to fit the bins' distribution")
+        mu, sigma = float(measurement.mean()), float(measurement.std().clamp_min(1e-6))
+    levels = torch.arange(1, bins + 1, dtype=torch.float64) / (bins + 1)
+    return mu + sigma * torch.special.ndtri(levels)
+
+
+def imprint_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, *,
+                      rtol: float = 1e-6) -> tuple[torch.Tensor, list[int]]:
+    """The inputs alone in their bins, from the imprint layer's gradients: ``(images
+    (K, d), bins)`` for the K bins whose bias-gradient difference is non-zero (above
+    ``rtol`` of the largest), each ``(dW_i - dW_{i+1}) / (db_i - db_{i+1})`` (the last bin
+    alone: ``dW_N / db_N``)."""
+    dW = torch.cat([weight_grad[:-1] - weight_grad[1:], weight_grad[-1:]])
+    db = torch.cat([bias_grad[:-1] - bias_grad[1:], bias_grad[-1:]])
+    if not bool((db != 0).any()):
+        raise AttackNotApplicable("every imprint unit has a zero bias gradient: no sample reached a bin",
+                                  condition="samples whose measurement falls in a bin")
+    filled = torch.nonzero(db.abs() > rtol * db.abs().max()).reshape(-1)
+    images = dW[filled] / db[filled, None]
+    return images, filled.tolist()
+
+
+class MaliciousAttack(Attack):
+    """An attack by a server that changes the model: :meth:`serve` returns the model the
+    clients receive (and train on); :meth:`reconstruct` reads their updates of it."""
+
+    def serve(self, model: nn.Module, input_shape: tuple[int, ...], public: torch.Tensor | None) -> nn.Module:
+        """The model the clients receive; ``public``: (normalized) images the server has, or None."""
+        raise NotImplementedError
+
+    def _require_malicious(self) -> None:
+        if getattr(self.threat, "server", "honest") != "malicious":
+            raise AttackNotApplicable(f"{self.name} changes the model the server sends: it needs "
+                                      "ThreatModel(server='malicious')", condition="a malicious server")
+
+
+@register_attack
+class ImprintAttack(MaliciousAttack):
+    """Robbing the Fed's imprint module (Fowl et al. 2022): exact recovery of every sample
+    alone in its bin, from one FedSGD update, at any batch size. Options: ``bins`` (units of
+    the imprint layer; default 128), ``spread`` (size of the direction the module writes
+    back into the input; small keeps the model's function), ``seed``."""
+
+    name = "imprint"
+    paper = "Fowl et al. 2022, Robbing the Fed (ICLR; arXiv 2110.13057)"
+    conditions = "malicious server inserting a module; a FedSGD gradient; samples alone in a bin come back exactly"
+
+    def __init__(self, model, threat=None, *, bins: int = 128, spread: float = 1e-3, seed: int = 0):
+        super().__init__(model, threat)
+        self.bins = check_int("bins", bins, 2, 1_000_000)
+        self.spread, self.seed = float(spread), seed
+
+    def options(self):
+        return {**super().options(), "bins": self.bins, "spread": self.spread, "seed": self.seed}
+
+    def serve(self, model: nn.Module, input_shape: tuple[int, ...], public: torch.Tensor | None) -> nn.Module:
+        """The model with the imprint module in front, bins placed on ``public`` (normalized) images."""
+        self._require_malicious()
+        served = ImprintedModel(model, input_shape, imprint_cuts(public, self.bins), spread=self.spread,
+                                seed=self.seed)
+        self.model = served
+        return served
+
+    def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        self._require_malicious()
+        if "imprint.weight" not in update.tensors:
+            raise AttackNotApplicable("the update has no imprint.weight: the client did not train the served model",
+                                      condition="the client trained the model with the imprint module")
+        gradient = update.as_gradient()
+        x, bins = imprint_inversion(gradient["imprint.weight"].double(), gradient["imprint.bias"].double())
+        spec = update.data_spec
+        images = x.to(gradient["imprint.weight"].dtype).reshape(-1, *update.input_shape)
+        if spec is not None:
+            images = spec.denormalize(images)
+        notes = [f"{len(bins)} of {self.bins} bins hold samples; each bin alone is one sample, exactly; bins "
+                 "shared by several samples give their mix",
+                 f"batch of {update.batch_size or 'unknown size'}"]
+        return Reconstruction(images=images.detach(), history={"bins_filled": [float(len(bins))]}, notes=notes)

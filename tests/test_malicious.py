@@ -1,0 +1,78 @@
+"""A malicious server (Robbing the Fed's imprint module): exact recovery of every sample alone
+in its bin, from one FedSGD update, at any batch size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradleak import ClientSetup, DataSpec, ModelSpec, ThreatModel, fedsgd_update
+from gradleak.attacks import ImprintAttack, ImprintedModel, imprint_cuts
+from gradleak.cli import app
+from gradleak.errors import AttackNotApplicable
+from gradleak.metrics import match, psnr
+from gradleak.pipeline import DataRequest, attack_simulated
+
+
+def _served(faces, bins, dtype=torch.float64):
+    model = ModelSpec("lenet", dtype="float64" if dtype == torch.float64 else "float32").build((1, 25, 25), 2).module
+    spec = DataSpec.from_images(faces.images[100:].to(dtype))
+    attack = ImprintAttack(model, ThreatModel(server="malicious"), bins=bins)
+    served = attack.serve(model, (1, 25, 25), spec.normalize(faces.images[100:].to(dtype)))   # public: other faces
+    return attack, served, spec
+
+
+def test_every_sample_alone_in_its_bin_comes_back_exactly(faces):
+    attack, served, spec = _served(faces, bins=48)
+    images, labels = faces.images[:16].double(), faces.labels[:16]
+    update = fedsgd_update(served, images, labels, spec=spec)
+    rec = attack.reconstruct(update)
+    # which samples are alone in their bin, from the truth and the cuts (not from the attack)
+    measurement = spec.normalize(images).flatten(1).mean(1)
+    cuts = -served.imprint.bias.detach()
+    bins = torch.bucketize(measurement, cuts, right=False) - 1   # bin i: cut_i < m <= cut_{i+1}
+    alone = [k for k in range(16) if bins[k] >= 0 and int((bins == bins[k]).sum()) == 1]
+    scores = psnr(rec.images[match(rec.images, images)].clamp(0, 1), images)
+    exact = [k for k in range(16) if scores[k] >= 100]
+    assert exact == alone and len(alone) >= 4  # public images (non-faces) differ from these faces: fewer alone
+    assert f"{rec.images.shape[0]} of 48 bins hold samples" in rec.notes[0]
+
+
+def test_the_served_model_computes_nearly_what_the_model_computes(faces):
+    attack, served, spec = _served(faces, bins=32)
+    x = spec.normalize(faces.images[:8].double())
+    with torch.no_grad():
+        assert torch.allclose(served(x), served.model(x), atol=1e-2)
+
+
+def test_an_honest_server_or_an_unmodified_model_is_refused(faces):
+    model = ModelSpec("lenet").build((1, 25, 25), 2).module
+    with pytest.raises(AttackNotApplicable, match="needs ThreatModel\\(server='malicious'\\)"):
+        ImprintAttack(model, ThreatModel()).serve(model, (1, 25, 25), None)
+    update = fedsgd_update(model, faces.images[:2], faces.labels[:2])
+    with pytest.raises(AttackNotApplicable, match="no imprint.weight"):
+        ImprintAttack(model, ThreatModel(server="malicious")).reconstruct(update)
+
+
+def test_cuts_follow_the_public_images_and_default_to_a_standard_normal(faces):
+    assert torch.allclose(imprint_cuts(None, 3), torch.tensor([-0.6745, 0.0, 0.6745], dtype=torch.float64), atol=1e-4)
+    public = faces.images[100:].flatten(1).mean(1)
+    cuts = imprint_cuts(faces.images[100:], 9)
+    assert abs(float(cuts[4]) - float(public.mean())) < 1e-6 and bool((cuts[1:] > cuts[:-1]).all())
+
+
+def test_large_batches_through_the_pipeline_and_the_cli(tmp_path):
+    run = attack_simulated("imprint", tmp_path / "run", data=DataRequest("faces", n=64, size=None), model="lenet",
+                           client=ClientSetup(batch_size=64), threat=ThreatModel(server="malicious"),
+                           options={"bins": 512}, quiet=True)
+    exact = sum(row["psnr"] >= 60 for row in run.scores.per_image)
+    assert exact >= 48  # about B exp(-B/N) = 56 of 64 alone in their bins
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["threat"]["server"] == "malicious"
+    result = CliRunner().invoke(app, ["attack", "--attack", "imprint", "--data", "faces", "--size", "25", "--n", "8",
+                                      "-c", "batch_size=8", "--model", "lenet", "--out", str(tmp_path / "cli"), "-q"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert metrics["summary"]["psnr_mean"] > 30
