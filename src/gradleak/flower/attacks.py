@@ -1,0 +1,136 @@
+"""One attack on one update, as the audit and the gate run it, with its outcome in one record.
+
+:func:`run_attack` goes through gradleak's own pipeline (:func:`~gradleak.pipeline.make_attack`
+and :func:`~gradleak.pipeline.attack_updates`), so an audited reconstruction is exactly what
+``gradleak attack`` gives on the same update file. It never raises for the attack's own
+failures: an attack whose conditions fail is ``not applicable`` with the failed condition,
+any other error is ``failed`` with one line. Ground truth, when given, is used only to
+score (evaluation), never by the attack.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import AttackNotApplicable, one_line
+from ..models.spec import BuiltModel
+from ..update import SharedUpdate
+
+__all__ = ["AttackOutcome", "run_attack", "parse_attacks"]
+
+
+@dataclass
+class AttackOutcome:
+    """What one attack recovered from one update, scored when the truth is known.
+
+    ``status``: ``ok`` (it ran), ``not applicable`` (its conditions fail; ``message`` says
+    which), ``failed`` (an error, in one line) or ``skipped`` (``message`` says why).
+    ``psnr``/``ssim``: per true image, after matching. ``images``: the reconstructions in
+    the truth's order (for the report's grids; not in the JSON)."""
+
+    attack: str
+    status: str
+    message: str = ""
+    seconds: float = 0.0
+    psnr: list[float] | None = None
+    ssim: list[float] | None = None
+    label_accuracy: float | None = None
+    notes: list[str] = field(default_factory=list)
+    images: torch.Tensor | None = None
+
+    @property
+    def psnr_mean(self) -> float | None:
+        if not self.psnr:
+            return None
+        finite = [v for v in self.psnr if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else None
+
+    @property
+    def ssim_mean(self) -> float | None:
+        values = [v for v in self.ssim or [] if not math.isnan(v)]
+        return sum(values) / len(values) if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attack": self.attack, "status": self.status, "message": self.message,
+                "seconds": round(self.seconds, 3), "psnr": self.psnr, "psnr_mean": self.psnr_mean,
+                "ssim": self.ssim, "ssim_mean": self.ssim_mean, "label_accuracy": self.label_accuracy,
+                "notes": list(self.notes)}
+
+
+def parse_attacks(attacks: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``[(name, options)]`` from a name, a ``(name, options)`` pair, or a sequence of either."""
+    from ..errors import ConfigError
+
+    if isinstance(attacks, str):
+        return [(attacks, {})]
+    if isinstance(attacks, tuple) and len(attacks) == 2 and isinstance(attacks[0], str) and isinstance(
+            attacks[1], Mapping):
+        return [(attacks[0], dict(attacks[1]))]
+    out = []
+    for entry in attacks or ():
+        if isinstance(entry, str):
+            out.append((entry, {}))
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(
+                entry[1], Mapping):
+            out.append((entry[0], dict(entry[1])))
+        else:
+            raise ConfigError(f"an attack is a name or a (name, options) pair, got {entry!r}")
+    return out
+
+
+def _options(name: str, options: Mapping[str, Any], time_budget: float | None) -> dict[str, Any]:
+    """The attack's options, with ``time_budget`` added for gradient-matching attacks that set none."""
+    from ..attacks import get_attack
+    from ..attacks.optimization import GradientMatching
+
+    options = dict(options)
+    if time_budget is not None and "time_budget" not in options and issubclass(get_attack(name), GradientMatching):
+        options["time_budget"] = float(time_budget)
+    return options
+
+
+def run_attack(name: str, options: Mapping[str, Any], built: BuiltModel, update: SharedUpdate, threat: Any, *,
+               truth: tuple[torch.Tensor, torch.Tensor] | None = None,
+               time_budget: float | None = None) -> AttackOutcome:
+    """Attack ``update`` with gradleak's attack ``name`` on ``built.module`` under ``threat``;
+    score against ``truth`` = (images, labels) when given."""
+    from ..metrics import match, score
+    from ..pipeline import attack_updates, make_attack
+
+    start = time.perf_counter()
+    outcome = AttackOutcome(name, "ok")
+    try:
+        attack = make_attack(name, built.module, threat, _options(name, options, time_budget))
+        update = update.validate_for(built.module).to(dtype=built.dtype, device=built.device)
+        images = labels = None
+        if truth is not None:
+            images, labels = truth[0].to(device=built.device, dtype=built.dtype), truth[1].to(built.device)
+        rec = attack_updates(attack, [update], truths=None if images is None else [images], quiet=True)
+        outcome.notes = [str(n) for n in rec.notes][:20]
+        if images is not None and rec.images is not None and rec.images.shape[1:] == images.shape[1:]:
+            scores = score(rec.images, images, predicted_labels=rec.labels, true_labels=labels, use_lpips=False)
+            rows = sorted(scores.per_image, key=lambda r: r["index"])
+            outcome.psnr = [float(r["psnr"]) for r in rows]
+            outcome.ssim = [float(r["ssim"]) for r in rows]
+            outcome.label_accuracy = scores.summary.get("label_accuracy")
+            perm = match(rec.images, images)
+            outcome.images = rec.images[perm.clamp_min(0)].detach().cpu()
+        elif rec.images is not None:
+            outcome.images = rec.images.detach().cpu()
+    except AttackNotApplicable as error:
+        outcome.status, outcome.message = "not applicable", one_line(error, 300)
+    except Exception as error:  # noqa: BLE001 - an audit never stops training: record the failure in one line
+        outcome.status, outcome.message = "failed", f"{type(error).__name__}: {one_line(error, 300)}"
+    outcome.seconds = time.perf_counter() - start
+    return outcome
+
+
+def best_psnr(outcomes: Sequence[AttackOutcome]) -> float | None:
+    """The highest mean PSNR among the attacks that ran and were scored."""
+    values = [o.psnr_mean for o in outcomes if o.status == "ok" and o.psnr_mean is not None]
+    return max(values) if values else None

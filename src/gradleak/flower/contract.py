@@ -1,0 +1,196 @@
+"""Both sides of the contract that tells a Flower server how a client trained.
+
+A Flower train reply carries the client's full local weights and a ``MetricRecord``;
+nothing in it says which learning rate, how many local epochs or steps, or which minibatch
+size the client used, and without them a weight delta cannot be attacked (the local steps
+cannot be unrolled) nor explained. Either side can supply them:
+
+- the client, in its reply's metrics: :func:`training_metrics` returns the entries to put in
+  the ``MetricRecord`` (Flower's own ``"num-examples"`` plus ``gradleak-`` keys);
+- the server, in the train config it sends: :func:`training_config` returns the entries a
+  strategy puts in its ``ConfigRecord`` (and :func:`read_training_config` reads them on
+  the client).
+
+:func:`protocol_of` combines what a reply's metrics say with what the config asked for
+into a :class:`ClientProtocol`, recording for every value where it came from (``metrics``,
+``config``, ``computed`` or ``unknown``). Reply metrics are untrusted: every value is
+checked with :mod:`gradleak.limits`; an invalid one is recorded as unknown with a one-line
+reason, never raised, so a hostile client cannot stop the server.
+
+Flower's ``FedAvg`` refuses to aggregate replies whose metric records do not all have the
+same keys, so :func:`training_metrics` always returns every key; 0 stands for "not given"
+in ``gradleak-epochs`` and ``gradleak-local-steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+from ..limits import MAX_ITERATIONS, check_float, check_int, short_repr
+
+__all__ = ["NUM_EXAMPLES", "LR", "BATCH_SIZE", "EPOCHS", "LOCAL_STEPS", "TRAIN_MODE", "ClientProtocol",
+           "training_metrics", "training_config", "read_training_config", "protocol_of"]
+
+NUM_EXAMPLES = "num-examples"          # Flower's own key: FedAvg weights each reply by it
+LR = "gradleak-lr"                     # local SGD learning rate
+BATCH_SIZE = "gradleak-batch-size"     # local minibatch size
+EPOCHS = "gradleak-epochs"             # local epochs (0: not given)
+LOCAL_STEPS = "gradleak-local-steps"   # local SGD steps (0: not given)
+TRAIN_MODE = "gradleak-train-mode"     # 1: the model ran in train mode (BatchNorm batch statistics), 0: eval
+CONFIG_LR_ALIASES = ("lr",)            # what Flower's own examples call the learning rate in a train config
+
+MAX_EXAMPLES = 2**40                   # a client's dataset size
+MAX_LR = 1e6
+
+_BOUNDS = {"num_examples": MAX_EXAMPLES, "batch_size": MAX_EXAMPLES, "epochs": MAX_ITERATIONS,
+           "local_steps": MAX_ITERATIONS}
+
+
+def _count(name: str, value: Any, *, zero: bool = False) -> int | None:
+    """An int in 1..bound (0 means 'not given' where ``zero``); else a ConfigError."""
+    if zero and value == 0 and not isinstance(value, bool) and isinstance(value, int):
+        return None
+    return check_int(name, value, 1, _BOUNDS[name])
+
+
+def _lr(value: Any) -> float:
+    return check_float("lr", value, low_open=True, high=MAX_LR)
+
+
+def training_metrics(num_examples: int, lr: float, batch_size: int, epochs: int | None = None,
+                     local_steps: int | None = None, mode: str = "train") -> dict[str, int | float]:
+    """The entries a client puts in its train reply's ``MetricRecord`` so that a server can
+    audit (and unroll) its update: ``num_examples`` it trained on, SGD learning rate ``lr``,
+    minibatch size ``batch_size``, ``epochs`` or ``local_steps`` (one at least), and the
+    ``mode`` its model ran in. Every key is always present (0 = not given)."""
+    if epochs is None and local_steps is None:
+        raise ConfigError("training_metrics: give epochs or local_steps (how long the client trained)")
+    if mode not in ("train", "eval"):
+        raise ConfigError(f"training_metrics: mode must be 'train' or 'eval', got {short_repr(mode)}")
+    return {NUM_EXAMPLES: _count("num_examples", num_examples), LR: _lr(lr),
+            BATCH_SIZE: _count("batch_size", batch_size),
+            EPOCHS: 0 if epochs is None else _count("epochs", epochs),
+            LOCAL_STEPS: 0 if local_steps is None else _count("local_steps", local_steps),
+            TRAIN_MODE: int(mode == "train")}
+
+
+def training_config(lr: float, batch_size: int, epochs: int | None = None,
+                    local_steps: int | None = None) -> dict[str, int | float]:
+    """The entries a strategy puts in its train ``ConfigRecord`` to tell clients how to train
+    (and the audit how they trained): ``lr``, ``batch_size``, ``epochs`` or ``local_steps``."""
+    if epochs is None and local_steps is None:
+        raise ConfigError("training_config: give epochs or local_steps")
+    return {LR: _lr(lr), BATCH_SIZE: _count("batch_size", batch_size),
+            EPOCHS: 0 if epochs is None else _count("epochs", epochs),
+            LOCAL_STEPS: 0 if local_steps is None else _count("local_steps", local_steps)}
+
+
+def read_training_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """On the client: ``{"lr", "batch_size", "epochs", "local_steps"}`` from a train config
+    written by :func:`training_config` (None where absent); a bad value raises ConfigError."""
+    lr = config.get(LR, next((config[k] for k in CONFIG_LR_ALIASES if k in config), None))
+    return {"lr": None if lr is None else _lr(lr),
+            "batch_size": None if config.get(BATCH_SIZE) is None else _count("batch_size", config[BATCH_SIZE]),
+            "epochs": None if config.get(EPOCHS) is None else _count("epochs", config[EPOCHS], zero=True),
+            "local_steps": (None if config.get(LOCAL_STEPS) is None
+                            else _count("local_steps", config[LOCAL_STEPS], zero=True))}
+
+
+@dataclass
+class ClientProtocol:
+    """How one client trained in one round, as far as the server can tell.
+
+    ``sources[name]`` says where each value came from: ``metrics`` (the client's reply),
+    ``config`` (the train config the strategy sent), ``computed`` (local steps from epochs,
+    examples and minibatch size) or ``unknown``; ``problems[name]`` why a value given was
+    refused or disagrees with the other side."""
+
+    lr: float | None = None
+    epochs: int | None = None
+    local_steps: int | None = None
+    batch_size: int | None = None        # local minibatch size (at most num_examples)
+    num_examples: int | None = None
+    mode: str | None = None              # "train" | "eval" | None (unknown)
+    sources: dict[str, str] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Everything an attack needs to unroll the client's steps is known."""
+        return None not in (self.lr, self.local_steps, self.batch_size, self.num_examples)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lr": self.lr, "epochs": self.epochs, "local_steps": self.local_steps, "batch_size": self.batch_size,
+                "num_examples": self.num_examples, "mode": self.mode, "sources": dict(self.sources),
+                "problems": dict(self.problems)}
+
+
+_CHECKS = {"lr": (LR, lambda v: _lr(v)), "batch_size": (BATCH_SIZE, lambda v: _count("batch_size", v)),
+           "epochs": (EPOCHS, lambda v: _count("epochs", v, zero=True)),
+           "local_steps": (LOCAL_STEPS, lambda v: _count("local_steps", v, zero=True)),
+           "num_examples": (NUM_EXAMPLES, lambda v: _count("num_examples", v))}
+
+
+def _read(name: str, side: str, values: Mapping[str, Any], protocol: ClientProtocol) -> Any:
+    """The checked value of ``name`` on one side, or None (absent, 'not given', or refused
+    with the reason kept in ``protocol.problems``)."""
+    key, check = _CHECKS[name]
+    value = values.get(key)
+    if value is None and side == "config" and name == "lr":
+        value = next((values[k] for k in CONFIG_LR_ALIASES if k in values), None)
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except ConfigError as error:
+        protocol.problems[name] = f"{side} {key}: {error}"
+        return None
+
+
+def protocol_of(metrics: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None) -> ClientProtocol:
+    """The protocol a client ran, from its reply ``metrics`` (preferred: what the client
+    says it did) and the train ``config`` the strategy sent (what it was asked to do).
+    Never raises on the values: a refused or missing value is unknown, with its reason."""
+    metrics, config = dict(metrics or {}), dict(config or {})
+    protocol = ClientProtocol()
+    for name in _CHECKS:
+        mine = _read(name, "metrics", metrics, protocol)
+        asked = _read(name, "config", config, protocol) if name != "num_examples" else None
+        value, source = (mine, "metrics") if mine is not None else (asked, "config") if asked is not None else (
+            None, "unknown")
+        if mine is not None and asked is not None and mine != asked:
+            protocol.problems.setdefault(name, f"the client reports {mine}, the config asked for {asked}; "
+                                               "using the client's value")
+        setattr(protocol, name, value)
+        protocol.sources[name] = source
+    mode = metrics.get(TRAIN_MODE)
+    if mode in (0, 1) and not isinstance(mode, bool) and isinstance(mode, int):
+        protocol.mode, protocol.sources["mode"] = ("train" if mode == 1 else "eval"), "metrics"
+    else:
+        protocol.sources["mode"] = "unknown"
+        if mode is not None:
+            protocol.problems["mode"] = f"metrics {TRAIN_MODE} must be 0 or 1, got {short_repr(mode)}"
+    _complete_steps(protocol)
+    return protocol
+
+
+def _complete_steps(protocol: ClientProtocol) -> None:
+    """Minibatch size at most the number of examples; local steps from epochs when not given."""
+    n, b = protocol.num_examples, protocol.batch_size
+    if n is not None and b is not None and b > n:
+        protocol.batch_size = n
+    if protocol.local_steps is None and protocol.epochs is not None and n is not None and b is not None:
+        steps = protocol.epochs * math.ceil(n / protocol.batch_size)
+        if steps <= MAX_ITERATIONS:
+            protocol.local_steps, protocol.sources["local_steps"] = steps, "computed"
+        else:
+            protocol.problems["local_steps"] = f"{protocol.epochs} epochs of {n} examples in minibatches of {b} " \
+                                               f"are {steps:,} steps, over the limit of {MAX_ITERATIONS:,}"
+    elif protocol.local_steps is not None and protocol.epochs is not None and n is not None and b is not None:
+        expected = protocol.epochs * math.ceil(n / protocol.batch_size)
+        if expected != protocol.local_steps:
+            protocol.problems.setdefault("local_steps", f"{protocol.local_steps} local steps given, but {protocol.epochs} "
+                                                        f"epoch(s) of {n} examples in minibatches of {b} are {expected}")

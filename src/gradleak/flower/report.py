@@ -1,0 +1,208 @@
+"""The audit report of a Flower run: per round and client the reconstructions, scores and
+verdicts with their reasons, leakage as the global model trains, the secure-aggregation
+sum, and the client gates' decisions.
+
+:func:`write_report` writes, atomically (:mod:`gradleak._io`): ``audit.json`` (everything),
+``leakage.png`` (best PSNR per client and round, the sum dashed, held-out accuracy when
+given), ``grids/*.png`` (originals above reconstructions, :func:`gradleak.report.reconstruction_grid`)
+and ``report.html`` (one self-contained page built with :func:`gradleak.report.html.html_page`;
+every string is escaped: node ids, reasons and messages come from clients).
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .._io import atomic_write_json, atomic_write_text, output_dir, save_figure, to_jsonable
+from ..report import reconstruction_grid
+from ..report.html import html_page, image_tag
+from .records import AuditRecord
+
+__all__ = ["write_report", "leakage_figure"]
+
+
+def _who(record: AuditRecord, names: Mapping[int, str]) -> str:
+    if record.node_id is None:
+        return f"sum of {len(record.clients)}"
+    return names.get(record.node_id, f"node {record.node_id}")
+
+
+def _num(value: Any, spec: str = ".1f", unit: str = "") -> str:
+    if value is None or isinstance(value, bool):
+        return "n/a"
+    number = float(value)
+    if math.isnan(number):
+        return "n/a"
+    return ("∞" if number > 0 else "−∞") if math.isinf(number) else f"{number:{spec}}{unit}"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """An HTML table from already-escaped cells."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _protocol(record: AuditRecord) -> str:
+    p = record.protocol or {}
+    if record.kind == "secure-aggregation" and record.sum_protocol is not None:
+        return escape(f"sum: {record.sum_protocol.num_examples} examples, lr {record.sum_protocol.lr:g}")
+    if not p:
+        return "n/a"
+    sources = p.get("sources", {})
+    steps = p.get("local_steps")
+    text = (f"{p.get('num_examples')} ex., {steps if steps is not None else '?'} step(s) of "
+            f"{p.get('batch_size')}, lr {p.get('lr')}")
+    unknown = [k for k, v in sources.items() if v == "unknown"]
+    return escape(text + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+
+
+def _results(record: AuditRecord) -> str:
+    parts = []
+    for o in record.attacks:
+        if o.status == "ok" and o.psnr_mean is not None:
+            labels = "" if o.label_accuracy is None else f", labels {o.label_accuracy:.0%}"
+            parts.append(f"{o.attack}: {_num(o.psnr_mean, unit=' dB')}, SSIM {_num(o.ssim_mean, '.2f')}{labels}")
+        else:
+            parts.append(f"{o.attack}: {o.status}" + (f" ({o.message})" if o.message else ""))
+    if record.status != "audited":
+        parts.append(f"{record.status}: {record.message}")
+    return "<br>".join(escape(p) for p in parts) or "not attacked (capture / explanation only)"
+
+
+def leakage_figure(records: Sequence[AuditRecord], path: Path, names: Mapping[int, str],
+                   accuracy: Mapping[int, float] | None = None) -> Path:
+    """Best PSNR per client over the rounds (the secure-aggregation sum dashed), and the
+    global model's held-out accuracy on a second axis when given."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.best_psnr is not None and math.isfinite(r.best_psnr):
+            series.setdefault(_who(r, names) if r.node_id is not None else "secure-aggregation sum", []).append(
+                (r.server_round, r.best_psnr))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                linestyle="--" if label.startswith("secure") else "-", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("server round")
+    ax.set_ylabel("best PSNR of the audit's attacks (dB)")
+    ax.grid(alpha=0.3)
+    if accuracy:
+        twin = ax.twinx()
+        rounds = sorted(accuracy)
+        twin.plot(rounds, [100 * accuracy[k] for k in rounds], color="grey", marker="s", linestyle=":",
+                  label="held-out accuracy")
+        twin.set_ylabel("global model held-out accuracy (%)")
+        twin.set_ylim(0, 100)
+        twin.legend(loc="lower right", fontsize=8)
+    if series:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Leakage as the global model trains")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _grids(records: Sequence[AuditRecord], out: Path, names: Mapping[int, str]) -> dict[int, list[Path]]:
+    """One grid per scored attack with images: originals above their matched reconstructions."""
+    grids: dict[int, list[Path]] = {}
+    for index, r in enumerate(records):
+        for o in r.attacks:
+            if o.images is None or r.truth is None or o.psnr is None or o.images.shape != r.truth[0].shape:
+                continue
+            who = "sum" if r.node_id is None else f"node-{r.node_id}"
+            path = out / "grids" / f"round-{r.server_round:03d}-{who}-{o.attack}.png"
+            title = f"round {r.server_round}, {_who(r, names)}: {o.attack}, {_num(o.psnr_mean, unit=' dB')}"
+            reconstruction_grid(o.images.clamp(0, 1), path, originals=r.truth[0], psnr=o.psnr, title=title)
+            grids.setdefault(index, []).append(path)
+    return grids
+
+
+def _details(records: Sequence[AuditRecord], grids: Mapping[int, list[Path]], names: Mapping[int, str]) -> str:
+    parts = ["<h2>Per round and client: why</h2>"]
+    for index, r in enumerate(records):
+        if r.explanation is None and not grids.get(index):
+            continue
+        verdict = r.verdict or r.status
+        parts.append(f"<details><summary>round {r.server_round}, {escape(_who(r, names))}: "
+                     f"<strong>{escape(verdict)}</strong></summary>")
+        if r.explanation is not None:
+            parts.append("<ul class='notes'>" + "".join(f"<li>{escape(x)}</li>" for x in r.explanation.reasons)
+                         + "</ul>")
+        for o in r.attacks:
+            if o.notes or o.message:
+                parts.append(f"<p class='note'>{escape(o.attack)}: "
+                             f"{escape('; '.join(([o.message] if o.message else []) + o.notes[:4]))}</p>")
+        for path in grids.get(index, []):
+            parts.append(f"<figure>{image_tag(path, path.stem)}</figure>")
+        parts.append("</details>")
+    return "".join(parts)
+
+
+def _gate_section(records: Sequence[AuditRecord], names: Mapping[int, str]) -> str:
+    from .gate import ACTION, BLOCK_PREFIX, PSNR, PSNR_AFTER, SECONDS
+
+    actions = {0: "passed (below the threshold)", 1: "defended", -1: "passed unmeasured"}
+    rows = []
+    for r in records:
+        if r.kind != "client":
+            continue
+        if r.status == "no update" and BLOCK_PREFIX in r.message:
+            rows.append([str(r.server_round), escape(_who(r, names)), "blocked", escape(r.message), "", ""])
+        elif r.gate:
+            rows.append([str(r.server_round), escape(_who(r, names)), escape(actions.get(r.gate.get(ACTION), "?")),
+                         _num(r.gate.get(PSNR), unit=" dB") if r.gate.get(PSNR, -1) >= 0 else "n/a",
+                         _num(r.gate.get(PSNR_AFTER), unit=" dB") if r.gate.get(PSNR_AFTER, -1) >= 0 else "n/a",
+                         _num(r.gate.get(SECONDS), ".1f", " s")])
+    if not rows:
+        return ""
+    return ("<h2>Client-side gates</h2><p>What each client's gate measured on its own update before sending it "
+            "(against its own images), and what it did.</p>"
+            + _table(["round", "client", "decision", "gate's best PSNR", "after the defense", "gate time"], rows))
+
+
+def write_report(out: str | Path, audit: Any, *, names: Mapping[int, str] | None = None,
+                 accuracy: Mapping[int, float] | None = None, wall_seconds: float | None = None,
+                 notes: Sequence[str] = (), extra: Mapping[str, Any] | None = None,
+                 title: str = "Flower leakage audit") -> Path:
+    """Write the report of ``audit`` (a :class:`~gradleak.flower.LeakageAuditStrategy`, or a
+    list of :class:`AuditRecord`) into folder ``out``; returns the path of ``report.html``.
+    ``names``: display names of node ids; ``accuracy``: held-out accuracy per round."""
+    out = output_dir(out)
+    records: list[AuditRecord] = list(getattr(audit, "records", audit))
+    settings = audit.to_json() if hasattr(audit, "to_json") else {"records": [r.to_json() for r in records]}
+    names = dict(names or {})
+    atomic_write_json(out / "audit.json", {**settings, "names": {str(k): v for k, v in names.items()},
+                                           "accuracy": dict(accuracy or {}), "wall_seconds": wall_seconds,
+                                           "notes": list(notes), **dict(extra or {})})
+    leakage = leakage_figure(records, out / "leakage.png", names, accuracy)
+    grids = _grids(records, out, names)
+    rows = [[str(r.server_round), escape(_who(r, names)), _protocol(r), escape(r.verdict or r.status), _results(r),
+             _num(r.seconds, ".1f", " s")] for r in records]
+    summary = [f"<p>{len(records)} record(s) over rounds "
+               f"{escape(', '.join(map(str, sorted({r.server_round for r in records}))) or 'none')}"
+               + (f"; wall time {wall_seconds:.0f} s" if wall_seconds is not None else "") + ".</p>"]
+    summary += [f"<p class='note'>{escape(n)}</p>" for n in notes]
+    sections = [*summary, "<h2>Leakage per round</h2>", f"<figure>{image_tag(leakage, 'leakage per round')}</figure>",
+                "<h2>Every audited update</h2>",
+                _table(["round", "client", "protocol", "verdict", "what the attacks got", "audit time"], rows),
+                _gate_section(records, names), _details(records, grids, names),
+                "<h2>Settings</h2>", f"<pre>{escape(_settings_text(settings))}</pre>"]
+    subtitle = escape("What a Flower server could reconstruct from each client's update, and why.")
+    return atomic_write_text(out / "report.html", html_page(title, subtitle, sections))
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(to_jsonable({k: v for k, v in settings.items() if k != "records"}), indent=1)[:4000]
