@@ -76,3 +76,25 @@ def test_large_batches_through_the_pipeline_and_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert metrics["summary"]["psnr_mean"] > 30
+
+
+def test_trap_weights_recover_the_samples_that_fire_a_unit_alone(faces):
+    from gradleak.attacks import TrapWeights
+
+    model = ModelSpec("mlp", {"hidden": "1000"}, dtype="float64").build((1, 25, 25), 2).module
+    spec = DataSpec.from_images(faces.images[100:].double())
+    attack = TrapWeights(model, ThreatModel(server="malicious"), rate=0.02)
+    served = attack.serve(model, (1, 25, 25), spec.normalize(faces.images[150:].double()))
+    images = faces.images[:16].double()
+    update = fedsgd_update(served, images, faces.labels[:16], spec=spec)
+    # the samples that fire some unit alone, from the truth (not from the attack)
+    pre = spec.normalize(images).flatten(1) @ served.layers["fc1"].weight.detach().T + served.layers["fc1"].bias.detach()
+    fires = pre > 0
+    alone = [k for k in range(16) if bool((fires[k] & (fires.sum(0) == 1)).any())]
+    rec = attack.reconstruct(update)
+    scores = psnr(rec.images[match(rec.images, images)].clamp(0, 1), images)
+    exact = [k for k in range(16) if scores[k] >= 100]
+    assert set(exact) <= set(alone) and len(exact) >= 0.75 * len(alone) and len(alone) >= 8  # exact = fired alone
+    with pytest.raises(AttackNotApplicable, match="no fully connected layer with bias is fed the model input"):
+        TrapWeights(ModelSpec("lenet").build((1, 25, 25), 2).module, ThreatModel(server="malicious")).serve(
+            ModelSpec("lenet").build((1, 25, 25), 2).module, (1, 25, 25), None)

@@ -34,7 +34,8 @@ from ..limits import check_int
 from ..update import SharedUpdate
 from .base import Attack, Reconstruction, register_attack
 
-__all__ = ["ImprintedModel", "imprint_cuts", "imprint_inversion", "ImprintAttack", "MaliciousAttack"]
+__all__ = ["ImprintedModel", "imprint_cuts", "imprint_inversion", "ImprintAttack", "MaliciousAttack", "TrapWeights",
+           "distinct_rows"]
 
 
 class ImprintedModel(nn.Module):
@@ -152,3 +153,116 @@ class ImprintAttack(MaliciousAttack):
                  "shared by several samples give their mix",
                  f"batch of {update.batch_size or 'unknown size'}"]
         return Reconstruction(images=images.detach(), history={"bins_filled": [float(len(bins))]}, notes=notes)
+
+
+def _first_input_layer(model: nn.Module, input_shape: tuple[int, ...]):
+    """The first ``nn.Linear`` with a bias that is fed the (flattened) model input."""
+    from ._layers import trace_linear_layers
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    layer = next((t for t in trace_linear_layers(model, input_shape, params, buffers)
+                  if t.has_bias and t.receives_model_input), None)
+    if layer is None:
+        raise AttackNotApplicable("no fully connected layer with bias is fed the model input",
+                                  condition="a first fully connected layer with bias")
+    return layer, dict(model.named_modules())[layer.name]
+
+
+def distinct_rows(candidates: torch.Tensor, counts_from: torch.Tensor, rtol: float = 1e-4) -> list[tuple[int, int]]:
+    """Group the rows of ``candidates`` that are the same vector (relative distance below
+    ``rtol``): ``[(row, how many rows equal it)]``, the largest groups first."""
+    norms = torch.linalg.vector_norm(candidates, dim=1).clamp_min(1e-30)
+    groups: list[list[int]] = []
+    for k in counts_from.tolist():
+        for group in groups:
+            if float(torch.linalg.vector_norm(candidates[k] - candidates[group[0]])) <= rtol * float(norms[k]):
+                group.append(k)
+                break
+        else:
+            groups.append([k])
+    groups.sort(key=len, reverse=True)
+    return [(group[0], len(group)) for group in groups]
+
+
+@register_attack
+class TrapWeights(MaliciousAttack):
+    """Trap weights (Boenisch, Dziedzic, Schuster, Shamsabadi, Shumailov, Papernot, "When the
+    Curious Abandon Honesty: Federated Learning Is Not Private", IEEE EuroS&P 2023, arXiv
+    2112.02918): the server sets the first fully connected layer so that each unit fires for
+    few inputs; a unit fired by one sample of the batch has ``row_j(dW) / db_j`` equal to that
+    sample, exactly (the FC-bias closed form). Here each unit gets a random direction and a
+    bias at the ``1 - rate`` quantile of its pre-activation on public images, so it fires for
+    about ``rate`` of the data. Rows that give the same vector (one sample firing several
+    units alone) are grouped; groups seen by several units come first (one sample for sure),
+    then candidates whose pixels are valid (a mix with weights of opposite signs is not),
+    up to the batch size.
+
+    Conditions: a malicious server; a model whose first layer is fully connected with bias and
+    a ReLU; one FedSGD gradient. Options: ``rate`` (default 0.02), ``seed``."""
+
+    name = "trap-weights"
+    paper = "Boenisch et al. 2023, When the Curious Abandon Honesty (EuroS&P; arXiv 2112.02918)"
+    conditions = "malicious server; a first fully connected layer with bias and ReLU; a FedSGD gradient"
+
+    def __init__(self, model, threat=None, *, rate: float = 0.02, seed: int = 0):
+        from ..limits import check_float
+
+        super().__init__(model, threat)
+        self.rate = check_float("rate", rate, low_open=True, high=0.5)
+        self.seed = seed
+        self._layer: str | None = None
+
+    def options(self):
+        return {**super().options(), "rate": self.rate, "seed": self.seed}
+
+    def serve(self, model: nn.Module, input_shape: tuple[int, ...], public: torch.Tensor | None) -> nn.Module:
+        self._require_malicious()
+        trace, linear = _first_input_layer(model, input_shape)
+        weight = linear.weight
+        directions = torch.randn(weight.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64)
+        directions /= torch.linalg.vector_norm(directions, dim=1, keepdim=True)
+        if public is None:
+            public = torch.randn((256, *input_shape), generator=torch.Generator().manual_seed(self.seed + 1),
+                                 dtype=torch.float64)
+        activations = public.flatten(1).double().cpu() @ directions.T          # (P, units)
+        thresholds = torch.quantile(activations, 1 - self.rate, dim=0)
+        with torch.no_grad():
+            weight.copy_(directions.to(weight))
+            linear.bias.copy_((-thresholds).to(linear.bias))
+        self._layer = trace.name
+        return model
+
+    def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        self._require_malicious()
+        trace, _ = _first_input_layer(self.model, update.input_shape)
+        gradient = update.as_gradient()
+        dW = gradient[trace.param("weight")].double()
+        db = gradient[trace.param("bias")].double()
+        fired = torch.nonzero(db.abs() > 1e-12 * db.abs().max().clamp_min(1e-300)).reshape(-1)
+        if fired.numel() == 0:
+            raise AttackNotApplicable("no unit of the trapped layer fired for this batch",
+                                      condition="some unit of the first layer fires")
+        candidates = torch.zeros_like(dW)
+        candidates[fired] = dW[fired] / db[fired, None]
+        groups = distinct_rows(candidates, fired)
+        # rank: seen by several units alone first (one sample for sure), then candidates inside the
+        # valid pixel box (a mix with weights of opposite signs leaves it), then by how many units saw them
+        spec = update.data_spec
+        def in_box(row: int) -> bool:
+            x = candidates[row].reshape(1, *update.input_shape)
+            x = spec.denormalize(x) if spec is not None else x
+            return bool(((x > -0.01) & (x < 1.01)).all())
+
+        ranked = sorted(groups, key=lambda g: (g[1] >= 2, in_box(g[0]), g[1]), reverse=True)
+        plausible = sum(1 for g in ranked if g[1] >= 2 or in_box(g[0]))
+        keep = ranked[: update.batch_size] if update.batch_size else ranked[:plausible]
+        images = candidates[[row for row, _ in keep]].to(gradient[trace.param("weight")].dtype)
+        images = images.reshape(-1, *update.input_shape)
+        if update.data_spec is not None:
+            images = update.data_spec.denormalize(images)
+        notes = [f"{fired.numel()} of {db.numel()} trapped units fired; {len(groups)} distinct inputs, {plausible} "
+                 f"plausible (seen by several units, or valid pixels); kept {len(keep)} (a unit fired by one sample "
+                 "gives it exactly)"]
+        return Reconstruction(images=images.detach(), notes=notes,
+                              history={"units_fired": [float(fired.numel())]})
