@@ -98,3 +98,24 @@ def test_trap_weights_recover_the_samples_that_fire_a_unit_alone(faces):
     with pytest.raises(AttackNotApplicable, match="no fully connected layer with bias is fed the model input"):
         TrapWeights(ModelSpec("lenet").build((1, 25, 25), 2).module, ThreatModel(server="malicious")).serve(
             ModelSpec("lenet").build((1, 25, 25), 2).module, (1, 25, 25), None)
+
+
+def test_the_client_inspection_refuses_manipulated_models_and_passes_honest_ones(tmp_path, faces):
+    from gradleak.attacks import TrapWeights
+    from gradleak.defenses import ClientRefused, inspect_model
+
+    spec = DataSpec.from_images(faces.images[100:])
+    inputs, public = spec.normalize(faces.images[:8]), spec.normalize(faces.images[150:])
+    for seed in range(10):
+        for name, options in (("mlp", {}), ("lenet", {}), ("convnet", {"width": 4})):
+            assert inspect_model(ModelSpec(name, options, seed=seed).build((1, 25, 25), 2).module, inputs) == []
+    lenet = ModelSpec("lenet").build((1, 25, 25), 2).module
+    imprinted = ImprintAttack(lenet, ThreatModel(server="malicious")).serve(lenet, (1, 25, 25), public)
+    assert "128 of 128 rows measure the same direction" in inspect_model(imprinted, inputs)[0]
+    mlp = ModelSpec("mlp", {"hidden": "1000"}).build((1, 25, 25), 2).module
+    trapped = TrapWeights(mlp, ThreatModel(server="malicious")).serve(mlp, (1, 25, 25), public)
+    assert "fire for" in inspect_model(trapped, inputs)[0]
+    with pytest.raises(ClientRefused, match="refused to train on it: imprint"):
+        attack_simulated("imprint", tmp_path / "r", data=DataRequest("faces", n=8, size=None), model="lenet",
+                         client=ClientSetup(batch_size=8), threat=ThreatModel(server="malicious"),
+                         defenses=["inspect-model"], quiet=True)

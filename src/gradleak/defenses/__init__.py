@@ -25,6 +25,7 @@ from .base import (DEFENSES, STAGES, ClientContext, Defense, PrivateTraining, ge
                    make_defenses, register_defense)
 from .compression import HalfPrecision, Int8Quantization, Pruning, RandomMask, SignCompression  # noqa: F401
 from .dp import DPSGD, PerExampleClipping, calibrate_noise, epsilon_spent  # noqa: F401
+from .inspection import ClientRefused, ModelInspection, inspect_model  # noqa: F401
 from .perturbation import GaussianNoise, LaplacianNoise, UpdateClipping  # noqa: F401
 from .protocol import LocalTraining, SecureAggregation  # noqa: F401
 from .soteria import Soteria, soteria_scores  # noqa: F401
@@ -35,5 +36,5 @@ __all__ = [
     "register_defense", "GaussianNoise", "LaplacianNoise", "UpdateClipping", "Pruning", "RandomMask", "HalfPrecision",
     "Int8Quantization", "SignCompression", "DPSGD", "PerExampleClipping", "LocalTraining", "SecureAggregation",
     "Soteria", "soteria_scores", "calibrate_noise", "epsilon_spent", "DefendedUpdate", "defended_updates",
-    "defend_client", "aggregate_updates",
+    "defend_client", "aggregate_updates", "ModelInspection", "inspect_model", "ClientRefused",
 ]

@@ -39,6 +39,8 @@ def defend_client(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     """One client's update after the client and update stages of ``defenses``; and its privacy record."""
     spec = spec or DataSpec()
     for defense in defenses:
+        if hasattr(defense, "inspect"):  # e.g. inspect-model: refuse a manipulated model before training
+            defense.inspect(model, spec.normalize(images))
         setup = defense.configure(setup)
     private = next((d for d in defenses if d.private_training() is not None), None)
     privacy: dict[str, Any] = {}

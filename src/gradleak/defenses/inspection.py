@@ -1,0 +1,102 @@
+"""The client's side of a malicious server: inspect the model received before training on it.
+
+A malicious server changes the model it sends (``gradleak.attacks.malicious``). Both
+manipulations modelled there leave traces a client can check with what it has, the model
+and its own batch, before it computes anything it would send:
+
+- **imprint module** (Robbing the Fed): a fully connected layer fed the input whose rows
+  measure the same direction (pairwise cosine ~ 1) with staggered biases. Honest
+  initialisations draw rows independently: their cosines are near 0.
+- **trap weights** (Boenisch et al.): a first fully connected layer whose ReLU units fire for
+  few of the client's inputs. Honest initialisations (PyTorch's uniform rows, zero-mean
+  biases) fire about half of the units for any input.
+
+``inspect_model`` returns the findings in words; the ``inspect-model`` defense refuses to
+train (no update is sent) when there are any. Thresholds and their false-positive rates on
+honest initialisations: ``benchmarks/inspection.py`` and ``docs/malicious.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import AttackNotApplicable
+from .base import Defense, positive, register_defense
+
+__all__ = ["inspect_model", "ModelInspection", "ClientRefused"]
+
+
+class ClientRefused(AttackNotApplicable):
+    """The client inspected the model it received and refused to train on it."""
+
+
+def _input_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, nn.Linear]]:
+    from ..attacks._layers import trace_linear_layers
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    modules = dict(model.named_modules())
+    return [(t.name, modules[t.name]) for t in trace_linear_layers(model, input_shape, params, buffers)
+            if t.receives_model_input]
+
+
+def _duplicate_rows(weight: torch.Tensor, cosine: float) -> int:
+    """How many rows have another row pointing the same way (cosine above ``cosine``)."""
+    rows = weight.detach().double()
+    rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(1e-30)
+    similarity = rows @ rows.T
+    similarity.fill_diagonal_(0)
+    return int((similarity > cosine).any(dim=1).sum())
+
+
+def inspect_model(model: nn.Module, inputs: torch.Tensor, *, max_duplicate_fraction: float = 0.1,
+                  min_firing_rate: float = 0.1, cosine: float = 0.99) -> list[str]:
+    """Findings (empty: nothing suspicious) about ``model`` on the client's ``inputs`` (as
+    the model sees them, i.e. normalized): fully connected layers fed the input with more
+    than ``max_duplicate_fraction`` of their rows duplicating another's direction (imprint),
+    or whose units fire for less than ``min_firing_rate`` of the inputs on average (traps)."""
+    findings = []
+    for name, layer in _input_layers(model, tuple(inputs.shape[1:])):
+        duplicates = _duplicate_rows(layer.weight, cosine)
+        if duplicates > max_duplicate_fraction * layer.out_features:
+            findings.append(f"{name}: {duplicates} of {layer.out_features} rows measure the same direction as "
+                            "another row (an imprint module?)")
+        if layer.bias is not None:
+            with torch.no_grad():
+                pre = inputs.flatten(1).to(layer.weight) @ layer.weight.T + layer.bias
+            rate = float((pre > 0).double().mean())
+            if rate < min_firing_rate:
+                findings.append(f"{name}: its units fire for {100 * rate:.1f} % of my inputs on average (below "
+                                f"{100 * min_firing_rate:g} %: trap weights?)")
+    return findings
+
+
+@register_defense
+@dataclass(frozen=True)
+class ModelInspection(Defense):
+    """The client inspects the model it received (imprint modules, trap weights) and refuses
+    to train on a manipulated one: no update is sent. Parameters: ``max_duplicate_fraction``
+    (rows of an input layer allowed to share a direction), ``min_firing_rate`` (average
+    fraction of a first layer's units firing on the client's inputs)."""
+
+    max_duplicate_fraction: float = 0.1
+    min_firing_rate: float = 0.1
+
+    name = "inspect-model"
+    paper = "the client's check against Fowl et al. 2022 (imprint) and Boenisch et al. 2023 (trap weights)"
+    stage = "client"
+
+    def __post_init__(self):
+        positive(self.name, "max_duplicate_fraction", self.max_duplicate_fraction, allow_zero=True)
+        positive(self.name, "min_firing_rate", self.min_firing_rate, allow_zero=True)
+
+    def inspect(self, model: nn.Module, inputs: torch.Tensor) -> None:
+        """Raise :class:`ClientRefused` naming what was found; return quietly otherwise."""
+        findings = inspect_model(model, inputs, max_duplicate_fraction=self.max_duplicate_fraction,
+                                 min_firing_rate=self.min_firing_rate)
+        if findings:
+            raise ClientRefused("the client inspected the model it received and refused to train on it: "
+                                + "; ".join(findings), condition="the client accepts the model it receives")
