@@ -15,7 +15,7 @@ from .optimization import DLG, IDLG, FedAvgInversion, GradientMatching, Invertin
 from .copa import COPA, copa_layer, copa_security
 from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
 from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
-from .malicious import ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
+from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
 
 __all__ = [
     "ATTACKS", "Attack", "Reconstruction", "get_attack", "register_attack",
@@ -23,5 +23,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
-    "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights",
+    "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
 ]

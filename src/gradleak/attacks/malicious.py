@@ -34,7 +34,7 @@ from ..limits import check_int
 from ..update import SharedUpdate
 from .base import Attack, Reconstruction, register_attack
 
-__all__ = ["ImprintedModel", "imprint_cuts", "imprint_inversion", "ImprintAttack", "MaliciousAttack", "TrapWeights",
+__all__ = ["ImprintedModel", "imprint_cuts", "imprint_inversion", "ImprintAttack", "MaliciousAttack", "TrapWeights", "ClassFishing",
            "distinct_rows"]
 
 
@@ -266,3 +266,81 @@ class TrapWeights(MaliciousAttack):
                  "gives it exactly)"]
         return Reconstruction(images=images.detach(), notes=notes,
                               history={"units_fired": [float(fired.numel())]})
+
+
+@register_attack
+class ClassFishing(MaliciousAttack):
+    """Fishing for one class (after Wen, Geiping, Fowl, Goldblum, Goldstein, "Fishing for User
+    Data in Large-Batch Federated Learning via Gradient Magnification", ICML 2022, arXiv
+    2202.00580): the server zeroes every row of the classifier except the target class's and
+    pushes that class's bias far down. The error signal a sample sends back through the
+    network is then ``w_t (p_t - [y = t])``: about ``-w_t`` for a sample of the target class and
+    about zero for every other sample, so the gradient of every layer below the classifier is
+    (almost) the gradient of the target-class samples alone, whatever the batch size. That
+    magnified gradient is attacked as a batch of one with Inverting Gradients (the classifier's
+    own gradient, which mixes every sample, is left out).
+
+    Conditions: a malicious server; a linear classifier layer; one sample of the target class
+    in the batch (several come back as one mixed image). Options: ``target`` (class index),
+    ``margin`` (how far the target bias is pushed down; default 30), and any Inverting
+    Gradients option (``iterations``, ``tv``, ...)."""
+
+    name = "fishing"
+    paper = "Wen et al. 2022, Fishing for User Data in Large-Batch FL via Gradient Magnification (ICML)"
+    conditions = "malicious server; a linear classifier; one sample of the target class in the batch"
+
+    def __init__(self, model, threat=None, *, target: int = 0, margin: float = 30.0, **ig_options):
+        from ..limits import check_float
+
+        super().__init__(model, threat)
+        self.target = check_int("target", target, 0, 1_000_000)
+        self.margin = check_float("margin", margin, low_open=True)
+        self.ig_options = {"iterations": 2000, **ig_options}
+        from .optimization import MatchingConfig
+
+        MatchingConfig(**self.ig_options)  # check the options now
+
+    def options(self):
+        return {**super().options(), "target": self.target, "margin": self.margin, **self.ig_options}
+
+    def _classifier(self, model: nn.Module, input_shape: tuple[int, ...]):
+        from ._layers import classifier_layer, trace_linear_layers
+
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+        head = classifier_layer(trace_linear_layers(model, input_shape, params, buffers))
+        if head is None or not head.has_bias or head.out_features <= self.target:
+            raise AttackNotApplicable(f"fishing needs a linear classifier with bias and more than {self.target} "
+                                      "outputs", condition="a linear classifier layer with bias")
+        return head
+
+    def serve(self, model: nn.Module, input_shape: tuple[int, ...], public: torch.Tensor | None) -> nn.Module:
+        self._require_malicious()
+        head = self._classifier(model, input_shape)
+        linear = dict(model.named_modules())[head.name]
+        with torch.no_grad():
+            keep = linear.weight[self.target].clone()
+            linear.weight.zero_()
+            linear.weight[self.target] = keep
+            linear.bias.zero_()
+            linear.bias[self.target] = -self.margin
+        return model
+
+    def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        from dataclasses import replace as _replace
+
+        from ..threat import ThreatModel
+        from .optimization import InvertingGradients
+
+        self._require_malicious()
+        head = self._classifier(self.model, update.input_shape)
+        below = [n for n in update.tensors if n not in (head.param("weight"), head.param("bias"))]
+        target = torch.tensor([self.target], device=next(iter(update.tensors.values())).device)
+        fished = _replace(update, batch_size=1, labels=target)
+        inner = InvertingGradients(self.model, ThreatModel(labels_known=True, server="malicious"),
+                                   labels="given", layers=tuple(below), **self.ig_options)
+        inner._hooks = self._hooks
+        result = inner._reconstruct(fished)
+        result.notes.insert(0, f"fished class {self.target}: the layers below the classifier carry (almost) only "
+                               f"the target-class samples' gradient; attacked as a batch of one")
+        return result
