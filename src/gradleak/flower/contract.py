@@ -77,15 +77,18 @@ def training_metrics(num_examples: int, lr: float, batch_size: int, epochs: int 
             TRAIN_MODE: int(mode == "train")}
 
 
-def training_config(lr: float, batch_size: int, epochs: int | None = None,
+def training_config(lr: float, batch_size: int | None = None, epochs: int | None = None,
                     local_steps: int | None = None) -> dict[str, int | float]:
     """The entries a strategy puts in its train ``ConfigRecord`` to tell clients how to train
-    (and the audit how they trained): ``lr``, ``batch_size``, ``epochs`` or ``local_steps``."""
+    (and the audit how they trained): ``lr``, ``epochs`` or ``local_steps``, and the
+    minibatch ``batch_size`` (left out when each client chooses its own)."""
     if epochs is None and local_steps is None:
         raise ConfigError("training_config: give epochs or local_steps")
-    return {LR: _lr(lr), BATCH_SIZE: _count("batch_size", batch_size),
-            EPOCHS: 0 if epochs is None else _count("epochs", epochs),
-            LOCAL_STEPS: 0 if local_steps is None else _count("local_steps", local_steps)}
+    config = {LR: _lr(lr), EPOCHS: 0 if epochs is None else _count("epochs", epochs),
+              LOCAL_STEPS: 0 if local_steps is None else _count("local_steps", local_steps)}
+    if batch_size is not None:
+        config[BATCH_SIZE] = _count("batch_size", batch_size)
+    return config
 
 
 def read_training_config(config: Mapping[str, Any]) -> dict[str, Any]:

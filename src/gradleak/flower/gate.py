@@ -83,6 +83,7 @@ def leakage_gate(model: ModelSpec, data: Data, *, num_classes: int, attacks: Any
     chosen_defense = _defense(action, defense)
     threat = threat or ThreatModel()
     built_cache: dict[tuple, Any] = {}
+    calls = [0]
 
     def gate(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         reply = call_next(msg, context)
@@ -137,7 +138,9 @@ def leakage_gate(model: ModelSpec, data: Data, *, num_classes: int, attacks: Any
                       f"the threshold {threshold:.1f} dB")
             log.warning("gradleak gate: %s", reason)
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(msg.metadata.dst_node_id) % 1_000_003)
+        calls[0] += 1   # fresh noise every round: seeded by the gate's seed, the node and the call count
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + int(msg.metadata.dst_node_id) % 1_000_003)
+                                                  * 7919 + calls[0])
         context_ = ClientContext(built.module, images.to(built.device, built.dtype), labels.to(built.device),
                                  spec, built.loss, seed)
         defended = chosen_defense.apply(update, context_, generator)

@@ -60,6 +60,22 @@ def _content_values(message: Message) -> dict[str, Any]:
     return values
 
 
+def _gate_reasons(record: AuditRecord) -> None:
+    """A client whose gate defended its update: say so, and no exact closed form is predicted
+    for the perturbed update (the analyser's verdict is for the update before the defense)."""
+    from .explain import APPROXIMATE, EXACT, POSSIBLE
+    from .gate import ACTION, DEFENDED, PSNR, PSNR_AFTER
+
+    if record.gate.get(ACTION) != DEFENDED or record.explanation is None:
+        return
+    reasons = record.explanation.reasons
+    reasons.insert(0, f"the client's gate defended this update before sending it (it measured "
+                      f"{record.gate.get(PSNR, -1):.1f} dB before, {record.gate.get(PSNR_AFTER, -1):.1f} dB after): the "
+                      "closed forms' verdict below is for the undefended update")
+    if record.explanation.verdict in (EXACT, POSSIBLE):
+        record.explanation.verdict = APPROXIMATE
+
+
 class LeakageAuditStrategy(Strategy):
     """Wrap ``strategy`` and audit each selected client's train reply.
 
@@ -226,6 +242,7 @@ class LeakageAuditStrategy(Strategy):
                                          extra={"node_id": node, "server_round": server_round})
             record.explanation = explain(record.update, self.built, protocol=protocol,
                                          labels_known=self.threat.labels_known, numeric=self.numeric, cache=cache)
+            _gate_reasons(record)
             record.truth = self._truth(node, server_round, record)
             if attack:
                 self._capture(record)
