@@ -300,6 +300,35 @@ def test_error_replies_and_sampling(digits16, data_spec):
     assert again._sample(2, replies) == audit._sample(2, replies)   # seeded
 
 
+def test_partly_shared_model_is_explained_not_attacked(digits16, data_spec):
+    """Every client keeps its classifier bias local (personalisation): FedAvg aggregates the
+    rest as usual; the audit says why it cannot attack."""
+    audit = audit_strategy(digits16, data_spec, attacks=[("rgap", {})])
+    global_record = ArrayRecord(SPEC.build(SHAPE, CLASSES).module.state_dict())
+    messages = list(audit.configure_train(1, global_record, ConfigRecord({}), Grid(PLAN)))
+    copies = []
+    for _ in range(2):
+        replies = replies_for(messages, digits16, data_spec)
+        for reply in replies:
+            del reply.content["arrays"]["fc.bias"]
+        copies.append(replies)
+    wrapped, _ = audit.aggregate_train(1, copies[0])
+    assert array_bytes(wrapped) == array_bytes(FedAvg().aggregate_train(1, copies[1])[0])
+    assert all(r.verdict == NOT_ATTACKABLE and "shares 7 of the model's 8" in r.explanation.reasons[0]
+               and "fc.bias" in r.explanation.reasons[0] and not r.attacks for r in audit.records)
+
+
+def test_explanation_of_train_mode_batchnorm(digits16, data_spec):
+    from gradleak.flower import explain, protocol_of
+
+    built = ModelSpec("convnet", {"width": 4}, device="cpu").build(SHAPE, CLASSES)
+    images, labels = client_batch(digits16, 202)
+    update = gl.fedavg_update(built.module, images, labels, lr=0.1, local_steps=1, spec=data_spec)
+    why = explain(update, built, protocol=protocol_of(training_metrics(4, 0.1, 4, local_steps=1)))
+    assert why.verdict == APPROXIMATE and any(r.startswith("train-mode BatchNorm") for r in why.reasons)
+    assert why.analysis["batch_size"] == 4
+
+
 def _gate_run(digits16, data_spec, node, **options):
     """The gate around a ClientApp that trains like PLAN[node]; returns (message, reply)."""
     global_record = ArrayRecord(SPEC.build(SHAPE, CLASSES).module.state_dict())

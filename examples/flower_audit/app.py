@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from gradleak.flower import LeakageAuditStrategy, leakage_gate, read_training_co
 from gradleak.models import ModelSpec
 
 # (examples, minibatch size) per client; more clients repeat the pattern
-CLIENT_PLAN = ((1, 1), (4, 4), (16, 8), (64, 16))
+CLIENT_PLAN = ((1, 1), (4, 4), (16, 8), (32, 8))
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,8 @@ class Settings:
     gate: str = "defense"               # "defense" | "block" | "off"
     gate_defense: str = "gaussian:variance=1e-4"
     gate_threshold: float = 18.0
-    gate_time: float = 30.0
+    gate_time: float = 20.0
     seed: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def spec(self) -> ModelSpec:

@@ -12,6 +12,7 @@ captured updates in ``updates/round-XXX/`` (attack one later with ``gradleak att
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -38,6 +39,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default="digits", choices=("digits", "faces"), help="built-in real images")
     parser.add_argument("--size", type=int, default=16, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--model", default="lenet", help="zoo name or package.module:factory (default: %(default)s)")
+    parser.add_argument("-m", "--model-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model option (zoo option or factory keyword), value as JSON or text; repeatable")
     parser.add_argument("--clients", type=int, default=4, help="simulated clients, 4-10 (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=0.1, help="local SGD learning rate (default: %(default)s)")
@@ -65,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     from gradleak.flower import write_report
 
     torch.set_num_threads(1)
-    settings = app.Settings(out=str(out), data=args.data, size=args.size, model=args.model, clients=args.clients,
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("gradleak.flower").addHandler(handler)
+    logging.getLogger("gradleak.flower").setLevel(logging.INFO)
+    settings = app.Settings(out=str(out), data=args.data, size=args.size, model=args.model,
+                            model_options=_options(args.model_option), clients=args.clients,
                             rounds=args.rounds, lr=args.lr, gate=args.gate, gate_defense=args.gate_defense,
                             gate_threshold=args.gate_threshold, audit=not args.no_audit, seed=args.seed,
                             attacks=(("rgap", ()), ("inverting-gradients", (("iterations", args.iterations),))))
@@ -97,11 +105,28 @@ def main(argv: list[str] | None = None) -> int:
              f"client gate: {settings.gate}" + (f" with {settings.gate_defense}" if settings.gate == "defense" else "")
              + f" above {settings.gate_threshold} dB", f"simulation wall time {wall:.0f} s (Flower + Ray start-up, "
              "training, gates and the in-line audit)"]
+    started = time.perf_counter()
     report = write_report(out, strategy, names=names, accuracy=accuracy, wall_seconds=wall, notes=notes)
+    print(f"report written in {time.perf_counter() - started:.0f} s")
     for record in strategy.records:
         print(record.line().replace(f"node {record.node_id}", names.get(record.node_id, f"node {record.node_id}")))
     print(f"report: {report}")
     return 0
+
+
+def _options(pairs: list[str]) -> tuple[tuple[str, object], ...]:
+    import json
+
+    options = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-option {pair!r}: expected KEY=VALUE")
+        try:
+            options.append((key, json.loads(value)))
+        except json.JSONDecodeError:
+            options.append((key, value))
+    return tuple(options)
 
 
 def _names(settings) -> dict[int, str]:

@@ -179,9 +179,10 @@ def write_report(out: str | Path, audit: Any, *, names: Mapping[int, str] | None
     list of :class:`AuditRecord`) into folder ``out``; returns the path of ``report.html``.
     ``names``: display names of node ids; ``accuracy``: held-out accuracy per round."""
     out = output_dir(out)
-    records: list[AuditRecord] = list(getattr(audit, "records", audit))
-    settings = audit.to_json() if hasattr(audit, "to_json") else {"records": [r.to_json() for r in records]}
     names = dict(names or {})
+    records: list[AuditRecord] = sorted(getattr(audit, "records", audit), key=lambda r: (
+        r.server_round, r.kind != "client", names.get(r.node_id, ""), r.node_id or 0))
+    settings = audit.to_json() if hasattr(audit, "to_json") else {"records": [r.to_json() for r in records]}
     atomic_write_json(out / "audit.json", {**settings, "names": {str(k): v for k, v in names.items()},
                                            "accuracy": dict(accuracy or {}), "wall_seconds": wall_seconds,
                                            "notes": list(notes), **dict(extra or {})})

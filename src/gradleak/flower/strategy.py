@@ -60,6 +60,23 @@ def _content_values(message: Message) -> dict[str, Any]:
     return values
 
 
+def _partly_shared(record: AuditRecord, params: Mapping[str, Any], local: Mapping[str, torch.Tensor],
+                   global_tensors: Mapping[str, torch.Tensor]) -> bool:
+    """A reply that shares only some of the model's parameters (e.g. personalised layers kept
+    local): explained, not attacked, since the server lacks the rest of the client's model."""
+    from .explain import NOT_ATTACKABLE, Explanation
+
+    missing = [n for n in params if n not in local or n not in global_tensors]
+    if not missing:
+        return False
+    shared = [n for n in params if n not in missing]
+    record.explanation = Explanation(NOT_ATTACKABLE, [
+        f"the reply shares {len(shared)} of the model's {len(params)} parameter tensors (not shared: "
+        f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}): the server does not know the client's "
+        "whole model at the end of its training, so no attack can simulate its update"])
+    return True
+
+
 def _gate_reasons(record: AuditRecord) -> None:
     """A client whose gate defended its update: say so, and no exact closed form is predicted
     for the perturbed update (the analyser's verdict is for the update before the defense)."""
@@ -238,6 +255,8 @@ class LeakageAuditStrategy(Strategy):
             params, buffers = state_shapes(self.built)
             local = record_tensors(reply_arrays(reply.content, "reply"), {**params, **buffers}, "reply arrays",
                                    floating=set(params))
+            if _partly_shared(record, params, local, global_tensors):
+                return record
             record.update = delta_update(global_tensors, local, self.built, protocol, data_spec=self.data_spec,
                                          extra={"node_id": node, "server_round": server_round})
             record.explanation = explain(record.update, self.built, protocol=protocol,
