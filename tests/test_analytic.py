@@ -99,10 +99,13 @@ def test_batch_of_two_is_refused_by_metadata_and_by_rank(photos):
     update = fedsgd_update(model, photos.images[:2], photos.labels[:2])
     with pytest.raises(AttackNotApplicable, match="batch of 2"):
         FCBiasInversion(model).reconstruct(update)
-    # Without the batch size, the attack still sees that the gradient mixes two samples.
+    # Without the batch size, the attack still sees that the gradient mixes two samples: the strict
+    # closed form refuses; the robust default returns the best rank-one estimate, marked approximate.
     hidden = ThreatModel(batch_size_known=False)
     with pytest.raises(AttackNotApplicable, match="not rank one"):
-        FCBiasInversion(model, hidden).reconstruct(update)
+        FCBiasInversion(model, hidden, robust=False).reconstruct(update)
+    estimate = FCBiasInversion(model, hidden).reconstruct(update)
+    assert any(note.startswith("APPROXIMATE: the gradient is not rank one") for note in estimate.notes)
 
 
 def test_single_step_delta_inverts_and_multi_step_delta_is_refused(photos):

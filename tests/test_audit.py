@@ -119,12 +119,15 @@ def test_audit_runs_the_grid_and_writes_one_report(tmp_path, config_file):
                                "clipping(max_norm=0.1) + half(dtype=float16)"}
     assert by_defense["none"].status == "done" and min(by_defense["none"].psnr) >= 60
     assert by_defense["none"].levels == {"recognisable": 2, "partial": 0, "none": 0}
-    assert by_defense["gaussian(variance=0.0001)"].status == "not-applicable"
-    assert "not rank one" in by_defense["gaussian(variance=0.0001)"].message
+    # noise breaks exactness, not the attack: the robust estimate is measured (what the defense leaves)
+    noisy = by_defense["gaussian(variance=0.0001)"]
+    assert noisy.status == "done" and max(noisy.psnr) < 60
+    stored = json.loads((tmp_path / "out" / "cells" / noisy.cell_id / "metrics.json").read_text())
+    assert any("APPROXIMATE" in note for note in stored["notes"])
     assert by_defense["secure-aggregation(clients=2)"].status == "not-applicable"
     verdicts = {v["defense"]: v for v in result.verdicts}
     assert verdicts["none"]["level"] == "leaks" and "still recovers recognisable images" in verdicts["none"]["text"]
-    assert verdicts["gaussian(variance=0.0001)"]["level"] == "not-measured"
+    assert verdicts["gaussian(variance=0.0001)"]["level"] in ("leaks", "partial", "protected")
     assert set(result.utility) == {0, 1, 2, 3}
     accuracies = [result.utility[k]["accuracy"] for k in range(4)]
     assert all(0.1 < a <= 1.0 for a in accuracies)
@@ -139,7 +142,7 @@ def test_audit_runs_the_grid_and_writes_one_report(tmp_path, config_file):
     assert [(i, d) for i, d, _ in rows] == [("0", "none"), ("1", "gaussian(variance=0.0001)"),
                                            ("2", "secure-aggregation(clients=2)"),
                                            ("3", "clipping(max_norm=0.1) + half(dtype=float16)")]
-    assert ">leaks</span> (2/2)" in rows[0][2] and ">not-measured</span>" in rows[1][2]
+    assert ">leaks</span> (2/2)" in rows[0][2] and ">not-measured</span>" not in rows[1][2]  # measured, not refused
     stored = json.loads((out / "audit.json").read_text())
     assert len(stored["cells"]) == 4 and stored["interrupted"] is False
     assert len((out / "cells.csv").read_text().strip().splitlines()) == 5
@@ -247,7 +250,8 @@ def test_verdicts_for_attacks_without_images_and_refused_attacks(tmp_path):
     """fc-bias on LeNet recovers the classifier's input features, not images: the verdict says
     no image came back, and a refused attack is listed with its failed condition."""
     config = AuditConfig.from_mapping({"data": {"name": "photos", "n": 2, "size": 16}, "models": ["lenet"],
-                                       "attacks": ["fc-bias"], "defenses": ["none", "gaussian:variance=1e-6"],
+                                       "attacks": [{"name": "fc-bias", "options": {"robust": False}}],
+                                       "defenses": ["none", "gaussian:variance=1e-6"],
                                        "utility": False})
     result = run_audit(config, tmp_path / "out", quiet=True)
     levels = {v["defense"]: v for v in result.verdicts}

@@ -248,8 +248,9 @@ def test_registries_refuse_a_taken_name_and_a_defense_without_a_stage():
 
 
 def test_the_exact_attack_is_stopped_by_noise_and_aggregation_but_not_by_clipping(photos, spec):
-    """fc-bias inversion on a real photo: clipping keeps the rank-one gradient (exact recovery),
-    noise and secure aggregation break the condition, and the attack says so."""
+    """fc-bias inversion on a real photo: clipping keeps the rank-one gradient (exact recovery);
+    noise breaks exactness, and the robust estimate says it is approximate (and measures what the
+    noise leaves); secure aggregation of 2 is refused by its batch size."""
     model = build_model("mlp", (3, 32, 32), 10, seed=0)
     images, labels = photos.images[:2], photos.labels[:2]
     attack = gl.FCBiasInversion(model)
@@ -257,7 +258,10 @@ def test_the_exact_attack_is_stopped_by_noise_and_aggregation_but_not_by_clippin
     assert float(psnr(attack.reconstruct(clipped.update).images, images[:1])[0]) >= 60
     (noisy, _) = defended_updates(model, images, labels, ClientSetup(), ["gaussian:variance=1e-6"], spec=spec)
     with pytest.raises(AttackNotApplicable, match="not rank one"):
-        attack.reconstruct(noisy.update)
+        gl.FCBiasInversion(model, robust=False).reconstruct(noisy.update)
+    estimate = attack.reconstruct(noisy.update)
+    assert any(note.startswith("APPROXIMATE") for note in estimate.notes)
+    assert 10 < float(psnr(estimate.images.clamp(0, 1), images[:1])[0]) < 60
     (summed,) = defended_updates(model, images, labels, ClientSetup(), ["secure-aggregation:clients=2"], spec=spec)
     with pytest.raises(AttackNotApplicable, match="batch of 2"):
         attack.reconstruct(summed.update)

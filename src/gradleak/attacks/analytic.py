@@ -43,25 +43,44 @@ class FCInversion:
     active_units: indices j with dL/db_j != 0.
     rank_one_residual: ||dW - db x^T||_F / ||dW||_F (0 up to rounding for one sample).
     unit_deviation: for each active unit, ||row_j(dW)/db_j - x|| / ||x||, ordered by |db_j| descending.
+    approximate: the gradient was not rank one (noise, pruning, quantisation, or several
+        samples) and ``x`` is the best rank-one estimate, not an exact recovery.
     """
 
     x: torch.Tensor
     active_units: torch.Tensor
     rank_one_residual: float
     unit_deviation: torch.Tensor
+    approximate: bool = False
 
 
 def default_rank_tolerance(dtype: torch.dtype) -> float:
     return 1000 * torch.finfo(dtype).eps
 
 
+def rank_one_estimate(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
+    """The best rank-one fit of ``[dW | db]`` in the least-squares sense (its top singular
+    pair ``s u v^T``): the layer input ``x = v[:-1] / v[-1]`` that a single sample would have
+    sent. For one sample's exact gradient this is the closed form's ``x``; for a perturbed
+    gradient (noise, pruning, quantisation) it is the estimate that fits it best."""
+    matrix = torch.cat([weight_grad, bias_grad[:, None]], dim=1).double()
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    v = vh[0]
+    if v[-1] == 0:
+        raise AttackNotApplicable("the best rank-one fit has no bias component: no input can be estimated",
+                                  condition="a rank-one fit with a non-zero bias component")
+    return (v[:-1] / v[-1]).to(weight_grad.dtype)
+
+
 def fc_bias_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, *, rank_tol: float | None = None,
-                      layer: str = "the layer") -> FCInversion:
+                      layer: str = "the layer", robust: bool = False) -> FCInversion:
     """Recover the input of a fully connected layer from its weight and bias gradients.
 
     ``weight_grad``: (out_features, in_features); ``bias_grad``: (out_features,). Raises
     :class:`AttackNotApplicable` when every bias gradient is zero, or when the weight
-    gradient is not rank one (a batch of several samples) beyond ``rank_tol``.
+    gradient is not rank one (a batch of several samples, or a perturbed gradient) beyond
+    ``rank_tol`` — unless ``robust``: then the best rank-one estimate
+    (:func:`rank_one_estimate`) is returned, marked ``approximate``.
     """
     if weight_grad.ndim != 2 or bias_grad.ndim != 1 or bias_grad.shape[0] != weight_grad.shape[0]:
         raise ConfigError(f"{layer}: weight gradient must be (out, in) and bias gradient (out,), got "
@@ -78,7 +97,10 @@ def fc_bias_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, *, ran
     norm_dW = torch.linalg.vector_norm(dW)
     residual = float(torch.linalg.vector_norm(dW - torch.outer(db, x)) / norm_dW) if norm_dW > 0 else 0.0
     tolerance = default_rank_tolerance(dW.dtype) if rank_tol is None else rank_tol
-    if residual > tolerance:
+    approximate = residual > tolerance
+    if approximate and robust:
+        x = rank_one_estimate(dW, db)
+    elif approximate:
         raise AttackNotApplicable(
             f"{layer}: the weight gradient is not rank one (relative residual {residual:.3g} > {tolerance:.3g}): "
             "it averages several samples (batch size > 1, or several local steps) or was perturbed (noise, "
@@ -89,7 +111,8 @@ def fc_bias_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, *, ran
     estimates = dW[order] / db[order, None]
     scale = torch.linalg.vector_norm(x).clamp_min(torch.finfo(x.dtype).tiny)
     deviation = torch.linalg.vector_norm(estimates - x, dim=1) / scale
-    return FCInversion(x=x, active_units=order, rank_one_residual=residual, unit_deviation=deviation)
+    return FCInversion(x=x, active_units=order, rank_one_residual=residual, unit_deviation=deviation,
+                       approximate=approximate)
 
 
 @register_attack
@@ -109,15 +132,18 @@ class FCBiasInversion(Attack):
     conditions = "fully connected layer with bias; one sample (or one per update); some dL/db_j != 0"
 
     def __init__(self, model, threat: ThreatModel | None = None, *, layer: str | None = None,
-                 rank_tol: float | None = None):
+                 rank_tol: float | None = None, robust: bool = True):
         super().__init__(model, threat)
+        if not isinstance(robust, bool):
+            raise ConfigError(f"robust must be true or false, got {short_repr(robust)}")
+        self.robust = robust
         if layer is not None and not isinstance(layer, str):
             raise ConfigError(f"layer must be a layer name, got {short_repr(layer)}")
         self.layer = layer
         self.rank_tol = check_float("rank_tol", rank_tol, optional=True)
 
     def options(self):
-        return {**super().options(), "layer": self.layer, "rank_tol": self.rank_tol}
+        return {**super().options(), "layer": self.layer, "rank_tol": self.rank_tol, "robust": self.robust}
 
     def _select_layer(self, traces: list[LinearTrace]) -> LinearTrace:
         if self.layer is not None:
@@ -141,10 +167,12 @@ class FCBiasInversion(Attack):
         traces = trace_linear_layers(self.model, update.input_shape, params, buffers)
         target = self._select_layer(traces)
         inversion = fc_bias_inversion(gradient[target.param("weight")], gradient[target.param("bias")],
-                                      rank_tol=self.rank_tol, layer=f"layer {target.name!r}")
+                                      rank_tol=self.rank_tol, layer=f"layer {target.name!r}", robust=self.robust)
         notes = [
             f"layer {target.name!r}: {inversion.active_units.numel()} of {target.out_features} units have dL/db_j != 0",
-            f"single sample: rank-one residual {inversion.rank_one_residual:.2e}",
+            (f"APPROXIMATE: the gradient is not rank one (residual {inversion.rank_one_residual:.2e}: perturbed by a "
+             "defense, or several samples); the image is the best rank-one estimate, not an exact recovery"
+             if inversion.approximate else f"single sample: rank-one residual {inversion.rank_one_residual:.2e}"),
         ]
         history = {"unit_deviation": inversion.unit_deviation.tolist()}
         images, features = None, {}
