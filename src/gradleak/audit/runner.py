@@ -12,7 +12,8 @@ Layout of the output folder::
 
 A cell is (model, attack, defense entry, batch size), run on all ``data.n`` images. Its id
 carries a hash of everything that determines it, so an interrupted audit run again with
-the same config continues where it stopped, and a changed cell is recomputed.
+the same config continues where it stopped, and a changed cell is recomputed. A group of cells
+(:func:`cell_groups`) runs here or as one Ray task (``audit/_ray.py``); this process stores them.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .._io import atomic_write_json, from_json_float, to_jsonable
 from ..client import ClientSetup
 from ..data.spec import DataSpec
-from ..errors import AttackNotApplicable, GradleakError
+from ..errors import AttackNotApplicable, ConfigError, GradleakError
 from ..models import resolve_device
 from ..report.audit import write_audit_report
+from ._ray import RayBackend
 from .config import AuditConfig, AttackChoice, ModelChoice, load_audit_config, stable_hash
 from .results import AuditResult, CellResult
 
-__all__ = ["CellSpec", "CellResult", "AuditResult", "run_audit", "audit_cells", "mean_image_psnr"]
+__all__ = ["CellSpec", "CellResult", "AuditResult", "run_audit", "audit_cells", "cell_groups", "run_group",
+           "mean_image_psnr"]
 
 log = logging.getLogger(__name__)
 
@@ -280,50 +283,113 @@ def _verdicts(config: AuditConfig, cells: list[CellResult]) -> list[dict[str, An
     return verdicts
 
 
-def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool = False,
-              resume: bool = True) -> AuditResult:
-    """Run every cell of ``config`` (skipping those already stored in ``out`` when ``resume``),
-    the utility trainings, and write the report. Ctrl-C stops after storing what finished
-    and still writes the report of what is there."""
+def _load_context(config: AuditConfig) -> dict[str, Any]:
+    """The attacked images on the audit's device and dtype, with what every cell needs of them."""
     from ..data import load_dataset
-    from ..pipeline import progress_bar
 
-    if not isinstance(config, AuditConfig):
-        config = load_audit_config(config)
-    out = Path(out)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.dtype]
     device = resolve_device(config.device)
     data = config.data  # keys and values checked by AuditConfig
     dataset = load_dataset(data["name"], size=data.get("size"), n=data["n"])
     images = dataset.images.to(device=device, dtype=dtype)
-    context = {"images": images, "labels": dataset.labels.to(device), "classes": dataset.classes, "device": device,
-               "spec": DataSpec.from_images(images), "weights": {}}
+    return {"images": images, "labels": dataset.labels.to(device), "classes": dataset.classes, "device": device,
+            "spec": DataSpec.from_images(images), "weights": {}}
+
+
+def cell_groups(specs: list[CellSpec], indices: list[int]) -> list[list[int]]:
+    """``indices`` (into ``specs``) grouped by the client updates their cells share (model,
+    defense entry, batch size), in grid order: each group is independent of the others."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        groups.setdefault((specs[i].model.label, specs[i].defense_index, specs[i].batch_size), []).append(i)
+    return list(groups.values())
+
+
+def run_group(config: AuditConfig, specs: list[CellSpec], stack: list[Any], context: dict[str, Any], out: Path,
+              progress=None) -> Iterator[CellResult]:
+    """Compute cells that share their client updates (one :func:`cell_groups` group), in order,
+    simulating the updates once; yield each CellResult as its run folder is written. Plain
+    inputs only: a local audit and a Ray task (``audit/_ray.py``) both run this."""
+    from ..pipeline import progress_bar
+
+    progress = progress_bar(True) if progress is None else progress
+    served_cache: dict = {}
+    for spec in specs:
+        yield _run_cell(spec, stack, config, context, served_cache, out, progress)
+
+
+def _stored_cells(config: AuditConfig, specs: list[CellSpec], stacks: list[list[Any]], out: Path,
+                  resume: bool) -> tuple[dict[int, CellResult], list[int]]:
+    """The cells a previous run (local or Ray) stored, by grid position, and the positions to compute."""
+    found = {i: _stored(out / "cells" / s.cell_id(config) / "cell.json", s.key(config)) if resume else None
+             for i, s in enumerate(specs)}
+    done = {i: _load_cell(found[i], s, config, _defense_label(stacks[s.defense_index]))
+            for i, s in enumerate(specs) if found[i] is not None}
+    return done, [i for i in range(len(specs)) if i not in done]
+
+
+def _run_local(config: AuditConfig, specs: list[CellSpec], groups: list[list[int]], stacks: list[list[Any]],
+               context: dict[str, Any], out: Path, store, progress) -> None:
+    """The groups in this process, one after the other (``RayBackend.run`` is the same on Ray)."""
+    for group in groups:
+        cells = run_group(config, [specs[i] for i in group], stacks[specs[group[0]].defense_index], context, out,
+                          progress)
+        for index, cell in zip(group, cells):
+            store(index, cell)
+
+
+def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool = False, resume: bool = True,
+              ray: str | bool | None = None, workers: int | None = None) -> AuditResult:
+    """Run every cell of ``config`` (skipping those already stored in ``out`` when ``resume``),
+    the utility trainings, and write the report. Ctrl-C stops after storing what finished
+    and still writes the report of what is there.
+
+    ``ray``: run the cells as Ray tasks: ``"auto"`` on a local Ray of ``workers`` CPUs started
+    when a cell is left to compute, or the ``HOST:PORT`` of a running cluster (see
+    ``audit/_ray.py``). A cell's numbers do not depend on where it ran: runs resume each other."""
+    from ..pipeline import progress_bar
+
+    if not isinstance(config, AuditConfig):
+        config = load_audit_config(config)
+    run_cells = _run_local if ray is None or ray is False else RayBackend(ray, workers).run  # checked up front
+    if run_cells is _run_local and workers is not None:
+        raise ConfigError("workers: only with ray (a local Ray or a cluster address)")
+    out = Path(out)
+    context = _load_context(config)
     atomic_write_json(out / "config.json", config.to_json())
-    baseline = mean_image_psnr(images)
+    baseline = mean_image_psnr(context["images"])
     specs = audit_cells(config)
     stacks = config.defense_stacks()
-    cells: list[CellResult] = []
+    finished: dict[int, CellResult] = {}
     utility: dict[int, dict[str, Any]] = {}
-    interrupted = False
-    served_cache: dict = {}
+
+    def result(interrupted: bool) -> AuditResult:
+        cells = [finished[i] for i in sorted(finished)]
+        return AuditResult(out, config, cells, utility, _verdicts(config, cells), interrupted, baseline)
+
     with progress_bar(quiet) as progress:
         try:
             _train_models(config, out, context, progress, resume)
         except KeyboardInterrupt:  # nothing of a half-trained model is used: report what is stored, stop
-            write_audit_report(AuditResult(out, config, [], {}, [], True, baseline))
-            return AuditResult(out, config, [], {}, [], True, baseline)
+            write_audit_report(result(True))
+            return result(True)
         overall = progress.add_task(f"audit: {len(specs)} cells", total=len(specs) + (len(stacks) if config.utility else 0))
+
+        def store(index: int, cell: CellResult) -> None:  # in the driver, as each cell arrives: atomic
+            spec = specs[index]
+            atomic_write_json(out / "cells" / spec.cell_id(config) / "cell.json",
+                              {"key": spec.key(config), "result": cell.to_json()})
+            finished[index] = cell
+            progress.advance(overall)
+
+        interrupted = False
         try:
-            for spec in specs:
-                path = out / "cells" / spec.cell_id(config) / "cell.json"
-                stored = _stored(path, spec.key(config)) if resume else None
-                if stored is not None:
-                    cells.append(_load_cell(stored, spec, config, _defense_label(stacks[spec.defense_index])))
-                else:
-                    cell = _run_cell(spec, stacks[spec.defense_index], config, context, served_cache, out, progress)
-                    atomic_write_json(path, {"key": spec.key(config), "result": cell.to_json()})
-                    cells.append(cell)
-                progress.advance(overall)
+            stored, todo = _stored_cells(config, specs, stacks, out, resume)
+            finished.update(stored)
+            progress.advance(overall, len(stored))
+            groups = cell_groups(specs, todo)
+            if groups:
+                run_cells(config, specs, groups, stacks, context, out, store, progress)
             if config.utility is not None:
                 for index, stack in enumerate(stacks):
                     utility[index] = _run_utility(stack, config, out, progress, resume)
@@ -331,11 +397,11 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
         except KeyboardInterrupt:
             interrupted = True
             log.warning("audit interrupted after %d of %d cells; finished cells are stored, run again to continue",
-                        len(cells), len(specs))
+                        len(finished), len(specs))
         except Exception:
             # a bug or an exhausted device: report what finished before the error propagates
-            write_audit_report(AuditResult(out, config, cells, utility, _verdicts(config, cells), True, baseline))
+            write_audit_report(result(True))
             raise
-    result = AuditResult(out, config, cells, utility, _verdicts(config, cells), interrupted, baseline)
-    write_audit_report(result)
-    return result
+    final = result(interrupted)
+    write_audit_report(final)
+    return final

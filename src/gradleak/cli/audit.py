@@ -23,26 +23,37 @@ def audit(
     allow_import: Optional[list[str]] = typer.Option(None, "--allow-import", help="A module whose factories the "
                                                      "config may name (package.module:factory). Repeatable."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's choice)."),
+    ray: bool = typer.Option(False, "--ray", help="Run the cells as Ray tasks on a local Ray started for the audit "
+                                                   "(one torch thread each; needs ray: the flower extra)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", metavar="HOST:PORT", help="Run the cells on "
+                                              "the running Ray cluster there; the audit folder must be shared."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --ray: Ray CPUs (default: all); "
+                                          "with --ray-address: tasks in flight (default: the cluster's CPUs)."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ):
     """Run a grid of models x attacks x defenses x batch sizes on real images, train each
     defense federatedly for its accuracy cost, and write one report with verdicts.
-    Finished cells are stored as they finish: run the same command again to continue."""
+    Finished cells are stored as they finish: run the same command again (with or without
+    --ray) to continue."""
     import dataclasses
 
     from ..audit import load_audit_config, run_audit
+    from ..errors import ConfigError
 
     setup_logging(quiet, verbose)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+    if workers is not None and not (ray or ray_address):
+        raise ConfigError("--workers: only with --ray or --ray-address")
     cfg = load_audit_config(config, tuple(allow_import or ()))
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
     folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)
-    result = run_audit(cfg, folder, quiet=quiet, resume=not fresh)
+    result = run_audit(cfg, folder, quiet=quiet, resume=not fresh, ray=ray_address or ("auto" if ray else None),
+                       workers=workers)
     if not quiet:
         console = Console()
         for verdict in result.verdicts:
