@@ -124,7 +124,8 @@ def federation(digits16, data_spec, tmp_path_factory):
     """Two rounds through the wrapper (in-line attacks, capture, secure aggregation) and,
     on byte-identical copies of the same replies, through a plain FedAvg."""
     capture = tmp_path_factory.mktemp("capture")
-    audit = audit_strategy(digits16, data_spec, attacks=ATTACKS, capture_dir=capture, secure_aggregation=True)
+    audit = audit_strategy(digits16, data_spec, attacks=ATTACKS, capture_dir=capture, secure_aggregation=True,
+                           keep_updates=True)
     plain = FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3)
     global_record = ArrayRecord(SPEC.build(SHAPE, CLASSES).module.state_dict())
     rounds = []

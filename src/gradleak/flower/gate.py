@@ -43,7 +43,7 @@ from .arrays import arrays_from_tensors, delta_update, record_tensors, reply_arr
 from .attacks import best_psnr, parse_attacks, run_attack
 from .contract import protocol_of
 
-__all__ = ["leakage_gate", "PSNR", "PSNR_AFTER", "ACTION", "SECONDS", "PASSED", "DEFENDED", "UNMEASURED",
+__all__ = ["leakage_gate", "LeakageGate", "PSNR", "PSNR_AFTER", "ACTION", "SECONDS", "PASSED", "DEFENDED", "UNMEASURED",
            "BLOCK_PREFIX"]
 
 log = logging.getLogger("flwr")          # Flower's logger: printed by ClientApps in the simulation too
@@ -69,41 +69,49 @@ def _defense(action: str, defense: Any):
 def leakage_gate(model: ModelSpec, data: Data, *, num_classes: int, attacks: Any = (("inverting-gradients", {}),),
                  threshold_psnr: float = 18.0, action: str = "block", defense: Any = None,
                  time_budget: float = 60.0, data_spec: DataSpec | None = None, threat: ThreatModel | None = None,
-                 verify: bool = True, seed: int = 0) -> Callable[[Message, Context, Callable], Message]:
+                 verify: bool = True, seed: int = 0) -> "LeakageGate":
     """A Flower client mod ``(msg, context, call_next) -> Message`` gating train replies.
 
     ``model``: the federation's model spec; ``data(context) -> (images, labels)``: the
     client's training data ([0, 1] NCHW, as it trained on them); ``attacks``: ``(name,
     options)`` pairs tried in order until one reaches the threshold; ``time_budget``: seconds
-    for all of them (each gradient-matching attack gets what is left); ``threat``: the
-    server's view (default: no labels)."""
-    attack_list = parse_attacks(attacks)
-    threshold = check_float("threshold_psnr", threshold_psnr)
-    budget = check_float("time_budget", time_budget, low_open=True)
-    chosen_defense = _defense(action, defense)
-    threat = threat or ThreatModel()
-    built_cache: dict[tuple, Any] = {}
-    calls = [0]
+    for all of them (each gradient-matching attack gets what is left; ``verify`` gets a
+    budget of its own); ``threat``: the server's view (default: no labels); ``seed``: of the
+    defense's randomness (fresh every call)."""
+    return LeakageGate(model, data, num_classes, parse_attacks(attacks), check_float("threshold_psnr", threshold_psnr),
+                       _defense(action, defense), check_float("time_budget", time_budget, low_open=True), data_spec,
+                       threat or ThreatModel(), bool(verify), seed)
 
-    def gate(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+
+class LeakageGate:
+    """The mod :func:`leakage_gate` returns (picklable: Ray ships it to the ClientApp actors)."""
+
+    def __init__(self, model, data, num_classes, attacks, threshold, defense, budget, data_spec, threat, verify, seed):
+        self.model, self.data, self.num_classes, self.attacks = model, data, num_classes, attacks
+        self.threshold, self.defense, self.budget, self.data_spec = threshold, defense, budget, data_spec
+        self.threat, self.verify, self.seed = threat, verify, seed
+        self.calls = 0
+        self._built: dict[tuple, Any] = {}
+
+    def __call__(self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         reply = call_next(msg, context)
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN or reply.has_error():
             return reply
         start = time.perf_counter()
         try:
-            return _gate_reply(msg, reply, context, start)
+            return self._gate(msg, reply, context, start)
         except Exception as error:  # noqa: BLE001 - the gate failed: send as it is, say so in the metrics
             log.warning("gradleak gate: could not measure the update (%s: %s); sending it unchanged",
                         type(error).__name__, one_line(error, 300))
             _record(reply, -1.0, -1.0, UNMEASURED, time.perf_counter() - start)
             return reply
 
-    def _gate_reply(msg: Message, reply: Message, context: Context, start: float) -> Message:
-        images, labels = data(context)
+    def _update(self, msg: Message, reply: Message, images: torch.Tensor):
+        """The client's update as the server will see it, the model at the round, the global tensors."""
         key = tuple(images.shape[1:])
-        if key not in built_cache:
-            built_cache[key] = model.build(key, num_classes)
-        built = built_cache[key]
+        if key not in self._built:
+            self._built[key] = self.model.build(key, self.num_classes)
+        built = self._built[key]
         params, buffers = state_shapes(built)
         shapes = {**params, **buffers}
         global_tensors = record_tensors(reply_arrays(msg.content, "message"), shapes, "global arrays",
@@ -112,66 +120,74 @@ def leakage_gate(model: ModelSpec, data: Data, *, num_classes: int, attacks: Any
         with torch.no_grad():
             for name, value in global_tensors.items():
                 state[name].copy_(value.to(state[name].dtype))
-        local_record = reply_arrays(reply.content, "reply")
-        local = record_tensors(local_record, shapes, "reply arrays", floating=set(params))
+        local = record_tensors(reply_arrays(reply.content, "reply"), shapes, "reply arrays", floating=set(params))
         config: dict[str, Any] = {}
         for record in msg.content.config_records.values():
             config.update(dict(record.items()))
         values: dict[str, Any] = {}
         for record in reply.content.metric_records.values():
             values.update(dict(record.items()))
-        protocol = protocol_of(values, config)
-        spec = data_spec or built.data_spec or DataSpec()
-        update = delta_update(global_tensors, local, built, protocol, data_spec=spec)
-        truth = (images, labels)
-        psnr, name = _measure(built, update, truth, start)
+        spec = self.data_spec or built.data_spec or DataSpec()
+        update = delta_update(global_tensors, local, built, protocol_of(values, config), data_spec=spec)
+        return update, built, global_tensors
+
+    def _gate(self, msg: Message, reply: Message, context: Context, start: float) -> Message:
+        images, labels = self.data(context)
+        update, built, global_tensors = self._update(msg, reply, images)
+        psnr, name = self._measure(built, update, (images, labels), start)
         if psnr is None:
-            log.warning("gradleak gate: nothing measured (protocol %s); sending the update", protocol.to_json())
+            log.warning("gradleak gate: nothing measured (%s); sending the update",
+                        update.extra["flower"]["protocol"])
             _record(reply, -1.0, -1.0, UNMEASURED, time.perf_counter() - start)
             return reply
-        if psnr < threshold:
-            log.info("gradleak gate: %s reconstructs at %.1f dB < %.1f dB: sending the update", name, psnr, threshold)
+        if psnr < self.threshold:
+            log.info("gradleak gate: %s reconstructs at %.1f dB < %.1f dB: sending the update", name, psnr,
+                     self.threshold)
             _record(reply, psnr, -1.0, PASSED, time.perf_counter() - start)
             return reply
-        if chosen_defense is None:
+        if self.defense is None:
             reason = (f"{BLOCK_PREFIX}: {name} reconstructs the client's images at {psnr:.1f} dB PSNR >= "
-                      f"the threshold {threshold:.1f} dB")
+                      f"the threshold {self.threshold:.1f} dB")
             log.warning("gradleak gate: %s", reason)
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
-        calls[0] += 1   # fresh noise every round: seeded by the gate's seed, the node and the call count
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + int(msg.metadata.dst_node_id) % 1_000_003)
-                                                  * 7919 + calls[0])
-        context_ = ClientContext(built.module, images.to(built.device, built.dtype), labels.to(built.device),
-                                 spec, built.loss, seed)
-        defended = chosen_defense.apply(update, context_, generator)
-        after = -1.0
-        if verify:
-            measured, _ = _measure(built, defended, truth, time.perf_counter())   # its own budget
-            after = -1.0 if measured is None else measured
-        new_params = {n: global_tensors[n].to(built.dtype) + defended.tensors[n].to(built.dtype) for n in params}
-        key_name = next(iter(reply.content.array_records.keys()))
-        reply.content[key_name] = arrays_from_tensors(local_record, new_params)
+        after = self._defend(msg, reply, update, built, global_tensors, (images, labels))
         log.warning("gradleak gate: %s reconstructs at %.1f dB >= %.1f dB: applied %s (after: %.1f dB)", name, psnr,
-                    threshold, chosen_defense.label(), after)
+                    self.threshold, self.defense.label(), after)
         _record(reply, psnr, after, DEFENDED, time.perf_counter() - start)
         return reply
 
-    def _measure(built, update, truth, start: float) -> tuple[float | None, str]:
+    def _defend(self, msg, reply, update, built, global_tensors, truth) -> float:
+        """Apply the defense to the delta, put ``global + defended delta`` in the reply; the PSNR after (-1: none)."""
+        self.calls += 1   # fresh randomness every round: seeded by the gate's seed, the node and the call count
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + int(msg.metadata.dst_node_id) % 1_000_003) * 7919 + self.calls)
+        images, labels = truth
+        context = ClientContext(built.module, images.to(built.device, built.dtype), labels.to(built.device),
+                                update.data_spec, built.loss, self.seed)
+        defended = self.defense.apply(update, context, generator)
+        after = -1.0
+        if self.verify:
+            measured, _ = self._measure(built, defended, truth, time.perf_counter())   # a budget of its own
+            after = -1.0 if measured is None else measured
+        params = {n: global_tensors[n].to(built.dtype) + defended.tensors[n].to(built.dtype) for n in update.tensors}
+        key = next(iter(reply.content.array_records.keys()))
+        reply.content[key] = arrays_from_tensors(reply.content[key], params)
+        return after
+
+    def _measure(self, built, update, truth, start: float) -> tuple[float | None, str]:
         """The best PSNR of the attacks within the budget, stopping at the first over the threshold."""
         best, best_name = None, ""
-        for name, options in attack_list:
-            left = budget - (time.perf_counter() - start)
+        for name, options in self.attacks:
+            left = self.budget - (time.perf_counter() - start)
             if left <= 0:
                 break
-            outcome = run_attack(name, options, built, update, threat, truth=truth, time_budget=left)
+            outcome = run_attack(name, options, built, update, self.threat, truth=truth, time_budget=left)
             value = best_psnr([outcome])
             if value is not None and (best is None or value > best):
                 best, best_name = value, name
-            if best is not None and best >= threshold:
+            if best is not None and best >= self.threshold:
                 break
         return best, best_name
-
-    return gate
 
 
 def _record(reply: Message, psnr: float, after: float, action: int, seconds: float) -> None:

@@ -105,14 +105,16 @@ class LeakageAuditStrategy(Strategy):
     ``truth(node_id, server_round) -> (images, labels) | None``: ground truth, for scoring
     only. ``threat``: what the server is granted (default: not the labels). ``data_spec``:
     the clients' input normalization. ``max_examples``: larger clients are explained but
-    not attacked. ``time_budget``: seconds per gradient-matching attack."""
+    not attacked. ``time_budget``: seconds per gradient-matching attack. ``keep_updates``:
+    keep each record's :class:`SharedUpdate` in memory after its round (two copies of the
+    model per record; off by default: ``capture_dir`` keeps them on disk)."""
 
     def __init__(self, strategy: Strategy, model: ModelSpec, *, input_shape: tuple[int, ...], num_classes: int,
                  attacks: Any = (("inverting-gradients", {}),), rounds: Iterable[int] | None = None,
                  clients: float | int | None = None, capture_dir: str | Path | None = None, truth: Truth | None = None,
                  threat: ThreatModel | None = None, data_spec: DataSpec | None = None,
                  secure_aggregation: bool = False, max_examples: int = 256, time_budget: float | None = None,
-                 numeric: bool = True, seed: int = 0) -> None:
+                 numeric: bool = True, keep_updates: bool = False, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(strategy, Strategy):
             raise ConfigError(f"LeakageAuditStrategy wraps a Flower Message-API Strategy, got {type(strategy).__name__}")
@@ -125,6 +127,7 @@ class LeakageAuditStrategy(Strategy):
         self.truth, self.threat = truth, threat or ThreatModel()
         self.data_spec = data_spec or self.built.data_spec or DataSpec()
         self.secure_aggregation, self.numeric = bool(secure_aggregation), bool(numeric)
+        self.keep_updates = bool(keep_updates)
         self.max_examples = check_int("max_examples", max_examples, 1, 4096)
         self.time_budget = check_float("time_budget", time_budget, low_open=True, optional=True)
         self.seed = check_seed("seed", seed)
@@ -239,6 +242,9 @@ class LeakageAuditStrategy(Strategy):
                     self.records.append(record)
         if self.secure_aggregation and audited:
             self.records.append(self._audit_sum(server_round, audited, cache))
+        if not self.keep_updates:
+            for record in self.records:
+                record.update = None
 
     def _audit_reply(self, server_round: int, reply: Message, global_tensors: Mapping[str, torch.Tensor],
                      cache: dict, *, attack: bool) -> AuditRecord:
