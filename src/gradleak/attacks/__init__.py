@@ -3,6 +3,8 @@
 - :mod:`.analytic`: closed-form inversion of a fully connected layer with bias (``fc-bias``).
 - :mod:`.optimization`: the gradient-matching engine (``gradient-matching``) and its presets
   ``dlg``, ``idlg``, ``inverting-gradients``, ``fedavg``; pieces in :mod:`.matching`.
+- :mod:`.gradinversion`: GradInversion (``gradinversion``, Yin et al. 2021), a preset of the engine
+  with batch labels, the BatchNorm-statistics prior and group consistency over restarts.
 - :mod:`.labels`: label recovery from the classifier gradient (iDLG; counts for batches).
 - :mod:`.qian`, :mod:`.rgap`, :mod:`.copa`: closed-form and layer-wise attacks (``qian``, ``rgap``, ``copa``).
 - :mod:`.malicious`: a malicious server that changes the model it sends (``imprint``, Robbing the Fed).
@@ -10,8 +12,9 @@
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
 from .base import ATTACKS, Attack, Reconstruction, get_attack, register_attack
-from .labels import count_labels, idlg_label
+from .labels import count_labels, distinct_labels, idlg_label
 from .optimization import DLG, IDLG, FedAvgInversion, GradientMatching, InvertingGradients, MatchingConfig
+from .gradinversion import GradInversion
 from .copa import COPA, copa_layer, copa_security
 from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
 from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
@@ -19,8 +22,8 @@ from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAtt
 
 __all__ = [
     "ATTACKS", "Attack", "Reconstruction", "get_attack", "register_attack",
-    "FCBiasInversion", "FCInversion", "fc_bias_inversion", "idlg_label", "count_labels",
-    "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
+    "FCBiasInversion", "FCInversion", "fc_bias_inversion", "idlg_label", "count_labels", "distinct_labels",
+    "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion", "GradInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
     "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",

@@ -2,7 +2,10 @@
 
 One call optimises a group of restarts stacked along a leading dimension: with
 ``torch.func.vmap`` when the group has several restarts (element-wise optimisers make
-the stacked problem exactly R independent ones), plainly when it has one. The loop keeps
+the stacked problem exactly R independent ones), plainly when it has one, and one by one
+in lockstep where ``vmap`` cannot run (BatchNorm, L-BFGS) but the restarts must move
+together: the group-consistency term (``group > 0``, Yin et al. 2021) pulls every restart
+towards the group's consensus, and the consensus itself is scored as one more candidate. The loop keeps
 the best iterate of every restart (by matching loss), records curves, reports progress,
 stops early on ``tol``/``patience``, and turns Ctrl-C into "stop here, keep the best": the
 results are marked ``interrupted`` so that the callers stop too (no further restart, update
@@ -22,6 +25,8 @@ from typing import Any, Callable
 import torch
 from torch.func import grad_and_value, vmap
 
+from .matching import consensus, group_consistency
+
 __all__ = ["RestartResult", "run_group"]
 
 # What one evaluation of the group returns: the input gradient, the soft-label gradient
@@ -39,6 +44,7 @@ class RestartResult:
     history: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False       # Ctrl-C stopped this restart; x is the best iterate up to then
+    consensus: bool = False         # x is the group's consensus (pixel-wise mean of its best iterates)
 
 
 # ------------------------------------------------------------------ initial candidates
@@ -75,12 +81,13 @@ def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, to
 
 
 # ------------------------------------------------------------------------- evaluator
-def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, restarts: int
+def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, restarts: int, vectorized: bool = True
                ) -> Callable[[], Evaluation]:
     """The matching loss of the current candidates and its gradients: one ``vmap`` over the
-    restarts when there are several, plain autograd (cheaper) for one."""
+    restarts when there are several (``vectorized``) or a loop over them, plain autograd
+    (cheaper) for one."""
     if restarts > 1:
-        return _vmap_evaluator(objective, X, Y)
+        return _vmap_evaluator(objective, X, Y) if vectorized else _loop_evaluator(objective, X, Y)
     return _autograd_evaluator(objective, X, Y)
 
 
@@ -105,6 +112,63 @@ def _autograd_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | 
         return grads[0][None], None if y is None else grads[1][None], value.detach()[None]
 
     return evaluate
+
+
+def _loop_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None) -> Callable[[], Evaluation]:
+    """The restarts evaluated one after the other with plain autograd, stacked (BatchNorm
+    models: each restart's batch statistics stay its own)."""
+    def evaluate() -> Evaluation:
+        gx, gy, values = [], [], []
+        for r in range(X.shape[0]):
+            inputs = [X[r].detach().requires_grad_(True)] + ([] if Y is None else [Y[r].detach().requires_grad_(True)])
+            value = objective(inputs[0], None if Y is None else inputs[1], functional=False)
+            grads = torch.autograd.grad(value, inputs)
+            gx.append(grads[0])
+            gy.append(None if Y is None else grads[1])
+            values.append(value.detach())
+        return torch.stack(gx), None if Y is None else torch.stack(gy), torch.stack(values)
+
+    return evaluate
+
+
+# ------------------------------------------------------------------ group consistency
+def group_weight(cfg, iteration: int) -> float:
+    """The weight of the group-consistency term at ``iteration``: 0 before ``group_start``
+    (a fraction of the iterations), then ``group`` (``constant``) or a linear ramp from 0 to
+    ``group`` at the last iteration (``linear``)."""
+    start = cfg.group_start * cfg.iterations
+    if cfg.group == 0 or iteration < start:
+        return 0.0
+    if cfg.group_schedule == "linear":
+        return cfg.group * (iteration - start + 1) / max(cfg.iterations - start, 1)
+    return cfg.group
+
+
+class _GroupConsistency:
+    """Wraps an evaluator: adds ``group_weight * grad(sum_r group_consistency(X)_r)`` to the
+    input gradients. The losses it reports stay the matching losses (gradient distance and
+    image priors), so the best iterate of each restart is still chosen by how well it matches."""
+
+    def __init__(self, cfg, evaluate: Callable[[], Evaluation], X: torch.Tensor):
+        self.cfg, self.evaluate, self.X = cfg, evaluate, X
+        self.iteration = 0
+
+    def __call__(self) -> Evaluation:
+        gx, gy, values = self.evaluate()
+        weight = group_weight(self.cfg, self.iteration)
+        if weight:
+            x = self.X.detach().requires_grad_(True)
+            gx = gx + weight * torch.autograd.grad(group_consistency(x).sum(), x)[0]
+        return gx, gy, values
+
+
+def _consensus_result(objective: Callable, best, iterations: int, interrupted: bool) -> "RestartResult":
+    """The consensus of the group's best iterates, scored by the matching loss like a restart."""
+    x = consensus(best.x)
+    y = None if best.y is None else consensus(best.y)
+    value = float(objective(x, y, functional=False).detach())
+    return RestartResult(restart=-1, x=x, y_soft=y, loss=value if math.isfinite(value) else math.inf,
+                         iterations=iterations, consensus=True, interrupted=interrupted)
 
 
 # ------------------------------------------------------------------------ best iterate
@@ -249,11 +313,15 @@ def _final_evaluation(cfg, evaluate: Callable[[], Evaluation], X: torch.Tensor, 
 
 # ---------------------------------------------------------------------------- the loop
 def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, ...], classes: int,
-              optimize_labels: bool, bounds, spec, loss_name: str) -> list[RestartResult]:
-    """Optimise the restarts ``group`` together; one :class:`RestartResult` per restart."""
+              optimize_labels: bool, bounds, spec, loss_name: str, vectorized: bool = True) -> list[RestartResult]:
+    """Optimise the restarts ``group`` together; one :class:`RestartResult` per restart, and one
+    more for the group's consensus when the group-consistency term is on (``group > 0``)."""
     cfg, hooks = attack.config, attack._hooks
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
-    evaluate = _evaluator(objective, X, Y, len(group))
+    evaluate = _evaluator(objective, X, Y, len(group), vectorized)
+    consistent = cfg.group > 0 and len(group) > 1
+    if consistent:
+        evaluate = _GroupConsistency(cfg, evaluate, X)
     optimizer = _optimizer(cfg, [X] if Y is None else [X, Y])
     scheduler = _scheduler(cfg, optimizer)
     best = _Best(X, Y)
@@ -263,6 +331,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     deadline = None if cfg.time_budget is None else time.perf_counter() + cfg.time_budget
     try:
         for iteration in range(cfg.iterations):
+            if consistent:
+                evaluate.iteration = iteration
             values, x_seen, y_seen = _step(cfg, optimizer, evaluate, X, Y)
             if scheduler is not None:
                 scheduler.step()
@@ -282,6 +352,9 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     except KeyboardInterrupt:  # Ctrl-C anywhere in the loop: stop here, keep the best iterate
         interrupted = True
         notes.append(f"interrupted at iteration {iteration} of {cfg.iterations}: kept the best iterate so far")
-    return [RestartResult(restart=r, x=best.x[k], y_soft=None if best.y is None else best.y[k],
-                          loss=float(best.loss[k]), iterations=iteration + 1, history=histories[k],
-                          notes=notes if k == 0 else [], interrupted=interrupted) for k, r in enumerate(group)]
+    results = [RestartResult(restart=r, x=best.x[k], y_soft=None if best.y is None else best.y[k],
+                             loss=float(best.loss[k]), iterations=iteration + 1, history=histories[k],
+                             notes=notes if k == 0 else [], interrupted=interrupted) for k, r in enumerate(group)]
+    if consistent:
+        results.append(_consensus_result(objective, best, iteration + 1, interrupted))
+    return results

@@ -6,8 +6,8 @@ only at the true class, so ``y = argmin_c dL/db_c``. Without a bias, the weight 
 ``(p_c - y_c) h`` with ``h >= 0`` after ReLU/sigmoid, so the true class is the row with a
 negative sum. For one binary sigmoid output, ``dL/db = p - y`` is negative iff ``y = 1``.
 
-Valid for a single sample (batch size 1). Batches with repeated labels need a counting
-method (Wainakh et al. 2022), which lives beside this one.
+Valid for a single sample (batch size 1). Batches: :func:`distinct_labels` (Yin et al. 2021,
+non-repeating labels) and :func:`count_labels` (counts, repeated labels included).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from ..errors import AttackNotApplicable
 
-__all__ = ["idlg_label", "count_labels"]
+__all__ = ["idlg_label", "distinct_labels", "count_labels"]
 
 
 def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -33,6 +33,26 @@ def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, loss: 
                                       condition="non-zero classifier gradient")
         return scores.argmin().reshape(1).to(torch.int64)
     raise AttackNotApplicable(f"iDLG label recovery needs cross_entropy or binary_cross_entropy, not {loss!r}")
+
+
+def distinct_labels(weight_grad: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The labels of a batch whose labels do not repeat (Yin et al. 2021, "See through
+    Gradients: Image Batch Recovery via GradInversion", CVPR, §3.1).
+
+    With softmax cross-entropy the classifier weight gradient is ``dL/dW_mn = (1/B) sum_k
+    (p_km - y_km) h_kn``. For features ``h >= 0`` (after a ReLU), a class absent from the batch
+    has only non-negative entries, while the row of a present class holds the negative
+    ``(p - 1) h`` of its sample, which dominates the row's minimum. So the labels are the B
+    classes whose rows have the most negative minimum over the features n. Valid for
+    non-negative penultimate features and B distinct labels (B <= number of classes); with
+    repeated labels use :func:`count_labels`. Returns the (B,) labels, sorted.
+    """
+    classes = weight_grad.shape[0]
+    if not 1 <= batch_size <= classes:
+        raise AttackNotApplicable(f"distinct labels: a batch of {batch_size} cannot have distinct labels among "
+                                  f"{classes} classes", condition="batch size <= number of classes")
+    minima = weight_grad.reshape(classes, -1).min(dim=1).values
+    return torch.sort(torch.argsort(minima)[:batch_size]).values.to(torch.int64)
 
 
 def _round_counts(estimate: torch.Tensor, batch_size: int, present: torch.Tensor) -> torch.Tensor:

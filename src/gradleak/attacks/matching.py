@@ -12,7 +12,9 @@ Distances (``objective``):
 Layer weights (``layer_weights``): ``equal``; ``linear``, decreasing from 1 at the first
 selected layer to 1/L at the last (Inverting Gradients' "linear"); ``exp``, decaying from 1
 to e^-4. Priors: anisotropic total variation, squared L2 norm of the input, and the
-BatchNorm-statistics prior of Yin et al. 2021 ("See through gradients").
+BatchNorm-statistics prior of Yin et al. 2021 ("See through gradients"). Between restarts:
+the group-consistency term of Yin et al. 2021, each restart's distance to the group's
+consensus (here the pixel-wise mean of the restarts, without their image registration).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 
 __all__ = ["OBJECTIVES", "LAYER_WEIGHTS", "select_layers", "layer_weights", "gradient_distance",
-           "total_variation", "BatchNormStatistics", "batch_norm_targets"]
+           "total_variation", "BatchNormStatistics", "batch_norm_targets", "consensus", "group_consistency"]
 
 OBJECTIVES = ("l2", "l1", "max", "cosine", "layer-cosine")
 LAYER_WEIGHTS = ("equal", "linear", "exp")
@@ -98,6 +100,24 @@ def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Anisotropic total variation: mean absolute difference of vertical and horizontal neighbours."""
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def consensus(X: torch.Tensor) -> torch.Tensor:
+    """The consensus of a group of restarts ``X`` (R, B, C, H, W): their pixel-wise mean."""
+    return X.mean(0)
+
+
+def group_consistency(X: torch.Tensor) -> torch.Tensor:
+    """Yin et al. 2021's group-consistency term for every restart of the group ``X`` (R, ...):
+    the mean squared distance of each restart to the consensus, ``mean((x_r - xbar)^2)``, (R,).
+
+    Yin et al. register every restart onto the group mean (RANSAC-flow) before averaging;
+    this is the unregistered, pixel-wise form. The gradient of the group's total with respect
+    to restart r is ``2 (x_r - xbar) / n`` (n pixels per restart) whether or not ``xbar`` is
+    held fixed, since the deviations from the mean sum to zero: each restart is pulled towards
+    the consensus, and a group that agrees pays nothing.
+    """
+    return (X - consensus(X)).pow(2).flatten(1).mean(1)
 
 
 def batch_norm_targets(model: nn.Module, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]

@@ -34,7 +34,7 @@ from ..update import SharedUpdate
 from ._engine import run_group
 from ._layers import classifier_layer, trace_linear_layers
 from .base import Attack, Reconstruction, register_attack
-from .labels import count_labels, idlg_label
+from .labels import count_labels, distinct_labels, idlg_label
 from .matching import (LAYER_WEIGHTS, OBJECTIVES, BatchNormStatistics, batch_norm_targets, gradient_distance,
                        layer_weights, select_layers, total_variation)
 
@@ -43,7 +43,7 @@ __all__ = ["MatchingConfig", "GradientMatching", "DLG", "IDLG", "InvertingGradie
 _CHOICES = {
     "objective": OBJECTIVES, "layer_weights": LAYER_WEIGHTS, "optimizer": ("adam", "lbfgs", "sgd"),
     "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine"), "init": ("randn", "rand", "zeros"),
-    "labels": ("given", "infer", "optimize"), "batched_restarts": ("auto", "vmap", "loop"),
+    "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "line_search": (None, "strong_wolfe"),
 }
 
@@ -62,6 +62,9 @@ class MatchingConfig:
     tv: float = 0.0              # total variation weight
     l2: float = 0.0              # squared-norm prior weight
     bn: float = 0.0              # BatchNorm-statistics prior weight (needs ThreatModel(bn_statistics=True))
+    group: float = 0.0           # group-consistency weight (Yin et al. 2021): restarts pulled to their mean
+    group_start: float = 0.0     # fraction of the iterations before the group term turns on
+    group_schedule: str = "constant"  # constant | linear (ramps from 0 at group_start to group at the end)
     optimizer: str = "adam"
     lr: float = 0.1
     signed: str | None = "sign"  # Adam/SGD on sign(grad) or tanh(grad / mean|grad|)
@@ -70,7 +73,7 @@ class MatchingConfig:
     iterations: int = 4800
     init: str = "randn"
     restarts: int = 1
-    labels: str = "infer"        # given (threat model grants them) | infer (analytic) | optimize (DLG)
+    labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     lbfgs_history: int = 100
     lbfgs_inner: int = 20
@@ -94,8 +97,14 @@ class MatchingConfig:
                 raise ConfigError(f"{field} must be one of {choices}, got {short_repr(value)}")
         for field, high in _COUNT_LIMITS.items():
             check_int(field, getattr(self, field), 1, high)
-        for field in ("tv", "l2", "bn"):
+        for field in ("tv", "l2", "bn", "group"):
             check_float(field, getattr(self, field))
+        check_float("group_start", self.group_start)
+        if self.group_start >= 1:
+            raise ConfigError(f"group_start must be a fraction of the iterations in [0, 1), got {short_repr(self.group_start)}")
+        if self.group > 0 and self.restarts < 2:
+            raise ConfigError(f"group={self.group:g} needs restarts >= 2 (the group's consensus is their mean), "
+                              f"got restarts={self.restarts}")
         check_float("lr", self.lr, low_open=True)
         check_float("tol", self.tol, optional=True)
         check_float("time_budget", self.time_budget, low_open=True, optional=True)
@@ -156,6 +165,10 @@ class GradientMatching(Attack):
             n: -t / (update.local_lr * update.local_steps) for n, t in update.tensors.items()}
         w_grad = approx[head.param("weight")]
         b_grad = approx.get(head.param("bias")) if head.has_bias else None
+        if mode == "distinct" and update.loss == "cross_entropy":
+            labels = distinct_labels(w_grad, batch)
+            return labels.to(w_grad.device), (f"labels from the classifier weight rows' minima, assumed distinct "
+                                              f"(Yin et al. 2021): {labels.tolist()}")
         if batch == 1:
             return idlg_label(w_grad, b_grad, update.loss), "label from the sign of the classifier gradient (iDLG)"
         probe = torch.randn((64, *update.input_shape), generator=torch.Generator().manual_seed(self.config.seed),
@@ -224,6 +237,19 @@ class GradientMatching(Attack):
 
         return objective
 
+    def _restart_groups(self, params, bn) -> tuple[bool, list[list[int]]]:
+        """Whether the restarts run batched under ``vmap``, and which run together: all in one
+        group when batched or when the group-consistency term ties them, else one by one."""
+        cfg = self.config
+        vmappable = cfg.optimizer != "lbfgs" and not has_batch_norm(self.model) and bn is None
+        batched = cfg.batched_restarts == "vmap" or (
+            cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1
+            and sum(p.numel() for p in params.values()) < 1_000_000)  # benchmarks/restarts.py
+        if batched and not vmappable:
+            raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
+        together = batched or cfg.group > 0
+        return batched, [list(range(cfg.restarts))] if together else [[r] for r in range(cfg.restarts)]
+
     # ------------------------------------------------------------------ main
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         cfg = self.config
@@ -253,35 +279,46 @@ class GradientMatching(Attack):
         shape = (batch, *update.input_shape)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
         bounds = (spec.normalize(zeros), spec.normalize(zeros + 1))
-        vmappable = cfg.optimizer != "lbfgs" and not has_batch_norm(self.model) and bn is None
-        batched = cfg.batched_restarts == "vmap" or (
-            cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1
-            and sum(p.numel() for p in params.values()) < 1_000_000)  # benchmarks/restarts.py
-        if batched and not vmappable:
-            raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
-        groups = [list(range(cfg.restarts))] if batched else [[r] for r in range(cfg.restarts)]
+        batched, groups = self._restart_groups(params, bn)
         runs: list = []
         for group in groups:
-            runs += run_group(self, objective, group, shape, classes, labels is None, bounds, spec, update.loss)
+            runs += run_group(self, objective, group, shape, classes, labels is None, bounds, spec, update.loss,
+                              vectorized=batched)
             if runs[-1].interrupted:  # Ctrl-C: keep the best so far, run no further restart
                 break
         best = min(runs, key=lambda run: run.loss if math.isfinite(run.loss) else math.inf)
         history: dict[str, Any] = {}
         for run in runs:
+            if run.consensus:
+                continue
             suffix = f"[{run.restart}]" if cfg.restarts > 1 else ""
             for key, series in run.history.items():
                 history[f"{key}{suffix}"] = series
         if best.y_soft is not None:
             labels = best.y_soft.argmax(-1) if update.loss != "binary_cross_entropy" else (best.y_soft > 0).long().reshape(-1)
         notes = [label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
-                 f"best of {cfg.restarts} restart(s): restart {best.restart}, matching loss {best.loss:.4g}"
-                 f" after {best.iterations} iteration(s)" + (" (batched with vmap)" if batched else "")]
+                 _choice_note(cfg, runs, best, batched)]
         notes += [note for run in runs for note in run.notes]
         interrupted = runs[-1].interrupted
         if interrupted and len(runs) < cfg.restarts:
             notes.append(f"interrupted: {len(runs)} of {cfg.restarts} restarts run")
         return Reconstruction(images=spec.denormalize(best.x).detach(), labels=None if labels is None else labels.detach(),
                               history=history, notes=notes, interrupted=interrupted)
+
+
+def _choice_note(cfg, runs, best, batched: bool) -> str:
+    """Which candidate the attack returns and why (the lowest matching loss wins)."""
+    how = " (batched with vmap)" if batched else ""
+    if not any(run.consensus for run in runs):
+        return (f"best of {cfg.restarts} restart(s): restart {best.restart}, matching loss {best.loss:.4g}"
+                f" after {best.iterations} iteration(s){how}")
+    restarts = [run for run in runs if not run.consensus]
+    top = min(run.loss for run in restarts)
+    mean = next(run for run in runs if run.consensus)
+    chosen = "the group's consensus" if best.consensus else f"restart {best.restart}"
+    return (f"group consistency over {len(restarts)} restarts (weight {cfg.group:g}, {cfg.group_schedule} from "
+            f"{cfg.group_start:g} of the iterations): returned {chosen}, the lowest matching loss "
+            f"(consensus {mean.loss:.4g}, best restart {top:.4g}) after {best.iterations} iteration(s){how}")
 
 
 @register_attack
