@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-quick clean
+.PHONY: install demo test test-quick flower-audit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# A Flower federation audited live (docs/flower.md): 4 clients, 3 rounds, offline, a few minutes.
+flower-audit: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) examples/flower_audit/run.py --out runs/flower-audit
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

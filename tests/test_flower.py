@@ -283,6 +283,86 @@ def test_hostile_reply_recorded_and_aggregate_unchanged(digits16, data_spec):
     assert any("number of local steps is unknown" in reason for reason in honest.explanation.reasons)
 
 
+def _set_arrays(reply, **arrays):
+    state = reply.content["arrays"].to_torch_state_dict()
+    state.update(arrays)
+    reply.content["arrays"] = ArrayRecord(dict(state))
+
+
+def _second_array_record(reply):
+    reply.content["more-arrays"] = ArrayRecord({"x": torch.zeros(3)})
+
+
+def _without_arrays(reply):
+    del reply.content["arrays"]
+
+
+def _metric(key, value):
+    def put(reply):
+        reply.content["metrics"][key] = value
+    return put
+
+
+def _gate_config(reply):
+    reply.content["gate"] = ConfigRecord({"gradleak-gate-psnr": "x" * 100_000, "gradleak-gate-action": b"\x00" * 64,
+                                          "gradleak-gate-seconds": 10**400, "gradleak-gate-psnr-after": float("nan")})
+
+
+# one client's (node 303's) reply made hostile -> what its audit record must say (error message or protocol problem)
+HOSTILE_REPLIES = {
+    "wrong shape": (lambda r: _set_arrays(r, **{"fc.weight": torch.zeros(3, 3)}), "error", "shape (3, 3) != the model's"),
+    "broadcastable shape": (lambda r: _set_arrays(r, **{"fc.bias": torch.zeros(1)}), "error", "shape (1,) != the model's"),
+    "infinite weight": (lambda r: _set_arrays(r, **{"fc.bias": torch.full((10,), float("inf"))}), "error",
+                        "10 values are NaN or infinite"),
+    "integer weights": (lambda r: _set_arrays(r, **{"fc.bias": torch.zeros(10, dtype=torch.int64)}), "error",
+                        "dtype int64 is not floating point"),
+    "missing arrays": (_without_arrays, "error", "expected exactly one ArrayRecord, found 0"),
+    "two array records": (_second_array_record, "error", "expected exactly one ArrayRecord, found 2"),
+    "huge num-examples": (_metric("num-examples", 2**62), "num_examples", "must be an integer"),
+    "oversized metric list": (_metric("gradleak-lr", [0.1] * 200_000), "lr", "got [0.1, 0.1"),
+    "non-numeric gate metrics": (_gate_config, "gate", "gradleak-gate-psnr"),
+}
+
+
+def _outcome(strategy, replies):
+    """What a strategy's aggregate_train gives: the arrays' bytes and the metrics, or the exception it raised."""
+    try:
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    except Exception as error:  # noqa: BLE001 - FedAvg's own refusals must be the same with the wrapper
+        return "raised", type(error).__name__, str(error)
+    return "aggregated", None if arrays is None else array_bytes(arrays), None if metrics is None else dict(metrics)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_REPLIES))
+def test_each_hostile_reply_is_refused_in_one_line_and_fedavg_does_as_without_the_wrapper(case, digits16, data_spec):
+    """Whatever FedAvg makes of a hostile reply (an aggregate, possibly poisoned, or its own
+    refusal), the wrapped FedAvg makes exactly the same; the audit refuses that reply in one
+    line naming the problem and audits the honest ones."""
+    mutate, where, needle = HOSTILE_REPLIES[case]
+    audit = audit_strategy(digits16, data_spec, attacks=[], numeric=False)
+    global_record = ArrayRecord(SPEC.build(SHAPE, CLASSES).module.state_dict())
+    messages = list(audit.configure_train(1, global_record, ConfigRecord({}), Grid(PLAN)))
+    copies = [replies_for(messages, digits16, data_spec) for _ in range(2)]
+    for replies in copies:
+        mutate(next(m for m in replies if m.metadata.src_node_id == 303))
+    assert _outcome(audit, copies[0]) == _outcome(FedAvg(fraction_evaluate=0.0), copies[1])
+    by_node = {r.node_id: r for r in audit.records}
+    hostile = by_node[303]
+    if where == "error":
+        said = hostile.message
+        assert hostile.status == "error" and hostile.verdict is None
+    elif where == "gate":
+        said = " ".join(hostile.notes)
+        assert hostile.status == "audited" and hostile.gate == {} and len(hostile.notes) == 4
+    else:
+        said = hostile.protocol["problems"][where]
+        assert hostile.status == "audited" and hostile.protocol[where] is None and not hostile.attacks
+    assert needle in said and "\n" not in said and len(said) < 700, said
+    assert len(json.dumps(hostile.to_json(), default=str)) < 20_000, "nothing the client sent is stored in bulk"
+    for node in (101, 202):
+        assert by_node[node].status == "audited" and by_node[node].verdict is not None
+
+
 def test_error_replies_and_sampling(digits16, data_spec):
     from flwr.app import Error
 

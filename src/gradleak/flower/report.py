@@ -60,6 +60,16 @@ def _protocol(record: AuditRecord) -> str:
     return escape(text + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
 
 
+def _verdict(record: AuditRecord) -> str:
+    """The verdict in bold and its first reason (the protocol's, or the gate's when it defended);
+    every reason is in the section below."""
+    if record.explanation is None:
+        return escape(record.status)
+    first = record.explanation.reasons[0] if record.explanation.reasons else ""
+    return f"<strong>{escape(record.verdict)}</strong>" + (f"<br><span class='note'>{escape(first)}</span>"
+                                                           if first else "")
+
+
 def _results(record: AuditRecord) -> str:
     parts = []
     for o in record.attacks:
@@ -80,7 +90,7 @@ def leakage_figure(records: Sequence[AuditRecord], path: Path, names: Mapping[in
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.0, 4.0), dpi=100)
+    figure = Figure(figsize=(9.0, 4.0), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     series: dict[str, list[tuple[int, float]]] = {}
@@ -98,6 +108,7 @@ def leakage_figure(records: Sequence[AuditRecord], path: Path, names: Mapping[in
     ax.set_xlabel("server round")
     ax.set_ylabel("best PSNR of the audit's attacks (dB)")
     ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0]
     if accuracy:
         twin = ax.twinx()
         rounds = sorted(accuracy)
@@ -105,9 +116,10 @@ def leakage_figure(records: Sequence[AuditRecord], path: Path, names: Mapping[in
                   label="held-out accuracy")
         twin.set_ylabel("global model held-out accuracy (%)")
         twin.set_ylim(0, 100)
-        twin.legend(loc="lower right", fontsize=8)
-    if series:
-        ax.legend(loc="upper right", fontsize=8)
+        handles += twin.get_legend_handles_labels()[0]
+    if handles:     # outside the axes, where it hides no line
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.16 if accuracy else 1.02, 1.0), fontsize=8,
+                  borderaxespad=0.0)
     ax.set_title("Leakage as the global model trains")
     figure.tight_layout()
     return save_figure(figure, path)
@@ -129,12 +141,13 @@ def _grids(records: Sequence[AuditRecord], out: Path, names: Mapping[int, str]) 
 
 
 def _details(records: Sequence[AuditRecord], grids: Mapping[int, list[Path]], names: Mapping[int, str]) -> str:
-    parts = ["<h2>Per round and client: why</h2>"]
+    parts = ["<h2>Per round and client: why</h2><p>Every reason behind each verdict, then the attacks' notes, "
+             "then the reconstructions (originals above, matched reconstructions below, PSNR per image).</p>"]
     for index, r in enumerate(records):
         if r.explanation is None and not grids.get(index):
             continue
         verdict = r.verdict or r.status
-        parts.append(f"<details><summary>round {r.server_round}, {escape(_who(r, names))}: "
+        parts.append(f"<details open><summary>round {r.server_round}, {escape(_who(r, names))}: "
                      f"<strong>{escape(verdict)}</strong></summary>")
         if r.explanation is not None:
             parts.append("<ul class='notes'>" + "".join(f"<li>{escape(x)}</li>" for x in r.explanation.reasons)
@@ -188,7 +201,7 @@ def write_report(out: str | Path, audit: Any, *, names: Mapping[int, str] | None
                                            "notes": list(notes), **dict(extra or {})})
     leakage = leakage_figure(records, out / "leakage.png", names, accuracy)
     grids = _grids(records, out, names)
-    rows = [[str(r.server_round), escape(_who(r, names)), _protocol(r), escape(r.verdict or r.status), _results(r),
+    rows = [[str(r.server_round), escape(_who(r, names)), _protocol(r), _verdict(r), _results(r),
              _num(r.seconds, ".1f", " s")] for r in records]
     summary = [f"<p>{len(records)} record(s) over rounds "
                f"{escape(', '.join(map(str, sorted({r.server_round for r in records}))) or 'none')}"
@@ -196,7 +209,8 @@ def write_report(out: str | Path, audit: Any, *, names: Mapping[int, str] | None
     summary += [f"<p class='note'>{escape(n)}</p>" for n in notes]
     sections = [*summary, "<h2>Leakage per round</h2>", f"<figure>{image_tag(leakage, 'leakage per round')}</figure>",
                 "<h2>Every audited update</h2>",
-                _table(["round", "client", "protocol", "verdict", "what the attacks got", "audit time"], rows),
+                _table(["round", "client", "protocol", "verdict: the main reason", "what the attacks got", "audit time"],
+                       rows),
                 _gate_section(records, names), _details(records, grids, names),
                 "<h2>Settings</h2>", f"<pre>{escape(_settings_text(settings))}</pre>"]
     subtitle = escape("What a Flower server could reconstruct from each client's update, and why.")
@@ -206,4 +220,5 @@ def write_report(out: str | Path, audit: Any, *, names: Mapping[int, str] | None
 def _settings_text(settings: Mapping[str, Any]) -> str:
     import json
 
-    return json.dumps(to_jsonable({k: v for k, v in settings.items() if k != "records"}), indent=1)[:4000]
+    return "\n".join(f"{key}: {json.dumps(to_jsonable(value))}"[:600] for key, value in settings.items()
+                     if key != "records")

@@ -23,6 +23,7 @@ strategy cannot wrap, so the sum is simulated in the clear, as gradleak's
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 
 from ..data.spec import DataSpec
 from ..errors import ConfigError, one_line
-from ..limits import check_float, check_int, check_seed
+from ..limits import check_float, check_int, check_seed, short_repr
 from ..models.spec import ModelSpec
 from ..threat import ThreatModel
 from .arrays import delta_update, record_tensors, reply_arrays, state_shapes
@@ -58,6 +59,24 @@ def _content_values(message: Message) -> dict[str, Any]:
     for record in (*message.content.config_records.values(), *message.content.metric_records.values()):
         values.update(dict(record.items()))
     return values
+
+
+def _gate_metrics(values: Mapping[str, Any], record: AuditRecord) -> dict[str, float | int]:
+    """The client gate's four measurements in a reply (:mod:`gradleak.flower.gate`), each a
+    finite number; anything else the client sent under those keys is refused in a note."""
+    from .gate import ACTION, PSNR, PSNR_AFTER, SECONDS
+
+    kept: dict[str, float | int] = {}
+    for key in (PSNR, PSNR_AFTER, ACTION, SECONDS):
+        if key not in values:
+            continue
+        value = values[key]
+        if (isinstance(value, float) and math.isfinite(value)
+                or isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53):
+            kept[key] = value
+        else:
+            record.notes.append(f"gate metric {key} refused: expected a finite number, got {short_repr(value, 80)}")
+    return kept
 
 
 def _partly_shared(record: AuditRecord, params: Mapping[str, Any], local: Mapping[str, torch.Tensor],
@@ -254,7 +273,7 @@ class LeakageAuditStrategy(Strategy):
         record = AuditRecord(server_round, node)
         try:
             values = _content_values(reply)
-            record.gate = {k: v for k, v in values.items() if str(k).startswith("gradleak-gate-")}
+            record.gate = _gate_metrics(values, record)
             sent_config = self._sent[server_round][1].get(node, (None, {}))[1]
             protocol = protocol_of(values, sent_config)
             record.protocol = protocol.to_json()
