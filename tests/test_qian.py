@@ -104,3 +104,57 @@ def test_labels_not_needed_but_threat_model_respected(photos):
     update = fedsgd_update(model, photos.images[:1], photos.labels[:1], share_labels=True)
     result = QianInversion(model, ThreatModel(labels_known=False)).reconstruct(update)
     assert result.labels is None and result.images.shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- perturbed gradients (robust=True)
+
+def _relu_batch_gradient(photos, n, seed):
+    torch.manual_seed(seed)
+    layer = nn.Linear(3 * 32 * 32, 64).double()
+    x = photos.images[:n].double().reshape(n, -1)
+    delta = (layer(x) > 0).double() * torch.randn(n, 64, dtype=torch.float64)
+    return layer, x, delta.T @ x, delta.sum(0)
+
+
+def test_noisy_batch_gives_estimates_marked_approximate_that_tighten_with_the_noise(photos):
+    layer, x, dW, db = _relu_batch_gradient(photos, 3, 4)
+    generator = torch.Generator().manual_seed(0)
+    errors = []
+    for relative in (1e-4, 1e-2):
+        noise = torch.randn(dW.shape, generator=generator, dtype=dW.dtype)
+        noisy = dW + relative * dW.abs().mean() * noise
+        result = qian_batch_inversion(noisy, db, layer.weight.detach(), layer.bias.detach(), batch_size=3,
+                                      robust=True)
+        assert result.approximate and result.x.shape[0] == 3
+        assert any(n.startswith("APPROXIMATE") for n in result.notes)
+        errors.append(float((torch.cdist(result.x, x).min(dim=1).values / x.norm(dim=1).min()).max()))
+    assert errors[0] < 1e-4 < errors[1] < 0.05, errors
+
+
+def test_clean_but_inseparable_batch_is_not_dressed_up_as_an_estimate(photos):
+    """Robustness is for perturbed gradients: an exact sigmoid batch still says why it fails."""
+    torch.manual_seed(3)
+    model = MLP(3 * 32 * 32, hidden=(64,), num_classes=10, activation="sigmoid").double()
+    update = fedsgd_update(model, photos.images[:4].double(), photos.labels[:4])
+    with pytest.raises(AttackNotApplicable, match="could be separated"):
+        QianInversion(model, robust=True).reconstruct(update)
+
+
+def test_single_noisy_sample_is_the_best_rank_one_fit(faces):
+    """B = 1 through Gaussian noise: the robust estimate is fc-bias's rank-one estimate, and far
+    better than the one unit the exact method would trust."""
+    from gradleak.attacks.analytic import rank_one_estimate
+    from gradleak.defenses import defended_updates
+
+    torch.manual_seed(0)
+    model = MLP(25 * 25, hidden=(256,), num_classes=2)
+    image, label = faces.images[-1:], faces.labels[-1:]
+    noisy = defended_updates(model, image, label, defenses=["gaussian:variance=1e-4"])[0].update
+    robust = QianInversion(model).reconstruct(noisy)
+    plain = QianInversion(model, robust=False).reconstruct(noisy)
+    assert any("APPROXIMATE" in n for n in robust.notes), robust.notes
+    gradient = noisy.as_gradient()
+    expected = rank_one_estimate(gradient["layers.fc1.weight"], gradient["layers.fc1.bias"])
+    assert torch.allclose(robust.images.reshape(-1), noisy.data_spec.denormalize(expected.reshape(1, 1, 25, 25)).reshape(-1),
+                          atol=1e-4)
+    assert float(psnr(robust.images.clamp(0, 1), image)[0]) > float(psnr(plain.images.clamp(0, 1), image)[0]) + 5

@@ -13,6 +13,10 @@
   repeats on those units; with one sample left, any such unit gives it. This needs at
   least B hidden units (Qian's condition h >= B; the gradient has rank <= h) and units
   that separate the samples; the result says which samples were recovered and which not.
+- **Perturbed gradients** (``robust=True``, the default). Noise, pruning or quantisation
+  leave no two rows exactly alike; the gradient's best rank-B approximation (truncated SVD)
+  removes the perturbation outside the samples' subspace, and its rows are grouped with
+  the tightest tolerance that isolates the samples: best estimates, noted APPROXIMATE.
 - **CNNs** (:func:`qian_cnn_condition`, :func:`qian_cnn_inversion`). With the input of the
   first fully connected layer recovered as above, each convolution below is inverted from
   its output (weight constraints, least squares). That is exact when the convolution, as
@@ -27,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import AttackNotApplicable
-from ..limits import check_float
+from ..errors import AttackNotApplicable, ConfigError
+from ..limits import check_float, short_repr
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import SOLVE_DTYPE, ChainLayer, act_inverse, act_known, layer_system, solve_normal, trace_chain
@@ -45,6 +49,7 @@ class QianBatch:
 
     x: (k, in_features) the samples recovered exactly (k <= batch size, order arbitrary).
     units: for each recovered sample, the hidden units that isolate it.
+    approximate: the samples are best estimates from a perturbed gradient (``robust``), not exact.
     batch_size: the B used (given, or the rank of dL/dW); rank: numerical rank of dL/dW.
     """
 
@@ -53,6 +58,7 @@ class QianBatch:
     batch_size: int
     rank: int
     notes: list[str] = field(default_factory=list)
+    approximate: bool = False
 
     @property
     def complete(self) -> bool:
@@ -141,15 +147,134 @@ def _separate(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Tens
     return None
 
 
+def _isolate(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Tensor, B: int, activation: str,
+             tol: float) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Samples isolated by single units: groups of units whose rows ``dW_j / db_j`` agree
+    within ``tol``, peeling recovered samples off (ReLU) until ``B`` are found or none is left.
+    Units whose weight-gradient row is zero (pruned away) say nothing and are skipped."""
+    active = torch.nonzero((db != 0) & (dW != 0).any(dim=1)).reshape(-1)
+    ratios = dW[active] / db[active, None]
+    found: list[torch.Tensor] = []
+    units: list[list[int]] = []
+    remaining = torch.ones(active.numel(), dtype=torch.bool)
+    for _ in range(B):
+        left = B - len(found)
+        if left == 0:
+            break
+        candidates = torch.nonzero(remaining).reshape(-1)
+        if found and activation == "relu":   # peel: keep units inactive on every recovered sample
+            z = torch.stack(found) @ W[active[candidates]].T + b[active[candidates]]
+            candidates = candidates[(z <= 0).all(dim=0)]
+        groups = [[int(candidates[k]) for k in g] for g in _clusters(ratios[candidates], tol)]
+        minimum = 1 if left == 1 and (activation == "relu" or B == 1) else 2
+        groups = [g for g in groups if len(g) >= minimum]
+        if not groups:
+            break
+        new = 0
+        for g in sorted(groups, key=lambda g: (len(g), float(db[active[g]].square().sum())), reverse=True)[:left]:
+            idx = active[g]
+            x = (db[idx] @ dW[idx]) / (db[idx] @ db[idx])
+            if any(torch.linalg.vector_norm(x - f) <= tol * torch.linalg.vector_norm(f) for f in found):
+                remaining[g] = False
+                continue
+            found.append(x)
+            units.append(idx.tolist())
+            remaining[g] = False
+            new += 1
+        if new == 0:
+            break
+    return found, units
+
+
+ROBUST_TOLERANCES = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3)
+
+
+def _robust_isolate(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Tensor, B: int,
+                    activation: str) -> tuple[list[torch.Tensor], list[list[int]], float, float]:
+    """Best estimates of the samples from a perturbed gradient (noise, pruning, quantisation).
+
+    The exact gradient ``[dW | db] = sum_i delta_i [x_i, 1]`` has rank <= B; its best rank-B
+    approximation (truncated SVD, Eckart-Young) removes the part of the perturbation outside
+    that subspace, and the units' rows are then grouped with the tightest tolerance (of
+    :data:`ROBUST_TOLERANCES`) that isolates the most samples. (The separating hyperplanes
+    of the exact case were tried on the projection too: no better on noisy faces, 2x slower.) For B = 1 every row of the
+    projection is proportional to the top singular vector: the estimate is the best rank-one
+    fit, as in :func:`~gradleak.attacks.analytic.rank_one_estimate`. Returns (samples,
+    units, tolerance used, relative residual of the rank-B fit)."""
+    A = torch.cat([dW, db[:, None]], dim=1)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    k = min(B, S.numel())
+    A_k = (U[:, :k] * S[:k]) @ Vh[:k]
+    residual = float(torch.linalg.vector_norm(A - A_k) / torch.linalg.vector_norm(A).clamp_min(1e-300))
+    dW_k, db_k = A_k[:, :-1], A_k[:, -1]
+    # units no sample activates keep only the perturbation's share in the subspace, about
+    # sigma sqrt(k) per row (sigma from the residual): those rows are dropped first, kept if
+    # nothing is found without them (pruning's residual is structured, not noise)
+    h, n = A.shape
+    sigma = float(torch.linalg.vector_norm(A - A_k)) / max(h * (n - k), 1) ** 0.5
+    informative = torch.linalg.vector_norm(A_k, dim=1) > 10 * sigma * k ** 0.5
+    best: tuple[list[torch.Tensor], list[list[int]], float] = ([], [], ROBUST_TOLERANCES[-1])
+    for rows in (informative, torch.ones_like(informative)):
+        db_rows = torch.where(rows & (db_k.abs() > S[0] * 1e-12), db_k, torch.zeros_like(db_k))
+        for tol in ROBUST_TOLERANCES:
+            found, units = _isolate(dW_k, db_rows, W, b, B, activation, tol)
+            if len(found) > len(best[0]):
+                best = (found, units, tol)
+            if len(found) == B:
+                break
+        if best[0]:
+            break
+    return (*best, residual)
+
+
+def _perturbed(dW: torch.Tensor, db: torch.Tensor, B: int, eps: float) -> bool:
+    """Whether ``[dW | db]`` is farther from rank B than rounding explains (a defense perturbed
+    it), rather than exact but not separable (sigmoid units, fewer units than samples)."""
+    s = torch.linalg.svdvals(torch.cat([dW, db[:, None]], dim=1))
+    return float(s[B:].square().sum().sqrt()) > 1e3 * eps * float(s.square().sum().sqrt())
+
+
+def _exact(found: list[torch.Tensor], dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+           B: int, tol: float) -> bool:
+    """Whether the samples :func:`_isolate` found explain the gradient exactly.
+
+    Every unit j's row ``[dW_j, db_j]`` must be a combination of ``[x_i, 1]`` over the found
+    samples that activate it (``W_j x_i + b_j > 0``), within ``tol`` overall (rounding: 1000 eps). Entries that are
+    exactly zero are left out: pruning zeroes entries and keeps the others exact. A group of
+    agreeing rows can be a fixed mixture of samples (units with the same activation pattern
+    under a two-class output), which this refutes."""
+    if len(found) < B:
+        return False
+    X = torch.cat([torch.stack(found), torch.ones(len(found), 1, dtype=dW.dtype)], dim=1)   # (B, n+1)
+    A = torch.cat([dW, db[:, None]], dim=1)
+    active = (torch.stack(found) @ W.T + b > 0).T                                         # (h, B)
+    error = torch.zeros((), dtype=dW.dtype)
+    for j in range(A.shape[0]):
+        keep = A[j] != 0
+        if not bool(keep.any()):
+            continue
+        basis = X[active[j]][:, keep]
+        if basis.shape[0] == 0:
+            error = error + A[j, keep].square().sum()
+            continue
+        coefficients = torch.linalg.lstsq(basis.T, A[j, keep][:, None]).solution
+        error = error + (basis.T @ coefficients - A[j, keep][:, None]).square().sum()
+    return float(error.sqrt()) <= tol * float(torch.linalg.vector_norm(A))
+
+
 def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor, *, batch_size: int | None = None, activation: str = "relu",
-                         tol: float | None = None, trials: int = 20000) -> QianBatch:
+                         tol: float | None = None, trials: int = 20000, robust: bool = False) -> QianBatch:
     """Recover the inputs of a batch from the mean gradient of a fully connected layer with bias.
 
     ``weight``/``bias`` are the layer's parameters (to tell which units each recovered
     sample activates). Valid for ReLU layers (inactive units are what separates samples);
     for other activations only a single sample is recovered. Raises
-    :class:`AttackNotApplicable` when no sample can be isolated.
+    :class:`AttackNotApplicable` when no sample can be isolated, unless ``robust``: where
+    fewer than B samples come out exactly (a gradient perturbed by noise, pruning or
+    quantisation), the best estimates from its rank-B approximation are returned, marked
+    ``approximate`` (:func:`_robust_isolate`; needs the batch size when the gradient is
+    perturbed, since its rank no longer tells it).
     """
     dt = SOLVE_DTYPE
     dW, db = weight_grad.to(dt), bias_grad.to(dt)
@@ -177,36 +302,15 @@ def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, wei
     if active.numel() == 0:
         raise AttackNotApplicable("every dL/db_j is zero: the gradient carries no information about the inputs",
                                   condition="some dL/db_j != 0")
-    ratios = dW[active] / db[active, None]
-    found: list[torch.Tensor] = []
-    units: list[list[int]] = []
-    remaining = torch.ones(active.numel(), dtype=torch.bool)
-    for _ in range(B):
-        left = B - len(found)
-        if left == 0:
-            break
-        candidates = torch.nonzero(remaining).reshape(-1)
-        if found and activation == "relu":   # peel: keep units inactive on every recovered sample
-            z = torch.stack(found) @ W[active[candidates]].T + b[active[candidates]]
-            candidates = candidates[(z <= 0).all(dim=0)]
-        groups = [[int(candidates[k]) for k in g] for g in _clusters(ratios[candidates], tol)]
-        minimum = 1 if left == 1 and (activation == "relu" or B == 1) else 2
-        groups = [g for g in groups if len(g) >= minimum]
-        if not groups:
-            break
-        new = 0
-        for g in sorted(groups, key=len, reverse=True)[:left]:
-            idx = active[g]
-            x = (db[idx] @ dW[idx]) / (db[idx] @ db[idx])
-            if any(torch.linalg.vector_norm(x - f) <= tol * torch.linalg.vector_norm(f) for f in found):
-                remaining[g] = False
-                continue
-            found.append(x)
-            units.append(idx.tolist())
-            remaining[g] = False
-            new += 1
-        if new == 0:
-            break
+    found, units = _isolate(dW, db, W, b, B, activation, tol)
+    if robust and _perturbed(dW, db, B, eps) and not _exact(found, dW, db, W, b, B, 1e3 * eps):
+        estimates, estimate_units, used, residual = _robust_isolate(dW, db, W, b, B, activation)
+        if estimates:
+            notes.append(f"APPROXIMATE: the gradient is not explained exactly by {B} samples (rank-{B} residual "
+                         f"{residual:.2e}: perturbed by a defense, or another batch size); the samples are best "
+                         f"estimates from its rank-{B} approximation (rows grouped within {used:g})")
+            x = torch.stack(estimates).to(weight_grad.dtype)
+            return QianBatch(x, estimate_units, B, rank, notes, approximate=True)
     if not found:
         raise AttackNotApplicable(
             f"no sample of the batch of {B} could be separated ({activation} layer, {hidden} units"
@@ -279,14 +383,19 @@ class QianInversion(Attack):
     name = "qian"
     paper = "Qian, Nassar & Hansen, Minimal model structure analysis for input reconstruction in FL (arXiv 2010.15718)"
     conditions = ("a fully connected layer with bias (fed the input, or after convolutions meeting h >= (d/d')^2 C "
-                  "with invertible activations); batches: >= B hidden units and ReLU units that isolate each sample")
+                  "with invertible activations); batches: >= B hidden units and ReLU units that isolate each sample; "
+                  "a perturbed gradient (noise, pruning) gives best estimates, noted APPROXIMATE (robust=True, "
+                  "batch size known)")
 
-    def __init__(self, model, threat: ThreatModel | None = None, *, tol: float | None = None):
+    def __init__(self, model, threat: ThreatModel | None = None, *, tol: float | None = None, robust: bool = True):
         super().__init__(model, threat)
         self.tol = check_float("tol", tol, optional=True)
+        if not isinstance(robust, bool):
+            raise ConfigError(f"robust must be true or false, got {short_repr(robust)}")
+        self.robust = robust
 
     def options(self):
-        return {**super().options(), "tol": self.tol}
+        return {**super().options(), "tol": self.tol, "robust": self.robust}
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         gradient = update.as_gradient()
@@ -308,7 +417,8 @@ class QianInversion(Attack):
                 condition="a fully connected layer with bias fed the input, or by a chain of convolutions")
         batch = qian_batch_inversion(gradient[target.param("weight")], gradient[target.param("bias")],
                                      params[target.param("weight")], params[target.param("bias")],
-                                     batch_size=update.batch_size, activation=activation, tol=self.tol)
+                                     batch_size=update.batch_size, activation=activation, tol=self.tol,
+                                     robust=self.robust and update.batch_size is not None)
         notes = [f"layer {target.name!r}: " + n for n in batch.notes]
         dtype = next(iter(gradient.values())).dtype
         if target.receives_model_input:
@@ -322,7 +432,9 @@ class QianInversion(Attack):
             x = torch.stack(images).to(dtype)
             for check, deficit in deficits:
                 notes.append(f"Qian's CNN condition {check.describe()}; rank deficit of the inversion {deficit}")
-            if all(check.holds and deficit == 0 for check, deficit in deficits):
+            if batch.approximate:
+                notes.append("the features are estimates: so are the images inverted from them")
+            elif all(check.holds and deficit == 0 for check, deficit in deficits):
                 notes.append("every convolution is injective: the images are exact")
             else:
                 notes.append("some convolution loses information: the images are minimum-norm estimates, not exact")
