@@ -19,7 +19,7 @@ from .client import ClientSetup, fedavg_update, fedsgd_update  # noqa: E402
 from .data.spec import DataSpec  # noqa: E402
 from .errors import AttackNotApplicable, ConfigError, DataError, GradleakError, UpdateFileError  # noqa: E402
 from .models import ModelSpec, build_model  # noqa: E402
-from .threat import ThreatModel  # noqa: E402
+from .threat import SOK_THREAT_MODELS, ThreatModel, sok_threat_model  # noqa: E402
 from .update import SharedUpdate, load_update, save_update  # noqa: E402
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTACKS", "Attack", "FCBiasInversion", "Reconstruction", "fc_bias_inversion", "get_attack",
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion",
-    "fedavg_update", "fedsgd_update", "ClientSetup", "DataSpec", "build_model", "ModelSpec", "ThreatModel",
+    "fedavg_update", "fedsgd_update", "ClientSetup", "DataSpec", "build_model", "ModelSpec", "ThreatModel", "SOK_THREAT_MODELS", "sok_threat_model",
     "SharedUpdate", "load_update", "save_update",
     "AttackNotApplicable", "ConfigError", "DataError", "GradleakError", "UpdateFileError",
 ]

@@ -159,7 +159,7 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
     attacker = make_attack(attack, built.module, threat, dict(options or {}))
     sent, description = built.module, built.description()
     if isinstance(attacker, MaliciousAttack):  # the clients train on the model the server sends
-        public = _public_images(request, built, data_spec)
+        public = public_images(request, built, data_spec)
         sent, description = attacker.serve(built.module, tuple(images.shape[1:]), public), None
     served = defended_updates(sent, images, labels, setup, stack, loss=built.loss, spec=data_spec,
                               model_info=description)
@@ -174,12 +174,12 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
     config = {"data": {**request.to_json(), "classes": list(dataset.classes)}, "model": built.description(),
               "model_spec": spec.to_json(), "device": str(built.device), "mode": spec.mode,
               "dtype": spec.dtype, "client": setup.to_json(), "data_spec": data_spec.to_json(),
-              "threat": threat.to_json(), "defenses": [d.describe() for d in stack],
+              "threat": threat.to_json(), "threat_model": threat.sok(attacker), "defenses": [d.describe() for d in stack],
               "privacy": [d.privacy for d in served if d.privacy]}
     return write_run(out, reconstruction, originals=images[kept], true_labels=labels[kept], config=config)
 
 
-def _public_images(request: DataRequest, built, data_spec: DataSpec) -> torch.Tensor | None:
+def public_images(request: DataRequest, built, data_spec: DataSpec) -> torch.Tensor | None:
     """What a malicious server knows of the data: other images of the same source (after the
     attacked ones, up to 64), normalized as the clients normalize; None when there are none."""
     from .data import load_dataset
@@ -248,11 +248,11 @@ def attack_file(update_path: str | Path, attack: str, out: str | Path, *, model:
     if truth is not None:
         originals, true_labels = load_truth(truth)
         originals, true_labels = originals.to(device=built.device, dtype=built.dtype), true_labels.to(built.device)
-    reconstruction = attack_updates(make_attack(attack, built.module, threat, dict(options or {})), [update],
-                                    truths=None if originals is None else [originals], quiet=quiet)
+    attacker = make_attack(attack, built.module, threat, dict(options or {}))
+    reconstruction = attack_updates(attacker, [update], truths=None if originals is None else [originals], quiet=quiet)
     config = {"update_file": str(update_path), "model": built.description(), "device": str(built.device),
               "update": {k: v for k, v in update.metadata().items() if k not in ("parameters", "model")},
-              "threat": threat.to_json()}
+              "threat": threat.to_json(), "threat_model": threat.sok(attacker)}
     return write_run(out, reconstruction, originals=originals, true_labels=true_labels, config=config)
 
 

@@ -6,6 +6,10 @@ a switch here: the labels, the batch size, BatchNorm statistics, the data normal
 and the input shape. :meth:`ThreatModel.observe` strips what is not granted from an
 update, so an attack can only use what the threat model allows; ground truth never
 enters an attack and is used only in evaluation.
+
+Every run and audit cell is also labelled in the vocabulary of the SoK on gradient
+inversion in FL (Carletti et al., USENIX Security 2025), threat models A-H
+(:data:`SOK_THREAT_MODELS`, :func:`sok_threat_model`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from .errors import ConfigError
 from .limits import check_input_shape, short_repr
 from .update import SharedUpdate
 
-__all__ = ["ThreatModel"]
+__all__ = ["ThreatModel", "SOK_THREAT_MODELS", "sok_threat_model"]
 
 
 def _data_spec(value: Any) -> DataSpec:
@@ -79,6 +83,10 @@ class ThreatModel:
             data_spec=self.data_spec or update.data_spec,
         )
 
+    def sok(self, attack: Any = None) -> dict[str, str]:
+        """This threat model's SoK label (A-H) for ``attack``: see :func:`sok_threat_model`."""
+        return sok_threat_model(self, attack)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "labels_known": self.labels_known,
@@ -88,3 +96,45 @@ class ThreatModel:
             "input_shape": None if self.input_shape is None else list(self.input_shape),
             "server": self.server,
         }
+
+
+# The SoK's threat models (Carletti et al., "SoK: Gradient Inversion Attacks in Federated
+# Learning", USENIX Security 2025, Table of threat models): each adds to the one before it;
+# F-H are active (the server manipulates the model or the clients).
+SOK_THREAT_MODELS: dict[str, tuple[str, str]] = {
+    "A": ("Eavesdropper", "sees the model updates only"),
+    "B": ("Informed Eavesdropper", "A + basic knowledge: the architecture and the weights at the round"),
+    "C": ("Parameter-Aware Eavesdropper", "B + the clients' training details (labels, local learning rate, "
+          "steps, epochs)"),
+    "D": ("Data-Enhanced Eavesdropper", "C + surrogate (public) data from the clients' distribution"),
+    "E": ("Statistical-Informed Eavesdropper", "D + statistics of the clients' data (e.g. BatchNorm statistics)"),
+    "F": ("Active Manipulator", "C + changes the model (weights, modules) it sends"),
+    "G": ("Data-Enhanced Manipulator", "F + surrogate (public) data"),
+    "H": ("Active Client Manipulator", "G + chooses which clients train (not modelled by gradleak)"),
+}
+
+
+def sok_threat_model(threat: "ThreatModel", attack: Any = None) -> dict[str, str]:
+    """The SoK letter for ``threat`` as ``attack`` uses it: ``{"id", "name", "why"}``.
+
+    Every gradleak attack knows the architecture and the weights (B at least; A is never
+    enough). Honest server: E when BatchNorm statistics are granted, D when the attack uses
+    public data (``attack.surrogate_data``), C when it is granted the labels or uses the
+    local training schedule (``attack.training_details``), else B. Malicious server: G with
+    public data, else F. The batch size counts as basic knowledge (the SoK files Inverting
+    Gradients, which assumes it, under B)."""
+    surrogate = bool(getattr(attack, "surrogate_data", False))
+    details = bool(getattr(attack, "training_details", False))
+    if threat.server == "malicious":
+        letter, why = ("G", "a malicious server with public images") if surrogate else \
+            ("F", "a malicious server changing the model it sends")
+    elif threat.bn_statistics:
+        letter, why = "E", "the clients' BatchNorm statistics are granted"
+    elif surrogate:
+        letter, why = "D", "the attack uses public images"
+    elif threat.labels_known or details:
+        letter, why = "C", ("the labels are granted" if threat.labels_known else
+                            "the attack uses the clients' local training schedule")
+    else:
+        letter, why = "B", "architecture and weights known; nothing else granted"
+    return {"id": letter, "name": SOK_THREAT_MODELS[letter][0], "why": why}

@@ -99,6 +99,8 @@ class Attack(abc.ABC):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     conditions: ClassVar[str] = ""
+    surrogate_data: ClassVar[bool] = False      # uses public images (SoK threat models D, G)
+    training_details: ClassVar[bool] = False    # uses the local training schedule beyond one step (SoK C)
 
     def __init__(self, model: nn.Module, threat: ThreatModel | None = None):
         if not isinstance(model, nn.Module):

@@ -121,6 +121,7 @@ class ImprintAttack(MaliciousAttack):
     name = "imprint"
     paper = "Fowl et al. 2022, Robbing the Fed (ICLR; arXiv 2110.13057)"
     conditions = "malicious server inserting a module; a FedSGD gradient; samples alone in a bin come back exactly"
+    surrogate_data = True      # public images place the server's weights: SoK threat model G
 
     def __init__(self, model, threat=None, *, bins: int = 128, spread: float = 1e-3, seed: int = 0):
         super().__init__(model, threat)
@@ -204,6 +205,7 @@ class TrapWeights(MaliciousAttack):
     name = "trap-weights"
     paper = "Boenisch et al. 2023, When the Curious Abandon Honesty (EuroS&P; arXiv 2112.02918)"
     conditions = "malicious server; a first fully connected layer with bias and ReLU; a FedSGD gradient"
+    surrogate_data = True      # public images place the server's weights: SoK threat model G
 
     def __init__(self, model, threat=None, *, rate: float = 0.02, seed: int = 0):
         from ..limits import check_float

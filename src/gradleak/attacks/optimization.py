@@ -370,6 +370,7 @@ class FedAvgInversion(InvertingGradients):
     name = "fedavg"
     paper = "Geiping et al. 2020, §5 (multiple local steps)"
     conditions = "a FedAvg delta with known local learning rate, steps and minibatch size"
+    training_details = True    # the local schedule is unrolled: SoK threat model C
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         if update.kind != "delta":

@@ -34,6 +34,8 @@ class CellResult:
     message: str = ""
     condition: str = ""          # not-applicable: the failed condition of the method, in few words
     seconds: float = 0.0
+    server: str = "honest"       # the server the attack assumes: honest (but curious) or malicious
+    threat_model: str = ""       # the SoK's threat-model letter A-H (gradleak.threat.sok_threat_model)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -18,11 +18,12 @@ the same config continues where it stopped, and a changed cell is recomputed. A 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -127,40 +128,68 @@ def _load_cell(stored: dict[str, Any], spec: "CellSpec", config: AuditConfig, la
     return cell
 
 
-def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], served_cache: dict,
-              out: Path, progress) -> CellResult:
+def _served(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], attack_name: str,
+            attack_options: dict[str, Any], served_cache: dict):
+    """The cell's model, its attack and the clients' (defended) updates: simulated once per
+    (model, defense, batch size) for an honest server, per cell for a malicious one (the
+    clients train on the model that attack serves, its public images the data set's images
+    after the attacked ones)."""
+    from ..attacks.malicious import MaliciousAttack
+    from ..data.request import DataRequest
     from ..defenses import defended_updates
-    from ..pipeline import attack_updates, make_attack
-    from ..runs import write_run
+    from ..pipeline import make_attack, public_images
     from ..threat import ThreatModel
 
     images, labels, classes = context["images"], context["labels"], context["classes"]
+    key = (spec.model.label, spec.defense_index, spec.batch_size)
+    if key not in served_cache:
+        served_cache.clear()  # one (model, defense, batch) at a time: attacks are the inner loop
+        model_spec = spec.model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]),
+                                     weights=context["weights"].get(spec.model.label))
+        served_cache[key] = (model_spec.build(tuple(images.shape[1:]), len(classes)), None)
+    built, honest = served_cache[key]
+    threat = ThreatModel(**config.threat)
+    attack = make_attack(attack_name, built.module, threat, dict(attack_options))
+    malicious = isinstance(attack, MaliciousAttack)
+    if not malicious and honest is not None:
+        return attack, honest
+    setup = ClientSetup(**{**config.client, "batch_size": spec.batch_size, "seed": config.seed})
+    data_spec = built.data_spec or context["spec"]
+    sent, description = built.module, built.description()
+    if malicious:   # choosing a malicious-server attack is choosing that threat model; it edits its own copy
+        sent = copy.deepcopy(built.module)
+        attack = make_attack(attack_name, sent, replace(threat, server="malicious"), dict(attack_options))
+        request = DataRequest(config.data["name"], config.data["n"], config.data.get("size"))
+        sent = attack.serve(sent, tuple(images.shape[1:]), public_images(request, built, data_spec))
+        description = None
+    served = defended_updates(sent, images, labels, setup, stack, loss=built.loss, spec=data_spec,
+                              model_info=description)
+    if not malicious:
+        served_cache[key] = (built, served)
+    return attack, served
+
+
+def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], served_cache: dict,
+              out: Path, progress) -> CellResult:
+    from ..pipeline import attack_updates
+    from ..runs import write_run
+
+    images, labels = context["images"], context["labels"]
     result = CellResult(spec.cell_id(config), spec.model.label, spec.attack.name, spec.defense_index,
                         _defense_label(stack), spec.batch_size, "done")
     start = time.perf_counter()
-    shape = tuple(images.shape[1:])
-    served_key = (spec.model.label, spec.defense_index, spec.batch_size)
     try:
-        if served_key not in served_cache:
-            served_cache.clear()  # one (model, defense, batch) at a time: attacks are the inner loop
-            model_spec = spec.model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]),
-                                         weights=context["weights"].get(spec.model.label))
-            built = model_spec.build(shape, len(classes))
-            net = built.module
-            setup = ClientSetup(**{**config.client, "batch_size": spec.batch_size, "seed": config.seed})
-            served = defended_updates(net, images, labels, setup, stack, loss=built.loss,
-                                      spec=built.data_spec or context["spec"], model_info=built.description())
-            served_cache[served_key] = (net, served)
-        net, served = served_cache[served_key]
+        attack, served = _served(spec, stack, config, context, spec.attack.name, spec.attack.options, served_cache)
+        result.server, result.threat_model = attack.threat.server, attack.threat.sok(attack)["id"]
         result.privacy = next((d.privacy for d in served if d.privacy), {})
-        attack = make_attack(spec.attack.name, net, ThreatModel(**config.threat), dict(spec.attack.options))
         reconstruction = attack_updates(attack, [d.update for d in served], truths=[images[d.indices] for d in served],
                                         progress=progress)
         if reconstruction.interrupted or reconstruction.updates < len(served):
             raise KeyboardInterrupt  # Ctrl-C inside the cell: never store (or write) it as finished
         order = [i for d in served[: reconstruction.updates] for i in d.indices]
         run = write_run(out / "cells" / result.cell_id, reconstruction, originals=images[order],
-                        true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy})
+                        true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy,
+                                                           "threat_model": attack.threat.sok(attack)})
         result.summary = {k: v for k, v in run.scores.summary.items()}
         rows = {row["index"]: row for row in run.scores.per_image}  # missing: no reconstruction matched this image
         result.psnr = [rows[i]["psnr"] if i in rows else None for i in range(len(order))]
@@ -235,51 +264,65 @@ def _run_utility(stack: list[Any], config: AuditConfig, out: Path, progress, res
     return result
 
 
+def _judge(members: list[CellResult], rule) -> tuple[str, str]:
+    """(level, sentence) for the cells of one (model, defense, batch size) and one kind of server."""
+    recognisable = [c for c in members if c.status == "done" and c.levels.get("recognisable", 0) > 0]
+    partial = [c for c in members if c.status == "done" and c not in recognisable and c.levels.get("partial", 0) > 0]
+
+    def describe(c: CellResult) -> str:
+        return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images with "
+                f"{rule.describe()}; mean PSNR {c.summary.get('psnr_mean', float('nan')):.1f} dB)")
+
+    if recognisable:
+        return "leaks", (f"{'; '.join(describe(c) for c in recognisable)} still recover"
+                         f"{'s' if len(recognisable) == 1 else ''} recognisable images.")
+    if partial:
+        return "partial", (f"no attack recovers a recognisable image; {', '.join(c.attack for c in partial)} "
+                           f"recover{'s' if len(partial) == 1 else ''} partial structure ({rule.describe('partial')}).")
+    scored = [c for c in members if c.status == "done" and c.summary.get("psnr_mean") is not None]
+    best = max(scored, key=lambda c: c.summary["psnr_mean"], default=None)
+    others = [c for c in members if c is not best and c.status != "done"]
+    text = (f"no attack recovers recognisable images (best mean PSNR {best.summary['psnr_mean']:.1f} dB, "
+            f"{best.attack})." if best else "no attack reconstructed images.")
+    for status, words in (("not-applicable", "Not applicable"), ("error", "Failed")):
+        failed = [c for c in others if c.status == status]
+        if failed:
+            text += f" {words}: " + "; ".join(
+                f"{c.attack} (needs {c.condition})" if c.condition else f"{c.attack} ({c.message})"
+                for c in failed) + "."
+    return ("protected" if best else "not-measured"), text
+
+
+def _threat_models(cells: list[CellResult]) -> str:
+    letters = sorted({c.threat_model for c in cells if c.threat_model})
+    return f" (SoK {'/'.join(letters)})" if letters else ""
+
+
 def _verdicts(config: AuditConfig, cells: list[CellResult]) -> list[dict[str, Any]]:
-    """Per (model, defense, batch size): which attacks still recover recognisable images, in words."""
+    """Per (model, defense, batch size): which attacks still recover recognisable images, in
+    words; what an honest-but-curious server gets, then (when the grid has malicious-server
+    attacks) what a malicious one gets."""
     groups: dict[tuple, list[CellResult]] = {}
     for cell in cells:
         groups.setdefault((cell.model, cell.defense_index, cell.batch_size), []).append(cell)
-    rule = config.verdict
     verdicts = []
     for (model, index, batch), members in groups.items():
-        defense = members[0].defense
-        recognisable = [c for c in members if c.status == "done" and c.levels.get("recognisable", 0) > 0]
-        partial = [c for c in members if c.status == "done" and c not in recognisable and c.levels.get("partial", 0) > 0]
-        where = f"{model}, batch {batch}, defense {defense}"
-
-        def describe(c: CellResult) -> str:
-            return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images with "
-                    f"{rule.describe()}; mean PSNR {c.summary.get('psnr_mean', float('nan')):.1f} dB)")
-
-        if recognisable:
-            level = "leaks"
-            text = (f"{where}: {'; '.join(describe(c) for c in recognisable)} still recover"
-                    f"{'s' if len(recognisable) == 1 else ''} recognisable images.")
-        elif partial:
-            level = "partial"
-            text = (f"{where}: no attack recovers a recognisable image; {', '.join(c.attack for c in partial)} "
-                    f"recover{'s' if len(partial) == 1 else ''} partial structure "
-                    f"({rule.describe('partial')}).")
-        else:
-            scored = [c for c in members if c.status == "done" and c.summary.get("psnr_mean") is not None]
-            best = max(scored, key=lambda c: c.summary["psnr_mean"], default=None)
-            level = "protected" if best else "not-measured"
-            others = [c for c in members if c is not best and c.status != "done"]
-            text = (f"{where}: no attack recovers recognisable images (best mean PSNR "
-                    f"{best.summary['psnr_mean']:.1f} dB, {best.attack})." if best else
-                    f"{where}: no attack reconstructed images.")
-            for status, words in (("not-applicable", "Not applicable"), ("error", "Failed")):
-                failed = [c for c in others if c.status == status]
-                if failed:
-                    text += f" {words}: " + "; ".join(
-                        f"{c.attack} (needs {c.condition})" if c.condition else f"{c.attack} ({c.message})"
-                        for c in failed) + "."
+        honest = [c for c in members if c.server != "malicious"]
+        malicious = [c for c in members if c.server == "malicious"]
+        text = f"{model}, batch {batch}, defense {members[0].defense}: "
+        level, malicious_level = "not-measured", None
+        if honest:
+            level, sentence = _judge(honest, config.verdict)
+            text += (f"an honest-but-curious server{_threat_models(honest)}: " if malicious else "") + sentence
+        if malicious:
+            malicious_level, sentence = _judge(malicious, config.verdict)
+            text += (" " if honest else "") + f"A malicious server{_threat_models(malicious)}: {sentence}"
         labels = [c for c in members if c.status == "done" and c.summary.get("label_accuracy") == 1.0]
         if labels:
             text += f" Labels fully recovered by {', '.join(c.attack for c in labels)}."
-        verdicts.append({"model": model, "defense_index": index, "defense": defense, "batch_size": batch,
-                         "level": level, "text": text})
+        verdicts.append({"model": model, "defense_index": index, "defense": members[0].defense, "batch_size": batch,
+                         "level": level if honest else malicious_level, "malicious_level": malicious_level,
+                         "text": text})
     return verdicts
 
 

@@ -139,13 +139,13 @@ def psnr_by_defense_figure(result: "AuditResult", path: Path) -> Path | None:
 def _cells_csv(result: "AuditResult") -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["cell", "model", "attack", "defense", "batch_size", "status", "psnr_mean", "psnr_std", "ssim_mean",
+    writer.writerow(["cell", "model", "attack", "server", "threat_model", "defense", "batch_size", "status", "psnr_mean", "psnr_std", "ssim_mean",
                      "lpips_mean", "label_accuracy", "recognisable", "n_images", "epsilon_update", "epsilon_budget",
                      "utility_accuracy",
                      "seconds", "message"])
     for c in result.cells:
         s = c.summary
-        writer.writerow([c.cell_id, c.model, c.attack, c.defense, c.batch_size, c.status, s.get("psnr_mean"),
+        writer.writerow([c.cell_id, c.model, c.attack, c.server, c.threat_model, c.defense, c.batch_size, c.status, s.get("psnr_mean"),
                          s.get("psnr_std"), s.get("ssim_mean"), s.get("lpips_mean"), s.get("label_accuracy"),
                          c.levels.get("recognisable"), len(c.psnr) or None, c.privacy.get("epsilon"),
                          c.privacy.get("epsilon_budget"),
@@ -243,13 +243,15 @@ def _epsilons(privacy: dict[str, Any]) -> str:
 
 
 def _cells_section(result: "AuditResult") -> str:
-    headers = ["model", "attack", "defense", "batch", "status", "PSNR (dB)", "SSIM", "LPIPS", "labels", "recognisable",
-               "epsilon: this update / budget", "seconds", "cell"]
+    headers = ["model", "attack", "server (SoK)", "defense", "batch", "status", "PSNR (dB)", "SSIM", "LPIPS", "labels",
+               "recognisable", "epsilon: this update / budget", "seconds", "cell"]
     rows = []
     for c in result.cells:
         s = c.summary
         accuracy = s.get("label_accuracy")
-        rows.append([escape(c.model), escape(c.attack), escape(c.defense), _Num(str(c.batch_size)),
+        rows.append([escape(c.model), escape(c.attack),
+                     escape(c.server + (f" ({c.threat_model})" if c.threat_model else "")),
+                     escape(c.defense), _Num(str(c.batch_size)),
                      escape(c.status) + (f'<br><span class="note">{escape(c.message)}</span>' if c.message else ""),
                      _Num(_pm(s.get("psnr_mean"), s.get("psnr_std"), ".1f")),
                      _Num(_pm(s.get("ssim_mean"), s.get("ssim_std"), ".3f")), _Num(_fmt(s.get("lpips_mean"), ".3f")),

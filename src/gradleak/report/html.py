@@ -334,8 +334,17 @@ def render_html(run_dir: str | os.PathLike) -> str:
         _notes_section(metrics, problems),
         _config_section(config),
     ]
-    subtitle = f"Run folder <code>{escape(run_dir.resolve().name)}</code>"
+    subtitle = f"Run folder <code>{escape(run_dir.resolve().name)}</code>" + _threat_line(config)
     return html_page(title, subtitle, sections)
+
+
+def _threat_line(config: Any) -> str:
+    """`` · threat model C (Parameter-Aware Eavesdropper, SoK): why`` when the run recorded one."""
+    label = config.get("threat_model") if isinstance(config, Mapping) else None
+    if not isinstance(label, Mapping) or not all(isinstance(label.get(k), str) for k in ("id", "name", "why")):
+        return ""
+    return (f" &middot; threat model <b>{escape(label['id'])}</b> ({escape(label['name'])}, SoK on gradient "
+            f"inversion in FL): {escape(label['why'])}")
 
 
 def html_page(title: str, subtitle: str, sections: Iterable[str]) -> str:
