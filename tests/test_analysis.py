@@ -52,3 +52,27 @@ def test_cli_analyze_json_and_table():
     assert table.exit_code == 0 and "rgap" in table.output
     bad = runner.invoke(app, ["analyze", "--model", "nope", "--input-shape", "3x32x32"])
     assert bad.exit_code == 2 and "unknown model" in bad.output
+
+
+def test_a_malicious_server_is_predicted_and_the_prediction_holds(tmp_path):
+    """The analyser's malicious-server rows: imprint applies to any model, its expected count
+    B (1 - 1/N)^(B-1) is what a real imprint attack on 32 digits recovers exactly (within 4)."""
+    import math
+
+    import gradleak as gl
+    from gradleak.pipeline import DataRequest, attack_simulated
+
+    report = analyze("lenet", (1, 16, 16), batch_size=32)
+    imprint = next(v for v in report.malicious if v.attack == "imprint")
+    trap = next(v for v in report.malicious if v.attack == "trap-weights")
+    assert imprint.applies and imprint.exact and not trap.applies and trap.exact is False
+    assert "a malicious server: exact recovery by imprint" in report.summary
+    assert report.summary.startswith("an honest-but-curious server: no exact closed-form recovery")
+    assert "malicious" in report.to_json() and analyze("mlp", (1, 16, 16), 4).malicious[1].applies
+    expected = 32 * (1 - 1 / 128) ** 31
+    assert f"about {expected:.1f} of 32" in imprint.reason
+    run = attack_simulated("imprint", tmp_path / "imprint", data=DataRequest("digits", 32, 16, start=1700),
+                           model="lenet", client=gl.ClientSetup(batch_size=32),
+                           threat=gl.ThreatModel(server="malicious"), quiet=True)
+    exact = sum(1 for r in run.scores.per_image if r["psnr"] is not None and r["psnr"] >= 60)
+    assert math.fabs(exact - expected) <= 4, (exact, expected)

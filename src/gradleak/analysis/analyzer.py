@@ -18,6 +18,12 @@ apply and whether exact recovery is predicted, with the reason in words:
 - **Optimisation** (DLG / Inverting Gradients): always applicable; approximate, never
   predicted exact.
 
+A malicious server (``LeakageReport.malicious``, :func:`malicious_verdicts`) changes the
+model it sends, so the architecture protects nothing from it: the imprint module (Fowl et
+al. 2022) gives every sample alone in one of its N bins exactly, an expected
+``B (1 - 1/N)^(B-1)`` of B from one FedSGD update; trap weights (Boenisch et al. 2023) need a
+fully connected first layer with ReLU; fishing (Wen et al. 2022) a classifier layer with bias.
+
 Nothing here uses client data: the numeric checks run the model on a seeded Gaussian probe.
 """
 
@@ -30,7 +36,7 @@ import torch
 from torch import nn
 
 from ..attacks._chain import trace_chain
-from ..attacks._layers import trace_linear_layers
+from ..attacks._layers import classifier_layer, trace_linear_layers
 from ..attacks.copa import copa_security
 from ..attacks.qian import qian_cnn_condition
 from ..attacks.rgap import rank_analysis, rgap_last_layer
@@ -38,7 +44,8 @@ from ..client import fedsgd_update
 from ..errors import AttackNotApplicable
 from ..limits import check_batch, check_input_shape
 
-__all__ = ["AttackVerdict", "LeakageReport", "analyze", "report_table", "load_model_spec"]
+__all__ = ["AttackVerdict", "LeakageReport", "analyze", "report_table", "load_model_spec", "malicious_verdicts",
+           "IMPRINT_BINS"]
 
 
 @dataclass
@@ -62,6 +69,17 @@ class LeakageReport:
     verdict: str
     reasons: list[str] = field(default_factory=list)
     copa_security: dict | None = None
+    malicious: list[AttackVerdict] = field(default_factory=list)   # what a malicious server gets
+
+    @property
+    def summary(self) -> str:
+        """"An honest-but-curious server: ...; a malicious server: ..." in one sentence."""
+        honest = self.verdict.lower()
+        exact = [v for v in self.malicious if v.exact]
+        other = [v.attack for v in self.malicious if v.applies and not v.exact]
+        malicious = (f"exact recovery by {', '.join(v.attack for v in exact)} ({exact[0].reason.split(':')[0]})"
+                     if exact else "approximate recovery" if other else "no malicious-server attack applies")
+        return f"an honest-but-curious server: {honest}; a malicious server: {malicious}"
 
     def predicted(self, attack: str) -> AttackVerdict:
         return next(a for a in self.attacks if a.attack == attack)
@@ -73,7 +91,8 @@ class LeakageReport:
     def to_json(self) -> dict:
         return {"model": self.model, "input_shape": list(self.input_shape), "batch_size": self.batch_size,
                 "verdict": self.verdict, "reasons": self.reasons, "attacks": [a.to_json() for a in self.attacks],
-                "layers": self.layers, "copa_security": self.copa_security}
+                "layers": self.layers, "copa_security": self.copa_security,
+                "malicious": [a.to_json() for a in self.malicious], "summary": self.summary}
 
 
 def load_model_spec(spec: Any, input_shape: tuple[int, ...], num_classes: int = 10,
@@ -129,7 +148,37 @@ def analyze(model: nn.Module | str, input_shape: tuple[int, ...], batch_size: in
     verdicts += structural
     verdicts.append(_optimisation_verdict(B))
     verdict, reasons = _overall_verdict(verdicts)
-    return LeakageReport(name, input_shape, B, layers, verdicts, verdict, reasons, security)
+    return LeakageReport(name, input_shape, B, layers, verdicts, verdict, reasons, security,
+                         malicious_verdicts(linears, B))
+
+
+# A malicious server ---------------------------------------------------------------------
+
+IMPRINT_BINS = 128   # the imprint attack's default number of bins
+
+
+def malicious_verdicts(linears, B: int, bins: int = IMPRINT_BINS) -> list[AttackVerdict]:
+    """What a server that changes the model it sends gets (threat models F/G of the SoK),
+    from the model's linear layers (``trace_linear_layers``) and the batch size."""
+    alone = B * (1 - 1 / bins) ** (B - 1)
+    verdicts = [AttackVerdict(
+        "imprint", True, True,
+        f"about {alone:.1f} of {B} samples exactly: with {bins} bins a sample is alone in its bin with probability "
+        f"(1 - 1/{bins})^{B - 1} = {alone / B:.2f}; the module is inserted in front of any model (FedSGD; more bins, "
+        "more samples)")]
+    first = next((t for t in linears if t.receives_model_input and t.has_bias), None)
+    verdicts.append(AttackVerdict(
+        "trap-weights", first is not None, None if first is not None else False,
+        f"layer {first.name!r} is fed the input: samples that fire one of its {first.out_features} units alone come "
+        "back exactly; how many depends on how alike the images are" if first is not None else
+        "no fully connected layer with bias is fed the input"))
+    head = classifier_layer(linears)
+    head = head if head is not None and head.has_bias else None
+    verdicts.append(AttackVerdict(
+        "fishing", head is not None, None if head is not None else False,
+        f"classifier {head.name!r}: the gradient of one target-class sample is isolated and inverted by optimisation "
+        "(approximate)" if head is not None else "no classifier layer with bias"))
+    return verdicts
 
 
 # FC-bias and Qian ---------------------------------------------------------------------
@@ -300,6 +349,12 @@ def report_table(report: LeakageReport):
     for v in report.attacks:
         attacks.add_row(v.attack, "yes" if v.applies else "no",
                         {True: "predicted", False: "no", None: "uncertain"}[v.exact], v.reason)
+    if report.malicious:
+        attacks.add_section()
+        for v in report.malicious:
+            attacks.add_row(f"{v.attack} (malicious server)", "yes" if v.applies else "no",
+                            {True: "predicted", False: "no", None: "uncertain"}[v.exact], v.reason)
+    attacks.caption = report.summary
     return layers, attacks
 
 
