@@ -9,6 +9,7 @@
     gradleak study architectures      seed 004's DLG study across architectures
     gradleak train ...                train a zoo or user model (centralised or federated), with checkpoints
     gradleak list                     models, attacks and built-in data sets
+    gradleak reference [--out FILE]   the reference page of every attack, defense and option (docs/reference.md)
 
 Every command that names a model takes the same options (``--model`` zoo name or
 ``package.module:factory``, ``--model-option``, ``--weights``, ``--device``, ``--mode``,
@@ -17,7 +18,7 @@ Every command that names a model takes the same options (``--model`` zoo name or
 
 from __future__ import annotations
 
-from . import analysis, audit, runs, study, train  # noqa: F401  (registers the commands)
+from . import analysis, audit, reference, runs, study, train  # noqa: F401  (registers the commands)
 from ._common import app
 
 __all__ = ["app"]
