@@ -4,7 +4,7 @@
 
 False positives: honest zoo initialisations (100 seeds each) inspected on 8 built-in faces.
 Detection: imprint modules (bins 32..1024) in front of LeNet, and trap weights at rates
-0.005..0.3 on a 1000-unit MLP, each for 20 seeds; plus how many samples the attack would
+0.005..0.3 on a 1000-unit MLP, fishing on LeNet and an MLP, each for 20 seeds; plus how many samples the attack would
 have recovered at that setting (what evading the check costs the attacker).
 """
 
@@ -16,6 +16,7 @@ import torch
 
 import gradleak as gl
 from gradleak.attacks import ImprintAttack, TrapWeights
+from gradleak.attacks.malicious import ClassFishing
 from gradleak.data import load_builtin
 from gradleak.defenses import inspect_model
 from gradleak.metrics import match, psnr
@@ -65,6 +66,12 @@ def main():
             detected += bool(inspect_model(served, inputs))
             exact += _exact(attack, served, batch, labels, spec)
         print(f"| trap weights, rate {rate} | {detected} | {exact / 20:.1f} |")
+    for name, options in (("lenet", {}), ("mlp", {})):
+        detected = sum(bool(inspect_model(ClassFishing(model, threat, target=1).serve(model, (1, 25, 25), public),
+                                          inputs))
+                       for model in (gl.ModelSpec(name, options, seed=s).build((1, 25, 25), 2).module
+                                     for s in range(20)))
+        print(f"| fishing class 1, {name} | {detected} | (approximate attack) |")
 
 
 if __name__ == "__main__":

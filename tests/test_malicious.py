@@ -115,6 +115,11 @@ def test_the_client_inspection_refuses_manipulated_models_and_passes_honest_ones
     mlp = ModelSpec("mlp", {"hidden": "1000"}).build((1, 25, 25), 2).module
     trapped = TrapWeights(mlp, ThreatModel(server="malicious")).serve(mlp, (1, 25, 25), public)
     assert "fire for" in inspect_model(trapped, inputs)[0]
+    from gradleak.attacks import ClassFishing
+
+    lenet = ModelSpec("lenet").build((1, 25, 25), 2).module
+    fishing = ClassFishing(lenet, ThreatModel(server="malicious"), target=0).serve(lenet, (1, 25, 25), public)
+    assert inspect_model(fishing, inputs) == ["fc: 1 of 2 classifier rows are zero (fishing for one class?)"]
     with pytest.raises(ClientRefused, match="refused to train on it: imprint"):
         attack_simulated("imprint", tmp_path / "r", data=DataRequest("faces", n=8, size=None), model="lenet",
                          client=ClientSetup(batch_size=8), threat=ThreatModel(server="malicious"),

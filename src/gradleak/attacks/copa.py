@@ -161,7 +161,7 @@ class COPA(Attack):
     """COPA: layer-wise optimisation from the output back to the input (Chen & Campbell)."""
 
     name = "copa"
-    paper = "Chen & Campbell, Understanding training-data leakage from gradients (arXiv 2111.10178; 2210.13231)"
+    paper = "Chen & Campbell 2021, Understanding training-data leakage from gradients (arXiv 2111.10178; 2210.13231)"
     conditions = ("single image; label known (or K >= 3 classes); chain of linear/conv layers with invertible "
                   "activations; exact where every layer-wise system is well posed")
 

@@ -280,12 +280,12 @@ class ClassFishing(MaliciousAttack):
     about zero for every other sample, so the gradient of every layer below the classifier is
     (almost) the gradient of the target-class samples alone, whatever the batch size. That
     magnified gradient is attacked as a batch of one with Inverting Gradients (the classifier's
-    own gradient, which mixes every sample, is left out).
+    own gradient, which mixes every sample, is left out). Options: ``target`` (class index),
+    ``margin`` (how far the target bias is pushed down; default 30), and any Inverting
+    Gradients option (``iterations``, default 2000; ``tv``, ...).
 
     Conditions: a malicious server; a linear classifier layer; one sample of the target class
-    in the batch (several come back as one mixed image). Options: ``target`` (class index),
-    ``margin`` (how far the target bias is pushed down; default 30), and any Inverting
-    Gradients option (``iterations``, ``tv``, ...)."""
+    in the batch (several come back as one mixed image)."""
 
     name = "fishing"
     paper = "Wen et al. 2022, Fishing for User Data in Large-Batch FL via Gradient Magnification (ICML)"

@@ -381,7 +381,7 @@ class QianInversion(Attack):
     """Closed-form reconstruction of a single input or a batch (Qian et al.)."""
 
     name = "qian"
-    paper = "Qian, Nassar & Hansen, Minimal model structure analysis for input reconstruction in FL (arXiv 2010.15718)"
+    paper = "Qian, Nassar & Hansen 2020, Minimal model structure analysis for input reconstruction in FL (arXiv 2010.15718)"
     conditions = ("a fully connected layer with bias (fed the input, or after convolutions meeting h >= (d/d')^2 C "
                   "with invertible activations); batches: >= B hidden units and ReLU units that isolate each sample; "
                   "a perturbed gradient (noise, pruning) gives best estimates, noted APPROXIMATE (robust=True, "

@@ -9,7 +9,10 @@ and its own batch, before it computes anything it would send:
   initialisations draw rows independently: their cosines are near 0.
 - **trap weights** (Boenisch et al.): a first fully connected layer whose ReLU units fire for
   few of the client's inputs. Honest initialisations (PyTorch's uniform rows, zero-mean
-  biases) fire about half of the units for any input.
+  biases) fire about half of the units for any input (averages 0.32-0.63 over 100 seeds of
+  layers of 16 to 1,000 units on faces); the threshold 0.25 catches traps up to rate 0.2.
+- **fishing** (Wen et al.): a classifier layer whose rows are zero for every class but the
+  target. No initialisation, and no trained model in practice, has a row of exact zeros.
 
 ``inspect_model`` returns the findings in words; the ``inspect-model`` defense refuses to
 train (no update is sent) when there are any. Thresholds and their false-positive rates on
@@ -43,6 +46,15 @@ def _input_layers(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[
             if t.receives_model_input]
 
 
+def _classifier(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[str, nn.Linear] | None:
+    from ..attacks._layers import classifier_layer, trace_linear_layers
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    head = classifier_layer(trace_linear_layers(model, input_shape, params, buffers))
+    return None if head is None else (head.name, dict(model.named_modules())[head.name])
+
+
 def _duplicate_rows(weight: torch.Tensor, cosine: float) -> int:
     """How many rows have another row pointing the same way (cosine above ``cosine``)."""
     rows = weight.detach().double()
@@ -53,11 +65,12 @@ def _duplicate_rows(weight: torch.Tensor, cosine: float) -> int:
 
 
 def inspect_model(model: nn.Module, inputs: torch.Tensor, *, max_duplicate_fraction: float = 0.1,
-                  min_firing_rate: float = 0.1, cosine: float = 0.99) -> list[str]:
+                  min_firing_rate: float = 0.25, cosine: float = 0.99) -> list[str]:
     """Findings (empty: nothing suspicious) about ``model`` on the client's ``inputs`` (as
     the model sees them, i.e. normalized): fully connected layers fed the input with more
     than ``max_duplicate_fraction`` of their rows duplicating another's direction (imprint),
-    or whose units fire for less than ``min_firing_rate`` of the inputs on average (traps)."""
+    or whose units fire for less than ``min_firing_rate`` of the inputs on average (traps), and
+    a classifier layer with rows of zeros (fishing)."""
     findings = []
     for name, layer in _input_layers(model, tuple(inputs.shape[1:])):
         duplicates = _duplicate_rows(layer.weight, cosine)
@@ -71,22 +84,29 @@ def inspect_model(model: nn.Module, inputs: torch.Tensor, *, max_duplicate_fract
             if rate < min_firing_rate:
                 findings.append(f"{name}: its units fire for {100 * rate:.1f} % of my inputs on average (below "
                                 f"{100 * min_firing_rate:g} %: trap weights?)")
+    head = _classifier(model, tuple(inputs.shape[1:]))
+    if head is not None and head[1].out_features > 1:
+        zero = int((head[1].weight.detach() == 0).all(dim=1).sum())
+        if zero:
+            findings.append(f"{head[0]}: {zero} of {head[1].out_features} classifier rows are zero (fishing for "
+                            "one class?)")
     return findings
 
 
 @register_defense
 @dataclass(frozen=True)
 class ModelInspection(Defense):
-    """The client inspects the model it received (imprint modules, trap weights) and refuses
+    """The client inspects the model it received (imprint modules, trap weights, fishing) and refuses
     to train on a manipulated one: no update is sent. Parameters: ``max_duplicate_fraction``
     (rows of an input layer allowed to share a direction), ``min_firing_rate`` (average
     fraction of a first layer's units firing on the client's inputs)."""
 
     max_duplicate_fraction: float = 0.1
-    min_firing_rate: float = 0.1
+    min_firing_rate: float = 0.25
 
     name = "inspect-model"
-    paper = "the client's check against Fowl et al. 2022 (imprint) and Boenisch et al. 2023 (trap weights)"
+    paper = ("the client's check against Fowl et al. 2022 (imprint), Boenisch et al. 2023 (trap weights) and "
+             "Wen et al. 2022 (fishing)")
     stage = "client"
 
     def __post_init__(self):
