@@ -442,6 +442,28 @@ def test_gate_defends_above_the_threshold(digits16, data_spec):
     assert not torch.equal(sent["fc.weight"], clean["fc.weight"])
 
 
+def test_gate_noise_is_fresh_every_round_and_the_same_in_a_rerun(digits16, data_spec):
+    """Flower's simulation gives the same client another node id in every run: the gate's noise
+    follows the partition and the server round, so a rerun sends the same defended update."""
+    global_record = ArrayRecord(SPEC.build(SHAPE, CLASSES).module.state_dict())
+
+    def defended(node_id, server_round):
+        config = ConfigRecord({**training_config(0.1, epochs=1), "server-round": server_round})
+        message = Message(RecordDict({"arrays": global_record, "config": config}), node_id, MessageType.TRAIN)
+        context = Context(run_id=7, node_id=node_id, node_config={"partition-id": 0}, state=RecordDict(),
+                          run_config={})
+        gate = leakage_gate(SPEC, lambda ctx: client_batch(digits16, 101), num_classes=CLASSES, attacks=[("rgap", {})],
+                            data_spec=data_spec, threshold_psnr=30.0, action="defense",
+                            defense="gaussian:variance=1e-4", verify=False)
+        reply = gate(message, context, lambda msg, ctx: replies_for([Message(msg.content, 101, MessageType.TRAIN)],
+                                                                    digits16, data_spec)[0])
+        assert reply.content["metrics"][ACTION] == DEFENDED
+        return array_bytes(reply.content["arrays"])
+
+    assert defended(101, 1) == defended(90210, 1)
+    assert defended(101, 1) != defended(101, 2)
+
+
 def test_gate_passes_below_the_threshold(digits16, data_spec):
     _, reply, undefended = _gate_run(digits16, data_spec, 202, threshold_psnr=18.0, action="block")
     assert not reply.has_error() and reply.content["metrics"][ACTION] in (PASSED, -1)

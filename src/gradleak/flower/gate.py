@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from typing import Any, Callable
 
 import torch
@@ -77,7 +78,7 @@ def leakage_gate(model: ModelSpec, data: Data, *, num_classes: int, attacks: Any
     options)`` pairs tried in order until one reaches the threshold; ``time_budget``: seconds
     for all of them (each gradient-matching attack gets what is left; ``verify`` gets a
     budget of its own); ``threat``: the server's view (default: no labels); ``seed``: of the
-    defense's randomness (fresh every call)."""
+    defense's randomness (fresh every round, the same in a rerun: see ``LeakageGate._noise_seed``)."""
     return LeakageGate(model, data, num_classes, parse_attacks(attacks), check_float("threshold_psnr", threshold_psnr),
                        _defense(action, defense), check_float("time_budget", time_budget, low_open=True), data_spec,
                        threat or ThreatModel(), bool(verify), seed)
@@ -150,17 +151,28 @@ class LeakageGate:
                       f"the threshold {self.threshold:.1f} dB")
             log.warning("gradleak gate: %s", reason)
             return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
-        after = self._defend(msg, reply, update, built, global_tensors, (images, labels))
+        after = self._defend(msg, reply, context, update, built, global_tensors, (images, labels))
         log.warning("gradleak gate: %s reconstructs at %.1f dB >= %.1f dB: applied %s (after: %.1f dB)", name, psnr,
                     self.threshold, self.defense.label(), after)
         _record(reply, psnr, after, DEFENDED, time.perf_counter() - start)
         return reply
 
-    def _defend(self, msg, reply, update, built, global_tensors, truth) -> float:
+    def _noise_seed(self, msg: Message, context: Context) -> int:
+        """Fresh randomness every round, the same in every run of the same federation: seeded by
+        the gate's seed, the client (its ``partition-id`` where the node config has one, as in
+        Flower's simulation, whose node ids change from run to run; else its node id) and the
+        server round (FedAvg's ``server-round`` in the train config; else this gate's call count)."""
+        self.calls += 1
+        client = context.node_config.get("partition-id", msg.metadata.dst_node_id)
+        client = client if isinstance(client, int) and not isinstance(client, bool) else zlib.crc32(
+            str(client).encode())
+        step = next((r["server-round"] for r in msg.content.config_records.values() if "server-round" in r), None)
+        step = step if isinstance(step, int) and not isinstance(step, bool) else self.calls
+        return ((self.seed * 1_000_003 + client % 1_000_003) * 7919 + step % 1_000_003) % 2**63
+
+    def _defend(self, msg, reply, context, update, built, global_tensors, truth) -> float:
         """Apply the defense to the delta, put ``global + defended delta`` in the reply; the PSNR after (-1: none)."""
-        self.calls += 1   # fresh randomness every round: seeded by the gate's seed, the node and the call count
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + int(msg.metadata.dst_node_id) % 1_000_003) * 7919 + self.calls)
+        generator = torch.Generator().manual_seed(self._noise_seed(msg, context))
         images, labels = truth
         context = ClientContext(built.module, images.to(built.device, built.dtype), labels.to(built.device),
                                 update.data_spec, built.loss, self.seed)
