@@ -58,7 +58,7 @@ class GradInversion(GradientMatching):
              "via GradInversion (CVPR)")
     conditions = ("BatchNorm model with the client's BatchNorm statistics granted (ThreatModel(bn_statistics=True)); "
                   "batch size known; labels given or recoverable from the classifier gradient")
-    preset = MatchingConfig(tv=1e-2, l2=1e-4, bn=1e-1, group=1e-2, group_start=0.0, restarts=4)
+    preset = MatchingConfig(tv=1e-2, l2=1e-4, bn=1e-1, group=1.0, restarts=4)
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         if not has_batch_norm(self.model):
