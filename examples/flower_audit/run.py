@@ -6,7 +6,8 @@ writes ``runs/flower-audit/report.html`` (per round and client: reconstructions,
 verdicts with their reasons; leakage as the global model trains; the secure-aggregation
 sum; the client gates' decisions), ``audit.json``, ``leakage.png``, ``grids/``, the
 captured updates in ``updates/round-XXX/`` (attack one later with ``gradleak attack``) and
-``final.safetensors`` (the trained global model). ``--help`` lists the options.
+``final.safetensors`` (the trained global model); an earlier run's ``nodes/``, ``updates/``
+and ``grids/`` in the same folder are removed first. ``--help`` lists the options.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = Path(args.out).resolve()
     _offline_environment(out)
+    for stale in ("nodes", "updates", "grids"):    # an earlier run's: its node ids would mix with this run's
+        shutil.rmtree(out / stale, ignore_errors=True)
     sys.path.insert(0, str(HERE))          # Ray's workers import this folder's app module (PYTHONPATH)
     import torch
     from safetensors.torch import save_file
