@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AttackNotApplicable
-from ..limits import check_float
+from ..errors import AttackNotApplicable, ConfigError
+from ..limits import check_float, short_repr
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
@@ -78,19 +78,26 @@ class LastLayer:
     candidates: list[tuple[torch.Tensor, torch.Tensor]]   # (x_d, g_d) pairs, most plausible first
     label: int
     note: str
+    approximate: bool = False     # the classifier gradient was not rank one: a best rank-one estimate
 
 
 def rgap_last_layer(weight: torch.Tensor, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None,
-                    loss: str, label: int | None) -> LastLayer:
-    """The classifier layer's input ``x_d`` and signal ``g_d = dL/dz_d`` from its gradient and the label."""
+                    loss: str, label: int | None, *, robust: bool = False) -> LastLayer:
+    """The classifier layer's input ``x_d`` and signal ``g_d = dL/dz_d`` from its gradient and the label.
+
+    ``robust``: a classifier gradient that is not rank one (perturbed by a defense) gives the
+    best rank-one estimate (its top singular pair), marked ``approximate``, instead of
+    :class:`AttackNotApplicable`."""
     dt = SOLVE_DTYPE
     W, dW = weight.to(dt), weight_grad.to(dt)
     if bias_grad is not None and bool((bias_grad != 0).any()):
         inv = fc_bias_inversion(weight_grad.to(dt), bias_grad.to(dt), layer="the classifier layer",
-                                rank_tol=default_rank_tolerance(weight_grad.dtype))
+                                rank_tol=default_rank_tolerance(weight_grad.dtype), robust=robust)
         g = bias_grad.to(dt)
         found = int(g.argmin()) if label is None else label
-        return LastLayer([(inv.x, g)], found, "last layer: g = dL/db (classifier with bias)")
+        return LastLayer([(inv.x, g)], found, "last layer: g = dL/db (classifier with bias)" + (
+            f"; APPROXIMATE: best rank-one estimate (residual {inv.rank_one_residual:.2e})" if inv.approximate else ""),
+            inv.approximate)
     if not bool(dW.abs().sum() > 0):
         raise AttackNotApplicable("the classifier gradient is zero: nothing to start the recursion from",
                                   condition="non-zero classifier gradient")
@@ -125,10 +132,15 @@ def rgap_last_layer(weight: torch.Tensor, weight_grad: torch.Tensor, bias_grad: 
     j = int(dW.norm(dim=1).argmax())
     r = dW[j]
     c = dW @ r / (r @ r)                      # dW = c r^T (rank one for one sample)
-    if float(torch.linalg.vector_norm(dW - torch.outer(c, r)) / torch.linalg.vector_norm(dW)) > default_rank_tolerance(
-            weight_grad.dtype):
+    residual = float(torch.linalg.vector_norm(dW - torch.outer(c, r)) / torch.linalg.vector_norm(dW))
+    approximate = residual > default_rank_tolerance(weight_grad.dtype)
+    if approximate and not robust:
         raise AttackNotApplicable("the classifier gradient is not rank one: it averages several samples",
                                   condition="batch size 1")
+    if approximate:                           # the best rank-one fit s u v^T, oriented like row j
+        u, sv, vh = torch.linalg.svd(dW, full_matrices=False)
+        r = sv[0] * u[j, 0] * vh[0]        # row j of the fit
+        c = dW @ r / (r @ r)
     if label is None:
         signs = torch.sign(c)
         minority = [k for k in range(len(c)) if (signs == signs[k]).sum() == 1 and c[k] != 0]
@@ -145,7 +157,8 @@ def rgap_last_layer(weight: torch.Tensor, weight_grad: torch.Tensor, bias_grad: 
     beta = torch.linalg.lstsq(design, torch.log(c[others].abs())[:, None]).solution[0, 0]
     x = beta * r
     g = c / beta
-    return LastLayer([(x, g)], label, "last layer: softmax logit scale from log|c_j| = (Wx)_j/alpha + const")
+    return LastLayer([(x, g)], label, "last layer: softmax logit scale from log|c_j| = (Wx)_j/alpha + const" + (
+        f"; APPROXIMATE: best rank-one estimate (residual {residual:.2e})" if approximate else ""), approximate)
 
 
 @dataclass
@@ -254,12 +267,15 @@ class RGAP(Attack):
     conditions = ("batch size 1; a chain of linear/conv layers with invertible activations (LeakyReLU); label known "
                   "(binary head) or K >= 3 classes; exact when every layer's system has full rank (RA)")
 
-    def __init__(self, model, threat: ThreatModel | None = None, *, rtol: float = 1e-10):
+    def __init__(self, model, threat: ThreatModel | None = None, *, rtol: float = 1e-10, robust: bool = True):
         super().__init__(model, threat)
         self.rtol = check_float("rtol", rtol)
+        if not isinstance(robust, bool):
+            raise ConfigError(f"robust must be true or false, got {short_repr(robust)}")
+        self.robust = robust
 
     def options(self):
-        return {**super().options(), "rtol": self.rtol}
+        return {**super().options(), "rtol": self.rtol, "robust": self.robust}
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         require_single_sample(update, "R-GAP")
@@ -274,7 +290,8 @@ class RGAP(Attack):
             raise AttackNotApplicable("the last layer is not fully connected", condition="a linear classifier layer")
         label = None if update.labels is None else int(update.labels[0])
         last = rgap_last_layer(params[head.param("weight")], gradient[head.param("weight")],
-                               gradient.get(head.param("bias")) if head.has_bias else None, update.loss, label)
+                               gradient.get(head.param("bias")) if head.has_bias else None, update.loss, label,
+                               robust=self.robust)
         spec = update.data_spec
         candidates = []
         x, ranks = rgap_recursion(chain, params, gradient, *last.candidates[0], rtol=self.rtol)
@@ -295,7 +312,11 @@ class RGAP(Attack):
         for r in ranks:
             notes.append(f"layer {r.layer!r} ({r.description}): {r.unknowns} unknowns, rank {r.numeric_rank}, "
                          f"RA {r.ra:+d}, condition {r.condition:.3g}")
-        notes.append("every layer full rank: exact recovery expected" if not deficient else
+        if last.approximate:
+            notes.append("APPROXIMATE: the gradient is perturbed (a defense), so the recursion solves every layer "
+                         "in the least-squares sense from a best estimate: not an exact recovery")
+        notes.append(("every layer full rank: exact recovery expected" if not last.approximate else
+                      "every layer full rank") if not deficient else
                      f"rank deficit in {', '.join(repr(r.layer) for r in deficient)}: the minimum-norm solution is "
                      "returned, exact recovery is not possible from these constraints")
         history = {"rank_deficit": [float(r.deficit) for r in ranks],
