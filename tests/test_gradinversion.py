@@ -121,3 +121,15 @@ def test_group_of_restarts_in_lockstep_equals_separate_restarts_until_the_term_s
     assert any("group consistency over 2 restarts" in note for note in pulled.notes)
     assert pulled.labels.tolist() == [0, 1, 2, 3]
     assert pulled.images.shape == (4, 3, 32, 32)
+
+
+def test_group_consistency_runs_batched_under_vmap_for_models_without_batchnorm(photos):
+    lenet = build_model("lenet", (3, 32, 32), 10, seed=0)
+    update = fedsgd_update(lenet, photos.images[:2], photos.labels[:2])
+    options = dict(tv=1e-2, iterations=4, restarts=3, record_every=1)
+    pulled = get_attack("gradient-matching")(lenet, group=1.0, **options).reconstruct(update)
+    apart = get_attack("gradient-matching")(lenet, **options).reconstruct(update)
+    note = next(note for note in pulled.notes if "group consistency" in note)
+    assert "over 3 restarts" in note and "batched with vmap" in note and "consensus" in note
+    assert pulled.history["loss[0]"]["y"][0] == pytest.approx(apart.history["loss[0]"]["y"][0], rel=1e-6)  # same start
+    assert pulled.history["loss[0]"]["y"][-1] != pytest.approx(apart.history["loss[0]"]["y"][-1], rel=1e-6)
