@@ -54,3 +54,20 @@ def test_security_measure_finite_when_well_posed_infinite_when_deficient(photos)
     deficient = _security(weak, update)
     assert deficient.measure == math.inf and deficient.nullity > 0.5
     assert deficient.to_json()["secure"] is True
+
+
+def test_a_perturbed_gradient_gives_an_estimate_noted_approximate(faces):
+    """COPA through noise: started from the classifier's best rank-one fit, not refused."""
+    from gradleak.defenses import defended_updates
+    from gradleak.errors import AttackNotApplicable
+    from gradleak.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(25 * 25, hidden=(64,), num_classes=2, activation="leaky_relu")
+    image, label = faces.images[-1:], faces.labels[-1:]
+    noisy = defended_updates(model, image, label, defenses=["gaussian:variance=1e-6"])[0].update
+    with pytest.raises(AttackNotApplicable, match="not rank one"):
+        COPA(model, robust=False).reconstruct(noisy)
+    estimate = COPA(model, iterations=300).reconstruct(noisy)
+    assert any(n.startswith("APPROXIMATE") for n in estimate.notes)
+    assert float(psnr(estimate.images.clamp(0, 1), image)[0]) > 25

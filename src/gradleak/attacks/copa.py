@@ -166,15 +166,17 @@ class COPA(Attack):
                   "activations; exact where every layer-wise system is well posed")
 
     def __init__(self, model, threat: ThreatModel | None = None, *, pullback: bool = True, iterations: int = 2000,
-                 tol: float = 1e-13):
+                 tol: float = 1e-13, robust: bool = True):
         super().__init__(model, threat)
-        if not isinstance(pullback, bool):
-            raise ConfigError(f"pullback must be true or false, got {short_repr(pullback)}")
+        for name, value in (("pullback", pullback), ("robust", robust)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {short_repr(value)}")
         self.pullback, self.iterations = pullback, check_int("iterations", iterations, 1, MAX_ITERATIONS)
-        self.tol = check_float("tol", tol)
+        self.tol, self.robust = check_float("tol", tol), robust
 
     def options(self):
-        return {**super().options(), "pullback": self.pullback, "iterations": self.iterations, "tol": self.tol}
+        return {**super().options(), "pullback": self.pullback, "iterations": self.iterations, "tol": self.tol,
+                "robust": self.robust}
 
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         require_single_sample(update, "COPA")
@@ -188,7 +190,8 @@ class COPA(Attack):
         head = chain.layers[-1]
         label = None if update.labels is None else int(update.labels[0])
         last = rgap_last_layer(params[head.param("weight")], gradient[head.param("weight")],
-                               gradient.get(head.param("bias")) if head.has_bias else None, update.loss, label)
+                               gradient.get(head.param("bias")) if head.has_bias else None, update.loss, label,
+                               robust=self.robust)
         x, g = last.candidates[0]
         history: dict[str, list[float]] = {}
         for k in range(len(chain.layers) - 2, -1, -1):
@@ -209,5 +212,8 @@ class COPA(Attack):
                  + (", with the pull-back constraint" if self.pullback else "")]
         if len(last.candidates) > 1:
             notes.append("the binary logit has two roots; the first (smaller logit) was used")
+        if last.approximate:
+            notes.append("APPROXIMATE: the gradient is perturbed (a defense); the layer-wise objectives start from "
+                         "the classifier's best rank-one estimate: not an exact recovery")
         return Reconstruction(images=spec.denormalize(image) if spec is not None else image,
                               labels=torch.tensor([last.label]), history=history, notes=notes)
