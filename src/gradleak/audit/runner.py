@@ -38,6 +38,7 @@ from ..report.audit import write_audit_report
 from ._ray import RayBackend
 from .config import AuditConfig, AttackChoice, ModelChoice, load_audit_config, stable_hash
 from .results import AuditResult, CellResult
+from .verdict import audit_verdicts
 
 __all__ = ["CellSpec", "CellResult", "AuditResult", "run_audit", "audit_cells", "cell_groups", "run_group",
            "mean_image_psnr"]
@@ -264,68 +265,6 @@ def _run_utility(stack: list[Any], config: AuditConfig, out: Path, progress, res
     return result
 
 
-def _judge(members: list[CellResult], rule) -> tuple[str, str]:
-    """(level, sentence) for the cells of one (model, defense, batch size) and one kind of server."""
-    recognisable = [c for c in members if c.status == "done" and c.levels.get("recognisable", 0) > 0]
-    partial = [c for c in members if c.status == "done" and c not in recognisable and c.levels.get("partial", 0) > 0]
-
-    def describe(c: CellResult) -> str:
-        return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images with "
-                f"{rule.describe()}; mean PSNR {c.summary.get('psnr_mean', float('nan')):.1f} dB)")
-
-    if recognisable:
-        return "leaks", (f"{'; '.join(describe(c) for c in recognisable)} still recover"
-                         f"{'s' if len(recognisable) == 1 else ''} recognisable images.")
-    if partial:
-        return "partial", (f"no attack recovers a recognisable image; {', '.join(c.attack for c in partial)} "
-                           f"recover{'s' if len(partial) == 1 else ''} partial structure ({rule.describe('partial')}).")
-    scored = [c for c in members if c.status == "done" and c.summary.get("psnr_mean") is not None]
-    best = max(scored, key=lambda c: c.summary["psnr_mean"], default=None)
-    others = [c for c in members if c is not best and c.status != "done"]
-    text = (f"no attack recovers recognisable images (best mean PSNR {best.summary['psnr_mean']:.1f} dB, "
-            f"{best.attack})." if best else "no attack reconstructed images.")
-    for status, words in (("not-applicable", "Not applicable"), ("error", "Failed")):
-        failed = [c for c in others if c.status == status]
-        if failed:
-            text += f" {words}: " + "; ".join(
-                f"{c.attack} (needs {c.condition})" if c.condition else f"{c.attack} ({c.message})"
-                for c in failed) + "."
-    return ("protected" if best else "not-measured"), text
-
-
-def _threat_models(cells: list[CellResult]) -> str:
-    letters = sorted({c.threat_model for c in cells if c.threat_model})
-    return f" (SoK {'/'.join(letters)})" if letters else ""
-
-
-def _verdicts(config: AuditConfig, cells: list[CellResult]) -> list[dict[str, Any]]:
-    """Per (model, defense, batch size): which attacks still recover recognisable images, in
-    words; what an honest-but-curious server gets, then (when the grid has malicious-server
-    attacks) what a malicious one gets."""
-    groups: dict[tuple, list[CellResult]] = {}
-    for cell in cells:
-        groups.setdefault((cell.model, cell.defense_index, cell.batch_size), []).append(cell)
-    verdicts = []
-    for (model, index, batch), members in groups.items():
-        honest = [c for c in members if c.server != "malicious"]
-        malicious = [c for c in members if c.server == "malicious"]
-        text = f"{model}, batch {batch}, defense {members[0].defense}: "
-        level, malicious_level = "not-measured", None
-        if honest:
-            level, sentence = _judge(honest, config.verdict)
-            text += (f"an honest-but-curious server{_threat_models(honest)}: " if malicious else "") + sentence
-        if malicious:
-            malicious_level, sentence = _judge(malicious, config.verdict)
-            text += (" " if honest else "") + f"A malicious server{_threat_models(malicious)}: {sentence}"
-        labels = [c for c in members if c.status == "done" and c.summary.get("label_accuracy") == 1.0]
-        if labels:
-            text += f" Labels fully recovered by {', '.join(c.attack for c in labels)}."
-        verdicts.append({"model": model, "defense_index": index, "defense": members[0].defense, "batch_size": batch,
-                         "level": level if honest else malicious_level, "malicious_level": malicious_level,
-                         "text": text})
-    return verdicts
-
-
 def _load_context(config: AuditConfig) -> dict[str, Any]:
     """The attacked images on the audit's device and dtype, with what every cell needs of them."""
     from ..data import load_dataset
@@ -408,7 +347,7 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
 
     def result(interrupted: bool) -> AuditResult:
         cells = [finished[i] for i in sorted(finished)]
-        return AuditResult(out, config, cells, utility, _verdicts(config, cells), interrupted, baseline)
+        return AuditResult(out, config, cells, utility, audit_verdicts(cells, config.verdict), interrupted, baseline)
 
     with progress_bar(quiet) as progress:
         try:
