@@ -143,10 +143,12 @@ def robust_isolate(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch
     approximation (truncated SVD, Eckart-Young) removes the part of the perturbation outside
     that subspace, and the units' rows are then grouped with the tightest tolerance (of
     :data:`ROBUST_TOLERANCES`) that isolates the most samples. (The separating hyperplanes
-    of the exact case were tried on the projection too: no better on noisy faces, 2x slower.) For B = 1 every row of the
-    projection is proportional to the top singular vector: the estimate is the best rank-one
-    fit, as in :func:`~gradleak.attacks.analytic.rank_one_estimate`. Returns (samples,
-    units, tolerance used, relative residual of the rank-B fit)."""
+    of the exact case were tried on the projection too: no better on noisy faces, 2x slower.)
+    Where no two rows agree even at the loosest tolerance, the B strongest units (largest
+    ``|db|``), each alone, are the estimates. For B = 1 every row of the projection is
+    proportional to the top singular vector: the estimate is the best rank-one fit, as in
+    :func:`~gradleak.attacks.analytic.rank_one_estimate`. Returns (samples, units, tolerance
+    used (inf: single units), relative residual of the rank-B fit)."""
     A = torch.cat([dW, db[:, None]], dim=1)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     k = min(B, S.numel())
@@ -170,6 +172,17 @@ def robust_isolate(dW: torch.Tensor, db: torch.Tensor, W: torch.Tensor, b: torch
                 break
         if best[0]:
             break
+    if not best[0]:   # no two rows agree even loosely: each of the B strongest units alone, as its own estimate
+        order = [int(j) for j in db_k.abs().argsort(descending=True) if db_k[j] != 0]
+        found, units = [], []
+        for j in order:
+            x = dW_k[j] / db_k[j]
+            if all(torch.linalg.vector_norm(x - f) > 0.1 * torch.linalg.vector_norm(f) for f in found):
+                found.append(x)
+                units.append([j])
+            if len(found) == B:
+                break
+        best = (found, units, float("inf"))
     return (*best, residual)
 
 

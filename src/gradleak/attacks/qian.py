@@ -111,7 +111,7 @@ def qian_batch_inversion(weight_grad: torch.Tensor, bias_grad: torch.Tensor, wei
         if estimates:
             notes.append(f"APPROXIMATE: the gradient is not explained exactly by {B} samples (rank-{B} residual "
                          f"{residual:.2e}: perturbed by a defense, or another batch size); the samples are best "
-                         f"estimates from its rank-{B} approximation (rows grouped within {used:g})")
+                         f"estimates from its rank-{B} approximation (" + (f"rows grouped within {used:g}" if used != float("inf") else "no rows agree: the strongest units, one each") + ")")
             x = torch.stack(estimates).to(weight_grad.dtype)
             return QianBatch(x, estimate_units, B, rank, notes, approximate=True)
     if not found:
