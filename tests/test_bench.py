@@ -1,0 +1,44 @@
+"""benchmarks/bench.py, the benchmark runner: its figures are read off the attack's own hooks
+(a few iterations here, on built-in photos; the timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).parents[1] / "benchmarks" / "bench.py"
+    spec = importlib.util.spec_from_file_location("gradleak_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_iterative_case_records_a_timed_curve(bench):
+    case = bench.Case("ig-lenet-test", "inverting-gradients", "lenet", quick=12, target_db=0.0)
+    row = bench.run_case(case, quick=True, device="cpu", threads=1, start=8)
+    assert row["iterations_run"] == 12 and row["images_from"] == 8
+    curve = row["curve"]
+    assert [p["iteration"] for p in curve] == sorted({p["iteration"] for p in curve}) and len(curve) >= 3
+    assert all(b["seconds"] >= a["seconds"] for a, b in zip(curve, curve[1:]))
+    assert all(math.isfinite(p["psnr"]) and -1 <= p["ssim"] <= 1 for p in curve)
+    assert 0 < row["seconds_per_iteration"] < row["seconds"]
+    assert row["seconds_to_target"] == curve[0]["seconds"]  # a 0 dB target is met at the first record
+    assert row["peak_memory_mb"] > 0 and "ig-lenet-test" in bench.table([row])
+
+
+def test_closed_form_case_scores_its_single_result(bench):
+    case = next(c for c in bench.CASES if c.name == "fc-bias-mlp-224-b1")
+    row = bench.run_case(case, quick=True, device="cpu", threads=1, start=9)
+    assert row["psnr"] >= 60 and row["seconds_per_iteration"] is None
+    assert row["seconds_to_target"] == row["seconds"] == row["curve"][0]["seconds"]
