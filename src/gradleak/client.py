@@ -25,7 +25,7 @@ from torch.func import grad
 from .data.spec import DataSpec
 from .errors import ConfigError
 from .functional import buffers_after_forward, task_loss
-from .limits import check_float, check_int, check_seed, short_repr
+from .limits import check_bool, check_float, check_int, check_seed, short_repr
 from .losses import get_loss
 from .update import SharedUpdate
 
@@ -214,8 +214,7 @@ class ClientSetup:
         if self.local_steps is not None and self.epochs is not None:
             raise ConfigError(f"give at most one of local_steps ({self.local_steps}) and epochs ({self.epochs})")
         check_float("lr", self.lr, low_open=True)
-        if not isinstance(self.share_labels, bool):
-            raise ConfigError(f"share_labels must be true or false, got {short_repr(self.share_labels)}")
+        check_bool("share_labels", self.share_labels)
         check_seed("seed", self.seed)
         if not isinstance(self.extra, Mapping) or not all(isinstance(k, str) for k in self.extra):
             raise ConfigError(f"extra must be a mapping with string keys, got {short_repr(self.extra)}")

@@ -18,7 +18,7 @@ from .errors import ConfigError, one_line
 __all__ = [
     "MAX_SIDE", "MAX_INPUT_ELEMENTS", "MAX_BATCH", "MAX_BATCH_ELEMENTS", "MAX_SEED", "MAX_RESTARTS",
     "MAX_ITERATIONS", "MAX_CLASSES", "MAX_PARAMETERS",
-    "short_repr", "one_line", "check_int", "check_float", "check_input_shape", "check_seed", "check_batch",
+    "short_repr", "one_line", "check_bool", "check_int", "check_float", "check_input_shape", "check_seed", "check_batch",
 ]
 
 MAX_SIDE = 4096                 # pixels per side of one input (ImageNet models use 224-299)
@@ -38,6 +38,13 @@ def check_int(where: str, value: Any, low: int, high: int) -> int:
         raise ConfigError(f"{where} must be an integer in {low}..{high}, got {short_repr(value)}")
     if not low <= value <= high:
         raise ConfigError(f"{where} must be an integer in {low}..{high}, got {short_repr(value)}")
+    return value
+
+
+def check_bool(where: str, value: Any) -> bool:
+    """``value`` is True or False (not 0/1, not a string); else a ConfigError naming ``where``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {short_repr(value)}")
     return value
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from .data.spec import DataSpec
 from .errors import ConfigError
-from .limits import check_input_shape, short_repr
+from .limits import check_bool, check_input_shape, short_repr
 from .update import SharedUpdate
 
 __all__ = ["ThreatModel", "SOK_THREAT_MODELS", "sok_threat_model"]
@@ -60,8 +60,7 @@ class ThreatModel:
         """Flags must be booleans; ``data_spec`` a DataSpec or a {mean, std} mapping; ``input_shape``
         1-4 positive integers within :mod:`gradleak.limits` (sides <= 4096, C*H*W <= 2**24)."""
         for name in ("labels_known", "batch_size_known", "bn_statistics"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
+            check_bool(name, getattr(self, name))
         if self.data_spec is not None and not isinstance(self.data_spec, DataSpec):
             object.__setattr__(self, "data_spec", _data_spec(self.data_spec))
         if self.input_shape is not None:

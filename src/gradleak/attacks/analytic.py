@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttackNotApplicable, ConfigError
-from ..limits import check_float, short_repr
+from ..limits import check_bool, check_float, short_repr
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._layers import LinearTrace, classifier_layer, trace_linear_layers
@@ -134,9 +134,7 @@ class FCBiasInversion(Attack):
     def __init__(self, model, threat: ThreatModel | None = None, *, layer: str | None = None,
                  rank_tol: float | None = None, robust: bool = True):
         super().__init__(model, threat)
-        if not isinstance(robust, bool):
-            raise ConfigError(f"robust must be true or false, got {short_repr(robust)}")
-        self.robust = robust
+        self.robust = check_bool("robust", robust)
         if layer is not None and not isinstance(layer, str):
             raise ConfigError(f"layer must be a layer name, got {short_repr(layer)}")
         self.layer = layer

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AttackNotApplicable, ConfigError
-from ..limits import MAX_ITERATIONS, check_float, check_int, short_repr
+from ..errors import AttackNotApplicable
+from ..limits import MAX_ITERATIONS, check_bool, check_float, check_int
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
@@ -168,11 +168,9 @@ class COPA(Attack):
     def __init__(self, model, threat: ThreatModel | None = None, *, pullback: bool = True, iterations: int = 2000,
                  tol: float = 1e-13, robust: bool = True):
         super().__init__(model, threat)
-        for name, value in (("pullback", pullback), ("robust", robust)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{name} must be true or false, got {short_repr(value)}")
-        self.pullback, self.iterations = pullback, check_int("iterations", iterations, 1, MAX_ITERATIONS)
-        self.tol, self.robust = check_float("tol", tol), robust
+        self.pullback, self.robust = check_bool("pullback", pullback), check_bool("robust", robust)
+        self.iterations = check_int("iterations", iterations, 1, MAX_ITERATIONS)
+        self.tol = check_float("tol", tol)
 
     def options(self):
         return {**super().options(), "pullback": self.pullback, "iterations": self.iterations, "tol": self.tol,

@@ -27,7 +27,7 @@ from torch.func import grad
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError
 from ..functional import forward, has_batch_norm, task_loss
-from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_float, check_int, check_seed,
+from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_bool, check_float, check_int, check_seed,
                       short_repr)
 from ..losses import get_loss
 from ..update import SharedUpdate
@@ -113,8 +113,7 @@ class MatchingConfig:
         if self.batch_size is not None:
             check_batch("batch_size", self.batch_size, None)
         check_seed("seed", self.seed)
-        if not isinstance(self.boxed, bool):
-            raise ConfigError(f"boxed must be true or false, got {short_repr(self.boxed)}")
+        check_bool("boxed", self.boxed)
         layers = self.layers
         if not (isinstance(layers, str) and len(layers) <= 200 or isinstance(layers, tuple) and len(layers) <= 10_000
                 and all(isinstance(name, str) for name in layers)):

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import AttackNotApplicable, ConfigError
-from ..limits import check_float, short_repr
+from ..errors import AttackNotApplicable
+from ..limits import check_bool, check_float
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import SOLVE_DTYPE, ChainLayer, act_inverse, act_known, layer_system, solve_normal, trace_chain
@@ -193,9 +193,7 @@ class QianInversion(Attack):
     def __init__(self, model, threat: ThreatModel | None = None, *, tol: float | None = None, robust: bool = True):
         super().__init__(model, threat)
         self.tol = check_float("tol", tol, optional=True)
-        if not isinstance(robust, bool):
-            raise ConfigError(f"robust must be true or false, got {short_repr(robust)}")
-        self.robust = robust
+        self.robust = check_bool("robust", robust)
 
     def options(self):
         return {**super().options(), "tol": self.tol, "robust": self.robust}

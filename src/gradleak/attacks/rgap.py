@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AttackNotApplicable, ConfigError
-from ..limits import check_float, short_repr
+from ..errors import AttackNotApplicable
+from ..limits import check_bool, check_float
 from ..threat import ThreatModel
 from ..update import SharedUpdate
 from ._chain import (SOLVE_DTYPE, Chain, ChainLayer, act_inverse, act_known, layer_system, propagate_signal,
@@ -270,9 +270,7 @@ class RGAP(Attack):
     def __init__(self, model, threat: ThreatModel | None = None, *, rtol: float = 1e-10, robust: bool = True):
         super().__init__(model, threat)
         self.rtol = check_float("rtol", rtol)
-        if not isinstance(robust, bool):
-            raise ConfigError(f"robust must be true or false, got {short_repr(robust)}")
-        self.robust = robust
+        self.robust = check_bool("robust", robust)
 
     def options(self):
         return {**super().options(), "rtol": self.rtol, "robust": self.robust}
