@@ -1,7 +1,7 @@
 """Inverting Gradients, gradleak against the breaching library, side by side in one run.
 
     .venv/bin/python benchmarks/reference_side_by_side.py [--photos 8] [--cap 240] \
-        [--breaching-python /tmp/breaching-venv/bin/python]
+        [--gradleak-cap 600] [--reuse-breaching] [--breaching-python /tmp/breaching-venv/bin/python]
 
 Both tools attack the same FedSGD gradient: the same ConvNet-64 (breaching's ``ConvNet``
 layout: six 3x3 convolutions, a 3x3 max-pool, two more, a max-pool, a linear layer; every
@@ -114,8 +114,14 @@ def compare(name: str, image, label, args, work: Path) -> dict:
     torch.manual_seed(args.seed)
     model = ReferenceConvNet(args.width).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    ref = run_breaching(args.breaching_python, state, image, label, args.cap, args.record_every, work)
-    ours = run_gradleak(model, image, label, args.cap, args.record_every)
+    stored = RESULTS / f"breaching-{name}-cap{int(args.cap)}-seed{args.seed}.pt"
+    if args.reuse_breaching and stored.exists():
+        ref = torch.load(stored, weights_only=False)
+    else:
+        ref = run_breaching(args.breaching_python, state, image, label, args.cap, args.record_every, work)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        torch.save(ref, stored)  # a 2-hour run is kept even if the gradleak half is interrupted
+    ours = run_gradleak(model, image, label, args.gradleak_cap or args.cap, args.record_every)
     gap = max(float((a - b).abs().max()) for a, b in zip(ref["gradient"], ours["gradient"]))
     if gap > 1e-4:
         raise SystemExit(f"{name}: the two shared gradients differ by {gap:.3g}: not the same model or image")
@@ -154,6 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, nargs="+", default=[8], help="built-in photo indices (8, 9: held out)")
     parser.add_argument("--cap", type=float, default=240.0, help="seconds each tool may run per image")
+    parser.add_argument("--gradleak-cap", type=float, default=None, help="seconds gradleak may run (default: --cap)")
+    parser.add_argument("--reuse-breaching", action="store_true",
+                        help="reuse breaching's stored run of the same photo, cap and seed (benchmarks/results/)")
     parser.add_argument("--record-every", type=int, default=50)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="seed of the ConvNet's weights")

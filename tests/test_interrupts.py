@@ -40,10 +40,10 @@ IG = ["-o", "iterations=20", "-o", "record_every=5"]
 
 
 def test_ctrl_c_stops_the_whole_attack_command_writes_what_was_done_and_exits_130(tmp_path, monkeypatch):
-    counter = StepCounter(monkeypatch, at=20 + 7)  # inside the second of three images
+    counter = StepCounter(monkeypatch, at=20 + 7)  # inside the second of three images, attacked one by one
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["attack", "--attack", "inverting-gradients", "--model", "lenet", "--n", "3",
-                                      "--out", str(out), "-q", *IG])
+                                      "--out", str(out), "-q", *IG, "-o", "batched_targets=loop"])
     assert result.exit_code == 130, result.output
     assert "interrupted: wrote the 2 update(s) attacked so far" in result.output
     assert counter.calls == 27  # no iteration ran after Ctrl-C: the third image was never started
@@ -52,6 +52,21 @@ def test_ctrl_c_stops_the_whole_attack_command_writes_what_was_done_and_exits_13
     assert any("interrupted: 2 of 3 updates attacked (the last one partly)" in note for note in metrics["notes"])
     assert any("interrupted at iteration 6 of 20" in note for note in metrics["notes"])
     assert (out / "report.html").is_file() and (out / "grid.png").is_file()
+
+
+def test_ctrl_c_in_a_batched_chunk_keeps_every_image_of_the_chunk(tmp_path, monkeypatch):
+    counter = StepCounter(monkeypatch, at=7)  # the three images are attacked together: one step for all
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["attack", "--attack", "inverting-gradients", "--model", "lenet", "--n", "3",
+                                      "--out", str(out), "-q", *IG])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: wrote the 3 update(s) attacked so far" in result.output
+    assert counter.calls == 7
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["per_image"]) == 3
+    assert any("interrupted: 3 of 3 updates attacked (the last 3 partly, attacked together)" in note
+               for note in metrics["notes"])
+    assert sum("interrupted at iteration 6 of 20" in note for note in metrics["notes"]) == 3
 
 
 def test_ctrl_c_runs_no_further_restart(photos, monkeypatch):
@@ -98,12 +113,12 @@ def test_a_resumed_audit_gives_the_numbers_of_an_uninterrupted_one(tmp_path, mon
     whole = run_audit(config, tmp_path / "whole", quiet=True)
     assert not whole.interrupted and len(whole.cells) == 2
 
-    counter = StepCounter(monkeypatch, at=2 * 15 + 15 + 4)  # second cell, its second image, 4th iteration
+    counter = StepCounter(monkeypatch, at=15 + 4)  # second cell (its two images batched), 4th iteration
     out = tmp_path / "cut"
-    cut = CliRunner().invoke(app, ["audit", str(config), "--out", str(out), "-q"])
+    cut = CliRunner().invoke(app, ["audit", str(config), "--out", str(out), "-q", "--jobs", "1"])
     assert cut.exit_code == 130, cut.output
     assert "interrupted: 1 finished cell(s) are stored" in cut.output
-    assert counter.calls == 49
+    assert counter.calls == 19
     stored = sorted(p.parent.name for p in out.glob("cells/*/cell.json"))
     assert stored == [whole.cells[0].cell_id]
     # the interrupted cell left no run folder that could pass for a result

@@ -65,7 +65,8 @@ def psnr_monitor(truth: torch.Tensor):
 
 def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: Sequence[torch.Tensor] | None = None,
                    quiet: bool = False, progress: Progress | None = None) -> Reconstruction:
-    """Attack each update in turn and join the results.
+    """Attack each update and join the results (``attack.reconstruct_many``: gradient matching
+    runs updates of the same model and shapes together in one batched computation).
 
     ``truths`` (one image batch per update, optional) only feeds :func:`psnr_monitor`, so
     the curves show PSNR over iterations. Interrupting (Ctrl-C) stops the whole call and
@@ -88,13 +89,11 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
             progress.update(steps, completed=done, total=total, visible=True)
 
         interrupted = False
+        monitors = None if truths is None else [psnr_monitor(truth) for truth in truths]
         try:
-            for k, update in enumerate(updates):
-                monitor = psnr_monitor(truths[k]) if truths is not None else None
-                parts.append(attack.reconstruct(update, monitor=monitor, progress=advance))
+            for part in attack.reconstruct_many(updates, monitors=monitors, progress=advance):
+                parts.append(part)  # after Ctrl-C: the parts it cut short (one, or a batched chunk), then no more
                 progress.advance(task)
-                if parts[-1].interrupted:
-                    break
         except KeyboardInterrupt:
             if not parts:
                 raise
@@ -106,7 +105,8 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
     result = Reconstruction.concat(parts)
     result.interrupted = result.interrupted or interrupted
     if result.interrupted:
-        partly = " (the last one partly)" if parts[-1].interrupted else ""
+        cut = sum(part.interrupted for part in parts)
+        partly = "" if not cut else " (the last one partly)" if cut == 1 else f" (the last {cut} partly, attacked together)"
         result.notes.append(f"interrupted: {len(parts)} of {len(updates)} updates attacked{partly}")
         log.warning("interrupted: kept %d of %d updates%s", len(parts), len(updates), partly)
     return result

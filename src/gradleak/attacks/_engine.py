@@ -1,6 +1,9 @@
 """The optimisation loop of :class:`~gradleak.attacks.optimization.GradientMatching`.
 
-One call optimises a group of restarts stacked along a leading dimension: with
+One call optimises a group of candidates ("slots") stacked along a leading dimension: the
+restarts of one update, or the restarts of several independent updates (targets) at once,
+each slot with its own target data (``data``: the shared gradient and labels it matches),
+with
 ``torch.func.vmap`` when the group has several restarts (element-wise optimisers make
 the stacked problem exactly R independent ones), plainly when it has one, and one by one
 in lockstep where ``vmap`` cannot run (BatchNorm, L-BFGS) but the restarts must move
@@ -81,47 +84,62 @@ def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, to
 
 
 # ------------------------------------------------------------------------- evaluator
-def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, restarts: int, vectorized: bool = True
+def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any, vectorized: bool = True
                ) -> Callable[[], Evaluation]:
     """The matching loss of the current candidates and its gradients: one ``vmap`` over the
-    restarts when there are several (``vectorized``) or a loop over them, plain autograd
-    (cheaper) for one."""
-    if restarts > 1:
-        return _vmap_evaluator(objective, X, Y) if vectorized else _loop_evaluator(objective, X, Y)
-    return _autograd_evaluator(objective, X, Y)
+    slots when there are several (``vectorized``) or a loop over them, plain autograd
+    (cheaper) for one. ``data``: each slot's target data, stacked (None: the objective's own)."""
+    if X.shape[0] > 1:
+        return _vmap_evaluator(objective, X, Y, data) if vectorized else _loop_evaluator(objective, X, Y, data)
+    return _autograd_evaluator(objective, X, Y, data)
 
 
-def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None) -> Callable[[], Evaluation]:
+def _slot(data: Any, k: int) -> Any:
+    """Slot ``k`` of stacked target data (a dict of tensors, nested), or None."""
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        return {key: _slot(value, k) for key, value in data.items()}
+    return data[k]
+
+
+def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
+                    ) -> Callable[[], Evaluation]:
     single = grad_and_value(objective, argnums=(0, 1) if Y is not None else 0)
+    dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
 
     def evaluate() -> Evaluation:
         x, y = X.detach(), None if Y is None else Y.detach()
-        grads, values = vmap(single, in_dims=(0, 0 if y is not None else None))(x, y)
+        grads, values = vmap(single, in_dims=dims)(x, y, data)
         gx, gy = grads if isinstance(grads, tuple) else (grads, None)
         return gx, gy, values.detach()
 
     return evaluate
 
 
-def _autograd_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None) -> Callable[[], Evaluation]:
+def _autograd_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
+                        ) -> Callable[[], Evaluation]:
+    own = _slot(data, 0)
+
     def evaluate() -> Evaluation:
         x, y = X.detach(), None if Y is None else Y.detach()
         inputs = [x[0].requires_grad_(True)] + ([] if y is None else [y[0].requires_grad_(True)])
-        value = objective(inputs[0], None if y is None else inputs[1], functional=False)
+        value = objective(inputs[0], None if y is None else inputs[1], own, functional=False)
         grads = torch.autograd.grad(value, inputs)
         return grads[0][None], None if y is None else grads[1][None], value.detach()[None]
 
     return evaluate
 
 
-def _loop_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None) -> Callable[[], Evaluation]:
-    """The restarts evaluated one after the other with plain autograd, stacked (BatchNorm
+def _loop_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
+                    ) -> Callable[[], Evaluation]:
+    """The slots evaluated one after the other with plain autograd, stacked (BatchNorm
     models: each restart's batch statistics stay its own)."""
     def evaluate() -> Evaluation:
         gx, gy, values = [], [], []
         for r in range(X.shape[0]):
             inputs = [X[r].detach().requires_grad_(True)] + ([] if Y is None else [Y[r].detach().requires_grad_(True)])
-            value = objective(inputs[0], None if Y is None else inputs[1], functional=False)
+            value = objective(inputs[0], None if Y is None else inputs[1], _slot(data, r), functional=False)
             grads = torch.autograd.grad(value, inputs)
             gx.append(grads[0])
             gy.append(None if Y is None else grads[1])
@@ -166,7 +184,7 @@ def _consensus_result(objective: Callable, best, iterations: int, interrupted: b
     """The consensus of the group's best iterates, scored by the matching loss like a restart."""
     x = consensus(best.x)
     y = None if best.y is None else consensus(best.y)
-    value = float(objective(x, y, functional=False).detach())
+    value = float(objective(x, y, None, functional=False).detach())
     return RestartResult(restart=-1, x=x, y_soft=y, loss=value if math.isfinite(value) else math.inf,
                          iterations=iterations, consensus=True, interrupted=interrupted)
 
@@ -214,11 +232,12 @@ def _scheduler(cfg, optimizer):
 
 def _signed(g: torch.Tensor, mode: str | None) -> torch.Tensor:
     """The input gradient as the first-order step sees it: ``sign(g)`` (Inverting Gradients),
-    ``tanh(g / mean|g|)``, or ``g`` itself."""
+    ``tanh(g / mean|g|)`` (the mean over each slot's own gradient), or ``g`` itself."""
     if mode == "sign":
         return g.sign()
     if mode == "tanh":
-        return torch.tanh(g / g.abs().mean().clamp_min(1e-30))
+        scale = g.abs().flatten(1).mean(1).clamp_min(1e-30).reshape(-1, *[1] * (g.dim() - 1))
+        return torch.tanh(g / scale)
     return g
 
 
@@ -278,12 +297,12 @@ def _recording_due(cfg, iteration: int) -> bool:
 
 
 def _record_iteration(histories: list[dict[str, Any]], iteration: int, values: torch.Tensor, best: _Best,
-                      monitor: Callable | None, spec) -> None:
-    """Each restart's matching loss at this iteration, and what the monitor says of its best iterate."""
+                      monitors: list[Callable | None], spec) -> None:
+    """Each slot's matching loss at this iteration, and what its monitor says of its best iterate."""
     for k, value in enumerate(values.tolist()):
         _record(histories[k], "loss", iteration, value)
-        if monitor is not None:
-            for key, metric in monitor(spec.denormalize(best.x[k])).items():
+        if monitors[k] is not None:
+            for key, metric in monitors[k](spec.denormalize(best.x[k])).items():
                 _record(histories[k], key, iteration, float(metric))
 
 
@@ -313,12 +332,21 @@ def _final_evaluation(cfg, evaluate: Callable[[], Evaluation], X: torch.Tensor, 
 
 # ---------------------------------------------------------------------------- the loop
 def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, ...], classes: int,
-              optimize_labels: bool, bounds, spec, loss_name: str, vectorized: bool = True) -> list[RestartResult]:
-    """Optimise the restarts ``group`` together; one :class:`RestartResult` per restart, and one
-    more for the group's consensus when the group-consistency term is on (``group > 0``)."""
+              optimize_labels: bool, bounds, spec, loss_name: str, vectorized: bool = True, data: Any = None,
+              monitors: list[Callable | None] | None = None) -> list[RestartResult]:
+    """Optimise the slots ``group`` (their restart numbers, which seed their initial candidates)
+    together; one :class:`RestartResult` per slot, and one more for the group's consensus when
+    the group-consistency term is on (``group > 0``).
+
+    ``data``: the target data of each slot stacked along a leading dimension (several
+    independent updates attacked at once; ``objective(x, y_soft, data_of_the_slot)``), with
+    ``monitors`` one monitor per slot; None: every slot matches the objective's own update and
+    the attack's monitor watches them all. Stopping rules (``tol``, ``patience``, divergence,
+    ``time_budget``) act on the whole group: callers batch targets only without them."""
     cfg, hooks = attack.config, attack._hooks
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
-    evaluate = _evaluator(objective, X, Y, len(group), vectorized)
+    monitors = [hooks.monitor] * len(group) if monitors is None else monitors
+    evaluate = _evaluator(objective, X, Y, data, vectorized)
     consistent = cfg.group > 0 and len(group) > 1
     if consistent:
         evaluate = _GroupConsistency(cfg, evaluate, X)
@@ -340,7 +368,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
                 _project(X, bounds)
             best.keep(values, x_seen, y_seen, iteration)
             if _recording_due(cfg, iteration):
-                _record_iteration(histories, iteration, values, best, hooks.monitor, spec)
+                _record_iteration(histories, iteration, values, best, monitors, spec)
             if hooks.progress is not None:
                 hooks.progress(iteration + 1, cfg.iterations)
             stop = _stop_reason(cfg, X, best, iteration, group, deadline)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -130,6 +130,22 @@ class Attack(abc.ABC):
         result.attack = result.attack or self.name
         result.config = {**self.options(), **result.config}
         return result
+
+    def reconstruct_many(self, updates: Sequence[SharedUpdate], *,
+                         monitors: Sequence[Callable[[torch.Tensor], dict[str, float]] | None] | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> Iterator[Reconstruction]:
+        """Reconstruct independent updates (one client or image each), yielding one
+        :class:`Reconstruction` per update, in order; ``monitors``: one per update (or None).
+        Each result is what :meth:`reconstruct` gives for its update; attacks that can run
+        several updates in one batched computation (gradient matching) override this. After
+        Ctrl-C the results it cut short (marked ``interrupted``) are yielded, then no more."""
+        if monitors is not None and len(monitors) != len(updates):
+            raise ConfigError(f"monitors: one per update expected, got {len(monitors)} for {len(updates)} updates")
+        for k, update in enumerate(updates):
+            result = self.reconstruct(update, monitor=None if monitors is None else monitors[k], progress=progress)
+            yield result
+            if result.interrupted:  # Ctrl-C: no further update is attacked
+                return
 
     @abc.abstractmethod
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:

@@ -44,6 +44,7 @@ _CHOICES = {
     "objective": OBJECTIVES, "layer_weights": LAYER_WEIGHTS, "optimizer": ("adam", "lbfgs", "sgd"),
     "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine"), "init": ("randn", "rand", "zeros"),
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
+    "batched_targets": ("auto", "loop"),
     "line_search": (None, "strong_wolfe"),
 }
 
@@ -83,6 +84,7 @@ class MatchingConfig:
     time_budget: float | None = None  # stop after this many seconds (per group of restarts)
     record_every: int = 10
     batched_restarts: str = "auto"
+    batched_targets: str = "auto"  # several updates at once (reconstruct_many): auto = where vmap can | loop
     seed: int = 0
 
     def __post_init__(self):
@@ -192,8 +194,11 @@ class GradientMatching(Attack):
 
     # -------------------------------------------------------------- objective
     def _objective(self, update, params, buffers, labels, names, weights, bn) -> Callable:
+        """``objective(x, y_soft, data=None)``: the matching loss of candidate ``x`` against this
+        update, or against ``data`` = {"target": matched entries, "labels": labels} of another
+        update of the same shapes (several targets attacked in one ``vmap``)."""
         cfg, loss_fn = self.config, get_loss(update.loss)
-        target = {n: update.tensors[n].to(weights.dtype) for n in names}
+        own = _target_data(update, names, weights.dtype, labels)
         binary = update.loss == "binary_cross_entropy"
         if update.kind == "delta":
             if update.local_lr is None:
@@ -209,9 +214,11 @@ class GradientMatching(Attack):
             value = task_loss(self.model, buffers, loss_fn, x, y)(local)
             return dict(zip(local, torch.autograd.grad(value, list(local.values()), create_graph=True)))
 
-        def objective(x, y_soft, functional=True):
+        def objective(x, y_soft, data=None, functional=True):
             """The matching loss of candidate ``x``; ``functional=False`` uses plain autograd (faster for one restart)."""
-            y = labels if y_soft is None else (torch.sigmoid(y_soft) if binary else y_soft.softmax(-1))
+            data = own if data is None else data
+            target = data["target"]
+            y = data.get("labels") if y_soft is None else (torch.sigmoid(y_soft) if binary else y_soft.softmax(-1))
             start = params if functional else leaves
             if update.kind == "gradient":
                 sim = inner_gradient(start, x, y, functional)
@@ -251,6 +258,27 @@ class GradientMatching(Attack):
 
     # ------------------------------------------------------------------ main
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        problem = self._problem(update)
+        runs: list = []
+        for group in problem.groups:
+            runs += run_group(self, problem.objective, group, problem.shape, problem.classes, problem.labels is None,
+                              problem.bounds, problem.spec, update.loss, vectorized=problem.batched)
+            if runs[-1].interrupted:  # Ctrl-C: keep the best so far, run no further restart
+                break
+        return self._result(problem, runs)
+
+    def reconstruct_many(self, updates, *, monitors=None, progress=None):
+        """Reconstruct independent updates (the images of an audit, the clients of a round),
+        yielding one :class:`Reconstruction` per update in order. Runs of consecutive updates
+        of the same model, shapes and protocol are optimised together in one ``vmap`` over
+        targets x restarts where the configuration allows it (:mod:`._targets`): the same
+        reconstructions, more of them per second; otherwise one after the other."""
+        from ._targets import reconstruct_targets
+
+        yield from reconstruct_targets(self, list(updates), monitors, progress)
+
+    def _problem(self, update: SharedUpdate) -> "_Problem":
+        """Everything the loop needs to attack ``update`` (labels, matched entries, objective, shapes)."""
         cfg = self.config
         if update.input_shape is None:
             raise ConfigError("the input shape is unknown: give ThreatModel(input_shape=(C, H, W)) or carry it in the update")
@@ -274,17 +302,16 @@ class GradientMatching(Attack):
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
         objective = self._objective(update, params, buffers, labels, names, weights, bn)
         head = classifier_layer(traces)
-        classes = head.out_features if head is not None else 1
-        shape = (batch, *update.input_shape)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
-        bounds = (spec.normalize(zeros), spec.normalize(zeros + 1))
         batched, groups = self._restart_groups(params, bn)
-        runs: list = []
-        for group in groups:
-            runs += run_group(self, objective, group, shape, classes, labels is None, bounds, spec, update.loss,
-                              vectorized=batched)
-            if runs[-1].interrupted:  # Ctrl-C: keep the best so far, run no further restart
-                break
+        return _Problem(update, objective, _target_data(update, names, weights.dtype, labels), labels, label_note,
+                        names, params, bn, (batch, *update.input_shape), head.out_features if head is not None else 1,
+                        (spec.normalize(zeros), spec.normalize(zeros + 1)), spec, batched, groups)
+
+    def _result(self, problem: "_Problem", runs: list) -> Reconstruction:
+        """The reconstruction of one update from its restarts' results: the lowest matching loss wins."""
+        cfg, update, names, labels, spec = self.config, problem.update, problem.names, problem.labels, problem.spec
+        batched = problem.batched
         best = min(runs, key=lambda run: run.loss if math.isfinite(run.loss) else math.inf)
         history: dict[str, Any] = {}
         for run in runs:
@@ -295,7 +322,7 @@ class GradientMatching(Attack):
                 history[f"{key}{suffix}"] = series
         if best.y_soft is not None:
             labels = best.y_soft.argmax(-1) if update.loss != "binary_cross_entropy" else (best.y_soft > 0).long().reshape(-1)
-        notes = [label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
+        notes = [problem.label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
                  _choice_note(cfg, runs, best, batched)]
         notes += [note for run in runs for note in run.notes]
         interrupted = runs[-1].interrupted
@@ -303,6 +330,33 @@ class GradientMatching(Attack):
             notes.append(f"interrupted: {len(runs)} of {cfg.restarts} restarts run")
         return Reconstruction(images=spec.denormalize(best.x).detach(), labels=None if labels is None else labels.detach(),
                               history=history, notes=notes, interrupted=interrupted)
+
+
+@dataclass
+class _Problem:
+    """One update prepared for the loop (see ``GradientMatching._problem``)."""
+
+    update: SharedUpdate
+    objective: Callable
+    data: dict[str, Any]              # what the objective matches: {"target": entries, "labels": labels}
+    labels: torch.Tensor | None       # None: soft labels optimised
+    label_note: str
+    names: list[str]
+    params: dict[str, torch.Tensor]
+    bn: Any
+    shape: tuple[int, ...]
+    classes: int
+    bounds: tuple[torch.Tensor, torch.Tensor]
+    spec: DataSpec
+    batched: bool                     # restarts under vmap
+    groups: list[list[int]]
+
+
+def _target_data(update: SharedUpdate, names: list[str], dtype, labels) -> dict[str, Any]:
+    data: dict[str, Any] = {"target": {n: update.tensors[n].to(dtype) for n in names}}
+    if labels is not None:
+        data["labels"] = labels
+    return data
 
 
 def _choice_note(cfg, runs, best, batched: bool) -> str:

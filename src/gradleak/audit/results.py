@@ -6,13 +6,41 @@ without importing the code that computes them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import from_json_float, to_jsonable
 from .config import AuditConfig
 
-__all__ = ["CellResult", "AuditResult"]
+__all__ = ["CellResult", "AuditResult", "stored_record", "numbers", "defense_label"]
+
+
+def defense_label(stack: list[Any]) -> str:
+    """A defense entry (a stack of defenses) as the report names it."""
+    return " + ".join(d.label() for d in stack) or "none"
+
+
+def stored_record(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored record at ``path`` if it was made from exactly ``key`` (compared as written)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    written = json.loads(json.dumps(to_jsonable(key), default=str))
+    return stored if isinstance(stored, dict) and stored.get("key") == written else None
+
+
+def numbers(value: Any) -> Any:
+    """Inverse of ``to_jsonable`` for the numbers of a stored record ("inf", "nan" -> float)."""
+    if isinstance(value, dict):
+        return {k: numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [numbers(v) for v in value]
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return from_json_float(value)
+    return value
 
 
 @dataclass

@@ -19,7 +19,6 @@ the same config continues where it stopped, and a changed cell is recomputed. A 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 import time
@@ -29,19 +28,24 @@ from typing import Any, Iterator
 
 import torch
 
-from .._io import atomic_write_json, from_json_float, to_jsonable
+from .._io import atomic_write_json
 from ..client import ClientSetup
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError, GradleakError
 from ..models import resolve_device
 from ..report.audit import write_audit_report
+from ._pool import ProcessPool, resolve_jobs
+from .results import defense_label as _defense_label
+from .results import numbers as _numbers
+from .results import stored_record as _stored
+from .utility import run_utility, stored_utility, train_models
 from ._ray import RayBackend
 from .config import AuditConfig, AttackChoice, ModelChoice, load_audit_config, stable_hash
 from .results import AuditResult, CellResult
 from .verdict import audit_verdicts
 
 __all__ = ["CellSpec", "CellResult", "AuditResult", "run_audit", "audit_cells", "cell_groups", "run_group",
-           "mean_image_psnr"]
+           "run_utility", "stored_utility", "mean_image_psnr"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +72,6 @@ class CellSpec:
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", text) + "-" + stable_hash(self.key(config))
 
 
-def _defense_label(stack: list[Any]) -> str:
-    return " + ".join(d.label() for d in stack) or "none"
-
-
 def mean_image_psnr(images: torch.Tensor) -> float | None:
     """Mean PSNR, over the images, of the average of the *other* images against each one: what
     a guess that knows the data but nothing of this image scores. A reconstruction near this
@@ -91,27 +91,6 @@ def audit_cells(config: AuditConfig) -> list[CellSpec]:
     return [CellSpec(m, a, k, tuple(d.describe() for d in stacks[k]), b)
             for m in config.models for b in config.batch_sizes for k in range(len(stacks)) for a in config.attacks
             if a.applies_to(m)]
-
-
-def _stored(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored record at ``path`` if it was made from exactly ``key`` (compared as written)."""
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    written = json.loads(json.dumps(to_jsonable(key), default=str))
-    return stored if isinstance(stored, dict) and stored.get("key") == written else None
-
-
-def _numbers(value: Any) -> Any:
-    """Inverse of ``to_jsonable`` for the numbers of a stored record ("inf", "nan" -> float)."""
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-        return from_json_float(value)
-    return value
 
 
 def _levels(cell: "CellResult", rule) -> dict[str, int]:
@@ -204,67 +183,6 @@ def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: di
     return result
 
 
-def _train_models(config: AuditConfig, out: Path, context: dict[str, Any], progress, resume: bool) -> None:
-    """Train every model that has a ``train`` plan once, before the cells; store its weights in
-    ``OUT/models/<label>-<hash>/`` (reused when the same plan was stored before) and let the
-    cells start from them (``context["weights"]``)."""
-    from ..training import train_model
-
-    for model in config.models:
-        if model.train is None:
-            continue
-        plan, request = model.training(config.data, config.seed)
-        key = {"model": {"name": model.name, "options": model.options}, "plan": plan.to_json(),
-               "data": request.to_json(), "dtype": config.dtype}
-        folder = out / "models" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", model.name) + "-" + stable_hash(key))
-        stored = _stored(folder / "key.json", key) if resume else None
-        if stored is None or not (folder / "weights.safetensors").is_file():
-            task = progress.add_task(f"training {model.label}", total=plan.epochs)
-            spec = model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]))
-            result = train_model(spec, request, plan, folder, quiet=True,
-                                 progress=lambda done, total: progress.update(task, completed=done))
-            progress.remove_task(task)
-            if result.interrupted:
-                raise KeyboardInterrupt
-            atomic_write_json(folder / "key.json", {"key": key, "result": {"held_out_accuracy":
-                                                                            result.held_out_accuracy}})
-        context["weights"][model.label] = str(folder / "weights.safetensors")
-
-
-def _run_utility(stack: list[Any], config: AuditConfig, out: Path, progress, resume: bool) -> dict[str, Any]:
-    from ..data import load_dataset
-    from ..federated import split_dataset, train_federated
-    from ..models import MODELS, build_model
-
-    u = config.utility
-    key = {"utility": vars(u) | {}, "defenses": [d.describe() for d in stack], "client": config.client,
-           "seed": config.seed}
-    defense = "+".join(d.name for d in stack) or "none"
-    path = out / "utility" / f"{defense}-{stable_hash(key)}.json"
-    stored = _stored(path, key) if resume else None
-    if stored is not None:
-        return _numbers(stored["result"])
-    client = {**config.client, **{k: v for k, v in (("protocol", u.protocol), ("lr", u.lr), ("local_steps", u.local_steps),
-                                                    ("local_batch_size", u.local_batch_size)) if v is not None}}
-    task = progress.add_task(f"utility: {_defense_label(stack)}", total=u.rounds)
-    try:
-        dataset = load_dataset(u.data, size=u.size)
-        train, test = split_dataset(dataset, u.test_fraction, seed=config.seed)
-        net = build_model(u.model, tuple(train.images.shape[1:]), len(dataset.classes), seed=config.seed,
-                          **u.model_options)
-        setup = ClientSetup(**{**client, "seed": config.seed})
-        result = train_federated(net, train, test, clients=u.clients, rounds=u.rounds, setup=setup, defenses=stack,
-                                 server_lr=u.server_lr, loss=MODELS[u.model].loss, seed=config.seed,
-                                 eval_every=u.eval_every,
-                                 progress=lambda done, total: progress.update(task, completed=done)).to_json()
-    except GradleakError as error:
-        result = {"accuracy": None, "error": str(error), "defenses": [d.describe() for d in stack]}
-    finally:
-        progress.remove_task(task)
-    atomic_write_json(path, {"key": key, "result": result})
-    return result
-
-
 def _load_context(config: AuditConfig) -> dict[str, Any]:
     """The attacked images on the audit's device and dtype, with what every cell needs of them."""
     from ..data import load_dataset
@@ -320,15 +238,43 @@ def _run_local(config: AuditConfig, specs: list[CellSpec], groups: list[list[int
             store(index, cell)
 
 
+def _run_pool(pool: ProcessPool, config: AuditConfig, specs: list[CellSpec], groups: list[list[int]],
+              stacks: list[list[Any]], context: dict[str, Any], out: Path, store, progress, utility: dict[int, Any],
+              resume: bool, advance) -> bool:
+    """Cells and utility trainings in worker processes; stored utility results are reused here.
+    False (nothing run) when fewer than two tasks are left: they run in this process."""
+    todo = []
+    if config.utility is not None:
+        for index, stack in enumerate(stacks):
+            stored = stored_utility(stack, config, out) if resume else None
+            if stored is None:
+                todo.append(index)
+            else:
+                utility[index] = stored
+                advance()
+
+    def utility_done(index: int, result: dict) -> None:
+        utility[index] = result
+        advance()
+
+    if len(groups) + len(todo) < 2:
+        return False
+    pool.run(config, specs, groups, stacks, context, out, store, progress, todo, utility_done, resume)
+    return True
+
+
 def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool = False, resume: bool = True,
-              ray: str | bool | None = None, workers: int | None = None) -> AuditResult:
+              ray: str | bool | None = None, workers: int | None = None, jobs: int | str | None = None) -> AuditResult:
     """Run every cell of ``config`` (skipping those already stored in ``out`` when ``resume``),
     the utility trainings, and write the report. Ctrl-C stops after storing what finished
     and still writes the report of what is there.
 
-    ``ray``: run the cells as Ray tasks: ``"auto"`` on a local Ray of ``workers`` CPUs started
-    when a cell is left to compute, or the ``HOST:PORT`` of a running cluster (see
-    ``audit/_ray.py``). A cell's numbers do not depend on where it ran: runs resume each other."""
+    ``jobs``: local worker processes (one torch thread each; ``"auto"``: one per CPU) that
+    compute groups of cells and the utility trainings side by side (``audit/_pool.py``);
+    None or 1: everything in this process. ``ray``: run the cells as Ray tasks: ``"auto"`` on
+    a local Ray of ``workers`` CPUs started when a cell is left to compute, or the
+    ``HOST:PORT`` of a running cluster (see ``audit/_ray.py``). A cell's numbers do not
+    depend on where it ran: runs resume each other."""
     from ..pipeline import progress_bar
 
     if not isinstance(config, AuditConfig):
@@ -336,6 +282,9 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
     run_cells = _run_local if ray is None or ray is False else RayBackend(ray, workers).run  # checked up front
     if run_cells is _run_local and workers is not None:
         raise ConfigError("workers: only with ray (a local Ray or a cluster address)")
+    pool = ProcessPool(jobs) if resolve_jobs(jobs) > 1 else None
+    if pool is not None and run_cells is not _run_local:
+        raise ConfigError("jobs: local worker processes or Ray, not both (Ray's workers: --workers)")
     out = Path(out)
     context = _load_context(config)
     atomic_write_json(out / "config.json", config.to_json())
@@ -351,7 +300,7 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
 
     with progress_bar(quiet) as progress:
         try:
-            _train_models(config, out, context, progress, resume)
+            train_models(config, out, context, progress, resume)
         except KeyboardInterrupt:  # nothing of a half-trained model is used: report what is stored, stop
             write_audit_report(result(True))
             return result(True)
@@ -370,12 +319,15 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
             finished.update(stored)
             progress.advance(overall, len(stored))
             groups = cell_groups(specs, todo)
-            if groups:
+            pooled = pool is not None and _run_pool(pool, config, specs, groups, stacks, context, out, store, progress,
+                                                    utility, resume, lambda: progress.advance(overall))
+            if groups and not pooled:
                 run_cells(config, specs, groups, stacks, context, out, store, progress)
             if config.utility is not None:
                 for index, stack in enumerate(stacks):
-                    utility[index] = _run_utility(stack, config, out, progress, resume)
-                    progress.advance(overall)
+                    if index not in utility:
+                        utility[index] = run_utility(stack, config, out, progress, resume)
+                        progress.advance(overall)
         except KeyboardInterrupt:
             interrupted = True
             log.warning("audit interrupted after %d of %d cells; finished cells are stored, run again to continue",

@@ -29,6 +29,8 @@ def audit(
                                               "the running Ray cluster there; the audit folder must be shared."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --ray: Ray CPUs (default: all); "
                                           "with --ray-address: tasks in flight (default: the cluster's CPUs)."),
+    jobs: str = typer.Option("auto", "--jobs", help="Local worker processes for the cells and trainings, one torch "
+                             "thread each: a number, or auto (one per CPU). 1: all in this process."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -48,12 +50,14 @@ def audit(
         torch.set_num_threads(threads)
     if workers is not None and not (ray or ray_address):
         raise ConfigError("--workers: only with --ray or --ray-address")
+    if ray or ray_address:
+        jobs = "1"  # Ray schedules the cells itself (--workers)
     cfg = load_audit_config(config, tuple(allow_import or ()))
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
     folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)
     result = run_audit(cfg, folder, quiet=quiet, resume=not fresh, ray=ray_address or ("auto" if ray else None),
-                       workers=workers)
+                       workers=workers, jobs=jobs)
     if not quiet:
         console = Console()
         for verdict in result.verdicts:

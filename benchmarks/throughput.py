@@ -1,0 +1,166 @@
+"""Images reconstructed per minute: one update at a time (the baseline) against batched targets
+and worker processes, with the PSNR of every image compared.
+
+    .venv/bin/python benchmarks/throughput.py targets [--n 32] [--iterations 2000]
+    .venv/bin/python benchmarks/throughput.py audit --baseline-src /tmp/base/src [--config examples/audit.yaml]
+
+``targets``: Inverting Gradients on DLG's LeNet (zoo ``lenet``, seed 0), one FedSGD update per
+image, ``--n`` real 32-px colour images (quadrants of the built-in photos at 64 px), each
+attacked as its own target, in one run:
+
+- ``one at a time``: ``batched_targets="loop"``, one process, one torch thread (what every
+  gradleak before this benchmark did);
+- ``one at a time, 2 threads``: the same with two torch threads: it changes only the order of
+  float sums, so its PSNRs against the first row show how far float rounding alone moves an
+  Inverting Gradients run (sign-Adam amplifies last-bit differences);
+- ``batched``: ``attack.reconstruct_many`` (chunks of ``MAX_SLOTS`` targets in one vmap), one thread;
+- ``batched, 2 processes``: the same split over two spawned processes of one thread each.
+
+``audit``: the same audit config run with the command a user types, each in a fresh folder:
+``gradleak audit CONFIG`` from ``--baseline-src`` (a checkout of gradleak before batched targets
+and worker processes, e.g. ``git worktree add /tmp/base 29c95c8``) with its default threads,
+then from this checkout with its defaults (``--jobs auto``, batched targets). Images per minute
+= images attacked by all cells / wall minutes (utility trainings and report included); the
+per-image PSNRs of the two are compared cell by cell.
+
+Prints a table per part (with the load average) and writes benchmarks/results/throughput-<part>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gradinversion import photo_tiles  # noqa: E402
+
+import gradleak as gl  # noqa: E402
+from gradleak._io import atomic_write_json  # noqa: E402
+from gradleak.metrics import psnr  # noqa: E402
+from gradleak.models import build_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _attack(indices: list[int], iterations: int, mode: str, threads: int) -> list[float]:
+    """PSNR of each image's reconstruction (run in this process)."""
+    torch.set_num_threads(threads)
+    images, labels = photo_tiles()
+    model = build_model("lenet", (3, 32, 32), 10, seed=0)
+    spec = gl.DataSpec.from_images(images)
+    updates = [gl.fedsgd_update(model, images[k:k + 1], labels[k:k + 1], spec=spec) for k in indices]
+    attack = gl.get_attack("inverting-gradients")(model, gl.ThreatModel(), iterations=iterations,
+                                                 batched_targets=mode)
+    results = list(attack.reconstruct_many(updates))
+    return [float(psnr(r.images.clamp(0, 1), images[k:k + 1]).mean()) for r, k in zip(results, indices)]
+
+
+def _timed(run) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    values = run()
+    return time.perf_counter() - start, values
+
+
+def targets(args) -> dict:
+    indices = list(range(args.n))
+    rows = {}
+    for mode in ("loop", "auto"):  # warm-up: imports, first kernels
+        _attack(indices[:2], 5, mode, 1)
+    runs = [("one at a time", lambda: _attack(indices, args.iterations, "loop", 1)),
+            ("one at a time, 2 threads", lambda: _attack(indices, args.iterations, "loop", 2)),
+            ("batched", lambda: _attack(indices, args.iterations, "auto", 1))]
+
+    def two_processes() -> list[float]:
+        half = len(indices) // 2
+        with multiprocessing.get_context("spawn").Pool(2) as pool:
+            parts = pool.starmap(_attack, [(indices[:half], args.iterations, "auto", 1),
+                                           (indices[half:], args.iterations, "auto", 1)])
+        return parts[0] + parts[1]
+
+    runs.append(("batched, 2 processes", two_processes))
+    for name, run in runs:
+        if name.startswith("one at a time, 2") and args.skip_spread:
+            continue
+        load = os.getloadavg()[0]
+        seconds, values = _timed(run)
+        rows[name] = {"seconds": seconds, "psnr": values, "load": load}
+        print(f"  {name}: {seconds:.1f} s (load {load:.2f})", flush=True)
+    return _table("targets", rows, args.n, "one at a time", f"{args.n} LeNet targets, IG {args.iterations} it")
+
+
+def _table(part: str, rows: dict, images: int, baseline: str, title: str) -> dict:
+    base = rows[baseline]
+    print(f"\n{title}")
+    print(f"{'run':28s} {'seconds':>8s} {'images/min':>10s} {'x baseline':>10s} {'mean PSNR':>9s} "
+          f"{'max |dPSNR|':>11s} {'median |dPSNR|':>14s}")
+    for name, row in rows.items():
+        diffs = [abs(a - b) for a, b in zip(row["psnr"], base["psnr"])]
+        row.update(images_per_minute=60 * images / row["seconds"], speedup=base["seconds"] / row["seconds"],
+                   max_abs_psnr_difference=max(diffs), median_abs_psnr_difference=statistics.median(diffs))
+        print(f"{name:28s} {row['seconds']:8.1f} {row['images_per_minute']:10.2f} {row['speedup']:9.2f}x "
+              f"{statistics.fmean(row['psnr']):9.2f} {max(diffs):11.3f} {statistics.median(diffs):14.3f}")
+    result = {"part": part, "title": title, "images": images, "rows": rows}
+    atomic_write_json(RESULTS / f"throughput-{part}.json", result)
+    return result
+
+
+def _audit_psnrs(out: Path) -> tuple[list[float], int]:
+    """Every image's PSNR over the stored cells (sorted by cell id), and how many images were attacked."""
+    values = []
+    for path in sorted(out.glob("cells/*/cell.json")):
+        result = json.loads(path.read_text())["result"]
+        values += [v if isinstance(v, (int, float)) else float("nan") for v in result.get("psnr", [])]
+    return values, len(values)
+
+
+def audit(args) -> dict:
+    rows, work = {}, Path(tempfile.mkdtemp(prefix="throughput-audit-"))
+    runs = [("before (one process, default threads)", args.baseline_src, []),
+            ("now (--jobs auto, batched targets)", str(Path(__file__).parents[1] / "src"), [])]
+    images = 0
+    try:
+        for name, src, extra in runs:
+            out = work / name.split()[0]
+            env = {**os.environ, "PYTHONPATH": src}
+            env.pop("OMP_NUM_THREADS", None)  # each run with its own defaults
+            load = os.getloadavg()[0]
+            start = time.perf_counter()
+            command = [sys.executable, "-c", "from gradleak.cli import app; app()", "audit", args.config, "--out",
+                       str(out), "-q", *extra]
+            subprocess.run(command, check=True, env=env)
+            seconds = time.perf_counter() - start
+            values, images = _audit_psnrs(out)
+            rows[name] = {"seconds": seconds, "psnr": values, "load": load}
+            print(f"  {name}: {seconds:.1f} s, {images} images (load {load:.2f})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _table("audit", rows, images, runs[0][0], f"gradleak audit {args.config}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parts = parser.add_subparsers(dest="part", required=True)
+    t = parts.add_parser("targets")
+    t.add_argument("--n", type=int, default=32)
+    t.add_argument("--iterations", type=int, default=2000)
+    t.add_argument("--skip-spread", action="store_true", help="leave out the 2-thread run")
+    a = parts.add_parser("audit")
+    a.add_argument("--config", default="examples/audit.yaml")
+    a.add_argument("--baseline-src", required=True, help="src/ of a gradleak checkout to compare against")
+    args = parser.parse_args()
+    (targets if args.part == "targets" else audit)(args)
+
+
+if __name__ == "__main__":
+    main()
