@@ -42,3 +42,27 @@ def test_closed_form_case_scores_its_single_result(bench):
     row = bench.run_case(case, quick=True, device="cpu", threads=1, start=9)
     assert row["psnr"] >= 60 and row["seconds_per_iteration"] is None
     assert row["seconds_to_target"] == row["seconds"] == row["curve"][0]["seconds"]
+
+
+def test_scaling_tiles_and_per_iteration_median():
+    """benchmarks/scaling.py: a batch past 8 photos is k x k tiles of each photo (distinct
+    crops that reassemble into the photo); seconds per iteration skip the warm-up."""
+    import torch
+
+    from gradleak.data import load_builtin
+
+    path = Path(__file__).parents[1] / "benchmarks" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("gradleak_scaling", path)
+    scaling = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = scaling
+    try:
+        spec.loader.exec_module(scaling)
+        images, labels = scaling.tiles(64, 32)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert images.shape == (64, 3, 32, 32) and labels.tolist() == [p % 8 for p in range(64)]
+    assert len({tuple(t.flatten()[::97].tolist()) for t in images}) == 64
+    photos = load_builtin("photos", size=96, n=8).images      # 64 images: 3 x 3 tiles of 8 photos
+    assert torch.equal(images[8 * 4 + 5], photos[5][:, 32:64, 32:64])  # tile (1, 1) of photo 5
+    assert scaling.per_iteration([0.0, 1.0, 2.0, 2.5, 3.5, 4.0]) == 0.5
+    assert scaling.per_iteration([0.0, 1.0, 2.0]) is None
