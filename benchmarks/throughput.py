@@ -10,9 +10,9 @@ attacked as its own target, in one run:
 
 - ``one at a time``: ``batched_targets="loop"``, one process, one torch thread (what every
   gradleak before this benchmark did);
-- ``one at a time, 2 threads``: the same with two torch threads: it changes only the order of
-  float sums, so its PSNRs against the first row show how far float rounding alone moves an
-  Inverting Gradients run (sign-Adam amplifies last-bit differences);
+- ``one at a time, 2 threads`` (``--spread``): the same with two torch threads: it changes only
+  the order of float sums, so its PSNRs against the first row show how far float rounding
+  alone moves an Inverting Gradients run (sign-Adam amplifies last-bit differences);
 - ``batched``: ``attack.reconstruct_many`` (chunks of ``MAX_SLOTS`` targets in one vmap), one thread;
 - ``batched, 2 processes``: the same split over two spawned processes of one thread each.
 
@@ -90,12 +90,13 @@ def targets(args) -> dict:
 
     runs.append(("batched, 2 processes", two_processes))
     for name, run in runs:
-        if name.startswith("one at a time, 2") and args.skip_spread:
+        if name.startswith("one at a time, 2") and not args.spread:
             continue
         load = os.getloadavg()[0]
         seconds, values = _timed(run)
         rows[name] = {"seconds": seconds, "psnr": values, "load": load}
         print(f"  {name}: {seconds:.1f} s (load {load:.2f})", flush=True)
+        atomic_write_json(RESULTS / "throughput-targets-partial.json", rows)  # kept if stopped
     return _table("targets", rows, args.n, "one at a time", f"{args.n} LeNet targets, IG {args.iterations} it")
 
 
@@ -154,7 +155,8 @@ def main() -> None:
     t = parts.add_parser("targets")
     t.add_argument("--n", type=int, default=32)
     t.add_argument("--iterations", type=int, default=2000)
-    t.add_argument("--skip-spread", action="store_true", help="leave out the 2-thread run")
+    t.add_argument("--spread", action="store_true", help="add the 2-thread run (float rounding alone; needs 2 "
+                   "free cores: on a loaded machine two threads wait on each other)")
     a = parts.add_parser("audit")
     a.add_argument("--config", default="examples/audit.yaml")
     a.add_argument("--baseline-src", required=True, help="src/ of a gradleak checkout to compare against")

@@ -204,3 +204,22 @@ def test_a_time_budget_stops_the_attack_with_a_note(lenet, photos):
     assert "time budget of 0.2 s spent" in note and int(note.split("iteration ")[1].split(":")[0]) < 1_000_000
     with pytest.raises(ConfigError, match="time_budget must be a finite number > 0"):
         get_attack("inverting-gradients")(lenet, time_budget=0)
+
+
+def test_the_cosine_distance_is_one_minus_the_weighted_cosine_over_all_layers(lenet, photos):
+    """Geiping et al.'s objective: 1 - <g, g*>_w / (|g|_w |g*|_w) over the layers, with per-layer
+    weights w; checked against the layer-by-layer sums on two real gradients."""
+    from gradleak.attacks.matching import gradient_distance
+
+    first = fedsgd_update(lenet, photos.images[:1], photos.labels[:1]).tensors
+    second = fedsgd_update(lenet, photos.images[1:2], photos.labels[1:2]).tensors
+    names = list(first)
+    for weights in (torch.ones(len(names)), torch.linspace(1.0, 0.1, len(names))):
+        a = {n: first[n].double() for n in names}
+        b = {n: second[n].double() for n in names}
+        dot = sum(w * (a[n] * b[n]).sum() for n, w in zip(names, weights.double()))
+        norms = [sum(w * (t[n] ** 2).sum() for n, w in zip(names, weights.double())).sqrt() for t in (a, b)]
+        expected = float(1 - dot / (norms[0] * norms[1]))
+        assert float(gradient_distance(a, b, names, weights.double(), "cosine")) == pytest.approx(expected, abs=1e-12)
+        assert float(gradient_distance(a, a, names, weights.double(), "cosine")) == pytest.approx(0.0, abs=1e-12)
+        assert 0.05 < expected < 1.95  # two different images: neither parallel nor opposite

@@ -86,10 +86,16 @@ def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str
     if objective == "max":
         return torch.stack([w * (candidate[n] - target[n]).abs().max() for n, w in zip(names, weights)]).max()
     if objective == "cosine":
-        dot = sum(w * (candidate[n] * target[n]).sum() for n, w in zip(names, weights))
-        cand = sum(w * candidate[n].pow(2).sum() for n, w in zip(names, weights))
-        targ = sum(w * target[n].pow(2).sum() for n, w in zip(names, weights))
-        return 1 - dot / (cand.sqrt() * targ.sqrt()).clamp_min(1e-30)
+        # the layers as one flat vector per side: three reductions instead of three per layer
+        # (fewer kernels per iteration, which is most of what a small model's iteration costs)
+        cand = torch.cat([candidate[n].reshape(-1) for n in names])
+        targ = torch.cat([target[n].reshape(-1) for n in names])
+        if bool((weights == 1).all()):
+            dot, cc, tt = (cand * targ).sum(), (cand * cand).sum(), (targ * targ).sum()
+        else:
+            w = torch.repeat_interleave(weights, torch.tensor([target[n].numel() for n in names], device=weights.device))
+            dot, cc, tt = (w * cand * targ).sum(), (w * cand * cand).sum(), (w * targ * targ).sum()
+        return 1 - dot / (cc.sqrt() * tt.sqrt()).clamp_min(1e-30)
     if objective == "layer-cosine":
         terms = [w * (1 - torch.nn.functional.cosine_similarity(candidate[n].flatten(), target[n].flatten(), dim=0,
                                                                    eps=1e-30)) for n, w in zip(names, weights)]

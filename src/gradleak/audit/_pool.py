@@ -67,6 +67,8 @@ def _cells_task(config, specs: list, stack: list, context: dict[str, Any], out: 
     """One group of cells, computed as an in-process audit computes them; each cell is sent on arrival."""
     from .runner import run_group
 
+    device = context["device"]
+    context = {**context, "images": context["images"].to(device), "labels": context["labels"].to(device)}
     for position, cell in zip(positions, run_group(config, specs, stack, context, Path(out))):
         results.put(("cell", position, cell))
 
