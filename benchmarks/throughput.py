@@ -1,20 +1,23 @@
 """Images reconstructed per minute: one update at a time (the baseline) against batched targets
 and worker processes, with the PSNR of every image compared.
 
-    .venv/bin/python benchmarks/throughput.py targets [--n 32] [--iterations 2000]
+    .venv/bin/python benchmarks/throughput.py targets --baseline-src /tmp/base/src [--n 32] [--iterations 2000]
     .venv/bin/python benchmarks/throughput.py audit --baseline-src /tmp/base/src [--config examples/audit.yaml]
 
 ``targets``: Inverting Gradients on DLG's LeNet (zoo ``lenet``, seed 0), one FedSGD update per
 image, ``--n`` real 32-px colour images (quadrants of the built-in photos at 64 px), each
-attacked as its own target, in one run:
+attacked as its own target, each row in its own process (warm-up first):
 
-- ``one at a time``: ``batched_targets="loop"``, one process, one torch thread (what every
-  gradleak before this benchmark did);
-- ``one at a time, 2 threads`` (``--spread``): the same with two torch threads: it changes only
-  the order of float sums, so its PSNRs against the first row show how far float rounding
-  alone moves an Inverting Gradients run (sign-Adam amplifies last-bit differences);
-- ``batched``: ``attack.reconstruct_many`` (chunks of ``MAX_SLOTS`` targets in one vmap), one thread;
-- ``batched, 2 processes``: the same split over two spawned processes of one thread each.
+- ``before, one at a time``: gradleak from ``--baseline-src`` (a checkout from before batched
+  targets, e.g. ``git worktree add /tmp/base 29c95c8``), one ``reconstruct`` per update, one
+  torch thread;
+- ``before, 2 threads`` (``--spread``; torch's default on this 2-core machine): two threads
+  change only the order of float sums, so its PSNRs against the first row show how far float
+  rounding alone moves an Inverting Gradients run (sign-Adam amplifies last-bit differences);
+- ``now, one at a time``: this checkout with ``batched_targets="loop"``;
+- ``now, batched``: ``attack.reconstruct_many`` (chunks of ``MAX_SLOTS`` samples in one vmap);
+- ``now, batched, 2 threads``: the same with two torch threads (the batched kernels are large
+  enough for intra-op threads to pay, unlike one LeNet image's).
 
 ``audit``: the same audit config run with the command a user types, each in a fresh folder:
 ``gradleak audit CONFIG`` from ``--baseline-src`` (a checkout of gradleak before batched targets
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -53,51 +55,55 @@ from gradleak.models import build_model  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def _attack(indices: list[int], iterations: int, mode: str, threads: int) -> list[float]:
-    """PSNR of each image's reconstruction (run in this process)."""
+def _attack(indices: list[int], iterations: int, mode: str | None, threads: int) -> list[float]:
+    """PSNR of each image's reconstruction, in this process. ``mode`` None: the gradleak on the
+    path has no batched targets (a checkout from before them): one ``reconstruct`` per update."""
     torch.set_num_threads(threads)
     images, labels = photo_tiles()
     model = build_model("lenet", (3, 32, 32), 10, seed=0)
     spec = gl.DataSpec.from_images(images)
     updates = [gl.fedsgd_update(model, images[k:k + 1], labels[k:k + 1], spec=spec) for k in indices]
-    attack = gl.get_attack("inverting-gradients")(model, gl.ThreatModel(), iterations=iterations,
-                                                 batched_targets=mode)
-    results = list(attack.reconstruct_many(updates))
+    options = {} if mode is None else {"batched_targets": mode}
+    attack = gl.get_attack("inverting-gradients")(model, gl.ThreatModel(), iterations=iterations, **options)
+    results = [attack.reconstruct(u) for u in updates] if mode is None else list(attack.reconstruct_many(updates))
     return [float(psnr(r.images.clamp(0, 1), images[k:k + 1]).mean()) for r, k in zip(results, indices)]
 
 
-def _timed(run) -> tuple[float, list[float]]:
+def _row(src: str, n: int, iterations: int, mode: str | None, threads: int) -> tuple[float, list[float]]:
+    """One row in its own process with ``src`` first on the path: (seconds of the attacks, PSNRs)."""
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "row", "--n", str(n), "--iterations", str(iterations),
+                          "--mode", mode or "none", "--threads", str(threads)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    record = json.loads(out.strip().splitlines()[-1])
+    return record["seconds"], record["psnr"]
+
+
+def row(args) -> None:
+    mode = None if args.mode == "none" else args.mode
+    _attack([0, 1], 5, mode, args.threads)  # warm-up: first kernels
     start = time.perf_counter()
-    values = run()
-    return time.perf_counter() - start, values
+    values = _attack(list(range(args.n)), args.iterations, mode, args.threads)
+    print(json.dumps({"seconds": time.perf_counter() - start, "psnr": values}))
 
 
 def targets(args) -> dict:
-    indices = list(range(args.n))
+    here = str(Path(__file__).parents[1] / "src")
+    runs = [("before, one at a time", args.baseline_src, None, 1),
+            ("before, 2 threads", args.baseline_src, None, 2),
+            ("now, one at a time", here, "loop", 1),
+            ("now, batched", here, "auto", 1),
+            ("now, batched, 2 threads", here, "auto", 2)]
     rows = {}
-    for mode in ("loop", "auto"):  # warm-up: imports, first kernels
-        _attack(indices[:2], 5, mode, 1)
-    runs = [("one at a time", lambda: _attack(indices, args.iterations, "loop", 1)),
-            ("one at a time, 2 threads", lambda: _attack(indices, args.iterations, "loop", 2)),
-            ("batched", lambda: _attack(indices, args.iterations, "auto", 1))]
-
-    def two_processes() -> list[float]:
-        half = len(indices) // 2
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            parts = pool.starmap(_attack, [(indices[:half], args.iterations, "auto", 1),
-                                           (indices[half:], args.iterations, "auto", 1)])
-        return parts[0] + parts[1]
-
-    runs.append(("batched, 2 processes", two_processes))
-    for name, run in runs:
-        if name.startswith("one at a time, 2") and not args.spread:
+    for name, src, mode, threads in runs:
+        if name == "before, 2 threads" and not args.spread:
             continue
         load = os.getloadavg()[0]
-        seconds, values = _timed(run)
+        seconds, values = _row(src, args.n, args.iterations, mode, threads)
         rows[name] = {"seconds": seconds, "psnr": values, "load": load}
         print(f"  {name}: {seconds:.1f} s (load {load:.2f})", flush=True)
         atomic_write_json(RESULTS / "throughput-targets-partial.json", rows)  # kept if stopped
-    return _table("targets", rows, args.n, "one at a time", f"{args.n} LeNet targets, IG {args.iterations} it")
+    return _table("targets", rows, args.n, runs[0][0], f"{args.n} LeNet targets, IG {args.iterations} it")
 
 
 def _table(part: str, rows: dict, images: int, baseline: str, title: str) -> dict:
@@ -155,13 +161,19 @@ def main() -> None:
     t = parts.add_parser("targets")
     t.add_argument("--n", type=int, default=32)
     t.add_argument("--iterations", type=int, default=2000)
+    t.add_argument("--baseline-src", required=True, help="src/ of a gradleak checkout to compare against")
     t.add_argument("--spread", action="store_true", help="add the 2-thread run (float rounding alone; needs 2 "
                    "free cores: on a loaded machine two threads wait on each other)")
     a = parts.add_parser("audit")
     a.add_argument("--config", default="examples/audit.yaml")
     a.add_argument("--baseline-src", required=True, help="src/ of a gradleak checkout to compare against")
+    r = parts.add_parser("row", help="internal: one row of `targets` in this process")
+    r.add_argument("--n", type=int, required=True)
+    r.add_argument("--iterations", type=int, required=True)
+    r.add_argument("--mode", required=True)
+    r.add_argument("--threads", type=int, required=True)
     args = parser.parse_args()
-    (targets if args.part == "targets" else audit)(args)
+    {"targets": targets, "audit": audit, "row": row}[args.part](args)
 
 
 if __name__ == "__main__":

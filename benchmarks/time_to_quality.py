@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, nargs="+", default=[8, 9])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1200, 400])
     parser.add_argument("--patience", type=int, nargs="+", default=[50, 100, 200])
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
     photos = load_builtin("photos", size=32)
@@ -81,7 +82,7 @@ def main() -> None:
                 row["patience"][p] = None if stop is None else {k2: stop[k2] for k2 in ("iteration", "seconds", "psnr")}
             rows.append(row)
             print(json.dumps({k2: v for k2, v in row.items() if k2 != "curve"}), flush=True)
-    atomic_write_json(RESULTS, rows)
+    atomic_write_json(args.out, rows)
 
 
 if __name__ == "__main__":
