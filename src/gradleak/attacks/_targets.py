@@ -26,11 +26,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..functional import has_batch_norm
 from ..update import SharedUpdate
 from ._engine import run_group
-from .base import Hooks, Reconstruction
+from .base import Hooks, Reconstruction, check_monitors
 
 __all__ = ["MAX_SLOTS", "batching_refused", "target_chunks", "reconstruct_targets"]
 
@@ -140,8 +139,7 @@ def _attack_chunk(attack, updates: list[SharedUpdate], monitors: list[Callable |
 def reconstruct_targets(attack, updates: list[SharedUpdate], monitors: Sequence[Callable | None] | None,
                         progress: Callable | None) -> Iterator[Reconstruction]:
     """``attack.reconstruct`` of each update in order, chunks of them batched (see the module)."""
-    if monitors is not None and len(monitors) != len(updates):
-        raise ConfigError(f"monitors: one per update expected, got {len(monitors)} for {len(updates)} updates")
+    check_monitors(monitors, updates)
     monitors = [None] * len(updates) if monitors is None else list(monitors)
     for chunk in target_chunks(attack, updates):
         if len(chunk) == 1:

@@ -139,8 +139,7 @@ class Attack(abc.ABC):
         Each result is what :meth:`reconstruct` gives for its update; attacks that can run
         several updates in one batched computation (gradient matching) override this. After
         Ctrl-C the results it cut short (marked ``interrupted``) are yielded, then no more."""
-        if monitors is not None and len(monitors) != len(updates):
-            raise ConfigError(f"monitors: one per update expected, got {len(monitors)} for {len(updates)} updates")
+        check_monitors(monitors, updates)
         for k, update in enumerate(updates):
             result = self.reconstruct(update, monitor=None if monitors is None else monitors[k], progress=progress)
             yield result
@@ -162,6 +161,12 @@ class Attack(abc.ABC):
             params.update({n: w.to(params[n].dtype) for n, w in update.weights.items() if n in params})
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         return params, buffers
+
+
+def check_monitors(monitors: Sequence | None, updates: Sequence) -> None:
+    """``reconstruct_many``'s monitors: None, or one per update."""
+    if monitors is not None and len(monitors) != len(updates):
+        raise ConfigError(f"monitors: one per update expected, got {len(monitors)} for {len(updates)} updates")
 
 
 def require_single_sample(update: SharedUpdate, method: str) -> None:

@@ -193,12 +193,11 @@ class GradientMatching(Attack):
         return labels.to(w_grad.device), f"labels counted from the classifier {how}: {labels.tolist()}"
 
     # -------------------------------------------------------------- objective
-    def _objective(self, update, params, buffers, labels, names, weights, bn) -> Callable:
+    def _objective(self, update, params, buffers, own, names, weights, bn) -> Callable:
         """``objective(x, y_soft, data=None)``: the matching loss of candidate ``x`` against this
         update, or against ``data`` = {"target": matched entries, "labels": labels} of another
         update of the same shapes (several targets attacked in one ``vmap``)."""
         cfg, loss_fn = self.config, get_loss(update.loss)
-        own = _target_data(update, names, weights.dtype, labels)
         binary = update.loss == "binary_cross_entropy"
         if update.kind == "delta":
             if update.local_lr is None:
@@ -300,11 +299,12 @@ class GradientMatching(Attack):
                 raise AttackNotApplicable("bn > 0 needs the client's BatchNorm statistics",
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
-        objective = self._objective(update, params, buffers, labels, names, weights, bn)
+        data = _target_data(update, names, weights.dtype, labels)
+        objective = self._objective(update, params, buffers, data, names, weights, bn)
         head = classifier_layer(traces)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
         batched, groups = self._restart_groups(params, bn)
-        return _Problem(update, objective, _target_data(update, names, weights.dtype, labels), labels, label_note,
+        return _Problem(update, objective, data, labels, label_note,
                         names, params, bn, (batch, *update.input_shape), head.out_features if head is not None else 1,
                         (spec.normalize(zeros), spec.normalize(zeros + 1)), spec, batched, groups)
 
