@@ -84,11 +84,15 @@ def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, to
 
 
 # ------------------------------------------------------------------------- evaluator
-def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any, vectorized: bool = True
-               ) -> Callable[[], Evaluation]:
+def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any, vectorized: bool = True,
+               compiled: bool = False) -> Callable[[], Evaluation]:
     """The matching loss of the current candidates and its gradients: one ``vmap`` over the
     slots when there are several (``vectorized``) or a loop over them, plain autograd
-    (cheaper) for one. ``data``: each slot's target data, stacked (None: the objective's own)."""
+    (cheaper) for one. ``data``: each slot's target data, stacked (None: the objective's own).
+    ``compiled``: the functional evaluation (``vmap`` of ``grad_and_value``, for one slot too)
+    through ``torch.compile``; the callers refuse it for the loop."""
+    if compiled:
+        return _vmap_evaluator(objective, X, Y, data, compiled=True)
     if X.shape[0] > 1:
         return _vmap_evaluator(objective, X, Y, data) if vectorized else _loop_evaluator(objective, X, Y, data)
     return _autograd_evaluator(objective, X, Y, data)
@@ -103,14 +107,17 @@ def _slot(data: Any, k: int) -> Any:
     return data[k]
 
 
-def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
+def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any, compiled: bool = False
                     ) -> Callable[[], Evaluation]:
     single = grad_and_value(objective, argnums=(0, 1) if Y is not None else 0)
     dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
+    stacked = vmap(single, in_dims=dims)
+    if compiled:  # Inductor; autograd.grad inside a compiled graph is not safe (benchmarks/compile_step.py)
+        stacked = torch.compile(stacked, dynamic=False)
 
     def evaluate() -> Evaluation:
         x, y = X.detach(), None if Y is None else Y.detach()
-        grads, values = vmap(single, in_dims=dims)(x, y, data)
+        grads, values = stacked(x, y, data)
         gx, gy = grads if isinstance(grads, tuple) else (grads, None)
         return gx, gy, values.detach()
 
@@ -346,7 +353,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     cfg, hooks = attack.config, attack._hooks
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
-    evaluate = _evaluator(objective, X, Y, data, vectorized)
+    evaluate = _evaluator(objective, X, Y, data, vectorized, compiled=cfg.compile)
     consistent = cfg.group > 0 and len(group) > 1
     if consistent:
         evaluate = _GroupConsistency(cfg, evaluate, X)

@@ -85,6 +85,7 @@ class MatchingConfig:
     record_every: int = 10
     batched_restarts: str = "auto"
     batched_targets: str = "auto"  # several updates at once (reconstruct_many): auto = where vmap can | loop
+    compile: bool = False        # torch.compile the matching step (pays on conv nets over long runs, after a cold compile)
     seed: int = 0
 
     def __post_init__(self):
@@ -116,6 +117,7 @@ class MatchingConfig:
             check_batch("batch_size", self.batch_size, None)
         check_seed("seed", self.seed)
         check_bool("boxed", self.boxed)
+        check_bool("compile", self.compile)
         layers = self.layers
         if not (isinstance(layers, str) and len(layers) <= 200 or isinstance(layers, tuple) and len(layers) <= 10_000
                 and all(isinstance(name, str) for name in layers)):
@@ -253,7 +255,23 @@ class GradientMatching(Attack):
         if batched and not vmappable:
             raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
         together = batched or cfg.group > 0
+        if cfg.compile:
+            self._check_compilable(lockstep=together and not batched and cfg.restarts > 1, bn=bn)
         return batched, [list(range(cfg.restarts))] if together else [[r] for r in range(cfg.restarts)]
+
+    def _check_compilable(self, lockstep: bool, bn) -> None:
+        """``compile=True`` compiles the functional evaluation (``vmap`` of ``grad_and_value``):
+        refuse, naming the condition, what cannot run through it."""
+        training_bn = [n for n, m in self.model.named_modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+        if training_bn:
+            raise ConfigError(f"compile=True needs BatchNorm in eval mode (model.eval()); {training_bn[0]!r} is in "
+                              "train mode")
+        if bn is not None:
+            raise ConfigError("compile=True cannot run with the BatchNorm-statistics prior (bn > 0)")
+        if lockstep:
+            raise ConfigError("compile=True cannot run restarts one by one in lockstep (group > 0 with L-BFGS or "
+                              "BatchNorm): use batched_restarts or group=0")
 
     # ------------------------------------------------------------------ main
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
