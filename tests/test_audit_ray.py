@@ -26,13 +26,14 @@ from gradleak.errors import ConfigError
 
 ray = pytest.importorskip("ray")
 
-# 2 attacks x 2 defenses = 4 cells in 2 groups (one per defense) of 2 cells each
+# 2 attacks x 2 defenses = 4 cells in 2 groups (one per defense) of 2 cells each (batched_targets=loop:
+# the IG cells are not attacked together across defenses, audit/_batch.py; tests/test_throughput.py does that)
 AUDIT = """
 name: ray audit
 data: {name: photos, n: 2, size: 16}
 models: [lenet]
 attacks:
-  - {name: inverting-gradients, options: {iterations: 12, record_every: 4}}
+  - {name: inverting-gradients, options: {iterations: 12, record_every: 4, batched_targets: loop}}
   - {name: dlg, options: {iterations: 4}}
 defenses: [none, "gaussian:variance=1e-4"]
 utility: false
@@ -134,9 +135,9 @@ def test_resume_across_local_and_ray_runs_in_both_directions(tmp_path, config_fi
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("cells/*/*.json")}
 
     groups, writes, inits = [], [], []
-    real_groups, real_write = audit_runner.cell_groups, audit_runner.atomic_write_json
-    monkeypatch.setattr(audit_runner, "cell_groups", lambda specs, todo: groups.append(list(todo)) or
-                        real_groups(specs, todo))
+    real_groups, real_write = audit_runner.plan_groups, audit_runner.atomic_write_json
+    monkeypatch.setattr(audit_runner, "plan_groups", lambda config, specs, stacks, todo, context:
+                        groups.append(list(todo)) or real_groups(config, specs, stacks, todo, context))
 
     def interrupt_second_store(path, value):  # Ctrl-C in the driver as the Ray run's 2nd cell arrives
         if Path(path).name == "cell.json":

@@ -92,13 +92,15 @@ def test_an_uninterrupted_python_run_is_not_marked(tmp_path, monkeypatch):
     assert not run.reconstruction.interrupted and run.reconstruction.updates == 2
 
 
+# 2 images x 8 restarts = 16 samples a cell: the cells of none and gaussian are attacked together (one vmap
+# of 32 samples, audit/_batch.py), the pruning cell alone
 AUDIT = """
 name: interrupt audit
 data: {name: photos, n: 2, size: 32}
 models: [lenet]
 attacks:
-  - {name: inverting-gradients, options: {iterations: 15, record_every: 5}}
-defenses: [none, "gaussian:variance=1e-4"]
+  - {name: inverting-gradients, options: {iterations: 15, record_every: 5, restarts: 8}}
+defenses: [none, "gaussian:variance=1e-4", "pruning:ratio=0.5"]
 utility: false
 """
 
@@ -107,22 +109,28 @@ def _numbers(result):
     return [(c.cell_id, c.status, c.psnr, c.ssim, c.summary.get("label_accuracy")) for c in result.cells]
 
 
-def test_a_resumed_audit_gives_the_numbers_of_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("at, finished", [(4, 0), (15 + 4, 2)])
+def test_a_resumed_audit_gives_the_numbers_of_an_uninterrupted_one(tmp_path, monkeypatch, at, finished):
+    """Ctrl-C inside the two cells attacked together (nothing stored) or inside the third cell
+    (the two stored): exit 130, nothing half-done left behind, and the resumed audit's numbers
+    are those of an uninterrupted one."""
     config = tmp_path / "audit.yaml"
     config.write_text(AUDIT)
     whole = run_audit(config, tmp_path / "whole", quiet=True)
-    assert not whole.interrupted and len(whole.cells) == 2
+    assert not whole.interrupted and len(whole.cells) == 3
+    assert "one vmap over 4 targets x 8 restart(s)" in (tmp_path / "whole" / "cells" / whole.cells[1].cell_id /
+                                                         "metrics.json").read_text()
 
-    counter = StepCounter(monkeypatch, at=15 + 4)  # second cell (its two images batched), 4th iteration
+    counter = StepCounter(monkeypatch, at=at)
     out = tmp_path / "cut"
     cut = CliRunner().invoke(app, ["audit", str(config), "--out", str(out), "-q", "--jobs", "1"])
     assert cut.exit_code == 130, cut.output
-    assert "interrupted: 1 finished cell(s) are stored" in cut.output
-    assert counter.calls == 19
+    assert f"interrupted: {finished} finished cell(s) are stored" in cut.output
+    assert counter.calls == at
     stored = sorted(p.parent.name for p in out.glob("cells/*/cell.json"))
-    assert stored == [whole.cells[0].cell_id]
-    # the interrupted cell left no run folder that could pass for a result
-    assert not (out / "cells" / whole.cells[1].cell_id / "metrics.json").exists()
+    assert stored == sorted(c.cell_id for c in whole.cells[:finished])
+    # the interrupted cells left no run folder that could pass for a result
+    assert not any((out / "cells" / c.cell_id / "metrics.json").exists() for c in whole.cells[finished:])
     report = json.loads((out / "audit.json").read_text())
     assert report["interrupted"] is True
 

@@ -156,3 +156,43 @@ def test_jobs_and_ray_are_not_combined(tmp_path):
     config.write_text(AUDIT)
     with pytest.raises(ConfigError, match="jobs: local worker processes or Ray, not both"):
         run_audit(config, tmp_path / "out", quiet=True, jobs=2, ray="auto")
+
+
+PLAN = """
+name: plan
+data: {name: photos, n: 4, size: 32}
+models: [lenet, mlp]
+attacks:
+  - {name: inverting-gradients, options: {iterations: 10}, models: [lenet]}
+  - {name: dlg, options: {iterations: 2}, models: [lenet]}
+  - {name: fc-bias, models: [mlp]}
+defenses: [none, "gaussian:variance=1e-4", "local-steps:steps=2,lr=0.1", "secure-aggregation:clients=2",
+           "pruning:ratio=0.5", half, int8, sign, soteria, "clipping:max_norm=1", "pruning:ratio=0.7"]
+utility: false
+"""
+
+
+def test_cells_attacked_together_are_planned_over_the_whole_grid(tmp_path):
+    """IG on LeNet batches across defense entries (8 cells x 4 images = 32 samples a group) but
+    not with the entries that change the protocol; L-BFGS DLG and the closed form stay in their
+    update-sharing groups; what is left to compute never changes a group's members."""
+    from gradleak.audit._batch import plan_groups
+    from gradleak.audit.config import load_audit_config
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(PLAN)
+    config = load_audit_config(path)
+    specs, stacks = audit_runner.audit_cells(config), config.defense_stacks()
+    context = audit_runner._load_context(config)
+    ig = [i for i, s in enumerate(specs) if s.attack.name == "inverting-gradients"]
+    kept = [i for i in ig if specs[i].defense_index not in (2, 3)]  # not local-steps, not secure-aggregation
+    groups = plan_groups(config, specs, stacks, list(range(len(specs))), context)
+    assert groups[0] == kept[:8] and kept[8:] not in groups[:1]
+    assert [kept[8], kept[8] + 1] in groups, "a lone cell left over stays in its update-sharing group (with DLG)"
+    alone = {i for g in groups[1:] for i in g}
+    assert alone == set(range(len(specs))) - set(kept[:8])
+    for group in groups[1:]:  # the others: one model, defense entry and batch size each
+        assert len({(specs[i].model.label, specs[i].defense_index) for i in group}) == 1
+    # resuming with one cell of the batched group left: the group is computed whole, with the same members
+    assert plan_groups(config, specs, stacks, [kept[5]], context) == [kept[:8]]
+    assert plan_groups(config, specs, stacks, [ig[2]], context) == [[ig[2]]]  # local-steps: alone

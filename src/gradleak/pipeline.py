@@ -26,9 +26,8 @@ from .models import ModelSpec
 from .runs import RunResult, write_run
 from .update import SharedUpdate, save_update
 
-__all__ = ["ClientSetup", "ModelSpec", "DataRequest", "simulate_clients", "attack_updates", "attack_simulated",
-           "attack_file", "model_for_update", "demo", "progress_bar",
-           "psnr_monitor", "make_attack"]
+__all__ = ["ClientSetup", "ModelSpec", "DataRequest", "simulate_clients", "attack_updates", "reconstruct_each",
+           "attack_simulated", "attack_file", "model_for_update", "demo", "progress_bar", "psnr_monitor", "make_attack"]
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +75,29 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
     ``progress``: a running rich ``Progress`` to add the bars to (default: a new one,
     unless ``quiet``).
     """
+    parts, interrupted = reconstruct_each(attack, updates, truths=truths, quiet=quiet, progress=progress)
+    result = Reconstruction.concat(parts)
+    result.interrupted = result.interrupted or interrupted
+    if result.interrupted:
+        cut = sum(part.interrupted for part in parts)
+        partly = "" if not cut else " (the last one partly)" if cut == 1 else f" (the last {cut} partly, attacked together)"
+        result.notes.append(f"interrupted: {len(parts)} of {len(updates)} updates attacked{partly}")
+        log.warning("interrupted: kept %d of %d updates%s", len(parts), len(updates), partly)
+    return result
+
+
+def reconstruct_each(attack: Attack, updates: Sequence[SharedUpdate], *, truths: Sequence[torch.Tensor] | None = None,
+                     quiet: bool = False, progress: Progress | None = None) -> tuple[list[Reconstruction], bool]:
+    """One :class:`Reconstruction` per update, in order, with progress bars, and whether Ctrl-C
+    cut the call short (then the list holds what was finished, the last parts possibly
+    marked ``interrupted``). :func:`attack_updates` joins them; an audit splits them among
+    the cells whose updates were attacked together. Arguments as :func:`attack_updates`."""
     if not updates:
         raise ConfigError("no updates to attack")
     parts: list[Reconstruction] = []
     own = progress is None
     progress = progress_bar(quiet) if own else progress
+    interrupted = False
     with progress if own else contextlib.nullcontext():
         task = progress.add_task(f"{attack.name} on {len(updates)} update(s)", total=len(updates))
         steps = progress.add_task("  iterations", total=None, visible=False)
@@ -88,7 +105,6 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
         def advance(done: int, total: int) -> None:
             progress.update(steps, completed=done, total=total, visible=True)
 
-        interrupted = False
         monitors = None if truths is None else [psnr_monitor(truth) for truth in truths]
         try:
             for part in attack.reconstruct_many(updates, monitors=monitors, progress=advance):
@@ -102,14 +118,7 @@ def attack_updates(attack: Attack, updates: Sequence[SharedUpdate], *, truths: S
             if not own:
                 progress.remove_task(task)
                 progress.remove_task(steps)
-    result = Reconstruction.concat(parts)
-    result.interrupted = result.interrupted or interrupted
-    if result.interrupted:
-        cut = sum(part.interrupted for part in parts)
-        partly = "" if not cut else " (the last one partly)" if cut == 1 else f" (the last {cut} partly, attacked together)"
-        result.notes.append(f"interrupted: {len(parts)} of {len(updates)} updates attacked{partly}")
-        log.warning("interrupted: kept %d of %d updates%s", len(parts), len(updates), partly)
-    return result
+    return parts, interrupted
 
 
 def make_attack(name: str, model: nn.Module, threat, options: dict[str, Any]) -> Attack:

@@ -2,7 +2,7 @@
 ``gradleak audit CONFIG --jobs N`` (the CLI's default, ``auto``, is one job per CPU).
 
 Each worker is a spawned Python process with one torch thread that computes whole groups of
-cells (:func:`~gradleak.audit.runner.cell_groups`: the cells sharing their client updates)
+cells (``audit/_batch.py``: cells sharing their client updates, or attacked together)
 with :func:`~gradleak.audit.runner.run_group`, the code of an in-process audit, and the
 utility trainings with the same function an in-process audit calls; each result goes back to
 this process through a queue as it is finished, and is stored here (atomically) at once.
@@ -63,13 +63,13 @@ def _worker_start() -> None:
     torch.set_num_threads(1)
 
 
-def _cells_task(config, specs: list, stack: list, context: dict[str, Any], out: str, positions: list[int], results):
+def _cells_task(config, specs: list, stacks: list, context: dict[str, Any], out: str, positions: list[int], results):
     """One group of cells, computed as an in-process audit computes them; each cell is sent on arrival."""
     from .runner import run_group
 
     device = context["device"]
     context = {**context, "images": context["images"].to(device), "labels": context["labels"].to(device)}
-    for position, cell in zip(positions, run_group(config, specs, stack, context, Path(out))):
+    for position, cell in zip(positions, run_group(config, specs, stacks, context, Path(out))):
         results.put(("cell", position, cell))
 
 
@@ -102,8 +102,8 @@ class ProcessPool:
         try:
             results = manager.Queue()
             pending = [pool.apply_async(_cells_task, (config, [specs[i] for i in group],
-                                                      stacks[specs[group[0]].defense_index], context, str(out),
-                                                      group, results)) for group in groups]
+                                                      [stacks[specs[i].defense_index] for i in group], context,
+                                                      str(out), group, results)) for group in groups]
             pending += [pool.apply_async(_utility_task, (stacks[i], config, str(out), resume, i, results))
                         for i in utility]
             pool.close()

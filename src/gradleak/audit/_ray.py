@@ -1,9 +1,9 @@
 """Audit cells as Ray tasks: ``run_audit(config, out, ray="auto" | ADDRESS, workers=N)``,
 ``gradleak audit CONFIG --ray`` / ``--ray-address ADDRESS``.
 
-One task per group of cells that share their client updates (model, defense entry, batch
-size; :func:`~gradleak.audit.runner.cell_groups`): it simulates the updates once and runs
-the group's attacks in grid order with :func:`~gradleak.audit.runner.run_group`, the code
+One task per group of cells (``audit/_batch.py``: cells that share their client updates,
+or cells of one attack under several defense entries, attacked together): it runs the
+group with :func:`~gradleak.audit.runner.run_group`, the code
 of a local audit, yielding each cell as its run folder is written (a Ray streaming
 generator). The driver writes each ``cell.json`` (atomically) as it arrives, so an
 interrupted run keeps every finished cell, and a cell is stored exactly as a local run
@@ -136,7 +136,8 @@ class RayBackend:
 
             def submit(group: list[int]):
                 members = [specs[i] for i in group]
-                return task.remote(config, members, stacks[members[0].defense_index], shared, str(out), list(sys.path))
+                return task.remote(config, members, [stacks[m.defense_index] for m in members], shared, str(out),
+                                   list(sys.path))
 
             def arrived(index: int, cell) -> None:
                 folder = out / "cells" / cell.cell_id
@@ -178,7 +179,7 @@ def _drive(ray, groups: list[list[int]], submit, inflight: int, arrived, finishe
         raise
 
 
-def _cell_task(config, specs: list, stack: list[Any], context: dict[str, Any], out: str, sys_path: list[str]):
+def _cell_task(config, specs: list, stacks: list[list[Any]], context: dict[str, Any], out: str, sys_path: list[str]):
     """The Ray task: one group of cells, computed as a local audit computes them."""
     import torch
 
@@ -189,4 +190,4 @@ def _cell_task(config, specs: list, stack: list[Any], context: dict[str, Any], o
     device = torch.device(context["device"])
     context = {**context, "device": device, "images": context["images"].to(device),
                "labels": context["labels"].to(device)}
-    yield from run_group(config, specs, stack, context, Path(out))
+    yield from run_group(config, specs, stacks, context, Path(out))

@@ -29,11 +29,13 @@ from typing import Any, Iterator
 import torch
 
 from .._io import atomic_write_json
+from ..attacks.base import Reconstruction
 from ..client import ClientSetup
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError, GradleakError
 from ..models import resolve_device
 from ..report.audit import write_audit_report
+from ._batch import cell_groups, plan_groups
 from ._pool import ProcessPool, resolve_jobs
 from .results import defense_label as _defense_label
 from .results import numbers as _numbers
@@ -149,38 +151,50 @@ def _served(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict
     return attack, served
 
 
+def _cell_result(spec: CellSpec, stack: list[Any], config: AuditConfig) -> CellResult:
+    return CellResult(spec.cell_id(config), spec.model.label, spec.attack.name, spec.defense_index,
+                      _defense_label(stack), spec.batch_size, "done")
+
+
 def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], served_cache: dict,
               out: Path, progress) -> CellResult:
+    """One cell alone: its updates (cached for the group), the attack, the scores, its run folder."""
     from ..pipeline import attack_updates
-    from ..runs import write_run
 
-    images, labels = context["images"], context["labels"]
-    result = CellResult(spec.cell_id(config), spec.model.label, spec.attack.name, spec.defense_index,
-                        _defense_label(stack), spec.batch_size, "done")
+    result = _cell_result(spec, stack, config)
     start = time.perf_counter()
     try:
         attack, served = _served(spec, stack, config, context, spec.attack.name, spec.attack.options, served_cache)
-        result.server, result.threat_model = attack.threat.server, attack.threat.sok(attack)["id"]
-        result.privacy = next((d.privacy for d in served if d.privacy), {})
-        reconstruction = attack_updates(attack, [d.update for d in served], truths=[images[d.indices] for d in served],
-                                        progress=progress)
-        if reconstruction.interrupted or reconstruction.updates < len(served):
-            raise KeyboardInterrupt  # Ctrl-C inside the cell: never store (or write) it as finished
-        order = [i for d in served[: reconstruction.updates] for i in d.indices]
-        run = write_run(out / "cells" / result.cell_id, reconstruction, originals=images[order],
-                        true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy,
-                                                           "threat_model": attack.threat.sok(attack)})
-        result.summary = {k: v for k, v in run.scores.summary.items()}
-        rows = {row["index"]: row for row in run.scores.per_image}  # missing: no reconstruction matched this image
-        result.psnr = [rows[i]["psnr"] if i in rows else None for i in range(len(order))]
-        result.ssim = [rows[i].get("ssim") if i in rows else None for i in range(len(order))]
-        result.levels = _levels(result, config.verdict)
+        reconstruction = attack_updates(attack, [d.update for d in served],
+                                        truths=[context["images"][d.indices] for d in served], progress=progress)
+        _finish_cell(result, spec, attack, served, reconstruction, config, context, out)
     except AttackNotApplicable as error:
         result.status, result.message, result.condition = "not-applicable", str(error), error.condition
     except GradleakError as error:
         result.status, result.message = "error", str(error)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _finish_cell(result: CellResult, spec: CellSpec, attack, served: list, reconstruction: Reconstruction,
+                 config: AuditConfig, context: dict[str, Any], out: Path) -> None:
+    """Score ``reconstruction`` (of the updates ``served``) into ``result`` and write the cell's run folder."""
+    from ..runs import write_run
+
+    images, labels = context["images"], context["labels"]
+    result.server, result.threat_model = attack.threat.server, attack.threat.sok(attack)["id"]
+    result.privacy = next((d.privacy for d in served if d.privacy), {})
+    if reconstruction.interrupted or reconstruction.updates < len(served):
+        raise KeyboardInterrupt  # Ctrl-C inside the cell: never store (or write) it as finished
+    order = [i for d in served[: reconstruction.updates] for i in d.indices]
+    run = write_run(out / "cells" / result.cell_id, reconstruction, originals=images[order],
+                    true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy,
+                                                       "threat_model": attack.threat.sok(attack)})
+    result.summary = {k: v for k, v in run.scores.summary.items()}
+    rows = {row["index"]: row for row in run.scores.per_image}  # missing: no reconstruction matched this image
+    result.psnr = [rows[i]["psnr"] if i in rows else None for i in range(len(order))]
+    result.ssim = [rows[i].get("ssim") if i in rows else None for i in range(len(order))]
+    result.levels = _levels(result, config.verdict)
 
 
 def _load_context(config: AuditConfig) -> dict[str, Any]:
@@ -196,26 +210,62 @@ def _load_context(config: AuditConfig) -> dict[str, Any]:
             "spec": DataSpec.from_images(images), "weights": {}}
 
 
-def cell_groups(specs: list[CellSpec], indices: list[int]) -> list[list[int]]:
-    """``indices`` (into ``specs``) grouped by the client updates their cells share (model,
-    defense entry, batch size), in grid order: each group is independent of the others."""
-    groups: dict[tuple, list[int]] = {}
-    for i in indices:
-        groups.setdefault((specs[i].model.label, specs[i].defense_index, specs[i].batch_size), []).append(i)
-    return list(groups.values())
-
-
-def run_group(config: AuditConfig, specs: list[CellSpec], stack: list[Any], context: dict[str, Any], out: Path,
-              progress=None) -> Iterator[CellResult]:
-    """Compute cells that share their client updates (one :func:`cell_groups` group), in order,
-    simulating the updates once; yield each CellResult as its run folder is written. Plain
-    inputs only: a local audit and a Ray task (``audit/_ray.py``) both run this."""
+def run_group(config: AuditConfig, specs: list[CellSpec], stacks: list[list[Any]], context: dict[str, Any],
+              out: Path, progress=None) -> Iterator[CellResult]:
+    """Compute one group of cells (``audit/_batch.py``; ``stacks``: each cell's defense stack)
+    in order, yielding each CellResult as its run folder is written: cells sharing their
+    client updates simulate them once; cells of one attack under several defense entries are
+    attacked together (:func:`_run_together`). Plain inputs only: a local audit, a worker
+    process (``audit/_pool.py``) and a Ray task (``audit/_ray.py``) all run this."""
     from ..pipeline import progress_bar
 
     progress = progress_bar(True) if progress is None else progress
     served_cache: dict = {}
-    for spec in specs:
+    if len({spec.defense_index for spec in specs}) > 1:
+        yield from _run_together(config, specs, stacks, context, served_cache, out, progress)
+        return
+    for spec, stack in zip(specs, stacks):
         yield _run_cell(spec, stack, config, context, served_cache, out, progress)
+
+
+def _run_together(config: AuditConfig, specs: list[CellSpec], stacks: list[list[Any]], context: dict[str, Any],
+                  served_cache: dict, out: Path, progress) -> Iterator[CellResult]:
+    """Cells of one gradient-matching attack under different defense entries: every cell's
+    updates attacked in one ``reconstruct_many`` call (one vmap over all their images), then
+    each cell scored and written as if alone. Where one cell's updates or the batch fail,
+    the cells run one by one, each naming its own error. Ctrl-C: the cells whose
+    reconstructions were finished are yielded, then KeyboardInterrupt."""
+    from ..pipeline import reconstruct_each
+
+    start = time.perf_counter()
+    try:
+        served = [_served(spec, stack, config, context, spec.attack.name, spec.attack.options, {})
+                  for spec, stack in zip(specs, stacks)]
+        updates = [d.update for _, cell in served for d in cell]
+        truths = [context["images"][d.indices] for _, cell in served for d in cell]
+        parts, interrupted = reconstruct_each(served[0][0], updates, truths=truths, progress=progress)
+    except GradleakError:
+        for spec, stack in zip(specs, stacks):
+            yield _run_cell(spec, stack, config, context, served_cache, out, progress)
+        return
+    share = (time.perf_counter() - start) / len(specs)
+    for spec, stack, (attack, cell) in zip(specs, stacks, served):
+        mine, parts = parts[:len(cell)], parts[len(cell):]
+        if len(mine) < len(cell) or any(part.interrupted for part in mine):
+            raise KeyboardInterrupt  # Ctrl-C inside the batch: what is left is never stored as finished
+        began = time.perf_counter()
+        result = _cell_result(spec, stack, config)
+        if _stored(out / "cells" / result.cell_id / "cell.json", spec.key(config)) is not None:
+            yield result  # stored before (computed again for the others' sake): its folder stays as it is
+            continue
+        try:
+            _finish_cell(result, spec, attack, cell, Reconstruction.concat(mine), config, context, out)
+        except GradleakError as error:
+            result.status, result.message = "error", str(error)
+        result.seconds = share + time.perf_counter() - began
+        yield result
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _stored_cells(config: AuditConfig, specs: list[CellSpec], stacks: list[list[Any]], out: Path,
@@ -232,8 +282,8 @@ def _run_local(config: AuditConfig, specs: list[CellSpec], groups: list[list[int
                context: dict[str, Any], out: Path, store, progress) -> None:
     """The groups in this process, one after the other (``RayBackend.run`` is the same on Ray)."""
     for group in groups:
-        cells = run_group(config, [specs[i] for i in group], stacks[specs[group[0]].defense_index], context, out,
-                          progress)
+        members = [specs[i] for i in group]
+        cells = run_group(config, members, [stacks[s.defense_index] for s in members], context, out, progress)
         for index, cell in zip(group, cells):
             store(index, cell)
 
@@ -307,6 +357,8 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
         overall = progress.add_task(f"audit: {len(specs)} cells", total=len(specs) + (len(stacks) if config.utility else 0))
 
         def store(index: int, cell: CellResult) -> None:  # in the driver, as each cell arrives: atomic
+            if index in finished:  # stored before; computed again with the cells batched with it
+                return
             spec = specs[index]
             atomic_write_json(out / "cells" / spec.cell_id(config) / "cell.json",
                               {"key": spec.key(config), "result": cell.to_json()})
@@ -318,7 +370,7 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
             stored, todo = _stored_cells(config, specs, stacks, out, resume)
             finished.update(stored)
             progress.advance(overall, len(stored))
-            groups = cell_groups(specs, todo)
+            groups = plan_groups(config, specs, stacks, todo, context)
             pooled = pool is not None and _run_pool(pool, config, specs, groups, stacks, context, out, store, progress,
                                                     utility, resume, lambda: progress.advance(overall))
             if groups and not pooled:
