@@ -14,16 +14,8 @@ from gradleak.errors import ConfigError
 from gradleak.models import build_model
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_compiled_step_gives_the_eager_reconstructions(photos, one_thread):
+def test_compiled_step_gives_the_eager_reconstructions(photos):
     lenet = build_model("lenet", (3, 32, 32), 10, seed=5)
     updates = [fedsgd_update(lenet, photos.images[k:k + 1], photos.labels[k:k + 1]) for k in range(2)]
     runs = {}

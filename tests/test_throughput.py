@@ -18,19 +18,11 @@ from gradleak.errors import ConfigError
 from gradleak.metrics import psnr
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _monitors(truths):
     return [lambda images, truth=truth: {"psnr": float(psnr(images, truth).mean())} for truth in truths]
 
 
-def test_batched_targets_give_the_reconstructions_of_one_at_a_time(photos, one_thread):
+def test_batched_targets_give_the_reconstructions_of_one_at_a_time(photos):
     lenet = build_model("lenet", (3, 32, 32), 10, seed=3)
     updates = [fedsgd_update(lenet, photos.images[k:k + 1], photos.labels[k:k + 1]) for k in range(4)]
     truths = [photos.images[k:k + 1] for k in range(4)]
@@ -49,7 +41,7 @@ def test_batched_targets_give_the_reconstructions_of_one_at_a_time(photos, one_t
     assert float((runs["auto"][0].images - runs["auto"][1].images).abs().max()) > 0.1
 
 
-def test_batched_fedavg_deltas_with_restarts_equal_one_at_a_time(photos, one_thread):
+def test_batched_fedavg_deltas_with_restarts_equal_one_at_a_time(photos):
     lenet = build_model("lenet", (3, 32, 32), 10, seed=4)
     deltas = [fedavg_update(lenet, photos.images[2 * k:2 * k + 2], photos.labels[2 * k:2 * k + 2], lr=0.05,
                             local_steps=2, local_batch_size=1, share_labels=True) for k in range(3)]
@@ -102,7 +94,7 @@ def _numbers(result):
 
 
 @pytest.mark.slow
-def test_an_audit_in_worker_processes_gives_the_numbers_of_one_in_process(tmp_path, one_thread):
+def test_an_audit_in_worker_processes_gives_the_numbers_of_one_in_process(tmp_path):
     config = tmp_path / "audit.yaml"
     config.write_text(AUDIT)
     here = run_audit(config, tmp_path / "here", quiet=True)
@@ -114,8 +106,7 @@ def test_an_audit_in_worker_processes_gives_the_numbers_of_one_in_process(tmp_pa
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_a_pooled_audit_keeps_what_arrived_and_resumes_to_the_same_numbers(tmp_path, monkeypatch,
-                                                                                         one_thread):
+def test_ctrl_c_during_a_pooled_audit_keeps_what_arrived_and_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     config = tmp_path / "audit.yaml"
     config.write_text(AUDIT)
     whole = run_audit(config, tmp_path / "whole", quiet=True)

@@ -13,7 +13,9 @@ Layout of the output folder::
 A cell is (model, attack, defense entry, batch size), run on all ``data.n`` images. Its id
 carries a hash of everything that determines it, so an interrupted audit run again with
 the same config continues where it stopped, and a changed cell is recomputed. A group of cells
-(:func:`cell_groups`) runs here or as one Ray task (``audit/_ray.py``); this process stores them.
+(``audit/_batch.py``: sharing their client updates, or attacked together) runs here, in a
+worker process (``audit/_pool.py``) or as one Ray task (``audit/_ray.py``); this process
+stores them.
 """
 
 from __future__ import annotations
