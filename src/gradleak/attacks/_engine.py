@@ -92,7 +92,8 @@ def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, dat
     ``compiled``: the functional evaluation (``vmap`` of ``grad_and_value``, for one slot too)
     through ``torch.compile``; the callers refuse it for the loop."""
     if compiled:
-        return _vmap_evaluator(objective, X, Y, data, compiled=True)
+        return _vmap_evaluator(objective, X, Y, data, compiled=True) if X.shape[0] > 1 else \
+            _compiled_single(objective, X, Y, data)
     if X.shape[0] > 1:
         return _vmap_evaluator(objective, X, Y, data) if vectorized else _loop_evaluator(objective, X, Y, data)
     return _autograd_evaluator(objective, X, Y, data)
@@ -134,6 +135,21 @@ def _autograd_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | 
         value = objective(inputs[0], None if y is None else inputs[1], own, functional=False)
         grads = torch.autograd.grad(value, inputs)
         return grads[0][None], None if y is None else grads[1][None], value.detach()[None]
+
+    return evaluate
+
+
+def _compiled_single(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
+                     ) -> Callable[[], Evaluation]:
+    """One slot through ``torch.compile(grad_and_value(objective))`` without ``vmap``: torch
+    2.13 has no vmap batching rule for eval-mode batch norm, and its fallback is slow
+    (``benchmarks/compile_run.py``)."""
+    single = torch.compile(grad_and_value(objective, argnums=(0, 1) if Y is not None else 0), dynamic=False)
+
+    def evaluate() -> Evaluation:
+        grads, value = single(X[0].detach(), None if Y is None else Y[0].detach(), _slot(data, 0))
+        gx, gy = grads if isinstance(grads, tuple) else (grads, None)
+        return gx.unsqueeze(0), None if gy is None else gy.unsqueeze(0), value.detach().unsqueeze(0)
 
     return evaluate
 

@@ -77,8 +77,10 @@ def layer_weights(count: int, scheme: str, *, dtype=torch.float32, device=None) 
 
 
 def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], names: Sequence[str],
-                      weights: torch.Tensor, objective: str) -> torch.Tensor:
-    """The distance between the candidate's and the observed gradients over ``names``."""
+                      weights: torch.Tensor, objective: str, uniform: bool | None = None) -> torch.Tensor:
+    """The distance between the candidate's and the observed gradients over ``names``.
+    ``uniform``: every weight is 1 (None: look at ``weights``; the caller that knows it says
+    so, which keeps the function free of data-dependent branches under ``torch.compile``)."""
     if objective == "l2":
         return sum(w * (candidate[n] - target[n]).pow(2).sum() for n, w in zip(names, weights))
     if objective == "l1":
@@ -90,7 +92,7 @@ def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str
         # (fewer kernels per iteration, which is most of what a small model's iteration costs)
         cand = torch.cat([candidate[n].reshape(-1) for n in names])
         targ = torch.cat([target[n].reshape(-1) for n in names])
-        if bool((weights == 1).all()):
+        if bool((weights == 1).all()) if uniform is None else uniform:
             dot, cc, tt = (cand * targ).sum(), (cand * cand).sum(), (targ * targ).sum()
         else:
             w = torch.repeat_interleave(weights, torch.tensor([target[n].numel() for n in names], device=weights.device))

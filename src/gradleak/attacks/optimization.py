@@ -231,7 +231,7 @@ class GradientMatching(Attack):
                     g = inner_gradient(local, x[idx], y[idx], functional)
                     local = {n: local[n] - lr * g[n] for n in local}
                 sim = {n: local[n] - start[n] for n in names}
-            value = gradient_distance(sim, target, names, weights, cfg.objective)
+            value = gradient_distance(sim, target, names, weights, cfg.objective, uniform=cfg.layer_weights == "equal")
             if cfg.tv:
                 value = value + cfg.tv * total_variation(x)
             if cfg.l2:
