@@ -212,8 +212,11 @@ def test_cli_ray_options_are_checked_before_anything_runs(tmp_path, config_file)
 
 
 # ---------------------------------------------------------------- slower: the command, a cluster
+# 5 groups of 2 cells on 2 Ray workers: the first cell is stored with most of the audit still to run
+# (with 3 groups, one CI run saw the whole audit finish before the SIGINT arrived: exit 0)
 SLOW = AUDIT.replace("iterations: 12, record_every: 4", "iterations: 300, record_every: 100").replace(
-    'defenses: [none, "gaussian:variance=1e-4"]', 'defenses: [none, "gaussian:variance=1e-4", "pruning:ratio=0.3"]')
+    'defenses: [none, "gaussian:variance=1e-4"]',
+    'defenses: [none, "gaussian:variance=1e-4", "pruning:ratio=0.3", "pruning:ratio=0.6", half]')
 
 
 @pytest.mark.slow
@@ -248,7 +251,7 @@ def test_ctrl_c_on_the_ray_command_keeps_finished_cells_exits_130_and_stops_ray(
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     stored = _stored(out)
-    assert 1 <= len(stored) < 6 and "finished cell(s) are stored" in output
+    assert 1 <= len(stored) < 10 and "finished cell(s) are stored" in output
     assert _gone(ours), f"Ray processes left behind: {ours()}"
     for name in stored:
         assert (out / "cells" / name / "metrics.json").is_file()
@@ -257,7 +260,7 @@ def test_ctrl_c_on_the_ray_command_keeps_finished_cells_exits_130_and_stops_ray(
     resumed = run_audit(config, out, quiet=True)
     assert not resumed.interrupted and _stored(out) == _stored(tmp_path / "whole")
     assert all(stored[name] == _stored(out)[name] for name in stored)
-    assert len(whole.cells) == 6
+    assert len(whole.cells) == 10
 
 
 CLUSTER = """
