@@ -229,9 +229,12 @@ def test_ctrl_c_on_the_ray_command_keeps_finished_cells_exits_130_and_stops_ray(
     out = tmp_path / "out"
     command = [str(Path(sys.executable).with_name("gradleak")), "audit", str(config), "--out", str(out), "--ray",
                "--workers", "2", "-q"]
+    # SIGINT as a terminal delivers it: never inherited as ignored (an ignored SIGINT stays ignored across exec)
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     session = f"_{process.pid}/".encode()
+    began = time.monotonic()
 
     def ours() -> set[int]:  # the command's Ray: its session folder names the command's pid
         pids = set()
@@ -247,9 +250,11 @@ def test_ctrl_c_on_the_ray_command_keeps_finished_cells_exits_130_and_stops_ray(
     while not any(out.glob("cells/*/cell.json")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ours(), "the command runs a local Ray"
+    seen = (len(list(out.glob("cells/*/cell.json"))), round(time.monotonic() - began, 1), process.poll(),
+            signal.getsignal(signal.SIGINT))
     os.killpg(process.pid, signal.SIGINT)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 130, output
+    assert process.returncode == 130, f"{output!r}; cells stored, seconds, exit code, SIGINT here at the kill: {seen}"
     stored = _stored(out)
     assert 1 <= len(stored) < 10 and "finished cell(s) are stored" in output
     assert _gone(ours), f"Ray processes left behind: {ours()}"
