@@ -32,6 +32,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import RESULTS  # noqa: E402
+from compile_step import photo_update  # noqa: E402
 
 MODELS = {"convnet": ("convnet", {"width": 64}, "ConvNet-64"), "lenet": ("lenet", {}, "LeNet")}
 
@@ -40,14 +41,10 @@ def run(model: str, iterations: int, device: str) -> list[dict]:
     import torch
 
     import gradleak as gl
-    from gradleak.data import load_builtin
     from gradleak.metrics import psnr
 
     name, options, label = MODELS[model]
-    photos = load_builtin("photos", size=32, n=1)
-    built = gl.ModelSpec(name, options, device=device, mode="eval").build((3, 32, 32), 10)
-    images, labels = photos.images.to(built.device), photos.labels.to(built.device)
-    update = gl.fedsgd_update(built.module, images, labels, loss=built.loss)
+    built, images, update = photo_update(name, options, device)
     rows, eager = [], None
     for way, compiled in (("eager", False), ("compiled, cold", True), ("compiled, warm", True)):
         attack = gl.get_attack("inverting-gradients")(built.module, gl.ThreatModel(), iterations=iterations,

@@ -48,18 +48,26 @@ AGREE = 1e-4  # a compiled gradient agrees when it is within 1e-4 of the plain o
 MODELS = {"LeNet": ("lenet", {}), "ConvNet-64": ("convnet", {"width": 64})}
 
 
-def step_functions(model_name: str, options: dict, device: str):
-    """(plain, functional, x) for one model: the engine's evaluation of the matching loss and
-    its image gradient, the same through ``torch.func``, and a candidate (seeded randn)."""
-    import torch
-
+def photo_update(model_name: str, options: dict, device: str):
+    """(built model, images, update): the zoo model in eval mode and the FedSGD update of photo
+    0 (astronaut, 32 px, its label) on it; the case this script and ``compile_run.py`` measure."""
     import gradleak as gl
     from gradleak.data import load_builtin
 
     photos = load_builtin("photos", size=32, n=1)
     built = gl.ModelSpec(model_name, options, device=device, mode="eval").build((3, 32, 32), 10)
     images, labels = photos.images.to(built.device), photos.labels.to(built.device)
-    update = gl.fedsgd_update(built.module, images, labels, loss=built.loss)
+    return built, images, gl.fedsgd_update(built.module, images, labels, loss=built.loss)
+
+
+def step_functions(model_name: str, options: dict, device: str):
+    """(plain, functional, x) for one model: the engine's evaluation of the matching loss and
+    its image gradient, the same through ``torch.func``, and a candidate (seeded randn)."""
+    import torch
+
+    import gradleak as gl
+
+    built, images, update = photo_update(model_name, options, device)
     attack = gl.get_attack("inverting-gradients")(built.module, gl.ThreatModel())
     objective = attack._problem(update).objective
 

@@ -89,8 +89,9 @@ def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, dat
     """The matching loss of the current candidates and its gradients: one ``vmap`` over the
     slots when there are several (``vectorized``) or a loop over them, plain autograd
     (cheaper) for one. ``data``: each slot's target data, stacked (None: the objective's own).
-    ``compiled``: the functional evaluation (``vmap`` of ``grad_and_value``, for one slot too)
-    through ``torch.compile``; the callers refuse it for the loop."""
+    ``compiled``: the functional evaluation through ``torch.compile`` (``vmap`` of
+    ``grad_and_value`` for several slots, ``grad_and_value`` alone for one); the callers refuse
+    it for the loop."""
     if compiled:
         return _vmap_evaluator(objective, X, Y, data, compiled=True) if X.shape[0] > 1 else \
             _compiled_single(objective, X, Y, data)

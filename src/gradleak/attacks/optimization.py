@@ -260,8 +260,8 @@ class GradientMatching(Attack):
         return batched, [list(range(cfg.restarts))] if together else [[r] for r in range(cfg.restarts)]
 
     def _check_compilable(self, lockstep: bool, bn) -> None:
-        """``compile=True`` compiles the functional evaluation (``vmap`` of ``grad_and_value``):
-        refuse, naming the condition, what cannot run through it."""
+        """``compile=True`` compiles the functional evaluation (``grad_and_value``, vmapped over
+        several slots): refuse, naming the condition, what cannot run through it."""
         training_bn = [n for n, m in self.model.named_modules()
                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
         if training_bn:

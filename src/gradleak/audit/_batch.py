@@ -29,7 +29,15 @@ from typing import Any
 from ..defenses.base import Defense
 from ..errors import GradleakError
 
-__all__ = ["cell_groups", "plan_groups"]
+__all__ = ["cell_groups", "plan_groups", "cell_model"]
+
+
+def cell_model(spec, config, context: dict[str, Any]):
+    """The built model of a cell (``ModelSpec.build``): the audit's seed, dtype and device, the
+    weights ``train:`` gave it, the attacked images' shape and classes."""
+    return spec.model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]),
+                           weights=context["weights"].get(spec.model.label)
+                           ).build(tuple(context["images"].shape[1:]), len(context["classes"]))
 
 
 def cell_groups(specs: list, indices: list[int]) -> list[list[int]]:
@@ -56,17 +64,14 @@ def _cells_per_group(config, spec, context: dict[str, Any]) -> int:
     from ..pipeline import make_attack
     from ..threat import ThreatModel
 
-    images = context["images"]
     try:
-        built = spec.model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]),
-                                weights=context["weights"].get(spec.model.label)
-                                ).build(tuple(images.shape[1:]), len(context["classes"]))
-        attack = make_attack(spec.attack.name, built.module, ThreatModel(**config.threat), dict(spec.attack.options))
+        attack = make_attack(spec.attack.name, cell_model(spec, config, context).module, ThreatModel(**config.threat),
+                             dict(spec.attack.options))
     except GradleakError:
         return 0  # the cell names its error when it runs alone
     if not isinstance(attack, GradientMatching) or isinstance(attack, MaliciousAttack) or batching_refused(attack):
         return 0
-    return MAX_SLOTS // (images.shape[0] * attack.config.restarts)
+    return MAX_SLOTS // (context["images"].shape[0] * attack.config.restarts)
 
 
 def plan_groups(config, specs: list, stacks: list[list[Defense]], todo: list[int], context: dict[str, Any]
@@ -74,6 +79,8 @@ def plan_groups(config, specs: list, stacks: list[list[Defense]], todo: list[int
     """The groups that compute the cells ``todo`` (indices into ``specs``): cells attacked
     together first (each may also hold stored cells: computed again, not stored), then the
     other cells grouped by the updates they share (:func:`cell_groups`)."""
+    if not todo:  # everything stored: no model is built to plan nothing
+        return []
     sizes: dict[tuple, int] = {}
     runs: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):

@@ -37,7 +37,7 @@ from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError, GradleakError
 from ..models import resolve_device
 from ..report.audit import write_audit_report
-from ._batch import cell_groups, plan_groups
+from ._batch import cell_groups, cell_model, plan_groups
 from ._pool import ProcessPool, resolve_jobs
 from .results import defense_label as _defense_label
 from .results import numbers as _numbers
@@ -124,13 +124,11 @@ def _served(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict
     from ..pipeline import make_attack, public_images
     from ..threat import ThreatModel
 
-    images, labels, classes = context["images"], context["labels"], context["classes"]
+    images, labels = context["images"], context["labels"]
     key = (spec.model.label, spec.defense_index, spec.batch_size)
     if key not in served_cache:
         served_cache.clear()  # one (model, defense, batch) at a time: attacks are the inner loop
-        model_spec = spec.model.spec(seed=config.seed, dtype=config.dtype, device=str(context["device"]),
-                                     weights=context["weights"].get(spec.model.label))
-        served_cache[key] = (model_spec.build(tuple(images.shape[1:]), len(classes)), None)
+        served_cache[key] = (cell_model(spec, config, context), None)
     built, honest = served_cache[key]
     threat = ThreatModel(**config.threat)
     attack = make_attack(attack_name, built.module, threat, dict(attack_options))
