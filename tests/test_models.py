@@ -52,5 +52,5 @@ def test_torchvision_models_lose_every_relu(name, side):
 
 def test_every_zoo_entry_names_its_loss_and_options():
     for name, entry in MODELS.items():
-        assert entry.loss in ("cross_entropy", "binary_cross_entropy"), name
+        assert entry.loss in ("cross_entropy", "binary_cross_entropy", "causal_lm"), name
         assert entry.description, name

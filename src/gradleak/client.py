@@ -47,7 +47,15 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
+def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str, share_labels: bool = False) -> None:
+    if loss == "causal_lm":  # a language model: the targets are the token ids themselves, never shared
+        if not isinstance(images, torch.Tensor) or images.ndim != 2 or images.is_floating_point():
+            raise ConfigError(f"causal_lm: inputs must be (B, n) token ids, got {getattr(images, 'shape', images)!r}")
+        if not isinstance(labels, torch.Tensor) or not torch.equal(labels, images):
+            raise ConfigError("causal_lm: the targets of a language model are its token ids; pass them as labels")
+        if share_labels:
+            raise ConfigError("share_labels: a language model's targets are its text; a client never shares them")
+        return
     if not isinstance(images, torch.Tensor) or images.ndim < 2:
         raise ConfigError(f"images must be a tensor of shape (B, C, H, W) or (B, F), got {getattr(images, 'shape', images)!r}")
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
@@ -57,6 +65,12 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor, loss: str) -> None:
         raise ConfigError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if loss == "binary_cross_entropy" and not bool(((labels == 0) | (labels == 1)).all()):
         raise ConfigError(f"loss 'binary_cross_entropy' needs 0/1 labels, got {sorted(set(labels.tolist()))}")
+
+
+def _shared_buffers(model: nn.Module, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The buffers an update carries: none for a text model (gradleak.text: its buffers are
+    position ids, or the frozen base weights of a LoRA model, which the server sent)."""
+    return {} if getattr(model, "task", None) in ("causal-lm", "classification") else buffers
 
 
 def shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info, mode=None):
@@ -91,7 +105,7 @@ def fedsgd_update(
     ``images`` are [0, 1] NCHW (normalized with ``spec`` before the model sees them).
     ``model_info`` ({"name", "kwargs"}) records a zoo model so files can be re-attacked.
     """
-    _check_batch(images, labels, loss)
+    _check_batch(images, labels, loss, share_labels)
     spec = spec or DataSpec()
     params, buffers = model_state(model)
     loss_fn = get_loss(loss)
@@ -103,7 +117,7 @@ def fedsgd_update(
         tensors={n: g.detach() for n, g in gradient.items()},
         kind="gradient",
         batch_size=images.shape[0],
-        **shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info,
+        **shared_metadata(images, spec, loss, share_labels, labels, params, _shared_buffers(model, buffers), model_info,
                           mode="train" if model.training else "eval"),
     )
 
@@ -139,7 +153,7 @@ def fedavg_update(
     data). Each pass visits the data in an order drawn from ``seed``, in minibatches of
     ``local_batch_size`` (default: the whole batch).
     """
-    _check_batch(images, labels, loss)
+    _check_batch(images, labels, loss, share_labels)
     if (local_steps is None) == (epochs is None):
         raise ConfigError("give exactly one of local_steps and epochs")
     for name, value in (("local_steps", local_steps), ("epochs", epochs), ("local_batch_size", local_batch_size)):
@@ -169,7 +183,7 @@ def fedavg_update(
         local_lr=float(lr),
         local_epochs=epochs,
         local_batch_size=batch,
-        **shared_metadata(images, spec, loss, share_labels, labels, params, buffers, model_info,
+        **shared_metadata(images, spec, loss, share_labels, labels, params, _shared_buffers(model, buffers), model_info,
                           mode="train" if model.training else "eval"),
     )
 

@@ -34,9 +34,16 @@ def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.binary_cross_entropy_with_logits(logits.reshape(labels.shape[0]), labels.to(logits.dtype))
 
 
+def causal_lm(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a language model: (B, n, V) logits against the (B, n)
+    token ids themselves, position i predicting token i + 1, mean over the B (n - 1) targets."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "binary_cross_entropy": binary_cross_entropy,
+    "causal_lm": causal_lm,
 }
 
 

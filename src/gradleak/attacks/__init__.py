@@ -8,6 +8,7 @@
 - :mod:`.labels`: label recovery from the classifier gradient (iDLG; counts for batches).
 - :mod:`.qian`, :mod:`.rgap`, :mod:`.copa`: closed-form and layer-wise attacks (``qian``, ``rgap``, ``copa``).
 - :mod:`.malicious`: a malicious server that changes the model it sends (``imprint``, Robbing the Fed).
+- :mod:`.dager`: text, the exact span attack on transformers (``dager``, Petrov et al. 2024).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
@@ -18,6 +19,7 @@ from .gradinversion import GradInversion
 from .copa import COPA, copa_layer, copa_security
 from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
 from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
+from .dager import SpanAttack
 from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
 
 __all__ = [
@@ -26,5 +28,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion", "GradInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
-    "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
+    "SpanAttack", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
 ]

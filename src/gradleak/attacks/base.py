@@ -40,6 +40,8 @@ class Reconstruction:
         than attacked when a run was interrupted).
     interrupted: Ctrl-C stopped the attack; the last update's result is the best found
         until then, not the attack's finished answer.
+    tokens: (N, n) recovered token ids of a text attack (-1 where a position was not
+        recovered), or None.
     """
 
     images: torch.Tensor | None
@@ -51,9 +53,12 @@ class Reconstruction:
     config: dict[str, Any] = field(default_factory=dict)
     updates: int = 1
     interrupted: bool = False
+    tokens: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
+        if self.tokens is not None:
+            return self.tokens.shape[0]
         if self.images is not None:
             return self.images.shape[0]
         if self.features:
@@ -71,8 +76,15 @@ class Reconstruction:
         features = {k: torch.cat([p.features[k] for p in parts]) for k in sorted(shared)}
         history = {f"{k}[{i}]" if len(parts) > 1 else k: v for i, p in enumerate(parts) for k, v in p.history.items()}
         notes = [f"update {i}: {n}" if len(parts) > 1 else n for i, p in enumerate(parts) for n in p.notes]
+        tokens = None if any(p.tokens is None for p in parts) else _cat_tokens([p.tokens for p in parts])
         return Reconstruction(images, labels, features, history, notes, parts[0].attack, parts[0].config,
-                              sum(p.updates for p in parts), any(p.interrupted for p in parts))
+                              sum(p.updates for p in parts), any(p.interrupted for p in parts), tokens)
+
+
+def _cat_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Token rows of several updates, padded with -1 (not recovered) to the longest."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in parts])
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .lenet import LeNet
 from .mlp import ACTIVATIONS, MLP
 from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 from .rgap import CNN6, FCN3
-from .spec import FACTORY_PATTERN, MODES, BuiltModel, ModelSpec, check_recorded, resolve_device
+from .spec import FACTORY_PATTERN, MODES, BuiltModel, ModelSpec, check_recorded, is_hf_name, resolve_device
 from .weights import apply_weights, read_weights
 
 __all__ = [
@@ -44,6 +44,7 @@ class ModelEntry:
     build: Callable[..., nn.Module]  # (input_shape, num_classes, **kwargs) -> module
     loss: str
     description: str
+    modality: str = "image"          # "text": input_shape is (sequence length,), inputs are token ids
 
 
 def _parse_hidden(hidden: Any) -> tuple[int, ...]:
@@ -124,6 +125,25 @@ for _name in TORCHVISION_MODELS:
     MODELS[f"tv-{_name}"] = _torchvision_entry(_name)
 
 
+def _text_entry(factory: str, loss: str, description: str) -> ModelEntry:
+    def build(shape, num_classes, **options):
+        from ..text import models as text_models
+
+        return getattr(text_models, factory)(shape, num_classes, **options)
+
+    return ModelEntry(build, loss, description, modality="text")
+
+
+_TEXT_OPTIONS = ("options width=768, layers=12, heads=12, positions, vocab (default: the built-in tokenizer's), "
+                 "dropout=0, lora_rank (LoRA adapters only), lora_alpha, lora_init=trained|peft")
+MODELS["gpt2"] = _text_entry("gpt2", "causal_lm", "GPT-2 decoder language model (transformers, random init, "
+                             "GPT-2 small sizes by default; tied embeddings, option tie); " + _TEXT_OPTIONS)
+MODELS["gpt2-classifier"] = _text_entry("gpt2_classifier", "cross_entropy", "GPT-2 decoder with a classification "
+                                        "head on the last token; " + _TEXT_OPTIONS)
+MODELS["bert"] = _text_entry("bert", "cross_entropy", "BERT encoder with a classification head (BERT-base sizes "
+                             "by default); " + _TEXT_OPTIONS)
+
+
 def _entry(name: Any) -> ModelEntry:
     if not isinstance(name, str) or name not in MODELS:
         raise ConfigError(f"unknown model {short_repr(name)}; known models: {', '.join(MODELS)}")
@@ -145,9 +165,12 @@ def parameter_shapes(name: str, input_shape: tuple[int, ...], num_classes: int =
     """The names and shapes of a zoo model's parameters, found on PyTorch's ``meta`` device:
     nothing is allocated, so a description asking for 160 GB of weights is refused
     (more than MAX_PARAMETERS, or a shape with a zero or negative size) before any memory is used."""
-    _entry(name)
+    entry = _entry(name)
     shape = check_input_shape("input_shape", input_shape)
-    if len(shape) != 3:
+    if entry.modality == "text":
+        if len(shape) != 1:
+            raise ConfigError(f"text model {name!r}: input_shape must be (sequence length,), got {tuple(input_shape)}")
+    elif len(shape) != 3:
         raise ConfigError(f"input_shape must be (C, H, W) with positive sizes, got {tuple(input_shape)}")
     check_int("num_classes", num_classes, 1, MAX_CLASSES)
     with torch.device("meta"), warnings.catch_warnings():
@@ -212,7 +235,7 @@ def check_model_info(info: Any) -> dict[str, Any]:
     missing = [k for k in ("name", "input_shape", "num_classes") if k not in info]
     if missing:
         raise ConfigError(f"the update's model description is incomplete: no {missing[0]!r}")
-    if not (isinstance(info["name"], str) and FACTORY_PATTERN.match(info["name"])):  # a factory is only named
+    if not (isinstance(info["name"], str) and (FACTORY_PATTERN.match(info["name"]) or is_hf_name(info["name"]))):
         _entry(info["name"])
     digest = info.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
@@ -236,7 +259,7 @@ def check_description(info: Any, expected: Mapping[str, tuple[int, ...]] | None 
     Nothing is allocated and no code named by the description is imported. Returns the
     normalised description."""
     spec = check_model_info(info)
-    if FACTORY_PATTERN.match(spec["name"]):  # the user's code: never imported because a file names it
+    if FACTORY_PATTERN.match(spec["name"]) or is_hf_name(spec["name"]):  # the user's: never loaded because a file names it
         return spec
     shapes = parameter_shapes(spec["name"], spec["input_shape"], spec["num_classes"], **spec["kwargs"])
     if expected is not None:

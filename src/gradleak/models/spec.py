@@ -37,6 +37,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def is_hf_name(name: Any) -> bool:
+    """``hf:PATH``: a local ``save_pretrained`` folder (:func:`gradleak.text.models.hf_model`)."""
+    return isinstance(name, str) and name.startswith("hf:") and len(name) > 3 and len(name) < 4096
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto`` (or None): CUDA when present, else Apple's MPS when present, else the CPU.
     An explicit device that this machine lacks is one ConfigError line."""
@@ -117,9 +122,10 @@ class ModelSpec:
     def __post_init__(self):
         from . import MODELS
 
-        if not isinstance(self.name, str) or not (self.name in MODELS or FACTORY_PATTERN.match(self.name)):
-            raise ConfigError(f"unknown model {short_repr(self.name)}: give a zoo name ({', '.join(MODELS)}) or "
-                              "package.module:factory")
+        if not isinstance(self.name, str) or not (self.name in MODELS or FACTORY_PATTERN.match(self.name)
+                                                  or is_hf_name(self.name)):
+            raise ConfigError(f"unknown model {short_repr(self.name)}: give a zoo name ({', '.join(MODELS)}), "
+                              "package.module:factory or hf:FOLDER")
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError(f"model options must map names to values, got {short_repr(self.options)}")
         object.__setattr__(self, "options", dict(self.options))
@@ -139,7 +145,16 @@ class ModelSpec:
     # ------------------------------------------------------------------ views
     @property
     def is_factory(self) -> bool:
-        return ":" in self.name
+        return ":" in self.name and not is_hf_name(self.name)
+
+    @property
+    def modality(self) -> str:
+        """``image`` or ``text`` (the zoo's text models and ``hf:`` folders)."""
+        from . import MODELS
+
+        if is_hf_name(self.name):
+            return "text"
+        return MODELS[self.name].modality if self.name in MODELS else "image"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -169,7 +184,12 @@ class ModelSpec:
 
         classes = self.num_classes or num_classes or 10
         device = resolve_device(self.device)
-        if self.is_factory:
+        hf_loss = None
+        if is_hf_name(self.name):
+            from ..text.models import hf_model
+
+            module, hf_loss = hf_model(self.name[3:], classes)
+        elif self.is_factory:
             module = _call_factory(self.name, self.options, self.seed)
         else:
             module = build_model(self.name, tuple(input_shape), classes, seed=self.seed, **self.options)
@@ -181,7 +201,8 @@ class ModelSpec:
             digest, data_spec = weights.sha256, weights.data_spec
         module.train(self.mode == "train")
         module = module.to(device)
-        loss = MODELS[self.name].loss if not self.is_factory else _factory_loss(self.name, module, tuple(input_shape))
+        loss = hf_loss or (MODELS[self.name].loss if not self.is_factory else
+                           _factory_loss(self.name, module, tuple(input_shape)))
         return BuiltModel(module, loss, self, tuple(input_shape), classes, digest, data_spec)
 
     @classmethod
@@ -232,6 +253,9 @@ def model_outputs(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> 
 
 
 def _factory_loss(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    task = getattr(model, "task", None)   # a text model (gradleak.text.models): token ids in, no probe pass
+    if task in ("causal-lm", "classification"):
+        return "causal_lm" if task == "causal-lm" else "cross_entropy"
     return "binary_cross_entropy" if model_outputs(spec, model, input_shape) == 1 else "cross_entropy"
 
 

@@ -1,0 +1,80 @@
+"""The last token of each sequence of a causal-LM update, from the final LayerNorm's gradient.
+
+Under the next-token loss the last token t_n of a sequence is only a target: no loss is
+computed at its position, so its input reaches no gradient. It shows in the output layer. With
+o = gamma * xhat + beta (GPT-2's ``ln_f``), logits = o W^T and the mean cross-entropy over the
+N = B (n - 1) targets:
+
+    dL/dbeta  = (1/N) sum_{b,i} W^T (p_{b,i} - e_{y_{b,i}})
+    dL/dgamma = (1/N) sum_{b,i} (W^T (p_{b,i} - e_{y_{b,i}})) * xhat_{b,i}
+
+Once tokens 1..n-1 are known (the span attack), every p and xhat and every target but the last
+ones are known, so ``sum_b W[t_b] = t`` and ``sum_b W[t_b] * xhat_{b,n-1} = t'`` with known
+t, t'. The first gives the multiset of last tokens (orthogonal matching pursuit over the rows
+of W, counts by least squares, exact when the residual vanishes); the second assigns them to
+the sequences (least squares over B x |multiset| unknowns, exact when that is at most d).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["last_tokens"]
+
+
+def _pursuit(rows: torch.Tensor, target: torch.Tensor, atoms: int, tolerance: float):
+    """Support and integer counts with ``counts @ rows[support] == target``, or None."""
+    support: list[int] = []
+    residual = target.clone()
+    norms = rows.norm(dim=1).clamp_min(1e-30)
+    coef = torch.zeros(0, dtype=rows.dtype)
+    for _ in range(atoms):
+        score = (rows @ residual).abs() / norms
+        if support:
+            score[torch.tensor(support)] = -1
+        support.append(int(score.argmax()))
+        basis = rows[support].T
+        coef = torch.linalg.lstsq(basis, target[:, None]).solution[:, 0]
+        residual = target - basis @ coef
+        if residual.norm() <= tolerance * target.norm():
+            break
+    counts = coef.round()
+    ok = bool((counts >= 1).all()) and (target - rows[support].T @ counts).norm() <= 10 * tolerance * target.norm()
+    return (support, counts.long()) if ok else None
+
+
+def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | None, tolerance: float):
+    """``(tokens (B,) or None, notes)``: the last token of each of ``prefixes`` (B, n - 1)."""
+    base = view.prefix + "transformer"
+    g_beta, g_gamma = gradient.get(f"{base}.ln_f.bias"), gradient.get(f"{base}.ln_f.weight")
+    if g_beta is None or g_gamma is None:
+        return None, ["last tokens not recovered: the update holds no gradient of the final LayerNorm (LoRA?)"]
+    count = prefixes.shape[0]
+    if batch is not None and batch != count:
+        return None, [f"last tokens not recovered: {count} distinct prefixes for a batch of {batch}"]
+    out_w = tensors.get(view.prefix + "lm_head.weight", tensors[view.embedding_name])
+    beta, gamma = tensors[f"{base}.ln_f.bias"], tensors[f"{base}.ln_f.weight"]
+    o = view._call(base, tensors, prefixes).last_hidden_state            # (B, n-1, d), after ln_f
+    xhat = (o - beta) / gamma
+    p = torch.softmax(o @ out_w.T, dim=-1)
+    targets = prefixes[:, 1:]                                              # known targets of positions 0..n-3
+    n_targets = count * prefixes.shape[1]
+    known_beta = (p.sum((0, 1)) @ out_w) - out_w[targets].sum((0, 1))
+    known_gamma = ((p @ out_w) * xhat).sum((0, 1)) - (out_w[targets] * xhat[:, :-1]).sum((0, 1))
+    t_beta = known_beta - n_targets * g_beta
+    t_gamma = known_gamma - n_targets * g_gamma
+    found = _pursuit(out_w, t_beta, count, tolerance)
+    if found is None:
+        return None, ["last tokens not recovered: no exact multiset of output embeddings sums to the LayerNorm "
+                      "bias gradient"]
+    support, counts = found
+    if count * len(support) > out_w.shape[1]:
+        return None, [f"last tokens not recovered: {count} x {len(support)} unknowns > d = {out_w.shape[1]}"]
+    last = xhat[:, -1]                                                     # (B, d)
+    design = (out_w[support][None, :, :] * last[:, None, :]).reshape(-1, out_w.shape[1]).T   # (d, B |S|)
+    weights = torch.linalg.lstsq(design, t_gamma[:, None]).solution.reshape(count, len(support))
+    tokens = torch.tensor(support, device=prefixes.device)[weights.argmax(1)]
+    check = (out_w[tokens] * last).sum(0)
+    error = float((check - t_gamma).norm() / t_gamma.norm().clamp_min(1e-30))
+    return tokens, [f"last tokens from the final LayerNorm's gradient: {len(support)} distinct, assignment "
+                    f"residual {error:.1e}" + (" (APPROXIMATE)" if error > 10 * tolerance else "")]

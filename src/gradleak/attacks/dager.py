@@ -1,0 +1,192 @@
+"""The exact span attack on transformers in the manner of DAGER (Petrov et al., "DAGER: Exact
+Gradient Inversion for Large Language Models", NeurIPS 2024, arXiv 2405.15586).
+
+1. **Tokens.** The weight gradient of block 0's attention projection spans the inputs it saw,
+   one per token position (:mod:`._span`). Each candidate token v at position i has a known
+   first-layer input (embedding of v plus position i, through the LayerNorm), so v stood at
+   position i in some sequence exactly when that input lies in the span: a distance of 0 up
+   to float precision, against ~sqrt(1 - rank/d) for any other token.
+2. **Sequences** (decoders). Block 1's projection gradient spans block 0's outputs. Causal
+   attention makes block 0's output at position i a function of tokens 0..i only, so prefixes
+   grow one position at a time: each prefix is extended by each candidate of the next
+   position, and only the extensions whose block-1 input lies in block 1's span survive.
+3. **The last token** of a causal-LM update never reaches a layer's input gradient (no loss is
+   computed at the last position): it is a target only. With every other token known, the
+   gradient of the final LayerNorm gives it (:mod:`._dager_last`).
+
+Condition: the number of input positions (B x n, or B x (n - 1) for a causal LM) is below the
+width of the space the gradient lives in (d for full weights; for LoRA adapters of rank r the
+span has rank <= r, so B x n <= r). Past it the span is the whole space: the attack refuses.
+Encoders (BERT) recover the tokens of each position; sequences are assembled when B = 1.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import AttackNotApplicable
+from ..limits import check_float, check_int
+from ..text.arch import TransformerView, decoder_extend, decoder_prefix_cache
+from ._span import default_tolerance, span_basis, span_residuals
+from .base import Attack, Reconstruction, register_attack
+
+__all__ = ["SpanAttack", "position_candidates"]
+
+
+def _test_space(matrix: torch.Tensor, lora_a: torch.Tensor | None, vectors: torch.Tensor) -> torch.Tensor:
+    return vectors if lora_a is None else vectors @ lora_a.T.to(vectors.dtype)
+
+
+def position_candidates(view: TransformerView, tensors, basis: torch.Tensor, lora_a, positions: int,
+                        tolerance: float, max_candidates: int) -> tuple[list[torch.Tensor], list[float], list[str]]:
+    """Per position, the tokens whose first-layer input lies in the span (distance < ``tolerance``),
+    at most ``max_candidates`` (the closest); where none passes, the closest token alone (an
+    approximation, said in the notes). Also the largest distance kept per position."""
+    device = basis.device
+    vocab = torch.arange(view.vocab, device=device)
+    candidates, worst, notes = [], [], []
+    for i in range(positions):
+        distance = span_residuals(basis, _test_space(basis, lora_a, view.token_inputs(tensors, i, vocab)))
+        order = torch.argsort(distance)
+        keep = order[distance[order] < tolerance][:max_candidates]
+        if keep.numel() == 0:
+            keep = order[:1]
+            notes.append(f"APPROXIMATE: position {i}: no token within tolerance {tolerance:g}; the closest "
+                         f"({float(distance[keep[0]]):.2e}) kept")
+        candidates.append(keep)
+        worst.append(float(distance[keep].max()))
+    return candidates, worst, notes
+
+
+@register_attack
+class SpanAttack(Attack):
+    """DAGER-style exact recovery of token sequences from a transformer's gradient (GPT-2, BERT;
+    full fine-tuning or LoRA): token candidates by the span of block 0's attention-projection
+    gradient, sequences assembled position by position with block 1's span (decoders)."""
+
+    name = "dager"
+    paper = "Petrov et al., DAGER: Exact Gradient Inversion for Large Language Models, NeurIPS 2024 (arXiv 2405.15586)"
+    conditions = ("a gradient (or one-step delta) of a GPT-2/BERT text model; B x n input positions below the "
+                  "width the gradient spans (d, or the LoRA rank r); no dropout; sequences assembled for decoders "
+                  "(encoders: B = 1)")
+
+    def __init__(self, model, threat=None, *, tolerance: float | None = None, rank_tol: float | None = None,
+                 max_candidates: int = 256, last_token: bool = True):
+        """``tolerance``: relative distance to the span below which a candidate is in it (default
+        1e-3 in float32, 1e-7 in float64); ``rank_tol``: singular values below this fraction of
+        the largest are not part of the span; ``max_candidates``: tokens kept per position;
+        ``last_token``: recover a causal LM's last tokens from the final LayerNorm's gradient."""
+        super().__init__(model, threat)
+        self.tolerance = None if tolerance is None else check_float("tolerance", tolerance, low_open=True)
+        self.rank_tol = None if rank_tol is None else check_float("rank_tol", rank_tol, low_open=True)
+        self.max_candidates = check_int("max_candidates", max_candidates, 1, 1_000_000)
+        self.last_token = bool(last_token)
+
+    def options(self):
+        return {**super().options(), "tolerance": self.tolerance, "rank_tol": self.rank_tol,
+                "max_candidates": self.max_candidates, "last_token": self.last_token}
+
+    # ------------------------------------------------------------------ the attack
+    def _basis(self, view, gradient, tensors, k, inputs):
+        matrix, lora_a = view.projection_gradient(gradient, tensors, k)
+        space = matrix.shape[0]
+        if view.lora and lora_a is None and inputs is not None and inputs > matrix.shape[1]:
+            raise AttackNotApplicable(
+                f"{inputs} input positions (batch x tokens) > {matrix.shape[1]}, the rank the LoRA adapters' gradient "
+                f"can have at block {k}: it spans only part of the inputs' span",
+                condition=f"B x n <= {matrix.shape[1]} (LoRA rank r per adapted projection)")
+        if inputs is not None and inputs >= space:
+            raise AttackNotApplicable(
+                f"{inputs} input positions (batch x tokens) >= {space}, the width of the space block {k}'s gradient "
+                "spans: every candidate lies in the span, nothing can be told apart",
+                condition=f"B x n < {space} ({'LoRA rank' if view.lora else 'model width d'})")
+        basis = span_basis(matrix, rank_cap=inputs, rtol=self.rank_tol)
+        if basis.shape[1] >= space:
+            raise AttackNotApplicable(f"block {k}'s gradient has full rank {space}: the inputs span the whole space",
+                                      condition=f"rank of the gradient < {space}")
+        return basis, lora_a
+
+    def _reconstruct(self, update):
+        started = time.perf_counter()
+        view = TransformerView(self.model)
+        gradient = update.as_gradient()
+        params, buffers = self.parameters_at_round(update)
+        tensors = {**buffers, **params}
+        length = int(update.input_shape[0])
+        causal = update.loss == "causal_lm"
+        reached = length - 1 if causal else length          # positions whose input reaches the gradient
+        batch = update.batch_size
+        inputs = None if batch is None else batch * reached
+        dtype = gradient[next(iter(gradient))].dtype
+        tolerance = self.tolerance or default_tolerance(dtype)
+        basis, lora_a = self._basis(view, gradient, tensors, 0, inputs)
+        notes = [f"span of block 0: rank {basis.shape[1]} of {basis.shape[0]}; {reached} positions tested "
+                 f"against {view.vocab} tokens each"]
+        with torch.no_grad():
+            candidates, worst, more = position_candidates(view, tensors, basis, lora_a, reached, tolerance,
+                                                          self.max_candidates)
+            notes += more
+            if view.decoder and view.layers > 1:
+                basis2, lora_a2 = self._basis(view, gradient, tensors, 1, inputs)
+                tokens, more = self._assemble(view, tensors, candidates, basis2, lora_a2, tolerance, batch)
+                notes += more
+            elif batch == 1 or all(c.numel() == 1 for c in candidates):
+                tokens = torch.stack([c[:1] for c in candidates], dim=1)
+            else:
+                tokens = torch.stack([c[0] if c.numel() == 1 else torch.tensor(-1) for c in candidates])[None]
+                tokens = tokens.expand(batch or 1, -1).clone()
+                notes.append("encoder with B > 1: tokens of each position recovered as a set; positions with "
+                             "several tokens are not assembled into sequences (-1)")
+            if causal:
+                last = torch.full((tokens.shape[0], 1), -1, dtype=tokens.dtype, device=tokens.device)
+                if self.last_token and (tokens >= 0).all():
+                    from ._dager_last import last_tokens
+
+                    found, more = last_tokens(view, tensors, gradient, tokens, batch, tolerance)
+                    notes += more
+                    last = found[:, None] if found is not None else last
+                tokens = torch.cat([tokens, last], dim=1)
+        history = {"candidates per position": [float(c.numel()) for c in candidates],
+                   "largest kept distance per position": worst}
+        notes.append(f"{tokens.shape[0]} sequence(s) of {length} tokens in {time.perf_counter() - started:.2f} s")
+        return Reconstruction(images=None, tokens=tokens.cpu(), history=history, notes=notes)
+
+    def _assemble(self, view, tensors, candidates, basis, lora_a, tolerance, batch):
+        """Grow prefixes position by position; keep an extension when block 1's input at the new
+        position lies in block 1's span. Returns (sequences, notes)."""
+        notes = []
+        device = basis.device
+        first = candidates[0]
+        x1 = view.layer_inputs(tensors, first[:, None], 1)[:, 0]
+        distance = span_residuals(basis, _test_space(basis, lora_a, x1))
+        keep = distance < tolerance
+        prefixes = first[keep][:, None] if keep.any() else first[torch.argmin(distance)][None, None]
+        for i in range(1, len(candidates)):
+            cand = candidates[i]
+            keys, values = decoder_prefix_cache(view, tensors, prefixes)
+            p, c = prefixes.shape[0], cand.shape[0]
+            grown = torch.cat([prefixes.repeat_interleave(c, 0), cand.repeat(p)[:, None]], dim=1)
+            h0 = self._embed_at(view, tensors, grown[:, -1], i)
+            x0 = view._call(f"{view.block(0)}.ln_1", tensors, h0)
+            x1, _, _ = decoder_extend(view, tensors, h0, x0, keys.repeat_interleave(c, 0),
+                                      values.repeat_interleave(c, 0))
+            distance = span_residuals(basis, _test_space(basis, lora_a, x1))
+            keep = distance < tolerance
+            if not keep.any():
+                best = distance.reshape(p, c).argmin(1)
+                keep = torch.zeros_like(keep)
+                keep[torch.arange(p, device=device) * c + best] = True
+                notes.append(f"APPROXIMATE: position {i}: no extension within tolerance; the closest kept per prefix")
+            prefixes = grown[keep]
+        if batch is not None and prefixes.shape[0] > batch:
+            notes.append(f"{prefixes.shape[0]} sequences pass for a batch of {batch}: the first {batch} kept")
+            prefixes = prefixes[:batch]
+        return prefixes, notes
+
+    @staticmethod
+    def _embed_at(view, tensors, tokens, position):
+        base = view.prefix + "transformer"
+        return view._call(f"{base}.wte", tensors, tokens) + view._call(
+            f"{base}.wpe", tensors, torch.tensor([position], device=tokens.device))

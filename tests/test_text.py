@@ -1,0 +1,172 @@
+"""Text: the built-in corpus and tokenizer, text models, text clients, the span attack (DAGER)
+and the text metrics. Tiny models (width 64-128, 2-3 layers); GPT-2-small sizes only in the
+slow test and in benchmarks/text_span.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradleak.client import ClientSetup, client_update, fedsgd_update
+from gradleak.errors import AttackNotApplicable, ConfigError, DataError
+from gradleak.models import ModelSpec, check_description
+from gradleak.text import builtin_sentences, held_out_topics, load_text, load_tokenizer
+from gradleak.text.metrics import score_text
+from gradleak.update import load_update, save_update
+
+TINY = {"width": 96, "layers": 2, "heads": 2, "positions": 64}
+
+
+def tiny(name="gpt2", dtype="float64", length=12, **options):
+    return ModelSpec(name, {**TINY, **options}, dtype=dtype).build((length,), 2)
+
+
+def update_of(built, data, **kwargs):
+    target = data.ids if built.loss == "causal_lm" else data.labels
+    return fedsgd_update(built.module, data.ids, target, loss=built.loss, model_info=built.description(), **kwargs)
+
+
+# ------------------------------------------------------------------ corpus and tokenizer
+def test_held_out_topics_never_meet_the_train_split():
+    train, held = builtin_sentences("train"), builtin_sentences("held-out")
+    assert {t for t, _ in train}.isdisjoint({t for t, _ in held})
+    assert len(held) > 150 and len(train) > 4 * len(held) // 2
+    topics = sorted({t for t, _ in builtin_sentences("all")})
+    assert held_out_topics(topics) == held_out_topics(list(reversed(topics)))   # no RNG, no order
+
+
+def test_sequences_are_real_held_out_text_of_the_length_asked():
+    tokenizer = load_tokenizer()
+    data = load_text(n=6, length=20)
+    assert data.ids.shape == (6, 20) and data.ids.dtype == torch.int64
+    held = " ".join(s for _, s in builtin_sentences("held-out"))
+    for text in data.texts:
+        assert text.split()[0] in held and len(text.split()) >= 5
+    sentence = builtin_sentences("held-out")[0][1]
+    assert tokenizer.decode(tokenizer.encode(sentence).ids) == sentence           # byte-level BPE is lossless
+    assert len({tuple(r) for r in data.ids.tolist()}) == 6                          # no two sequences alike
+
+
+def test_local_text_file_one_sequence_per_line(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("1\tThe quick brown fox jumps over the lazy dog near the river bank today.\nshort\n"
+                    "Every line holds one sequence of the client, cut to the length asked for.\n", encoding="utf-8")
+    data = load_text(path, n=2, length=8)
+    assert data.labels.tolist() == [1, 0] and data.ids.shape == (2, 8)
+    assert data.texts[0].startswith("The quick")
+    with pytest.raises(DataError, match="2 sequences of at least 8 tokens; asked for 3"):
+        load_text(path, n=3, length=8)
+    with pytest.raises(DataError, match="no such file"):
+        load_text(tmp_path / "missing.txt")
+
+
+# ------------------------------------------------------------------ models
+def test_text_models_from_the_zoo_and_from_a_save_pretrained_folder(tmp_path):
+    built = tiny("gpt2", dtype="float32")
+    assert built.loss == "causal_lm" and built.module.task == "causal-lm"
+    ids = load_text(n=2, length=12).ids
+    assert built.module(ids).shape == (2, 12, load_tokenizer().get_vocab_size())
+    assert tiny("bert").loss == "cross_entropy" and tiny("bert").module(ids).shape == (2, 2)
+    built.module.net.save_pretrained(tmp_path / "lm")
+    assert any((tmp_path / "lm").glob("*.safetensors"))
+    mine = ModelSpec(f"hf:{tmp_path / 'lm'}", dtype="float32").build((12,))
+    assert mine.loss == "causal_lm"
+    assert torch.equal(mine.module(ids), built.module(ids))
+    with pytest.raises((ConfigError, DataError), match="does not exist"):
+        ModelSpec(f"hf:{tmp_path / 'nothing'}").build((12,))
+    # an update file's description of a text model is checked on the meta device (sequence length, not C,H,W)
+    shapes = {n: tuple(p.shape) for n, p in built.module.named_parameters()}
+    assert check_description(built.description(), shapes)["input_shape"] == (12,)
+
+
+def test_gpt2_small_sizes_build_on_the_meta_device():
+    from gradleak.models import parameter_shapes
+
+    shapes = parameter_shapes("gpt2", (32,), 2)      # the defaults are GPT-2 small: d = 768, 12 layers
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    assert shapes["net.transformer.wte.weight"][1] == 768 and len([n for n in shapes if n.endswith("ln_1.weight")]) == 12
+    assert 85e6 < total < 124.5e6                     # GPT-2 small less the smaller vocabulary
+
+
+# ------------------------------------------------------------------ clients
+def test_fedsgd_causal_lm_gradient_is_the_language_models_own_loss_gradient():
+    built = tiny("gpt2")
+    data = load_text(n=3, length=12)
+    update = update_of(built, data)
+    net = built.module.net
+    net.zero_grad()
+    net(input_ids=data.ids, labels=data.ids).loss.backward()   # transformers' own shifted next-token loss
+    for name, param in net.named_parameters():
+        # transformers computes its loss in float32 (logits.float()): agreement to float32 precision
+        torch.testing.assert_close(update.tensors[f"net.{name}"], param.grad, rtol=1e-4, atol=1e-7)
+    assert update.labels is None and update.input_shape == (12,) and not update.buffers
+    with pytest.raises(ConfigError, match="never shares"):
+        fedsgd_update(built.module, data.ids, data.ids, loss="causal_lm", share_labels=True)
+
+
+def test_lora_update_holds_only_the_adapters_and_survives_its_file(tmp_path):
+    built = tiny("gpt2", lora_rank=4)
+    data = load_text(n=2, length=12)
+    update = update_of(built, data)
+    assert update.tensors and all(".lora_A." in n or ".lora_B." in n for n in update.tensors)
+    assert len(update.tensors) == 2 * TINY["layers"]
+    path = save_update(update, tmp_path / "u.safetensors")
+    back = load_update(path)
+    assert back.loss == "causal_lm" and back.model["kwargs"]["lora_rank"] == 4
+    assert all(torch.equal(back.tensors[n], update.tensors[n]) for n in update.tensors)
+    delta = client_update(built.module, data.ids, data.ids, ClientSetup("fedavg", 2, lr=0.5, local_steps=3),
+                          loss="causal_lm")
+    assert delta.kind == "delta" and set(delta.tensors) == set(update.tensors)
+
+
+# ------------------------------------------------------------------ the span attack
+def test_dager_recovers_a_causal_lm_batch_exactly():
+    from gradleak.attacks import SpanAttack
+
+    built = tiny("gpt2", width=128)
+    data = load_text(n=4, length=12)
+    result = SpanAttack(built.module).reconstruct(update_of(built, data))
+    scores = score_text(result.tokens, data.ids, load_tokenizer()).summary
+    assert scores["exact_rate"] == 1.0 and scores["rouge1"] == 1.0 and scores["rouge2"] == 1.0
+    assert any("last tokens from the final LayerNorm" in n for n in result.notes)
+
+
+def test_dager_float32_and_encoder_and_lora():
+    from gradleak.attacks import SpanAttack
+
+    data = load_text(n=1, length=12)
+    tokenizer = load_tokenizer()
+    for name, options in (("gpt2", {"dtype": "float32"}), ("bert", {}), ("gpt2", {"lora_rank": 16})):
+        built = tiny(name, **options)
+        result = SpanAttack(built.module).reconstruct(update_of(built, data))
+        scores = score_text(result.tokens, data.ids, tokenizer).summary
+        positions = 11 if (name == "gpt2" and "lora_rank" in options) else 12   # LoRA: no final-LayerNorm gradient
+        assert scores["token_accuracy"] == positions / 12, (name, options, result.notes)
+
+
+def test_dager_refuses_when_the_span_fills_the_space():
+    from gradleak.attacks import SpanAttack
+
+    built = tiny("gpt2", width=64)
+    data = load_text(n=6, length=12)                  # 6 x 11 = 66 positions >= d = 64
+    with pytest.raises(AttackNotApplicable, match="66 input positions") as caught:
+        SpanAttack(built.module).reconstruct(update_of(built, data))
+    assert "B x n < 64" in caught.value.condition
+    lora = tiny("gpt2", lora_rank=8)                  # LoRA rank 8: 11 positions >= 8
+    with pytest.raises(AttackNotApplicable, match="LoRA adapters"):
+        SpanAttack(lora.module).reconstruct(update_of(lora, load_text(n=1, length=12)))
+
+
+# ------------------------------------------------------------------ metrics
+def test_text_scores_match_sequences_and_count_unrecovered_positions():
+    tokenizer = load_tokenizer()
+    truth = load_text(n=3, length=10).ids
+    perfect = score_text(truth.flip(0), truth, tokenizer)
+    assert perfect.summary["exact_rate"] == 1.0 and perfect.summary["rouge2"] == 1.0
+    partial = truth.clone()
+    partial[1, 4] = -1
+    scores = score_text(partial, truth, tokenizer)
+    assert scores.summary["exact_rate"] == pytest.approx(2 / 3)
+    assert scores.per_sequence[1]["token_accuracy"] == pytest.approx(0.9)
+    assert scores.per_sequence[1]["recovered_tokens"][4] == 0 and "\u2047" in scores.per_sequence[1]["recovered"]
+    assert score_text(truth[:1], truth, tokenizer).summary["n_recovered"] == 1
