@@ -168,5 +168,5 @@ def test_text_scores_match_sequences_and_count_unrecovered_positions():
     scores = score_text(partial, truth, tokenizer)
     assert scores.summary["exact_rate"] == pytest.approx(2 / 3)
     assert scores.per_sequence[1]["token_accuracy"] == pytest.approx(0.9)
-    assert scores.per_sequence[1]["recovered_tokens"][4] == 0 and "\u2047" in scores.per_sequence[1]["recovered"]
+    assert scores.per_sequence[1]["recovered_tokens"][4] == 0 and "\u25a1" in scores.per_sequence[1]["recovered"]
     assert score_text(truth[:1], truth, tokenizer).summary["n_recovered"] == 1

@@ -245,6 +245,11 @@ def attack_file(update_path: str | Path, attack: str, out: str | Path, *, model:
     from .update import load_update
 
     update = load_update(update_path)
+    if isinstance(update.extra.get("text"), dict):   # a text client's update: gradleak.text
+        from .text.pipeline import attack_text_update
+
+        return attack_text_update(update, update_path, attack, out, model=model, truth=truth, threat=threat,
+                                  options=options, quiet=quiet, device=device, dtype=dtype)
     overrides: dict[str, Any] = {} if model is not None else {"device": device, "dtype": dtype}
     if update.mode is not None:
         overrides["mode"] = update.mode

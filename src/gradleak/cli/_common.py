@@ -120,6 +120,9 @@ def summary(result, quiet: bool) -> None:
     s = result.scores.summary if result.scores else {}
     psnr = s.get("psnr_mean")
     line = f"wrote {result.run_dir}/report.html"
+    if s.get("rouge1") is not None:   # a text run (gradleak.text.runs)
+        line += (f"  |  ROUGE-1 {100 * s['rouge1']:.1f} %, ROUGE-2 {100 * s['rouge2']:.1f} %, exact sequences "
+                 f"{100 * s['exact_rate']:.0f} % (of {s['n_sequences']})")
     if psnr is not None:
         line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
     if s.get("label_accuracy") is not None:
@@ -159,6 +162,8 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present), cpu
 ModeOpt = typer.Option(None, "--mode", help="train: BatchNorm uses the batch's statistics, as a training client "
                                             "does (default); eval: running statistics.")
 DTypeOpt = typer.Option(DType.float32, "--dtype", help="Computation precision.")
+LengthOpt = typer.Option(16, "--length", min=2, max=4096, help="Text models: tokens per sequence (--data corpus, "
+                                                               "the default for them, or a text file, one per line).")
 ClientOpt = typer.Option(None, "--client", "-c", help="Client setting key=value: protocol=fedsgd|fedavg, "
                                                       "batch_size, lr, local_steps, epochs, local_batch_size. "
                                                       "Repeatable.")

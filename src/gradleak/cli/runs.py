@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 
 from .._io import output_dir, output_file
-from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt, VerboseOpt,
-                      WeightsOpt, app, client_setup, friendly, model_spec, parse_options, setup_logging,
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, LengthOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt,
+                      VerboseOpt, WeightsOpt, app, client_setup, friendly, model_spec, parse_options, setup_logging,
                       stop_if_interrupted, summary)
 
 
@@ -57,6 +57,7 @@ def capture(
     mode: Optional[Mode] = ModeOpt,
     client: Optional[list[str]] = ClientOpt,
     truth: Optional[str] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
+    length: int = LengthOpt,
     dtype: DType = DTypeOpt,
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
@@ -72,8 +73,16 @@ def capture(
     setup_logging(quiet, False)
     out_path = output_file(out, "--out")
     truth_path = None if truth is None else output_file(truth, "--truth")
-    dataset = DataRequest(data, n, size, start).load()
     spec = model_spec(model, model_option, weights, device, mode, dtype, seed)
+    if spec.modality == "text":   # token sequences of real text (gradleak.text), docs/text.md
+        from ..text.pipeline import capture_text
+
+        update = capture_text(out_path, data=_text_data(data), n=n, length=length, start=start, model=spec,
+                              client=client_setup(client, batch_size=n, seed=seed), truth=truth_path)
+        if not quiet:
+            Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size} sequences of {length} tokens)")
+        return
+    dataset = DataRequest(data, n, size, start).load()
     built = spec.build(tuple(dataset.images.shape[1:]), max(len(dataset.classes), 2))
     images = dataset.images.to(device=built.device, dtype=built.dtype)
     setup = client_setup(client, batch_size=n, seed=seed)
@@ -114,6 +123,7 @@ def attack(
     defense: Optional[list[str]] = typer.Option(None, "--defense", "-d", help="Without UPDATE: a client defense, "
                                                 "name or name:key=value,key=value (e.g. gaussian:variance=1e-2). "
                                                 "Repeatable; applied in order. See `gradleak list`."),
+    length: int = LengthOpt,
     dtype: DType = DTypeOpt,
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
@@ -148,10 +158,23 @@ def attack(
 
         setup = client_setup(client, lr=0.05, seed=seed, share_labels=labels_known)
         spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
+        if spec.modality == "text":   # token sequences of real text (gradleak.text), docs/text.md
+            from ..text.pipeline import attack_text
+
+            result = attack_text(attack_name, out, data=_text_data(data), n=n, length=length, model=spec,
+                                 client=setup, threat=threat, options=options, defenses=defense, quiet=quiet)
+            summary(result, quiet)
+            stop_if_interrupted(result)
+            return
         result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
                                   threat=threat, options=options, defenses=defense, quiet=quiet)
     summary(result, quiet)
     stop_if_interrupted(result)
+
+
+def _text_data(data: str) -> str:
+    """``--data`` for a text model: the image default (photos) means the built-in corpus."""
+    return "corpus" if data == "photos" else data
 
 
 @app.command()

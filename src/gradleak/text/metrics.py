@@ -37,7 +37,7 @@ def decode(tokenizer, ids: torch.Tensor) -> str:
             if run:
                 pieces.append(tokenizer.decode(run))
                 run = []
-            pieces.append("\u2047")
+            pieces.append("\u25a1")
         else:
             run.append(t)
     if run:
@@ -56,7 +56,11 @@ class TextScores:
 
 def score_text(recovered: torch.Tensor | None, truth: torch.Tensor, tokenizer) -> TextScores:
     """ROUGE-1/2/L (F), token accuracy and exact-sequence rate of ``recovered`` against ``truth``."""
+    import logging
+
     from rouge_score import rouge_scorer
+
+    logging.getLogger("absl").setLevel(logging.WARNING)   # rouge-score logs "Using default tokenizer" at INFO
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     pairs = match_sequences(recovered, truth)
@@ -71,7 +75,7 @@ def score_text(recovered: torch.Tensor | None, truth: torch.Tensor, tokenizer) -
         n = min(rec.shape[0], truth.shape[1])
         same = (rec[:n] == truth[k, :n])
         text = decode(tokenizer, rec)
-        r = scorer.score(true_text, text.replace("\u2047", " "))
+        r = scorer.score(true_text, text.replace("\u25a1", " "))
         rows.append({"truth": true_text, "recovered": text, "match": j, "rouge1": r["rouge1"].fmeasure,
                      "rouge2": r["rouge2"].fmeasure, "rougeL": r["rougeL"].fmeasure,
                      "token_accuracy": float(same.sum()) / truth.shape[1],

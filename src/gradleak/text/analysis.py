@@ -1,0 +1,42 @@
+"""The analyser's prediction for text models: where the span attack (``dager``) is exact.
+
+The weight gradient of block 0's attention projection is X^T dL/dY over the B x n' input
+positions that reach it (n' = n - 1 for a causal LM, whose last position computes no loss;
+n for a classifier). Its column space is the span of those inputs as long as there are fewer
+of them than the width of the space (the model width d; for LoRA adapters of rank r the
+gradient of A has rank <= r, so at most r positions). Then each true token is in the span
+and any other is not: the attack is exact. At B x n' >= d (or > r) the span is the whole
+space (or misses inputs) and token membership cannot be told: the attack fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["span_condition"]
+
+
+def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict[str, Any]:
+    """``{"exact", "positions", "capacity", "why"}`` for the span attack on ``model`` at a batch of
+    ``batch`` sequences of ``length`` tokens trained with ``loss``."""
+    from .arch import TransformerView
+    from .lora import is_lora
+
+    view = TransformerView(model)
+    positions = batch * (length - 1 if loss == "causal_lm" else length)
+    if is_lora(model):
+        rank = int(view.hf.peft_config["default"].r) if hasattr(view.hf, "peft_config") else None
+        rank = rank if rank is not None else int(model.net.peft_config["default"].r)
+        capacity, exact = rank, positions <= rank
+        what = f"the LoRA rank r = {rank}"
+    else:
+        capacity, exact = view.width, positions < view.width
+        what = f"the model width d = {view.width}"
+    why = (f"{batch} x {positions // batch} = {positions} input positions {'<' if exact else '>='} {what}: "
+           + ("each true token lies in the span of block 0's gradient and no other does; the span attack "
+              "recovers every sequence exactly" if exact else
+              "the gradient's span fills the space the inputs live in (or misses some of them); the span attack "
+              "cannot tell tokens apart and refuses"))
+    return {"exact": exact, "positions": positions, "capacity": capacity, "why": why}

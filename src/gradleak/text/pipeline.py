@@ -1,0 +1,149 @@
+"""Text runs end to end: simulate text clients on real sentences, attack their updates as the
+server sees them, score against the truth and write the run folder. The CLI (``gradleak
+attack --model gpt2 --data corpus``) is a thin layer over :func:`attack_text`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..client import ClientSetup
+from ..errors import ConfigError
+from ..models import ModelSpec
+from .corpus import load_text, load_tokenizer
+from .runs import TextRunResult, write_text_run
+
+__all__ = ["attack_text", "text_updates", "text_metadata"]
+
+
+def text_metadata(length: int, tokenizer, task: str) -> dict[str, Any]:
+    """What a text update says about its inputs (never the tokens): sequence length, vocabulary
+    size and the tokenizer's digest, the task."""
+    import hashlib
+
+    digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    return {"length": int(length), "vocab_size": int(tokenizer.get_vocab_size()), "tokenizer_sha256": digest,
+            "task": task}
+
+
+def text_updates(built, ids: torch.Tensor, labels: torch.Tensor, setup: ClientSetup, defenses: Any, tokenizer):
+    """Each client's update as the server sees it (``defenses`` applied), with the text metadata."""
+    from ..defenses import defended_updates
+
+    targets = ids if built.loss == "causal_lm" else labels
+    served = defended_updates(built.module, ids, targets, setup, defenses, loss=built.loss,
+                              model_info=built.description())
+    meta = text_metadata(ids.shape[1], tokenizer, built.module.task)
+    for d in served:
+        d.update = replace(d.update, extra={**dict(d.update.extra), "text": meta})
+    return served
+
+
+def check_vocabulary(module, ids: torch.Tensor) -> None:
+    """Refuse token ids beyond the model's embedding (another tokenizer than the model's)."""
+    size = getattr(getattr(getattr(module, "net", None), "config", None), "vocab_size", None)
+    if size is not None and int(ids.max()) >= int(size):
+        raise ConfigError(f"token id {int(ids.max())} is beyond the model's vocabulary of {size}: the tokenizer is "
+                          "not the model's (pass --model-option vocab=N or the model's tokenizer)")
+
+
+def save_text_truth(path: str | Path, ids: torch.Tensor) -> Path:
+    """The true token ids of a captured update, apart from it (evaluation only)."""
+    from safetensors.torch import save as safetensors_save
+
+    from .._io import atomic_write_bytes
+
+    return atomic_write_bytes(path, safetensors_save({"true_tokens": ids.to(torch.int64).contiguous().cpu()}))
+
+
+def load_text_truth(path: str | Path) -> torch.Tensor:
+    from ..data._files import read_safetensors
+    from ..errors import DataError
+
+    tensors = read_safetensors(path, "truth file", 2**30)
+    ids = tensors.get("true_tokens")
+    if ids is None or ids.ndim != 2 or ids.dtype != torch.int64:
+        raise DataError(f"truth file {str(path)!r}: no (B, n) int64 entry 'true_tokens' (write it with capture --truth)")
+    return ids
+
+
+def capture_text(out: str | Path, *, data: str = "corpus", n: int = 1, length: int = 16, start: int = 0,
+                 model: ModelSpec, client: ClientSetup, truth: str | Path | None = None, tokenizer: Any = None):
+    """One text client's update file (and, apart, its true tokens)."""
+    from ..update import save_update
+
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
+    text = load_text(data, n=n, length=length, start=start, tokenizer=tokenizer)
+    built = model.build((length,), len(text.classes))
+    check_vocabulary(built.module, text.ids)
+    (served,) = text_updates(built, text.ids.to(built.device), text.labels.to(built.device), client, None, tokenizer)
+    save_update(served.update, out)
+    if truth is not None:
+        save_text_truth(truth, text.ids)
+    return served.update
+
+
+def attack_text_update(update, update_path, attack: str, out: str | Path, *, model=None, truth=None, threat=None,
+                       options=None, quiet: bool = False, device: str = "auto", dtype: str = "float32",
+                       tokenizer: Any = None) -> TextRunResult:
+    """Attack a text update file (see :func:`gradleak.pipeline.attack_file`)."""
+    from ..pipeline import attack_updates, make_attack, model_for_update
+    from ..threat import ThreatModel
+
+    overrides: dict[str, Any] = {} if model is not None else {"device": device, "dtype": dtype}
+    built = model_for_update(update, model, update_path, **overrides)
+    update = update.validate_for(built.module).to(dtype=built.dtype, device=built.device)
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
+    threat = threat or ThreatModel()
+    attacker = make_attack(attack, built.module, threat, dict(options or {}))
+    reconstruction = attack_updates(attacker, [update], quiet=quiet)
+    config = {"update_file": str(update_path), "model": built.description(),
+              "update": {k: v for k, v in update.metadata().items() if k not in ("parameters", "model")},
+              "threat": threat.to_json(), "threat_model": threat.sok(attacker)}
+    return write_text_run(out, reconstruction, truth=None if truth is None else load_text_truth(truth),
+                          tokenizer=tokenizer, config=config)
+
+
+def attack_text(attack: str, out: str | Path, *, data: str = "corpus", n: int = 8, length: int = 16, start: int = 0,
+                model: ModelSpec | str = "gpt2", client: ClientSetup | None = None, threat: Any = None,
+                options: dict[str, Any] | None = None, defenses: Any = None, quiet: bool = False,
+                save_updates: bool = False, tokenizer: Any = None) -> TextRunResult:
+    """``n`` sequences of ``length`` tokens of real text (``data``: ``corpus`` = the held-out
+    topics of the built-in corpus, or a text file) split into clients by ``client`` (FedSGD,
+    batch 1 by default), each trained on ``model`` and defended by ``defenses``; each update
+    attacked with ``attack`` under ``threat``; scored and written to ``out``."""
+    from ..pipeline import attack_updates, make_attack
+    from ..threat import ThreatModel
+    from ..update import save_update
+
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    if spec.modality != "text" and not spec.is_factory:
+        raise ConfigError(f"model {spec.name!r} is an image model; text data needs gpt2, gpt2-classifier, bert, "
+                          "hf:FOLDER or a factory returning a gradleak.text model")
+    tokenizer = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
+    text = load_text(data, n=n, length=length, start=start, tokenizer=tokenizer)
+    built = spec.build((length,), len(text.classes))
+    if getattr(built.module, "task", None) is None:
+        raise ConfigError(f"model {spec.name!r} is not a text model (gradleak.text.models)")
+    vocab = tokenizer.get_vocab_size()
+    check_vocabulary(built.module, text.ids)
+    ids, labels = text.ids.to(built.device), text.labels.to(built.device)
+    setup = client or ClientSetup(seed=spec.seed)
+    served = text_updates(built, ids, labels, setup, defenses, tokenizer)
+    updates = [d.update for d in served]
+    out = Path(out)
+    if save_updates:
+        for k, update in enumerate(updates):
+            save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
+    threat = threat or ThreatModel(labels_known=setup.share_labels)
+    attacker = make_attack(attack, built.module, threat, dict(options or {}))
+    reconstruction = attack_updates(attacker, updates, quiet=quiet)
+    kept = [i for d in served[: reconstruction.updates] for i in d.indices]
+    config = {"data": {"name": text.name, "n": n, "length": length, "start": start, "vocab_size": vocab},
+              "model": built.description(), "model_spec": spec.to_json(), "client": setup.to_json(),
+              "threat": threat.to_json(), "threat_model": threat.sok(attacker),
+              "defenses": [str(d) for d in (defenses or [])], "updates": len(updates)}
+    return write_text_run(out, reconstruction, truth=text.ids[kept], tokenizer=tokenizer, config=config)

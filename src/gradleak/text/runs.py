@@ -1,0 +1,115 @@
+"""Run folders of text attacks: what was recovered beside the truth, scored and shown.
+
+::
+
+    RUN_DIR/
+      config.json                 what was run (attack, options, model, data, client, threat model)
+      metrics.json                ROUGE-1/2/L, token accuracy, exact-sequence rate, per sequence; notes
+      history.json                the attack's curves (e.g. candidates per position)
+      reconstruction.safetensors  recovered token ids (-1: not recovered) and the true ones
+      report.html                 each true sequence beside its recovered one, tokens marked
+
+The true tokens are stored for evaluation only; they never reach an attack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..attacks.base import Reconstruction
+from .metrics import TextScores, match_sequences, score_text
+
+__all__ = ["TextRunResult", "write_text_run", "render_text_report"]
+
+_CSS = """
+.seq { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .86rem;
+       white-space: pre-wrap; margin: .15rem 0; }
+.ok { background: #d1f4dc; } .bad { background: #ffd7d5; text-decoration: line-through; }
+.miss { background: #e6e8eb; color: #8c959f; }
+.legend span { padding: 0 .3rem; margin-right: .6rem; }
+"""
+
+
+@dataclass
+class TextRunResult:
+    run_dir: Path
+    reconstruction: Reconstruction
+    scores: TextScores | None
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "report.html"
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
+    return ["\u25a1" if t < 0 else tokenizer.decode([t]) for t in ids]
+
+
+def _marked(tokenizer, recovered: list[int], truth: list[int]) -> str:
+    """The recovered sequence, each token marked: right (green), wrong (struck, red), not recovered (grey)."""
+    spans = []
+    for k, (piece, token) in enumerate(zip(_pieces(tokenizer, recovered), recovered)):
+        css = "miss" if token < 0 else "ok" if k < len(truth) and token == truth[k] else "bad"
+        spans.append(f'<span class="{css}">{escape(piece)}</span>')
+    return "".join(spans)
+
+
+def render_text_report(title: str, scores: TextScores | None, recovered: torch.Tensor | None, truth: torch.Tensor | None,
+                       tokenizer, config: dict[str, Any], notes: list[str]) -> str:
+    from ..report.html import _table, html_page
+
+    sections = [f"<style>{_CSS}</style>"]
+    if scores is not None:
+        s = scores.summary
+        rows = [[escape(k), escape(f"{v:.4f}" if isinstance(v, float) else str(v))] for k, v in s.items()]
+        sections.append("<h2>Scores (after matching sequences)</h2>" + _table(None, rows, "kv"))
+    if recovered is not None and truth is not None:
+        pairs = match_sequences(recovered, truth)
+        blocks = ['<p class="legend"><span class="ok">recovered</span><span class="bad">wrong</span>'
+                  '<span class="miss">not recovered</span></p>']
+        for k, j in enumerate(pairs):
+            true_ids = truth[k].tolist()
+            line = _marked(tokenizer, recovered[j].tolist(), true_ids) if j is not None else \
+                '<span class="miss">(no sequence recovered for this one)</span>'
+            blocks.append(f"<h3>Sequence {k}</h3><p class=\"seq\"><b>truth</b>&nbsp;&nbsp;&nbsp;&nbsp;"
+                          f"{escape(tokenizer.decode(true_ids))}</p><p class=\"seq\"><b>recovered</b> {line}</p>")
+        sections.append("<h2>Recovered beside the truth</h2>" + "\n".join(blocks))
+    elif recovered is not None:
+        sections.append("<h2>Recovered</h2>" + "\n".join(
+            f'<p class="seq">{escape("".join(_pieces(tokenizer, row.tolist())))}</p>' for row in recovered))
+    if notes:
+        sections.append("<h2>Notes</h2><ul class=\"notes\">" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>")
+    flat = [[escape(str(k)), f"<code>{escape(str(v))[:400]}</code>"] for k, v in config.items()]
+    sections.append("<h2>Configuration</h2>" + _table(None, flat, "kv"))
+    return html_page(title, escape(str(config.get("attack", ""))), sections)
+
+
+def write_text_run(run_dir: str | Path, reconstruction: Reconstruction, *, truth: torch.Tensor | None,
+                   tokenizer, config: dict[str, Any]) -> TextRunResult:
+    """Score ``reconstruction.tokens`` against ``truth`` (B, n) and write the run folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recovered = reconstruction.tokens
+    scores = None if truth is None or recovered is None else score_text(recovered, truth, tokenizer)
+    config = {"attack": reconstruction.attack, **config, "attack_config": reconstruction.config}
+    tensors = {}
+    if recovered is not None:
+        tensors["tokens"] = recovered.to(torch.int64).contiguous().cpu()
+    if truth is not None:
+        tensors["true_tokens"] = truth.to(torch.int64).contiguous().cpu()
+    if tensors:
+        atomic_write_bytes(run_dir / "reconstruction.safetensors", safetensors_save(tensors))
+    atomic_write_json(run_dir / "config.json", config)
+    atomic_write_json(run_dir / "history.json", reconstruction.history)
+    atomic_write_json(run_dir / "metrics.json", {**(scores.to_json() if scores else {}), "notes": reconstruction.notes,
+                                                 "interrupted": reconstruction.interrupted})
+    atomic_write_text(run_dir / "report.html", render_text_report(
+        f"gradleak text run: {reconstruction.attack}", scores, recovered, truth, tokenizer, config, reconstruction.notes))
+    return TextRunResult(run_dir, reconstruction, scores)
