@@ -144,6 +144,23 @@ def test_dager_float32_and_encoder_and_lora():
         assert scores["token_accuracy"] == positions / 12, (name, options, result.notes)
 
 
+def test_dager_under_noise_degrades_and_says_so():
+    from gradleak.attacks import SpanAttack
+    from gradleak.text.pipeline import text_updates
+
+    built = tiny("gpt2", dtype="float32", width=128)
+    data = load_text(n=2, length=12)
+    tokenizer = load_tokenizer()
+    rouge = {}
+    for variance in (1e-12, 1e-4):
+        (served,) = text_updates(built, data.ids, data.labels, ClientSetup(batch_size=2),
+                                 [f"gaussian:variance={variance}"], tokenizer)
+        result = SpanAttack(built.module).reconstruct(served.update)
+        assert any(n.startswith("APPROXIMATE") for n in result.notes)
+        rouge[variance] = score_text(result.tokens, data.ids, tokenizer).summary["rouge1"]
+    assert rouge[1e-12] == 1.0 and rouge[1e-4] < 0.5
+
+
 def test_dager_refuses_when_the_span_fills_the_space():
     from gradleak.attacks import SpanAttack
 
@@ -170,3 +187,37 @@ def test_text_scores_match_sequences_and_count_unrecovered_positions():
     assert scores.per_sequence[1]["token_accuracy"] == pytest.approx(0.9)
     assert scores.per_sequence[1]["recovered_tokens"][4] == 0 and "\u25a1" in scores.per_sequence[1]["recovered"]
     assert score_text(truth[:1], truth, tokenizer).summary["n_recovered"] == 1
+
+
+# ------------------------------------------------------------------ runs, files, CLI
+def test_cli_attacks_simulated_text_clients_and_a_captured_text_update(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gradleak.cli import app
+
+    model = ["--model", "gpt2", "-m", "width=96", "-m", "layers=2", "-m", "heads=2", "-m", "positions=64",
+             "--dtype", "float64", "--length", "12", "--quiet"]
+    runner = CliRunner()
+    result = runner.invoke(app, ["attack", "-a", "dager", "--n", "4", "-c", "batch_size=2", "--out",
+                                 str(tmp_path / "run"), *model], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["summary"]["exact_rate"] == 1.0 and metrics["summary"]["n_sequences"] == 4
+    page = (tmp_path / "run" / "report.html").read_text()
+    # every token marked recovered (+1: the legend), none wrong or missing beyond the legend's own example
+    assert page.count('class="ok"') == 4 * 12 + 1 and page.count('class="bad"') == page.count('class="miss"') == 1
+    update, truth = tmp_path / "u.safetensors", tmp_path / "truth.safetensors"
+    result = runner.invoke(app, ["capture", "--out", str(update), "--truth", str(truth), "--n", "3", "--start", "5",
+                                 *model], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert load_update(update).extra["text"]["length"] == 12 and load_update(update).labels is None
+    result = runner.invoke(app, ["attack", str(update), "-a", "dager", "--truth", str(truth), "--out",
+                                 str(tmp_path / "file"), "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "file" / "metrics.json").read_text())["summary"]
+    assert summary["exact_rate"] == 1.0 and summary["n_sequences"] == 3
+    refused = runner.invoke(app, ["attack", "-a", "dager", "--n", "9", "-c", "batch_size=9", "--out",
+                                  str(tmp_path / "no"), *model])
+    assert refused.exit_code == 2 and "99 input positions" in refused.output   # 9 x 11 >= d = 96

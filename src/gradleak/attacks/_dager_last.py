@@ -12,7 +12,8 @@ Once tokens 1..n-1 are known (the span attack), every p and xhat and every targe
 ones are known, so ``sum_b W[t_b] = t`` and ``sum_b W[t_b] * xhat_{b,n-1} = t'`` with known
 t, t'. The first gives the multiset of last tokens (orthogonal matching pursuit over the rows
 of W, counts by least squares, exact when the residual vanishes); the second assigns them to
-the sequences (least squares over B x |multiset| unknowns, exact when that is at most d).
+the sequences (least squares over B x |multiset| unknowns, exact when that is at most d). On a
+noisy update both are best estimates, said so in the notes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["last_tokens"]
 
 
 def _pursuit(rows: torch.Tensor, target: torch.Tensor, atoms: int, tolerance: float):
-    """Support and integer counts with ``counts @ rows[support] == target``, or None."""
+    """The rows (with a positive integer count) whose sum is ``target``, and whether the sum is
+    exact (orthogonal matching pursuit, least-squares counts rounded)."""
     support: list[int] = []
     residual = target.clone()
     norms = rows.norm(dim=1).clamp_min(1e-30)
@@ -38,9 +40,11 @@ def _pursuit(rows: torch.Tensor, target: torch.Tensor, atoms: int, tolerance: fl
         residual = target - basis @ coef
         if residual.norm() <= tolerance * target.norm():
             break
-    counts = coef.round()
-    ok = bool((counts >= 1).all()) and (target - rows[support].T @ counts).norm() <= 10 * tolerance * target.norm()
-    return (support, counts.long()) if ok else None
+    counts = coef.round().clamp_min(0)
+    exact = bool((counts >= 1).all()) and \
+        bool((target - rows[support].T @ counts).norm() <= 10 * tolerance * target.norm())
+    keep = [k for k, c in enumerate(counts.tolist()) if c >= 1] or [int(coef.argmax())]
+    return [support[k] for k in keep], exact
 
 
 def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | None, tolerance: float):
@@ -63,11 +67,7 @@ def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | No
     known_gamma = ((p @ out_w) * xhat).sum((0, 1)) - (out_w[targets] * xhat[:, :-1]).sum((0, 1))
     t_beta = known_beta - n_targets * g_beta
     t_gamma = known_gamma - n_targets * g_gamma
-    found = _pursuit(out_w, t_beta, count, tolerance)
-    if found is None:
-        return None, ["last tokens not recovered: no exact multiset of output embeddings sums to the LayerNorm "
-                      "bias gradient"]
-    support, counts = found
+    support, exact = _pursuit(out_w, t_beta, count, tolerance)
     if count * len(support) > out_w.shape[1]:
         return None, [f"last tokens not recovered: {count} x {len(support)} unknowns > d = {out_w.shape[1]}"]
     last = xhat[:, -1]                                                     # (B, d)
@@ -76,5 +76,6 @@ def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | No
     tokens = torch.tensor(support, device=prefixes.device)[weights.argmax(1)]
     check = (out_w[tokens] * last).sum(0)
     error = float((check - t_gamma).norm() / t_gamma.norm().clamp_min(1e-30))
-    return tokens, [f"last tokens from the final LayerNorm's gradient: {len(support)} distinct, assignment "
-                    f"residual {error:.1e}" + (" (APPROXIMATE)" if error > 10 * tolerance else "")]
+    approximate = not exact or error > 10 * tolerance
+    return tokens, [("APPROXIMATE: " if approximate else "") + f"last tokens from the final LayerNorm's gradient: "
+                    f"{len(support)} distinct, assignment residual {error:.1e}"]

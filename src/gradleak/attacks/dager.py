@@ -27,7 +27,7 @@ import time
 import torch
 
 from ..errors import AttackNotApplicable
-from ..limits import check_float, check_int
+from ..limits import check_bool, check_float, check_int
 from ..text.arch import TransformerView, decoder_extend, decoder_prefix_cache
 from ._span import default_tolerance, span_basis, span_residuals
 from .base import Attack, Reconstruction, register_attack
@@ -40,24 +40,27 @@ def _test_space(matrix: torch.Tensor, lora_a: torch.Tensor | None, vectors: torc
 
 
 def position_candidates(view: TransformerView, tensors, basis: torch.Tensor, lora_a, positions: int,
-                        tolerance: float, max_candidates: int) -> tuple[list[torch.Tensor], list[float], list[str]]:
-    """Per position, the tokens whose first-layer input lies in the span (distance < ``tolerance``),
-    at most ``max_candidates`` (the closest); where none passes, the closest token alone (an
-    approximation, said in the notes). Also the largest distance kept per position."""
-    device = basis.device
-    vocab = torch.arange(view.vocab, device=device)
-    candidates, worst, notes = [], [], []
-    for i in range(positions):
-        distance = span_residuals(basis, _test_space(basis, lora_a, view.token_inputs(tensors, i, vocab)))
-        order = torch.argsort(distance)
-        keep = order[distance[order] < tolerance][:max_candidates]
+                        tolerance: float, ratio: float, max_candidates: int | None
+                        ) -> tuple[list[torch.Tensor], list[float], bool]:
+    """Per position, the tokens whose first-layer input lies in the span: within ``tolerance``
+    when every position has such a token (an exact update), else (a noisy update) closer than
+    ``ratio`` x the position's median distance (far below chance); the closest ``max_candidates``;
+    where none passes, the closest token alone. Also the largest distance kept per position, and
+    whether the update was exact."""
+    vocab = torch.arange(view.vocab, device=basis.device)
+    distances = [span_residuals(basis, _test_space(basis, lora_a, view.token_inputs(tensors, i, vocab)))
+                 for i in range(positions)]
+    exact = all(bool((d < tolerance).any()) for d in distances)
+    candidates, worst = [], []
+    for distance in distances:
+        limit = tolerance if exact else ratio * float(distance.median())
+        keep = torch.nonzero(distance < limit).flatten()
+        keep = keep[torch.argsort(distance[keep])][:max_candidates]
         if keep.numel() == 0:
-            keep = order[:1]
-            notes.append(f"APPROXIMATE: position {i}: no token within tolerance {tolerance:g}; the closest "
-                         f"({float(distance[keep[0]]):.2e}) kept")
+            keep = torch.argmin(distance)[None]
         candidates.append(keep)
         worst.append(float(distance[keep].max()))
-    return candidates, worst, notes
+    return candidates, worst, exact
 
 
 @register_attack
@@ -72,20 +75,24 @@ class SpanAttack(Attack):
                   "width the gradient spans (d, or the LoRA rank r); no dropout; sequences assembled for decoders "
                   "(encoders: B = 1)")
 
-    def __init__(self, model, threat=None, *, tolerance: float | None = None, rank_tol: float | None = None,
-                 max_candidates: int = 256, last_token: bool = True):
+    def __init__(self, model, threat=None, *, tolerance: float | None = None, ratio: float = 0.5,
+                 rank_tol: float | None = None, max_candidates: int | None = None, last_token: bool = True):
         """``tolerance``: relative distance to the span below which a candidate is in it (default
-        1e-3 in float32, 1e-7 in float64); ``rank_tol``: singular values below this fraction of
-        the largest are not part of the span; ``max_candidates``: tokens kept per position;
-        ``last_token``: recover a causal LM's last tokens from the final LayerNorm's gradient."""
+        1e-3 in float32, 1e-7 in float64); ``ratio``: where no candidate is within tolerance (noise),
+        those closer than ``ratio`` x the median distance are kept; ``rank_tol``: singular values
+        below this fraction of the largest are not part of the span; ``max_candidates``: tokens
+        kept per position (default: all that pass); ``last_token``: recover a causal LM's last
+        tokens from the final LayerNorm's gradient."""
         super().__init__(model, threat)
         self.tolerance = None if tolerance is None else check_float("tolerance", tolerance, low_open=True)
+        self.ratio = check_float("ratio", ratio, low_open=True)
         self.rank_tol = None if rank_tol is None else check_float("rank_tol", rank_tol, low_open=True)
-        self.max_candidates = check_int("max_candidates", max_candidates, 1, 1_000_000)
-        self.last_token = bool(last_token)
+        self.max_candidates = None if max_candidates is None else check_int("max_candidates", max_candidates, 1,
+                                                                            1_000_000)
+        self.last_token = check_bool("last_token", last_token)
 
     def options(self):
-        return {**super().options(), "tolerance": self.tolerance, "rank_tol": self.rank_tol,
+        return {**super().options(), "tolerance": self.tolerance, "ratio": self.ratio, "rank_tol": self.rank_tol,
                 "max_candidates": self.max_candidates, "last_token": self.last_token}
 
     # ------------------------------------------------------------------ the attack
@@ -125,12 +132,19 @@ class SpanAttack(Attack):
         notes = [f"span of block 0: rank {basis.shape[1]} of {basis.shape[0]}; {reached} positions tested "
                  f"against {view.vocab} tokens each"]
         with torch.no_grad():
-            candidates, worst, more = position_candidates(view, tensors, basis, lora_a, reached, tolerance,
-                                                          self.max_candidates)
-            notes += more
+            candidates, worst, exact = position_candidates(view, tensors, basis, lora_a, reached, tolerance,
+                                                           self.ratio, self.max_candidates)
+            if not exact:
+                notes.append(f"APPROXIMATE: some positions have no token within tolerance {tolerance:g} (a noisy "
+                             f"update): tokens closer than {self.ratio:g} x the median distance kept")
             if view.decoder and view.layers > 1:
                 basis2, lora_a2 = self._basis(view, gradient, tensors, 1, inputs)
-                tokens, more = self._assemble(view, tensors, candidates, basis2, lora_a2, tolerance, batch)
+                limit = tolerance
+                if not exact:   # chance level of block 1: the distance of every token's block-1 input at position 0
+                    every = torch.arange(view.vocab, device=basis2.device)[:, None]
+                    chance = span_residuals(basis2, _test_space(basis2, lora_a2, view.layer_inputs(tensors, every, 1)))
+                    limit = self.ratio * float(chance.median())
+                tokens, more = self._assemble(view, tensors, candidates, basis2, lora_a2, limit, batch)
                 notes += more
             elif batch == 1 or all(c.numel() == 1 for c in candidates):
                 tokens = torch.stack([c[:1] for c in candidates], dim=1)
@@ -141,7 +155,7 @@ class SpanAttack(Attack):
                              "several tokens are not assembled into sequences (-1)")
             if causal:
                 last = torch.full((tokens.shape[0], 1), -1, dtype=tokens.dtype, device=tokens.device)
-                if self.last_token and (tokens >= 0).all():
+                if self.last_token and bool((tokens >= 0).all()):
                     from ._dager_last import last_tokens
 
                     found, more = last_tokens(view, tensors, gradient, tokens, batch, tolerance)
@@ -153,16 +167,21 @@ class SpanAttack(Attack):
         notes.append(f"{tokens.shape[0]} sequence(s) of {length} tokens in {time.perf_counter() - started:.2f} s")
         return Reconstruction(images=None, tokens=tokens.cpu(), history=history, notes=notes)
 
-    def _assemble(self, view, tensors, candidates, basis, lora_a, tolerance, batch):
+    def _assemble(self, view, tensors, candidates, basis, lora_a, limit, batch):
         """Grow prefixes position by position; keep an extension when block 1's input at the new
-        position lies in block 1's span. Returns (sequences, notes)."""
-        notes = []
+        position lies in block 1's span (distance below ``limit``; a prefix none of whose
+        extensions passes keeps its closest). Returns (sequences, notes)."""
+        stuck_at: list[int] = []
         device = basis.device
         first = candidates[0]
         x1 = view.layer_inputs(tensors, first[:, None], 1)[:, 0]
         distance = span_residuals(basis, _test_space(basis, lora_a, x1))
-        keep = distance < tolerance
-        prefixes = first[keep][:, None] if keep.any() else first[torch.argmin(distance)][None, None]
+        passed = distance < limit
+        if not passed.any():
+            passed = distance == distance.min()
+            stuck_at.append(0)
+        prefixes, score = first[passed][:, None], distance[passed]
+        cap = None if batch is None else 4 * batch
         for i in range(1, len(candidates)):
             cand = candidates[i]
             keys, values = decoder_prefix_cache(view, tensors, prefixes)
@@ -173,16 +192,22 @@ class SpanAttack(Attack):
             x1, _, _ = decoder_extend(view, tensors, h0, x0, keys.repeat_interleave(c, 0),
                                       values.repeat_interleave(c, 0))
             distance = span_residuals(basis, _test_space(basis, lora_a, x1))
-            keep = distance < tolerance
-            if not keep.any():
-                best = distance.reshape(p, c).argmin(1)
-                keep = torch.zeros_like(keep)
-                keep[torch.arange(p, device=device) * c + best] = True
-                notes.append(f"APPROXIMATE: position {i}: no extension within tolerance; the closest kept per prefix")
-            prefixes = grown[keep]
+            passed = distance < limit
+            best = distance.reshape(p, c).argmin(1) + torch.arange(p, device=device) * c
+            stuck = ~passed.reshape(p, c).any(1)                 # prefixes with no extension passing
+            passed[best[stuck]] = True
+            if bool(stuck.any()):
+                stuck_at.append(i)
+            score = score.repeat_interleave(c) + distance
+            prefixes, score = grown[passed], score[passed]
+            if cap is not None and prefixes.shape[0] > cap:      # a noisy update: the closest 4 B go on
+                order = torch.argsort(score)[:cap]
+                prefixes, score = prefixes[order], score[order]
+        notes = [] if not stuck_at else [f"APPROXIMATE: at {len(stuck_at)} of {len(candidates)} positions a prefix "
+                                         "had no extension within the limit; its closest kept"]
         if batch is not None and prefixes.shape[0] > batch:
-            notes.append(f"{prefixes.shape[0]} sequences pass for a batch of {batch}: the first {batch} kept")
-            prefixes = prefixes[:batch]
+            notes.append(f"{prefixes.shape[0]} sequences pass for a batch of {batch}: the {batch} closest kept")
+            prefixes = prefixes[torch.argsort(score)[:batch]]
         return prefixes, notes
 
     @staticmethod

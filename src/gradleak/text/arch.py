@@ -92,8 +92,13 @@ class TransformerView:
     def layer_inputs(self, tensors: Mapping[str, torch.Tensor], ids: torch.Tensor, k: int) -> torch.Tensor:
         """(N, m, d): the input of block ``k``'s attention projection for sequences ``ids`` (N, m)."""
         h = self.embed(tensors, ids)
+        mask = None
+        if self.decoder:   # a block called alone gets no causal mask from its model: give it one
+            m = ids.shape[-1]
+            mask = torch.full((m, m), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
         for j in range(k):
-            out = self._call(self.block(j), tensors, h)
+            out = self._call(self.block(j), tensors, h, None, mask) if self.decoder else \
+                self._call(self.block(j), tensors, h)
             h = out[0] if isinstance(out, tuple) else out
         return self._call(f"{self.block(k)}.ln_1", tensors, h) if self.decoder else h
 
