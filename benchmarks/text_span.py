@@ -52,6 +52,13 @@ def cell(batch: int, length: int, lora: int | None, noise: float | None, width: 
     row = {"batch": batch, "length": length, "lora": lora, "noise": noise, "width": width, "layers": layers,
            "dtype": dtype, "client_s": round(client_s, 2), "predicted_exact": prediction["exact"],
            "positions": prediction["positions"], "capacity": prediction["capacity"]}
+    from gradleak.text.arch import TransformerView
+
+    view = TransformerView(built.module)
+    matrix, _ = view.projection_gradient(served.update.tensors, dict(built.module.named_parameters()), 0)
+    values = torch.linalg.svdvals(matrix.double())
+    row["measured_rank"] = int((values > values[0] * 1e-5).sum())   # block 0's gradient, as measured
+    row["space"] = int(matrix.shape[0])
     started = time.perf_counter()
     try:
         result = SpanAttack(built.module, **options).reconstruct(served.update)
@@ -95,16 +102,18 @@ def main() -> None:
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps(rows, indent=1))
                     print(json.dumps(row), flush=True)
-    print("\n| LoRA | noise var | batch x length | positions / capacity | predicted | ROUGE-1 | ROUGE-2 | exact seq. "
-          "| s / update |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| LoRA | noise var | batch x length | positions / capacity | predicted | measured rank | ROUGE-1 | ROUGE-2 "
+          "| exact seq. | s / update |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         outcome = "refused" if r.get("refused") else f"{100 * r['rouge1']:.1f} | {100 * r['rouge2']:.1f} | " \
                                                      f"{100 * r['exact_rate']:.0f} %"
         if r.get("refused"):
             outcome = "refused | - | -"
+        rank = f"{r['measured_rank']} / {r['space']}" if "measured_rank" in r else "-"
         print(f"| {r['lora'] or '-'} | {r['noise'] or '-'} | {r['batch']} x {r['length']} | {r['positions']} / "
-              f"{r['capacity']} | {'exact' if r['predicted_exact'] else 'fails'} | {outcome} | {r['attack_s']} |")
+              f"{r['capacity']} | {'exact' if r['predicted_exact'] else 'fails'} | {rank} | {outcome} | "
+              f"{r['attack_s']} |")
 
 
 if __name__ == "__main__":

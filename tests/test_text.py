@@ -221,3 +221,18 @@ def test_cli_attacks_simulated_text_clients_and_a_captured_text_update(tmp_path)
     refused = runner.invoke(app, ["attack", "-a", "dager", "--n", "9", "-c", "batch_size=9", "--out",
                                   str(tmp_path / "no"), *model])
     assert refused.exit_code == 2 and "99 input positions" in refused.output   # 9 x 11 >= d = 96
+
+
+def test_bag_of_words_is_the_exact_token_set_at_batch_64():
+    from gradleak.attacks import BagOfWords
+
+    data = load_text(n=64, length=16)
+    tokenizer = load_tokenizer()
+    built = tiny("bert", dtype="float32", width=64)
+    result = BagOfWords(built.module).reconstruct(update_of(built, data))
+    summary = score_text(result.tokens, data.ids, tokenizer).summary
+    assert summary["token_set_precision"] == 1.0 and summary["token_set_recall"] == 1.0
+    assert result.tokens.numel() == len(set(data.ids.flatten().tolist()))
+    for refused, why in ((tiny("gpt2", width=64), "tied"), (tiny("bert", width=64, lora_rank=4), "no gradient")):
+        with pytest.raises(AttackNotApplicable, match=why):
+            BagOfWords(refused.module).reconstruct(update_of(refused, data))

@@ -9,6 +9,7 @@
 - :mod:`.qian`, :mod:`.rgap`, :mod:`.copa`: closed-form and layer-wise attacks (``qian``, ``rgap``, ``copa``).
 - :mod:`.malicious`: a malicious server that changes the model it sends (``imprint``, Robbing the Fed).
 - :mod:`.dager`: text, the exact span attack on transformers (``dager``, Petrov et al. 2024).
+- :mod:`.text_tokens`: text, the bag of words from the embedding gradient (``bag-of-words``).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
@@ -20,6 +21,7 @@ from .copa import COPA, copa_layer, copa_security
 from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
 from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
 from .dager import SpanAttack
+from .text_tokens import BagOfWords
 from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
 
 __all__ = [
@@ -28,5 +30,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion", "GradInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
-    "SpanAttack", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
+    "SpanAttack", "BagOfWords", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
 ]

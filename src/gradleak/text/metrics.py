@@ -1,6 +1,7 @@
 """Scores of a text reconstruction against the truth, after matching (the batch order is
 unknown to the attacker): ROUGE-1/2/L F-measures (``rouge-score``, Lin 2004, on the decoded
-text), token accuracy (matched positions with the right token) and the exact-sequence rate.
+text), token accuracy (matched positions with the right token), the exact-sequence rate, and
+the precision and recall of the set of tokens recovered (the bag of words) against the batch's.
 Positions an attack did not recover hold -1 and count as wrong."""
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ def score_text(recovered: torch.Tensor | None, truth: torch.Tensor, tokenizer) -
                      "exact": bool(same.all()) and rec.shape[0] == truth.shape[1],
                      "recovered_tokens": same.int().tolist()})
     mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else None  # noqa: E731
+    found = set() if recovered is None else {t for t in recovered.flatten().tolist() if t >= 0}
+    true_set = set(truth.flatten().tolist())
     summary = {"n_sequences": len(rows), "n_recovered": 0 if recovered is None else int(recovered.shape[0]),
                "rouge1": mean("rouge1"), "rouge2": mean("rouge2"), "rougeL": mean("rougeL"),
-               "token_accuracy": mean("token_accuracy"), "exact_rate": mean("exact")}
+               "token_accuracy": mean("token_accuracy"), "exact_rate": mean("exact"),
+               "token_set_precision": len(found & true_set) / len(found) if found else None,
+               "token_set_recall": len(found & true_set) / len(true_set)}
     return TextScores(summary, rows)
