@@ -236,3 +236,23 @@ def test_bag_of_words_is_the_exact_token_set_at_batch_64():
     for refused, why in ((tiny("gpt2", width=64), "tied"), (tiny("bert", width=64, lora_rank=4), "no gradient")):
         with pytest.raises(AttackNotApplicable, match=why):
             BagOfWords(refused.module).reconstruct(update_of(refused, data))
+
+
+def test_tag_and_lamp_run_through_the_engine_on_token_embeddings():
+    from gradleak.attacks import LAMP, TAG
+    from gradleak.attacks.matching import TAG_L1, gradient_distance
+
+    a, b = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 0.0])}
+    assert float(gradient_distance(a, b, ["w"], torch.ones(1), "l2+l1")) == pytest.approx(4.25 + TAG_L1 * 2.5)
+    built = tiny("bert", dtype="float32", width=64)
+    data = load_text(n=1, length=12)
+    update = update_of(built, data)
+    lamp = LAMP(built.module, iterations=300, lr=0.05, init="zeros", swaps=3, proposals=4).reconstruct(update)
+    assert lamp.tokens.shape == (1, 12) and lamp.labels.tolist() == data.labels.tolist()
+    assert lamp.tokens[0, 0] == data.ids[0, 0]        # the pooled first position is matched exactly
+    start, end = (float(v) for v in lamp.notes[-2].split("score ")[1].split(" (")[0].split(" -> "))
+    assert end <= start                               # the discrete phase only keeps improvements
+    tag = TAG(built.module, iterations=20).reconstruct(update)
+    assert tag.tokens.shape == (1, 12) and any("l2+l1" in n for n in tag.notes)
+    with pytest.raises(AttackNotApplicable, match="causal LM"):
+        TAG(tiny("gpt2").module, iterations=2).reconstruct(update_of(tiny("gpt2"), data))

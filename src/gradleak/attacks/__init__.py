@@ -10,6 +10,7 @@
 - :mod:`.malicious`: a malicious server that changes the model it sends (``imprint``, Robbing the Fed).
 - :mod:`.dager`: text, the exact span attack on transformers (``dager``, Petrov et al. 2024).
 - :mod:`.text_tokens`: text, the bag of words from the embedding gradient (``bag-of-words``).
+- :mod:`.text_matching`: text, gradient matching on token embeddings (``tag``, ``lamp``) through the engine.
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
@@ -22,6 +23,7 @@ from .qian import QianInversion, qian_batch_inversion, qian_cnn_condition
 from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
 from .dager import SpanAttack
 from .text_tokens import BagOfWords
+from .text_matching import LAMP, TAG
 from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
 
 __all__ = [
@@ -30,5 +32,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion", "GradInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
-    "SpanAttack", "BagOfWords", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
+    "SpanAttack", "BagOfWords", "TAG", "LAMP", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
 ]

@@ -5,6 +5,7 @@ priors. The optimisation engine (:mod:`.optimization`) composes them.
 Distances (``objective``):
 - ``l2``: ``sum_i w_i ||g_i - t_i||^2`` (DLG, Zhu et al. 2019);
 - ``l1``: ``sum_i w_i |g_i - t_i|_1``; ``max``: ``max_i w_i max|g_i - t_i|``;
+- ``l2+l1``: ``l2 + 0.01 l1`` (TAG, Deng et al. 2021, for transformers);
 - ``cosine``: one cosine distance over all selected layers together,
   ``1 - <g, t>_w / (||g||_w ||t||_w)`` (Inverting Gradients' "sim", Geiping et al. 2020);
 - ``layer-cosine``: the weighted mean of per-layer cosine distances.
@@ -30,7 +31,8 @@ from ..errors import ConfigError
 __all__ = ["OBJECTIVES", "LAYER_WEIGHTS", "select_layers", "layer_weights", "gradient_distance",
            "total_variation", "BatchNormStatistics", "batch_norm_targets", "consensus", "group_consistency"]
 
-OBJECTIVES = ("l2", "l1", "max", "cosine", "layer-cosine")
+OBJECTIVES = ("l2", "l1", "max", "cosine", "layer-cosine", "l2+l1")
+TAG_L1 = 0.01   # the weight of the L1 term of "l2+l1" (TAG, Deng et al. 2021)
 LAYER_WEIGHTS = ("equal", "linear", "exp")
 
 
@@ -85,6 +87,9 @@ def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str
         return sum(w * (candidate[n] - target[n]).pow(2).sum() for n, w in zip(names, weights))
     if objective == "l1":
         return sum(w * (candidate[n] - target[n]).abs().sum() for n, w in zip(names, weights))
+    if objective == "l2+l1":
+        return sum(w * ((candidate[n] - target[n]).pow(2).sum() + TAG_L1 * (candidate[n] - target[n]).abs().sum())
+                   for n, w in zip(names, weights))
     if objective == "max":
         return torch.stack([w * (candidate[n] - target[n]).abs().max() for n, w in zip(names, weights)]).max()
     if objective == "cosine":

@@ -148,6 +148,11 @@ class GradientMatching(Attack):
     def options(self):
         return {**super().options(), **self.config.to_json()}
 
+    def input_prior(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A prior on the candidate inputs added to the matching loss (None: none). Subclasses
+        override it (LAMP's embedding-norm prior, :mod:`.text_matching`); a pure function of ``x``."""
+        return None
+
     # ------------------------------------------------------------------ labels
     def _labels(self, update, params, buffers, batch, traces, spec) -> tuple[torch.Tensor | None, str]:
         mode = self.config.labels
@@ -213,7 +218,10 @@ class GradientMatching(Attack):
             if functional:  # inside torch.func transforms (vmap over restarts)
                 return grad(task_loss(self.model, buffers, loss_fn, x, y))(local)
             value = task_loss(self.model, buffers, loss_fn, x, y)(local)
-            return dict(zip(local, torch.autograd.grad(value, list(local.values()), create_graph=True)))
+            # materialize_grads: a parameter the candidate does not reach (a text model's token table, when the
+            # candidate is the embeddings themselves) has gradient zero, as under torch.func.grad
+            return dict(zip(local, torch.autograd.grad(value, list(local.values()), create_graph=True,
+                                                       allow_unused=True, materialize_grads=True)))
 
         def objective(x, y_soft, data=None, functional=True):
             """The matching loss of candidate ``x``; ``functional=False`` uses plain autograd (faster for one restart)."""
@@ -236,6 +244,9 @@ class GradientMatching(Attack):
                 value = value + cfg.tv * total_variation(x)
             if cfg.l2:
                 value = value + cfg.l2 * x.pow(2).mean()
+            prior = self.input_prior(x)
+            if prior is not None:
+                value = value + prior
             if bn is not None:
                 with bn:
                     forward(self.model, params, buffers, x)

@@ -58,19 +58,24 @@ class TransformerView:
         return [f"{self.block(k)}.attention.self.{p}" for p in ("query", "key", "value")]
 
     # --------------------------------------------------------------- calling
-    def _call(self, path: str, tensors: Mapping[str, torch.Tensor], *args):
+    def _call(self, path: str, tensors: Mapping[str, torch.Tensor], *args, **kwargs):
         module = self.model.get_submodule(path)
         start = path + "."
         own = {name[len(start):]: t for name, t in tensors.items() if name.startswith(start)}
-        return functional_call(module, own, args, strict=False)
+        return functional_call(module, own, args, kwargs or None, strict=False)
 
     def embed(self, tensors: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
         """h_0: (N, m, d) the embedding output (GPT-2: token + position; BERT: LayerNorm of
-        token + position + segment 0)."""
-        positions = torch.arange(ids.shape[-1], device=ids.device)
+        token + position + segment 0). ``ids`` may be token ids (N, m) or token embeddings
+        (N, m, d) standing for the table's rows (what TAG and LAMP optimise)."""
+        length = ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
         if self.decoder:
             base = self.prefix + "transformer"
-            return self._call(f"{base}.wte", tensors, ids) + self._call(f"{base}.wpe", tensors, positions)[None]
+            words = ids if ids.is_floating_point() else self._call(f"{base}.wte", tensors, ids)
+            return words + self._call(f"{base}.wpe", tensors, positions)[None]
+        if ids.is_floating_point():
+            return self._call(self.prefix + "bert.embeddings", tensors, inputs_embeds=ids)
         return self._call(self.prefix + "bert.embeddings", tensors, ids)
 
     def token_inputs(self, tensors: Mapping[str, torch.Tensor], position: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class TransformerView:
         h = self.embed(tensors, ids)
         mask = None
         if self.decoder:   # a block called alone gets no causal mask from its model: give it one
-            m = ids.shape[-1]
+            m = ids.shape[1]
             mask = torch.full((m, m), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
         for j in range(k):
             out = self._call(self.block(j), tensors, h, None, mask) if self.decoder else \

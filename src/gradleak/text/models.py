@@ -3,8 +3,8 @@
 ``HF_HUB_OFFLINE=1`` is set before ``transformers`` is imported, and a folder is read with
 ``local_files_only=True`` and ``use_safetensors=True`` (no pickles, no remote code).
 
-Every text model is wrapped so that ``model(ids)`` takes (B, n) int64 token ids and returns
-a tensor: :class:`CausalLM` the next-token logits (B, n, V), :class:`SequenceClassifier` the
+Every text model is wrapped so that ``model(ids)`` takes (B, n) int64 token ids (or (B, n, d)
+float token embeddings) and returns a tensor: :class:`CausalLM` the next-token logits (B, n, V), :class:`SequenceClassifier` the
 class logits (B, K). The wrapped Hugging Face module is ``model.net``; parameter names are
 ``net.<its names>``. The zoo names (``gradleak list``): ``gpt2`` (a GPT-2 decoder, causal-LM
 loss; the defaults are GPT-2 small, d = 768, 12 layers, 12 heads), ``gpt2-classifier`` (the
@@ -58,7 +58,13 @@ class CausalLM(nn.Module):
         self.net = net
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=ids, use_cache=False).logits
+        return self.net(**_inputs(ids), use_cache=False).logits
+
+
+def _inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token ids (B, n) as ``input_ids``; a float tensor (B, n, d) as ``inputs_embeds``: the
+    continuous token embeddings the gradient-matching attacks (TAG, LAMP) optimise."""
+    return {"inputs_embeds": x} if x.is_floating_point() else {"input_ids": x}
 
 
 class SequenceClassifier(nn.Module):
@@ -71,8 +77,8 @@ class SequenceClassifier(nn.Module):
         self.net = net
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.net(input_ids=ids, use_cache=False).logits if _takes_cache(self.net) else \
-            self.net(input_ids=ids).logits
+        return self.net(**_inputs(ids), use_cache=False).logits if _takes_cache(self.net) else \
+            self.net(**_inputs(ids)).logits
 
 
 def _takes_cache(net: nn.Module) -> bool:
