@@ -47,6 +47,30 @@ def _pursuit(rows: torch.Tensor, target: torch.Tensor, atoms: int, tolerance: fl
     return [support[k] for k in keep], exact
 
 
+def _assign(atoms: torch.Tensor, target: torch.Tensor, count: int) -> torch.Tensor:
+    """One token per sequence: ``sum_b atoms[b, choice_b] = target``. Least squares over all
+    B x |S| weights when that is at most d (exact); otherwise orthogonal matching pursuit, one
+    atom per sequence (B atoms among B |S|, incoherent in d dimensions)."""
+    b, s, d = atoms.shape
+    flat = atoms.reshape(b * s, d).T                                       # (d, B |S|)
+    if b * s <= d:
+        return torch.linalg.lstsq(flat, target[:, None]).solution.reshape(b, s).argmax(1)
+    choice = torch.full((b,), -1, dtype=torch.long)
+    chosen: list[int] = []
+    residual = target.clone()
+    norms = flat.norm(dim=0).clamp_min(1e-30)
+    for _ in range(b):
+        score = (flat.T @ residual).abs() / norms
+        done = choice >= 0
+        score.reshape(b, s)[done] = -1                                     # one atom per sequence
+        k = int(score.argmax())
+        choice[k // s] = k % s
+        chosen.append(k)
+        coef = torch.linalg.lstsq(flat[:, chosen], target[:, None]).solution
+        residual = target - flat[:, chosen] @ coef[:, 0]
+    return choice
+
+
 def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | None, tolerance: float):
     """``(tokens (B,) or None, notes)``: the last token of each of ``prefixes`` (B, n - 1)."""
     base = view.prefix + "transformer"
@@ -68,12 +92,10 @@ def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | No
     t_beta = known_beta - n_targets * g_beta
     t_gamma = known_gamma - n_targets * g_gamma
     support, exact = _pursuit(out_w, t_beta, count, tolerance)
-    if count * len(support) > out_w.shape[1]:
-        return None, [f"last tokens not recovered: {count} x {len(support)} unknowns > d = {out_w.shape[1]}"]
     last = xhat[:, -1]                                                     # (B, d)
-    design = (out_w[support][None, :, :] * last[:, None, :]).reshape(-1, out_w.shape[1]).T   # (d, B |S|)
-    weights = torch.linalg.lstsq(design, t_gamma[:, None]).solution.reshape(count, len(support))
-    tokens = torch.tensor(support, device=prefixes.device)[weights.argmax(1)]
+    atoms = out_w[support][None, :, :] * last[:, None, :]                 # (B, |S|, d): W[v] * xhat_b
+    choice = _assign(atoms, t_gamma, count)
+    tokens = torch.tensor(support, device=prefixes.device)[choice]
     check = (out_w[tokens] * last).sum(0)
     error = float((check - t_gamma).norm() / t_gamma.norm().clamp_min(1e-30))
     approximate = not exact or error > 10 * tolerance

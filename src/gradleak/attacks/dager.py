@@ -34,6 +34,8 @@ from .base import Attack, Reconstruction, register_attack
 
 __all__ = ["SpanAttack", "position_candidates"]
 
+MAX_EXTENSIONS = 2**18   # candidate prefixes tested at one position (memory: each is a d-vector per block)
+
 
 def _test_space(matrix: torch.Tensor, lora_a: torch.Tensor | None, vectors: torch.Tensor) -> torch.Tensor:
     return vectors if lora_a is None else vectors @ lora_a.T.to(vectors.dtype)
@@ -51,6 +53,11 @@ def position_candidates(view: TransformerView, tensors, basis: torch.Tensor, lor
     distances = [span_residuals(basis, _test_space(basis, lora_a, view.token_inputs(tensors, i, vocab)))
                  for i in range(positions)]
     exact = all(bool((d < tolerance).any()) for d in distances)
+    crowded = max(int((d < tolerance).sum()) for d in distances)
+    if exact and crowded > view.vocab // 2:
+        raise AttackNotApplicable(
+            f"{crowded} of {view.vocab} tokens lie in the span at one position (rank {basis.shape[1]} of "
+            f"{basis.shape[0]}): the test does not tell tokens apart", condition="the gradient's span far from full")
     candidates, worst = [], []
     for distance in distances:
         limit = tolerance if exact else ratio * float(distance.median())
@@ -97,22 +104,30 @@ class SpanAttack(Attack):
 
     # ------------------------------------------------------------------ the attack
     def _basis(self, view, gradient, tensors, k, inputs):
+        """The span of block ``k``'s inputs and the LoRA map (None: full weights), or a refusal.
+
+        ``inputs`` (B x n', when the batch size is known) caps the rank. What decides is the
+        gradient's measured rank: it counts the *distinct* inputs, so a batch whose sequences
+        repeat (token, position) pairs stays attackable past B x n' >= d as long as the span
+        does not fill the space. LoRA: the gradient of A has rank <= r, so with more inputs than
+        r a rank of r says nothing about which inputs it misses."""
         matrix, lora_a = view.projection_gradient(gradient, tensors, k)
-        space = matrix.shape[0]
-        if view.lora and lora_a is None and inputs is not None and inputs > matrix.shape[1]:
+        space, columns = matrix.shape
+        cap = inputs if inputs is not None and inputs < space else None
+        basis = span_basis(matrix, rank_cap=cap, rtol=self.rank_tol)
+        rank = basis.shape[1]
+        if view.lora and lora_a is None and rank >= columns and (inputs is None or inputs > columns):
             raise AttackNotApplicable(
-                f"{inputs} input positions (batch x tokens) > {matrix.shape[1]}, the rank the LoRA adapters' gradient "
-                f"can have at block {k}: it spans only part of the inputs' span",
-                condition=f"B x n <= {matrix.shape[1]} (LoRA rank r per adapted projection)")
-        if inputs is not None and inputs >= space:
+                f"{'?' if inputs is None else inputs} input positions (batch x tokens) > {columns}, the rank the LoRA "
+                f"adapters' gradient can have at block {k}, and it has that rank: it spans only part of the inputs",
+                condition=f"B x n <= {columns} (LoRA rank r per adapted projection)")
+        if rank >= space:
+            what = "input positions (batch x tokens)" if inputs is not None else "inputs"
             raise AttackNotApplicable(
-                f"{inputs} input positions (batch x tokens) >= {space}, the width of the space block {k}'s gradient "
-                "spans: every candidate lies in the span, nothing can be told apart",
-                condition=f"B x n < {space} ({'LoRA rank' if view.lora else 'model width d'})")
-        basis = span_basis(matrix, rank_cap=inputs, rtol=self.rank_tol)
-        if basis.shape[1] >= space:
-            raise AttackNotApplicable(f"block {k}'s gradient has full rank {space}: the inputs span the whole space",
-                                      condition=f"rank of the gradient < {space}")
+                f"{'?' if inputs is None else inputs} {what} >= {space}, the width of the space block {k}'s gradient "
+                f"spans, and the gradient has full rank {rank}: every candidate lies in the span, nothing can be "
+                "told apart", condition=f"B x n < {space} ({'LoRA rank' if view.lora else 'model width d'}), or "
+                "fewer distinct (token, position) inputs than that")
         return basis, lora_a
 
     def _reconstruct(self, update):
@@ -131,6 +146,9 @@ class SpanAttack(Attack):
         basis, lora_a = self._basis(view, gradient, tensors, 0, inputs)
         notes = [f"span of block 0: rank {basis.shape[1]} of {basis.shape[0]}; {reached} positions tested "
                  f"against {view.vocab} tokens each"]
+        if inputs is not None and inputs >= basis.shape[0]:
+            notes.append(f"{batch} x {reached} = {inputs} input positions >= {basis.shape[0]}, but the gradient's rank "
+                         f"is {basis.shape[1]}: repeated (token, position) pairs; the span test still holds")
         with torch.no_grad():
             candidates, worst, exact = position_candidates(view, tensors, basis, lora_a, reached, tolerance,
                                                            self.ratio, self.max_candidates)
@@ -186,6 +204,10 @@ class SpanAttack(Attack):
             cand = candidates[i]
             keys, values = decoder_prefix_cache(view, tensors, prefixes)
             p, c = prefixes.shape[0], cand.shape[0]
+            if p * c > MAX_EXTENSIONS:
+                raise AttackNotApplicable(f"position {i}: {p} prefixes x {c} candidate tokens = {p * c} extensions to "
+                                          f"test, over {MAX_EXTENSIONS}: the spans do not narrow the search enough",
+                                          condition="a discriminative span at blocks 0 and 1")
             grown = torch.cat([prefixes.repeat_interleave(c, 0), cand.repeat(p)[:, None]], dim=1)
             h0 = self._embed_at(view, tensors, grown[:, -1], i)
             x0 = view._call(f"{view.block(0)}.ln_1", tensors, h0)
