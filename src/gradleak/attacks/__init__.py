@@ -11,6 +11,7 @@
 - :mod:`.dager`: text, the exact span attack on transformers (``dager``, Petrov et al. 2024).
 - :mod:`.text_tokens`: text, the bag of words from the embedding gradient (``bag-of-words``).
 - :mod:`.text_matching`: text, gradient matching on token embeddings (``tag``, ``lamp``) through the engine.
+- :mod:`.april`: APRIL's closed form for Vision Transformers (``april``).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
@@ -24,6 +25,7 @@ from .rgap import RGAP, rank_analysis, rgap_last_layer, rgap_layer
 from .dager import SpanAttack
 from .text_tokens import BagOfWords
 from .text_matching import LAMP, TAG
+from .april import AprilInversion
 from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
 
 __all__ = [
@@ -32,5 +34,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion", "GradInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
-    "SpanAttack", "BagOfWords", "TAG", "LAMP", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
+    "SpanAttack", "BagOfWords", "TAG", "LAMP", "AprilInversion", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
 ]

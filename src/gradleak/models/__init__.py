@@ -140,6 +140,10 @@ MODELS["gpt2"] = _text_entry("gpt2", "causal_lm", "GPT-2 decoder language model 
                              "GPT-2 small sizes by default; tied embeddings, option tie); " + _TEXT_OPTIONS)
 MODELS["gpt2-classifier"] = _text_entry("gpt2_classifier", "cross_entropy", "GPT-2 decoder with a classification "
                                         "head on the last token; " + _TEXT_OPTIONS)
+MODELS["vit"] = ModelEntry(lambda shape, num_classes, **options: __import__(
+    "gradleak.text.models", fromlist=["vit"]).vit(shape, num_classes, **options), "cross_entropy",
+    "Vision Transformer (transformers' ViT, random init, learned position embeddings); options patch=4, width=128, "
+    "layers=2, heads=4, dropout=0")
 MODELS["bert"] = _text_entry("bert", "cross_entropy", "BERT encoder with a classification head (BERT-base sizes "
                              "by default); " + _TEXT_OPTIONS)
 

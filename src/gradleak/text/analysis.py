@@ -6,7 +6,10 @@ n for a classifier). Its column space is the span of those inputs as long as the
 of them than the width of the space (the model width d; for LoRA adapters of rank r the
 gradient of A has rank <= r, so at most r positions). Then each true token is in the span
 and any other is not: the attack is exact. At B x n' >= d (or > r) the span is the whole
-space (or misses inputs) and token membership cannot be told: the attack fails.
+space (or misses inputs) and token membership cannot be told: the attack fails. Inputs that
+repeat (the same token at the same position in several sequences) count once: B x n' < d is the
+guarantee from the architecture alone; the gradient's measured rank (the number of distinct
+inputs) decides on a given update, and can stay below d past it.
 """
 
 from __future__ import annotations
@@ -38,5 +41,6 @@ def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict
            + ("each true token lies in the span of block 0's gradient and no other does; the span attack "
               "recovers every sequence exactly" if exact else
               "the gradient's span fills the space the inputs live in (or misses some of them); the span attack "
-              "cannot tell tokens apart and refuses"))
+              "cannot tell tokens apart and refuses, unless repeated (token, position) pairs keep the number of "
+              "distinct inputs below it (the gradient's rank shows it)"))
     return {"exact": exact, "positions": positions, "capacity": capacity, "why": why}

@@ -24,7 +24,8 @@ from torch import nn
 from ..errors import ConfigError, one_line
 from ..limits import check_int, short_repr
 
-__all__ = ["offline_transformers", "CausalLM", "SequenceClassifier", "gpt2", "gpt2_classifier", "bert", "hf_model",
+__all__ = ["offline_transformers", "CausalLM", "SequenceClassifier", "ImageViT", "gpt2", "gpt2_classifier", "bert", "vit",
+           "hf_model",
            "builtin_vocab_size", "text_task", "PAD_ID"]
 
 PAD_ID = 1        # "<pad>" in the built-in tokenizer (never in the built-in sequences)
@@ -151,6 +152,33 @@ def bert(shape=(16,), num_classes=2, *, width=768, layers=12, heads=12, position
                                      pad_token_id=PAD_ID, attn_implementation="eager")
     return _lora(SequenceClassifier(transformers.BertForSequenceClassification(config)), lora_rank, lora_alpha,
                  lora_init)
+
+
+class ImageViT(nn.Module):
+    """A Vision Transformer (transformers' ViT) on [0, 1] images: ``forward(x)`` -> logits (B, K)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
+
+
+def vit(shape=(3, 32, 32), num_classes=10, *, patch=4, width=128, layers=2, heads=4, dropout=0.0) -> nn.Module:
+    """A ViT classifier for (C, H, W) inputs cut into ``patch`` x ``patch`` patches, with learned
+    position embeddings (random init). APRIL's closed form (:mod:`gradleak.attacks.april`)."""
+    transformers = offline_transformers()
+    channels, height, side = (int(v) for v in shape)
+    patch = check_int("patch", patch, 1, 256)
+    if height != side or side % patch:
+        raise ConfigError(f"vit: the image side {side} must be square and a multiple of patch {patch}")
+    width, layers, heads, _, _ = _sizes(width, layers, heads, 2, 2)
+    config = transformers.ViTConfig(image_size=side, patch_size=patch, num_channels=channels, hidden_size=width,
+                                    num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * width,
+                                    num_labels=int(num_classes), hidden_dropout_prob=float(dropout),
+                                    attention_probs_dropout_prob=float(dropout), attn_implementation="eager")
+    return ImageViT(transformers.ViTForImageClassification(config))
 
 
 def hf_model(path: str | os.PathLike, num_classes: int | None = None) -> tuple[nn.Module, str]:
