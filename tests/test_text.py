@@ -255,3 +255,18 @@ def test_tag_and_lamp_run_through_the_engine_on_token_embeddings():
     assert tag.tokens.shape == (1, 12) and any("l2+l1" in n for n in tag.notes)
     with pytest.raises(AttackNotApplicable, match="causal LM"):
         TAG(tiny("gpt2").module, iterations=2).reconstruct(update_of(tiny("gpt2"), data))
+
+
+def test_freezing_the_embedding_stops_the_bag_of_words_only(tmp_path):
+    from gradleak.text.pipeline import attack_text
+
+    model = ModelSpec("bert", {**TINY, "width": 64}, dtype="float64")
+    runs = {d: attack_text("bag-of-words", tmp_path / d, n=2, length=12, model=model,
+                           client=ClientSetup(batch_size=2), defenses=None if d == "none" else [d], quiet=True)
+            for d in ("none", "freeze")}
+    assert runs["none"].scores.summary["token_set_recall"] == 1.0
+    assert runs["freeze"].scores.summary["token_set_recall"] == 0.0
+    gpt = ModelSpec("gpt2", {**TINY, "width": 128}, dtype="float64")
+    frozen = attack_text("dager", tmp_path / "dager", n=2, length=12, model=gpt,
+                         client=ClientSetup(batch_size=2), defenses=["freeze"], quiet=True)
+    assert frozen.scores.summary["exact_rate"] == 1.0        # the attention layers still train

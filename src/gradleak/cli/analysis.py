@@ -27,7 +27,7 @@ def _shape(text: str) -> tuple[int, ...]:
 @friendly
 def analyze(
     model: str = typer.Option(..., "--model", help="Zoo name (see `gradleak list`) or package.module:factory."),
-    input_shape: str = typer.Option("3x32x32", help="One input, CxHxW."),
+    input_shape: str = typer.Option("3x32x32", help="One input, CxHxW (a text model: the sequence length, e.g. 32)."),
     batch_size: int = typer.Option(1, min=1, help="Images per client update."),
     num_classes: int = typer.Option(10, min=1),
     model_option: Optional[list[str]] = ModelOptionOpt,
@@ -44,6 +44,9 @@ def analyze(
 
     shape = _shape(input_shape)
     spec = model_spec(model, model_option, weights, device, mode, dtype, 0, num_classes)
+    if spec.modality == "text":   # --input-shape is the sequence length (gradleak.text.analysis)
+        _analyze_text(spec, shape, batch_size, num_classes, as_json)
+        return
     built = spec.build(shape, num_classes)
     report = run_analysis(built.module, shape, batch_size, loss=built.loss, labels_known=labels_known,
                           numeric=numeric)
@@ -56,6 +59,25 @@ def analyze(
         console.print(table)
     for reason in report.reasons:
         console.print(f"- {reason}", highlight=False)
+
+
+def _analyze_text(spec, shape: tuple[int, ...], batch_size: int, num_classes: int, as_json: bool) -> None:
+    from ..errors import ConfigError
+    from ..text.analysis import text_report
+
+    if len(shape) != 1:
+        raise ConfigError(f"--input-shape: a text model takes the sequence length (e.g. 32), got {shape}")
+    built = spec.build(shape, num_classes)
+    rows = text_report(built.module, batch_size, shape[0], built.loss)
+    if as_json:
+        print(json.dumps({"model": spec.name, "batch_size": batch_size, "length": shape[0], "attacks": rows}, indent=2))
+        return
+    table = Table(title=f"{spec.label}: {batch_size} sequence(s) of {shape[0]} tokens")
+    for column in ("attack", "applies", "exact", "why"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["attack"], "yes" if row["applies"] else "no", "yes" if row["exact"] else "no", row["why"])
+    Console().print(table)
 
 
 @app.command("list")

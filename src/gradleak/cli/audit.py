@@ -52,6 +52,16 @@ def audit(
         raise ConfigError("--workers: only with --ray or --ray-address")
     if ray or ray_address:
         jobs = "1"  # Ray schedules the cells itself (--workers)
+    from ..text.audit import is_text_config
+
+    if is_text_config(config):   # modality: text (gradleak.text.audit, docs/text.md)
+        from ..text.audit import run_text_audit
+
+        folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)
+        run_text_audit(config, folder, quiet=quiet, resume=not fresh)
+        if not quiet:
+            Console().print(f"wrote {folder / 'report.html'}", highlight=False)
+        return
     cfg = load_audit_config(config, tuple(allow_import or ()))
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)

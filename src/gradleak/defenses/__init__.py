@@ -28,6 +28,7 @@ from .dp import DPSGD, PerExampleClipping, calibrate_noise, epsilon_spent  # noq
 from .inspection import ClientRefused, ModelInspection, inspect_model  # noqa: F401
 from .perturbation import GaussianNoise, LaplacianNoise, UpdateClipping  # noqa: F401
 from .protocol import LocalTraining, SecureAggregation  # noqa: F401
+from .freeze import Freeze  # noqa: F401
 from .soteria import Soteria, soteria_scores  # noqa: F401
 from .stack import DefendedUpdate, aggregate_updates, defend_client, defended_updates  # noqa: F401
 

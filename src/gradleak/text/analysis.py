@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["span_condition"]
+__all__ = ["span_condition", "text_report"]
 
 
 def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict[str, Any]:
@@ -44,3 +44,31 @@ def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict
               "cannot tell tokens apart and refuses, unless repeated (token, position) pairs keep the number of "
               "distinct inputs below it (the gradient's rank shows it)"))
     return {"exact": exact, "positions": positions, "capacity": capacity, "why": why}
+
+
+def text_report(model: nn.Module, batch: int, length: int, loss: str) -> list[dict[str, Any]]:
+    """Which text attacks apply to ``model`` at this batch and length, and whether each is exact,
+    in words (``gradleak analyze --model gpt2 --input-shape 32 --batch-size 16``)."""
+    from .arch import TransformerView
+    from .lora import is_lora
+
+    view = TransformerView(model)
+    rows = []
+    span = span_condition(model, batch, length, loss)
+    rows.append({"attack": "dager", "applies": True, "exact": span["exact"], "why": span["why"]})
+    tied = view.decoder and view.task == "causal-lm" and bool(view.hf.config.tie_word_embeddings)
+    if is_lora(model):
+        bag = (False, "the token embedding is frozen under LoRA: no embedding gradient is shared")
+    elif tied:
+        bag = (False, "the token embedding is tied to the language-model head, whose gradient fills every row")
+    else:
+        last = " (a causal LM's last tokens reach no gradient: they are missed)" if loss == "causal_lm" else ""
+        bag = (True, "the non-zero rows of the token-embedding gradient are exactly the batch's token set, at any "
+                     f"batch size{last}")
+    rows.append({"attack": "bag-of-words", "applies": bag[0], "exact": bag[0] and loss != "causal_lm", "why": bag[1]})
+    for name in ("tag", "lamp"):
+        ok = loss != "causal_lm"
+        rows.append({"attack": name, "applies": ok, "exact": False,
+                     "why": "optimisation on token embeddings: approximate, no guarantee" if ok else
+                     "matches a classifier's gradient; a causal LM's targets are its text"})
+    return rows

@@ -33,9 +33,21 @@ def text_updates(built, ids: torch.Tensor, labels: torch.Tensor, setup: ClientSe
     """Each client's update as the server sees it (``defenses`` applied), with the text metadata."""
     from ..defenses import defended_updates
 
+    from ..defenses import make_defenses
+
     targets = ids if built.loss == "causal_lm" else labels
-    served = defended_updates(built.module, ids, targets, setup, defenses, loss=built.loss,
-                              model_info=built.description())
+    stack = make_defenses(defenses)
+    try:
+        served = defended_updates(built.module, ids, targets, setup, stack, loss=built.loss,
+                                  model_info=built.description())
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        private = [d.name for d in stack if d.private_training() is not None]
+        if not private:
+            raise
+        from ..errors import one_line
+
+        raise ConfigError(f"{private[0]}: Opacus cannot compute per-example gradients of {type(built.module.net).__name__} "
+                          f"({type(error).__name__}: {one_line(error, 160)})") from None
     meta = text_metadata(ids.shape[1], tokenizer, built.module.task)
     for d in served:
         d.update = replace(d.update, extra={**dict(d.update.extra), "text": meta})
