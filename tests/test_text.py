@@ -270,3 +270,43 @@ def test_freezing_the_embedding_stops_the_bag_of_words_only(tmp_path):
     frozen = attack_text("dager", tmp_path / "dager", n=2, length=12, model=gpt,
                          client=ClientSetup(batch_size=2), defenses=["freeze"], quiet=True)
     assert frozen.scores.summary["exact_rate"] == 1.0        # the attention layers still train
+
+
+def test_text_audit_grid_refusals_and_resume(tmp_path):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from gradleak.cli import app
+
+    config = tmp_path / "text.yaml"
+    config.write_text(
+        "modality: text\nname: tiny\ndata: {name: corpus, n: 12, length: 12}\n"
+        "models:\n  - {name: gpt2, options: {width: 64, layers: 2, heads: 2, positions: 64}}\n"
+        "  - {name: bert, options: {width: 64, layers: 2, heads: 2, positions: 64}}\n"
+        "attacks: [dager, {name: bag-of-words, models: [bert]}]\ndefenses: [none, freeze]\nbatch_sizes: [1, 12]\n"
+        "dtype: float64\n", encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(app, ["audit", str(config), "--out", str(tmp_path / "audit"), "--quiet"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "audit" / "cells.csv").open()))
+    assert len(rows) == 2 * 2 + 2 * 2 * 2                    # gpt2: dager; bert: dager + bag-of-words
+    cell = {(r["model"], r["attack"], r["defense"], r["batch"]): r for r in rows}
+    assert float(cell["gpt2", "dager", "none", "1"]["exact_rate"]) == 1.0
+    assert cell["gpt2", "dager", "none", "1"]["predicted_exact"] == "True"
+    assert cell["gpt2", "dager", "none", "12"]["status"] == "refused"          # 12 x 11 = 132 >= d = 64
+    assert cell["gpt2", "dager", "none", "12"]["predicted_exact"] == "False"  # the analyser foresaw it
+    assert float(cell["bert", "bag-of-words", "none", "12"]["token_set_recall"]) == 1.0
+    assert float(cell["bert", "bag-of-words", "freeze", "12"]["token_set_recall"]) == 0.0
+    stored = next((tmp_path / "audit" / "cells").glob("gpt2-dager-b1-*/cell.json"))
+    before = stored.stat().st_mtime_ns
+    assert runner.invoke(app, ["audit", str(config), "--out", str(tmp_path / "audit"), "--quiet"]).exit_code == 0
+    assert stored.stat().st_mtime_ns == before                                  # stored cells are not rerun
+    analysis = runner.invoke(app, ["analyze", "--model", "gpt2", "-m", "width=64", "-m", "heads=2", "--input-shape", "12",
+                                   "--batch-size", "12", "--json"], catch_exceptions=False)
+    import json
+
+    rows = {r["attack"]: r for r in json.loads(analysis.output)["attacks"]}
+    assert rows["dager"]["exact"] is False and "132 input positions >= the model width d = 64" in rows["dager"]["why"]
+    assert rows["bag-of-words"]["applies"] is False
