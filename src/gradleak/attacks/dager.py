@@ -209,11 +209,16 @@ class SpanAttack(Attack):
                                           f"test, over {MAX_EXTENSIONS}: the spans do not narrow the search enough",
                                           condition="a discriminative span at blocks 0 and 1")
             grown = torch.cat([prefixes.repeat_interleave(c, 0), cand.repeat(p)[:, None]], dim=1)
-            h0 = self._embed_at(view, tensors, grown[:, -1], i)
-            x0 = view._call(f"{view.block(0)}.ln_1", tensors, h0)
-            x1, _, _ = decoder_extend(view, tensors, h0, x0, keys.repeat_interleave(c, 0),
-                                      values.repeat_interleave(c, 0))
-            distance = span_residuals(basis, _test_space(basis, lora_a, x1))
+            owner = torch.arange(p, device=device).repeat_interleave(c)
+            chunk = max(1, 2**25 // (keys[0].numel() + 1))           # ~128 MiB of keys and values per chunk
+            parts = []
+            for start in range(0, grown.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                h0 = self._embed_at(view, tensors, grown[rows, -1], i)
+                x0 = view._call(f"{view.block(0)}.ln_1", tensors, h0)
+                x1, _, _ = decoder_extend(view, tensors, h0, x0, keys[owner[rows]], values[owner[rows]])
+                parts.append(span_residuals(basis, _test_space(basis, lora_a, x1)))
+            distance = torch.cat(parts)
             passed = distance < limit
             best = distance.reshape(p, c).argmin(1) + torch.arange(p, device=device) * c
             stuck = ~passed.reshape(p, c).any(1)                 # prefixes with no extension passing
