@@ -107,9 +107,9 @@ class SpanAttack(Attack):
         """The span of block ``k``'s inputs and the LoRA map (None: full weights), or a refusal.
 
         ``inputs`` (B x n', when the batch size is known) caps the rank. What decides is the
-        gradient's measured rank: it counts the *distinct* inputs, so a batch whose sequences
-        repeat (token, position) pairs stays attackable past B x n' >= d as long as the span
-        does not fill the space. LoRA: the gradient of A has rank <= r, so with more inputs than
+        gradient's measured rank: it counts the *distinct* inputs (block 0: (token, position)
+        pairs; block 1 of a decoder: distinct prefixes), so a batch whose sequences repeat them
+        stays attackable past B x n' >= d as long as the span does not fill the space. LoRA: the gradient of A has rank <= r, so with more inputs than
         r a rank of r says nothing about which inputs it misses."""
         matrix, lora_a = view.projection_gradient(gradient, tensors, k)
         space, columns = matrix.shape
@@ -121,13 +121,13 @@ class SpanAttack(Attack):
                 f"{'?' if inputs is None else inputs} input positions (batch x tokens) > {columns}, the rank the LoRA "
                 f"adapters' gradient can have at block {k}, and it has that rank: it spans only part of the inputs",
                 condition=f"B x n <= {columns} (LoRA rank r per adapted projection)")
-        if rank >= space:
+        if rank >= space - max(2, space // 100):   # full, up to the few smallest singular values float32 loses
             what = "input positions (batch x tokens)" if inputs is not None else "inputs"
             raise AttackNotApplicable(
                 f"{'?' if inputs is None else inputs} {what} >= {space}, the width of the space block {k}'s gradient "
-                f"spans, and the gradient has full rank {rank}: every candidate lies in the span, nothing can be "
-                "told apart", condition=f"B x n < {space} ({'LoRA rank' if view.lora else 'model width d'}), or "
-                "fewer distinct (token, position) inputs than that")
+                f"spans, and the gradient has (numerically) full rank {rank}: every candidate lies in the span, "
+                "nothing can be told apart", condition=f"B x n < {space} ({'LoRA rank' if view.lora else 'model width d'}), "
+                "or fewer distinct inputs than that (block 0: (token, position) pairs; block 1: prefixes)")
         return basis, lora_a
 
     def _reconstruct(self, update):

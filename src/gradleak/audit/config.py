@@ -369,5 +369,9 @@ def load_audit_config(path: str | Path, allow_imports: tuple[str, ...] = ()) -> 
         raise ConfigError(f"audit config {str(path)!r}: expected a mapping of keys at the top, "
                           f"got a {type(raw).__name__}")
     check_tree(raw)
+    if raw.get("modality") == "text":   # a text audit (gradleak.text.audit, docs/text.md)
+        from ..text.audit import text_audit_from_mapping
+
+        return text_audit_from_mapping(raw, path)
     check_imports(raw, tuple(allow_imports), f"audit config {str(path)!r}")
     return AuditConfig.from_mapping(resolve_weights(raw, path.parent))

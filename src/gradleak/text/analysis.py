@@ -7,9 +7,10 @@ of them than the width of the space (the model width d; for LoRA adapters of ran
 gradient of A has rank <= r, so at most r positions). Then each true token is in the span
 and any other is not: the attack is exact. At B x n' >= d (or > r) the span is the whole
 space (or misses inputs) and token membership cannot be told: the attack fails. Inputs that
-repeat (the same token at the same position in several sequences) count once: B x n' < d is the
-guarantee from the architecture alone; the gradient's measured rank (the number of distinct
-inputs) decides on a given update, and can stay below d past it.
+repeat count once (block 0: the same token at the same position; block 1 of a decoder, which
+assembles sequences: the same prefix): B x n' < d is the guarantee from the architecture alone;
+the gradients' measured ranks (the numbers of distinct inputs) decide on a given update, and can
+stay below d past it when sequences share their beginnings.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict
            + ("each true token lies in the span of block 0's gradient and no other does; the span attack "
               "recovers every sequence exactly" if exact else
               "the gradient's span fills the space the inputs live in (or misses some of them); the span attack "
-              "cannot tell tokens apart and refuses, unless repeated (token, position) pairs keep the number of "
-              "distinct inputs below it (the gradient's rank shows it)"))
+              "cannot tell tokens apart and refuses, unless sequences sharing their beginnings keep the number of "
+              "distinct prefixes below it (the gradients' ranks show it)"))
     return {"exact": exact, "positions": positions, "capacity": capacity, "why": why}
 
 

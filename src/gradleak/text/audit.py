@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .._io import atomic_write_json, atomic_write_text
-from ..errors import AttackNotApplicable, ConfigError
+from ..errors import AttackNotApplicable, ConfigError, GradleakError
 from ..limits import check_int, short_repr
 
-__all__ = ["TextAuditConfig", "is_text_config", "load_text_audit", "run_text_audit"]
+__all__ = ["TextAuditConfig", "is_text_config", "load_text_audit", "text_audit_from_mapping", "run_text_audit"]
 
 _KEYS = {"modality", "name", "data", "models", "attacks", "defenses", "batch_sizes", "dtype", "seed", "client"}
-MAX_CONFIG_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -53,23 +52,26 @@ class TextAuditConfig:
 
 
 def _read(path: str | Path) -> Any:
-    import yaml
+    """The config's mapping, read and parsed as the image audit's (bounded, safe YAML, one-line
+    errors with line and column)."""
+    from ..audit._checks import check_tree
+    from ..audit._parse import parse_config, read_config
 
-    from ..data._files import read_bounded
-
-    text = read_bounded(path, "audit config", MAX_CONFIG_BYTES).decode("utf-8", errors="replace")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"audit config {str(path)!r}: not valid YAML ({str(error).splitlines()[0]})") from None
+    raw = parse_config(Path(path), read_config(Path(path)))
+    if isinstance(raw, Mapping):
+        check_tree(raw)
+    return raw
 
 
 def is_text_config(path: str | Path) -> bool:
     """Whether the config at ``path`` is a text audit (``modality: text``)."""
-    if Path(path).suffix.lower() not in (".yaml", ".yml"):
+    if Path(path).suffix.lower() not in (".yaml", ".yml", ".toml"):
         return False
-    value = _read(path)
-    return isinstance(value, dict) and value.get("modality") == "text"
+    try:
+        value = _read(path)
+    except GradleakError:   # unreadable or malformed: the image audit's loader says exactly why
+        return False
+    return isinstance(value, Mapping) and value.get("modality") == "text"
 
 
 def _entries(value: Any, key: str) -> list[dict[str, Any]]:
@@ -89,13 +91,17 @@ def _entries(value: Any, key: str) -> list[dict[str, Any]]:
 
 
 def load_text_audit(path: str | Path) -> TextAuditConfig:
-    """The validated config (errors name the key)."""
+    """The validated config at ``path`` (errors name the key)."""
+    return text_audit_from_mapping(_read(path), path)
+
+
+def text_audit_from_mapping(raw: Any, path: str | Path) -> TextAuditConfig:
+    """The validated config from its parsed mapping (errors name the key)."""
     from ..attacks import get_attack
     from ..defenses import make_defenses
     from ..models import ModelSpec
 
-    raw = _read(path)
-    if not isinstance(raw, dict):
+    if not isinstance(raw, Mapping):
         raise ConfigError(f"audit config {str(path)!r}: a mapping of keys, got {type(raw).__name__}")
     unknown = set(raw) - _KEYS
     if unknown:
