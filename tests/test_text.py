@@ -310,3 +310,13 @@ def test_text_audit_grid_refusals_and_resume(tmp_path):
     rows = {r["attack"]: r for r in json.loads(analysis.output)["attacks"]}
     assert rows["dager"]["exact"] is False and "132 input positions >= the model width d = 64" in rows["dager"]["why"]
     assert rows["bag-of-words"]["applies"] is False
+
+
+@pytest.mark.slow
+def test_dager_on_gpt2_small_sizes_is_exact():
+    from gradleak.attacks import SpanAttack
+
+    built = ModelSpec("gpt2", {"positions": 64}).build((16,))        # d = 768, 12 layers, float32
+    data = load_text(n=4, length=16, start=20)
+    result = SpanAttack(built.module).reconstruct(update_of(built, data))
+    assert score_text(result.tokens, data.ids, load_tokenizer()).summary["exact_rate"] == 1.0
