@@ -270,6 +270,10 @@ def test_freezing_the_embedding_stops_the_bag_of_words_only(tmp_path):
     frozen = attack_text("dager", tmp_path / "dager", n=2, length=12, model=gpt,
                          client=ClientSetup(batch_size=2), defenses=["freeze"], quiet=True)
     assert frozen.scores.summary["exact_rate"] == 1.0        # the attention layers still train
+    clipped = attack_text("dager", tmp_path / "clipped", n=2, length=12, model=gpt, client=ClientSetup(batch_size=2),
+                          defenses=["clipping:max_norm=0.01"], quiet=True)
+    assert clipped.scores.summary["exact_rate"] == 1.0       # a span has no scale; the last tokens fit it
+    assert any("x the gradient of the mean loss" in n for n in clipped.reconstruction.notes)
 
 
 def test_text_audit_grid_refusals_and_resume(tmp_path):

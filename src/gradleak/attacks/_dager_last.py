@@ -10,7 +10,7 @@ N = B (n - 1) targets:
 
 Once tokens 1..n-1 are known (the span attack), every p and xhat and every target but the last
 ones are known, so ``sum_b W[t_b] = t`` and ``sum_b W[t_b] * xhat_{b,n-1} = t'`` with known
-t, t'. The first gives the multiset of last tokens (orthogonal matching pursuit over the rows
+t, t' (up to the update's scale, fitted with the multiset: clipping scales an update). The first gives the multiset of last tokens (orthogonal matching pursuit over the rows
 of W, counts by least squares, exact when the residual vanishes); the second assigns them to
 the sequences (least squares over B x |multiset| unknowns, exact when that is at most d). On a
 noisy update both are best estimates, said so in the notes.
@@ -23,28 +23,29 @@ import torch
 __all__ = ["last_tokens"]
 
 
-def _pursuit(rows: torch.Tensor, target: torch.Tensor, atoms: int, tolerance: float):
-    """The rows (with a positive integer count) whose sum is ``target``, and whether the sum is
+def _pursuit(rows: torch.Tensor, target: torch.Tensor, free: torch.Tensor, atoms: int, tolerance: float):
+    """``target = alpha * free + sum of rows with positive integer counts``: the rows, ``alpha``
+    (free, not rounded: the update's unknown scale, e.g. after clipping) and whether the fit is
     exact (orthogonal matching pursuit, least-squares counts rounded)."""
     support: list[int] = []
-    residual = target.clone()
+    residual = target - free * (free @ target) / (free @ free).clamp_min(1e-30)
     norms = rows.norm(dim=1).clamp_min(1e-30)
-    coef = torch.zeros(0, dtype=rows.dtype)
+    coef = torch.zeros(1, dtype=rows.dtype)
     for _ in range(atoms):
         score = (rows @ residual).abs() / norms
         if support:
             score[torch.tensor(support)] = -1
         support.append(int(score.argmax()))
-        basis = rows[support].T
+        basis = torch.cat([free[:, None], rows[support].T], dim=1)
         coef = torch.linalg.lstsq(basis, target[:, None]).solution[:, 0]
         residual = target - basis @ coef
         if residual.norm() <= tolerance * target.norm():
             break
-    counts = coef.round().clamp_min(0)
+    alpha, counts = coef[0], coef[1:].round().clamp_min(0)
     exact = bool((counts >= 1).all()) and \
-        bool((target - rows[support].T @ counts).norm() <= 10 * tolerance * target.norm())
-    keep = [k for k, c in enumerate(counts.tolist()) if c >= 1] or [int(coef.argmax())]
-    return [support[k] for k in keep], exact
+        bool((target - alpha * free - rows[support].T @ counts).norm() <= 10 * tolerance * target.norm())
+    keep = [k for k, c in enumerate(counts.tolist()) if c >= 1] or [int(coef[1:].argmax())]
+    return [support[k] for k in keep], float(alpha), exact
 
 
 def _assign(atoms: torch.Tensor, target: torch.Tensor, count: int) -> torch.Tensor:
@@ -89,9 +90,10 @@ def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | No
     n_targets = count * prefixes.shape[1]
     known_beta = (p.sum((0, 1)) @ out_w) - out_w[targets].sum((0, 1))
     known_gamma = ((p @ out_w) * xhat).sum((0, 1)) - (out_w[targets] * xhat[:, :-1]).sum((0, 1))
-    t_beta = known_beta - n_targets * g_beta
-    t_gamma = known_gamma - n_targets * g_gamma
-    support, exact = _pursuit(out_w, t_beta, count, tolerance)
+    # known - n_targets * (true gradient) = the last tokens' sum; the update may be the true gradient
+    # times an unknown scale (clipping, a delta's learning rate): its factor alpha is fitted, not assumed
+    support, alpha, exact = _pursuit(out_w, known_beta, g_beta, count, tolerance)
+    t_gamma = known_gamma - alpha * g_gamma
     last = xhat[:, -1]                                                     # (B, d)
     atoms = out_w[support][None, :, :] * last[:, None, :]                 # (B, |S|, d): W[v] * xhat_b
     choice = _assign(atoms, t_gamma, count)
@@ -99,5 +101,7 @@ def last_tokens(view, tensors, gradient, prefixes: torch.Tensor, batch: int | No
     check = (out_w[tokens] * last).sum(0)
     error = float((check - t_gamma).norm() / t_gamma.norm().clamp_min(1e-30))
     approximate = not exact or error > 10 * tolerance
+    scale = n_targets / alpha if alpha else float("inf")
     return tokens, [("APPROXIMATE: " if approximate else "") + f"last tokens from the final LayerNorm's gradient: "
-                    f"{len(support)} distinct, assignment residual {error:.1e}"]
+                    f"{len(support)} distinct, assignment residual {error:.1e}; the update is {scale:.4g} x the "
+                    "gradient of the mean loss"]

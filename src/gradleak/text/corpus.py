@@ -1,6 +1,6 @@
 """Real English text, offline: the built-in corpus, local text files, and the tokenizer.
 
-The built-in corpus (``assets/corpus.txt``) holds 3,000-odd sentences of prose from the
+The built-in corpus (``assets/corpus.txt``) holds 1,367 sentences of prose from the
 Python Language Reference as every CPython ships it (``pydoc_data.topics``; Python Software
 Foundation License), extracted by ``scripts/build_text_assets.py``: prose paragraphs only,
 sentences of 6-60 words. Its 79 topics are its documents; a seeded fifth of the topics is
@@ -126,11 +126,9 @@ def _builtin_sequences(split: str, length: int, tokenizer) -> tuple[list[list[in
         while k < len(rows) and rows[k][0] == topic and len(ids) < length:
             ids.extend(tokenizer.encode((" " if ids else "") + rows[k][1]).ids)
             k += 1
-        if len(ids) >= length:
+        if len(ids) >= length:      # a topic's tail shorter than ``length`` is dropped
             sequences.append(ids[:length])
             labels.append(int(topic in _STATEMENTS))
-        while len(ids) < length and k < len(rows) and rows[k][0] != topic:
-            break
     return sequences, labels
 
 
