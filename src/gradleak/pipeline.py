@@ -209,14 +209,15 @@ def model_for_update(update: SharedUpdate, model: ModelSpec | str | None, where:
     """The model an update was made with: the user's spec when given (checked against what
     the update recorded: name, options, shape, classes, weights digest), else the recorded
     zoo model. A recorded factory is never imported because a file names it."""
-    from .models import FACTORY_PATTERN, check_recorded
+    from .models import check_recorded
+    from .names import is_factory
 
     recorded = update.model
     if model is None:
         if recorded is None:
             raise ConfigError(f"{where} does not say which model made it; pass --model (a zoo name or "
                               "package.module:factory) and --weights")
-        if FACTORY_PATTERN.match(str(recorded["name"])):
+        if is_factory(str(recorded["name"])):
             raise ConfigError(f"{where} was made with the user model {recorded['name']!r}; gradleak never imports "
                               f"code named by a file: pass --model {recorded['name']} (and its --model-option values)")
         spec = ModelSpec.from_description(recorded, **overrides)

@@ -244,9 +244,12 @@ def check_tree(root: Any, where: str | None = None) -> None:
 
 # ------------------------------------------------------------------ shapes of entries
 def named_entry(where: str, entry: Any, extra_keys: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(name, options, other allowed keys) from ``"name"`` or ``{name: ..., options: {...}, ...}``."""
+    """(name, options, other allowed keys) from ``"name"`` or ``{name: ..., options: {...}, ...}``;
+    the name normalised by :func:`gradleak.names.normalize`."""
+    from ..names import normalize
+
     if isinstance(entry, str) and entry.strip():
-        return entry.strip(), {}, {}
+        return normalize(entry, where), {}, {}
     if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
         allowed = ("name", "options", *extra_keys)
         extra = sorted_keys(k for k in entry if k not in allowed)
@@ -255,7 +258,7 @@ def named_entry(where: str, entry: Any, extra_keys: tuple[str, ...] = ()) -> tup
         options = entry.get("options") or {}
         if not isinstance(options, Mapping):
             raise ConfigError(f"{where}.options: expected a mapping, got {show(options)}")
-        return entry["name"], dict(options), {k: entry[k] for k in extra_keys if k in entry}
+        return normalize(entry["name"], f"{where}.name"), dict(options), {k: entry[k] for k in extra_keys if k in entry}
     raise ConfigError(f"{where}: expected a name or {{name: ..., options: {{...}}}}, got {show(entry)}")
 
 

@@ -3,10 +3,12 @@ and the options that name a model (one :class:`~gradleak.models.ModelSpec` per c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from enum import Enum
 from typing import Any, Optional
 
@@ -21,7 +23,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 from typer.core import TyperGroup
 
-err = Console(stderr=True)
+err = Console(stderr=True, emoji=False)
 
 
 class _OneLineErrors(TyperGroup):
@@ -64,14 +66,50 @@ class Mode(str, Enum):
     eval = "eval"
 
 
+_STDOUT: ContextVar[Any] = ContextVar("gradleak_stdout", default=None)
+INTERNAL_ERROR = 70   # EX_SOFTWARE: something failed that gradleak did not anticipate (a bug, or user code)
+
+
+def stdout():
+    """The stream a command's own output goes to (JSON, Markdown, tables, 'wrote ...' lines).
+    While a command runs, ``sys.stdout`` is stderr, so that a ``print()`` in the user's model
+    factory, a library's chatter or a stray message never mixes with machine-readable output."""
+    return _STDOUT.get() or sys.stdout
+
+
+def say(*objects: Any, **options: Any) -> None:
+    """Print to the command's output (see :func:`stdout`) with rich, no markup or highlighting."""
+    Console(file=stdout(), emoji=False, highlight=False, soft_wrap=True).print(*objects, **options)
+
+
+def _unexpected(command: str, error: BaseException, verbose: bool) -> None:
+    """One line for what nothing else caught: an exception, ``SystemExit`` or ``GeneratorExit``
+    raised by the user's code (a factory, a model's forward) or a bug; the traceback with --verbose."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    what = (f"something called sys.exit({error.code!r})" if isinstance(error, SystemExit)
+            else f"{type(error).__name__}: {one_line(error, 300) or '(no message)'}")
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    err.print(f"error: gradleak {command} stopped: {what}; nothing unfinished was stored{hint}",
+              highlight=False, soft_wrap=True, markup=False)
+
+
 def friendly(command):
-    """Turn gradleak's own errors, and the file system's, into one line on stderr and exit
-    code 2; Ctrl-C into exit code 130 (what was finished is written by the command)."""
+    """Every command's guard. gradleak's own errors and the file system's: one line on stderr,
+    exit code 2. Ctrl-C: exit code 130 (what was finished is written by the command). Anything
+    else (an unexpected exception, or ``SystemExit``/``GeneratorExit`` from the user's code):
+    one line naming it, exit code 70, the traceback only with ``--verbose``. While the command
+    runs, stray ``print()`` output goes to stderr (:func:`stdout`)."""
+    name = command.__name__.replace("_", "-")
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        token = _STDOUT.set(sys.stdout)
         try:
-            return command(*args, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr):
+                return command(*args, **kwargs)
         except GradleakError as error:
             err.print(f"error: {one_line(error, 2000)}", highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(2) from None
@@ -83,6 +121,13 @@ def friendly(command):
         except KeyboardInterrupt:
             err.print("interrupted: nothing finished was lost; nothing unfinished was stored", highlight=False)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
+        except (Exception, SystemExit, GeneratorExit) as error:  # noqa: BLE001 - the last line of defence
+            _unexpected(name, error, bool(kwargs.get("verbose")))
+            raise typer.Exit(INTERNAL_ERROR) from None
+        finally:
+            _STDOUT.reset(token)
 
     return wrapper
 
@@ -124,7 +169,7 @@ def summary(result, quiet: bool) -> None:
         line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
-    Console().print(line, highlight=False, soft_wrap=True)
+    say(line)
 
 
 def model_spec(model: str, model_option: Optional[list[str]], weights: Optional[str], device: str,

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import __version__
 from ._common import (DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, WeightsOpt, app, friendly,
-                      model_spec)
+                      model_spec, stdout)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -49,9 +49,9 @@ def analyze(
                           numeric=numeric)
     report.model = model
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(report.to_json(), indent=2), file=stdout())
         return
-    console = Console()
+    console = Console(file=stdout())
     for table in report_table(report):
         console.print(table)
     for reason in report.reasons:
@@ -59,6 +59,7 @@ def analyze(
 
 
 @app.command("list")
+@friendly
 def list_things():
     """The models, attacks and built-in data sets gradleak knows by name."""
     from ..attacks import ATTACKS
@@ -66,7 +67,7 @@ def list_things():
     from ..defenses import DEFENSES
     from ..models import MODELS
 
-    console = Console()
+    console = Console(file=stdout())
     for title, rows in (
         ("models", [(k, v.description) for k, v in MODELS.items()]),
         ("attacks", [(k, f"{v.paper}. Valid when: {v.conditions}") for k, v in sorted(ATTACKS.items())]),
@@ -82,6 +83,7 @@ def list_things():
 
 
 @app.command()
+@friendly
 def version():
     """Print the version."""
-    print(__version__)
+    print(__version__, file=stdout())

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from .._io import output_dir
-from ._common import QuietOpt, VerboseOpt, app, err, friendly, setup_logging
+from ._common import QuietOpt, VerboseOpt, app, err, friendly, setup_logging, stdout
 
 
 @app.command()
@@ -59,7 +59,7 @@ def audit(
     result = run_audit(cfg, folder, quiet=quiet, resume=not fresh, ray=ray_address or ("auto" if ray else None),
                        workers=workers, jobs=jobs)
     if not quiet:
-        console = Console()
+        console = Console(file=stdout())
         for verdict in result.verdicts:
             console.print(f"[{verdict['level']}] {verdict['text']}", highlight=False, soft_wrap=True, markup=False)
         console.print(f"wrote {result.report}", highlight=False)

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from .._io import output_dir, output_file
 from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt, VerboseOpt,
-                      WeightsOpt, app, client_setup, friendly, model_spec, parse_options, setup_logging,
+                      WeightsOpt, app, client_setup, friendly, model_spec, parse_options, say, setup_logging,
                       stop_if_interrupted, summary)
 
 
@@ -88,7 +87,7 @@ def capture(
     if truth_path is not None:
         save_truth(truth_path, images.cpu(), dataset.labels)
     if not quiet:
-        Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors, "
+        say(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors, "
                         f"{update.mode} mode)")
 
 
@@ -161,4 +160,4 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by dem
     from ..runs import rebuild_report
 
     path = rebuild_report(run_dir)
-    Console().print(f"wrote {path}")
+    say(f"wrote {path}")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._io import output_dir
-from ._common import DeviceOpt, QuietOpt, app, err, friendly, setup_logging
+from ._common import DeviceOpt, QuietOpt, app, err, friendly, say, setup_logging, stdout
 
 study_app = typer.Typer(help="Experiments from the literature, reproduced end to end.", no_args_is_help=True,
                         rich_markup_mode=None)
@@ -46,8 +46,8 @@ def study_architectures(
         for r in results:
             table.add_row(r.model, str(r.pixels), f"{r.parameters:,}", str(r.steps_run), f"{r.mse_start:.4g}",
                           f"{r.mse_final:.4g}", f"{r.psnr_final:.1f}", f"{r.seconds:.0f}")
-        Console().print(table)
-        Console().print(f"wrote {out}/report.html")
+        Console(file=stdout()).print(table)
+        say(f"wrote {out}/report.html")
     if results and results[-1].interrupted:
         err.print(f"interrupted: wrote the {len(results)} model(s) run so far to {out}",
                   highlight=False, soft_wrap=True, markup=False)

@@ -6,11 +6,10 @@ from enum import Enum
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from .._io import output_dir
 from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, QuietOpt, WeightsOpt, app, client_setup,
-                      err, friendly, model_spec, parse_options, setup_logging)
+                      err, friendly, model_spec, parse_options, say, setup_logging)
 
 
 class Optimizer(str, Enum):
@@ -87,7 +86,7 @@ def train(
                      checkpoints=tuple(checkpoint or ()), seed=seed, eval_every=eval_every)
     result = train_model(spec, _data(data, n, size), plan, out_path, quiet=quiet)
     if not quiet:
-        Console().print(f"held-out accuracy {100 * result.held_out_accuracy:.1f} % on "
+        say(f"held-out accuracy {100 * result.held_out_accuracy:.1f} % on "
                         f"{len(result.held_out_indices)} images never trained on (train "
                         f"{100 * result.train_accuracy:.1f} %) after {result.completed} {plan.unit}(s)  |  "
                         f"wrote {result.weights}", highlight=False, soft_wrap=True)

@@ -25,6 +25,7 @@ from .lenet import LeNet
 from .mlp import ACTIVATIONS, MLP
 from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 from .rgap import CNN6, FCN3
+from ..names import is_factory
 from .spec import FACTORY_PATTERN, MODES, BuiltModel, ModelSpec, check_recorded, resolve_device
 from .weights import apply_weights, read_weights
 
@@ -34,7 +35,7 @@ __all__ = [
     "load_weights",
     "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
     "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
-    "CNN6", "FCN3", "ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "read_weights",
+    "CNN6", "FCN3", "ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "FACTORY_PATTERN", "read_weights",
     "apply_weights",
 ]
 
@@ -212,7 +213,7 @@ def check_model_info(info: Any) -> dict[str, Any]:
     missing = [k for k in ("name", "input_shape", "num_classes") if k not in info]
     if missing:
         raise ConfigError(f"the update's model description is incomplete: no {missing[0]!r}")
-    if not (isinstance(info["name"], str) and FACTORY_PATTERN.match(info["name"])):  # a factory is only named
+    if not (isinstance(info["name"], str) and is_factory(info["name"])):  # a factory is only named
         _entry(info["name"])
     digest = info.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
@@ -236,7 +237,7 @@ def check_description(info: Any, expected: Mapping[str, tuple[int, ...]] | None 
     Nothing is allocated and no code named by the description is imported. Returns the
     normalised description."""
     spec = check_model_info(info)
-    if FACTORY_PATTERN.match(spec["name"]):  # the user's code: never imported because a file names it
+    if is_factory(spec["name"]):  # the user's code: never imported because a file names it
         return spec
     shapes = parameter_shapes(spec["name"], spec["input_shape"], spec["num_classes"], **spec["kwargs"])
     if expected is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,12 +28,12 @@ from torch import nn
 
 from ..errors import ConfigError, one_line
 from ..limits import MAX_CLASSES, check_int, check_seed, short_repr
+from ..names import FACTORY_PATTERN, factory_parts, is_factory, model_name
 
 __all__ = ["ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "FACTORY_PATTERN"]
 
 MODES = ("train", "eval")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -115,11 +114,7 @@ class ModelSpec:
     num_classes: int | None = None
 
     def __post_init__(self):
-        from . import MODELS
-
-        if not isinstance(self.name, str) or not (self.name in MODELS or FACTORY_PATTERN.match(self.name)):
-            raise ConfigError(f"unknown model {short_repr(self.name)}: give a zoo name ({', '.join(MODELS)}) or "
-                              "package.module:factory")
+        object.__setattr__(self, "name", model_name(self.name, "model"))
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError(f"model options must map names to values, got {short_repr(self.options)}")
         object.__setattr__(self, "options", dict(self.options))
@@ -139,7 +134,7 @@ class ModelSpec:
     # ------------------------------------------------------------------ views
     @property
     def is_factory(self) -> bool:
-        return ":" in self.name
+        return is_factory(self.name)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -191,15 +186,30 @@ class ModelSpec:
                    **overrides)
 
 
+# What the user's code may raise besides Exception: sys.exit() in a factory or at its module's top
+# level, or a stray GeneratorExit. Ctrl-C (KeyboardInterrupt) is not caught: it means stop.
+_USER_CODE_ERRORS = (Exception, SystemExit, GeneratorExit)
+
+
+def _raised(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r})"
+    return f"raised {type(error).__name__}: {one_line(error, 200) or '(no message)'}"
+
+
 def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module:
     """Import the user's module (named on the command line or in the user's own config) and
     call the factory with the options; every failure is one line naming the spec."""
-    module_name, _, attr = spec.partition(":")
+    module_name, attr = factory_parts(spec)
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - ImportError, SyntaxError, or whatever the module raises
-        raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: "
-                          f"{one_line(error, 200)})") from None
+    except _USER_CODE_ERRORS as error:  # ImportError, SyntaxError, sys.exit() at import, whatever it raises
+        hint = ""
+        if isinstance(error, ModuleNotFoundError) and error.name == module_name.partition(".")[0]:
+            hint = ("; gradleak imports it like Python does: install your package (pip install -e .), run from the "
+                    "folder that holds it, or add that folder to PYTHONPATH")
+        what = _raised(error).removeprefix("raised ")
+        raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({what}){hint}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model {spec!r}: {module_name!r} has no callable {attr!r}")
@@ -207,28 +217,45 @@ def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = factory(**options)
-    except Exception as error:  # noqa: BLE001 - the user's factory failed: say how, in one line
-        raise ConfigError(f"model {spec!r}: the factory raised {type(error).__name__}: {one_line(error, 200)}") from None
+    except _USER_CODE_ERRORS as error:  # the user's factory failed: say how, in one line
+        raise ConfigError(f"model {spec!r}: the factory {_raised(error)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    if next(model.parameters(), None) is None:
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(True for _ in model.parameters()):
         raise ConfigError(f"model {spec!r}: the model has no parameters (nothing is shared, nothing to attack)")
+    odd = next((t for t in tensors if t.is_meta or t.is_sparse or not (t.is_floating_point() or t.dtype in _INDEX)),
+               None)
+    if odd is not None:
+        what = "on the meta device (shapes without values)" if odd.is_meta else f"{odd.layout} {odd.dtype}"
+        raise ConfigError(f"model {spec!r}: the factory returned a model with tensors {what}; build it with real, "
+                          "dense floating-point parameters on the CPU")
     return model
 
 
+_INDEX = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)  # buffers such as counters
+
+
 def model_outputs(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """The number of outputs of ``model`` on one input of ``input_shape`` (a probe forward pass)."""
+    """The number of outputs of ``model`` for inputs of ``input_shape``: a probe forward pass on a
+    batch of two, whose output must be (2, K) with K >= 1 (one row of K class scores per input)."""
     p = next(model.parameters())
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
-    except Exception as error:  # noqa: BLE001 - the user's model does not take this input
-        raise ConfigError(f"model {spec!r} does not accept an input of shape {tuple(input_shape)} "
-                          f"({type(error).__name__}: {one_line(error, 200)})") from None
+            out = model(torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device))
+    except _USER_CODE_ERRORS as error:  # the user's model does not take this input
+        raise ConfigError(f"model {spec!r} does not accept an input of shape {tuple(input_shape)}: its forward "
+                          f"{_raised(error)}") from None
     finally:
         model.train(was_training)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.ndim != 2 or out.shape[0] != 2 \
+            or out.shape[1] < 1:
+        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"{out.dtype} of shape {tuple(out.shape)}"
+        raise ConfigError(f"model {spec!r}: for a batch of 2 inputs of shape {tuple(input_shape)} the model must "
+                          f"return class scores of shape (2, K) with K >= 1, got {got}")
+    return int(out.shape[1])
 
 
 def _factory_loss(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> str:
