@@ -11,14 +11,16 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import OutputError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_jsonable", "save_figure",
-           "output_dir", "output_file"]
+           "output_dir", "output_file", "staged_folder"]
 
 
 def _why(error: OSError) -> str:
@@ -158,3 +160,44 @@ def save_figure(figure, path: str | os.PathLike, **kwargs) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", **kwargs)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder written whole or not at all: the block writes into a hidden sibling
+    (``.<name>.partial-XXXX``, same file system); when the block ends normally, each entry it
+    wrote is renamed into ``path`` (created if missing; entries of the same name are replaced,
+    other files the user keeps there are left alone). When the block raises (a bug, a full disk,
+    the user's code exiting, an interrupt the command did not handle), the staging folder is
+    removed and ``path`` is as it was: no failure leaves half a run folder. Commands that catch
+    Ctrl-C and write what was done end normally, so their partial results are kept."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700; results are meant to be shared
+    except OSError as error:
+        raise OutputError(f"cannot write {str(target)!r}: {_why(error)}") from None
+    try:
+        yield stage
+        _move_into(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into(stage: Path, target: Path) -> None:
+    try:
+        if not target.exists():
+            os.rename(stage, target)  # the common case: one atomic rename
+            return
+        for entry in sorted(stage.iterdir()):
+            destination = target / entry.name
+            if destination.is_dir() and not destination.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old-", dir=target))
+                os.rename(destination, old / entry.name)
+                os.rename(entry, destination)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(entry, destination)
+    except OSError as error:
+        raise OutputError(f"cannot move the finished results into {str(target)!r}: {_why(error)}") from None

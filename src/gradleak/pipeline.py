@@ -24,7 +24,7 @@ from .data.spec import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
 from .runs import RunResult, write_run
-from .update import SharedUpdate, save_update
+from .update import SharedUpdate
 
 __all__ = ["ClientSetup", "ModelSpec", "DataRequest", "simulate_clients", "attack_updates", "reconstruct_each",
            "attack_simulated", "attack_file", "model_for_update", "demo", "progress_bar", "psnr_monitor", "make_attack"]
@@ -174,9 +174,6 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
                               model_info=description)
     updates = [d.update for d in served]
     out = Path(out)
-    if save_updates:
-        for k, update in enumerate(updates):
-            save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
     truths = [images[d.indices] for d in served]
     reconstruction = attack_updates(attacker, updates, truths=truths, quiet=quiet)
     kept = [i for d in served[: reconstruction.updates] for i in d.indices]  # fewer if interrupted
@@ -185,7 +182,8 @@ def attack_simulated(attack: str, out: str | Path, *, data: DataRequest | str = 
               "dtype": spec.dtype, "client": setup.to_json(), "data_spec": data_spec.to_json(),
               "threat": threat.to_json(), "threat_model": threat.sok(attacker), "defenses": [d.describe() for d in stack],
               "privacy": [d.privacy for d in served if d.privacy]}
-    return write_run(out, reconstruction, originals=images[kept], true_labels=labels[kept], config=config)
+    return write_run(out, reconstruction, originals=images[kept], true_labels=labels[kept], config=config,
+                     updates=updates if save_updates else ())
 
 
 def public_images(request: DataRequest, built, data_spec: DataSpec) -> torch.Tensor | None:

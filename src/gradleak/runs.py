@@ -29,12 +29,12 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save as safetensors_save
 
-from ._io import atomic_write_bytes, atomic_write_json, from_json_float
+from ._io import atomic_write_bytes, atomic_write_json, from_json_float, staged_folder
 from .attacks.base import Reconstruction
 from .data._files import quote, read_json, read_safetensors
 from .errors import DataError
@@ -96,26 +96,33 @@ def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scor
 
 def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals: torch.Tensor | None = None,
               true_labels: torch.Tensor | None = None, config: dict[str, Any] | None = None,
-              use_lpips: bool = True) -> RunResult:
-    """Score ``reconstruction`` against the ground truth (if given) and write the run folder."""
+              use_lpips: bool = True, updates: Sequence[Any] = ()) -> RunResult:
+    """Score ``reconstruction`` against the ground truth (if given) and write the run folder;
+    ``updates`` (the clients' :class:`~gradleak.update.SharedUpdate` s) go to
+    ``updates/client-NN.safetensors``. The folder is written whole or not at all
+    (:func:`gradleak._io.staged_folder`): a failure midway leaves no half folder behind."""
+    from .update_file import save_update
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     scores = None
     if originals is not None:
         scores = score(reconstruction.images, originals, predicted_labels=reconstruction.labels,
                        true_labels=true_labels, use_lpips=use_lpips)
-    atomic_write_bytes(run_dir / "reconstruction.safetensors",
-                       safetensors_save(_tensors(reconstruction, originals, true_labels)))
-    atomic_write_json(run_dir / "history.json", reconstruction.history)
-    atomic_write_json(run_dir / "config.json", {"attack": reconstruction.attack, **(config or {}),
-                                                "attack_options": reconstruction.config})
-    metrics = {"attack": reconstruction.attack, **(scores.to_json() if scores else {}),
-               "notes": list(reconstruction.notes)}
-    if reconstruction.features:
-        metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    _draw(run_dir, reconstruction, originals, scores)
-    write_html_report(run_dir)
+    with staged_folder(run_dir) as stage:
+        for k, update in enumerate(updates):
+            save_update(update, stage / "updates" / f"client-{k:02d}.safetensors")
+        atomic_write_bytes(stage / "reconstruction.safetensors",
+                           safetensors_save(_tensors(reconstruction, originals, true_labels)))
+        atomic_write_json(stage / "history.json", reconstruction.history)
+        atomic_write_json(stage / "config.json", {"attack": reconstruction.attack, **(config or {}),
+                                                  "attack_options": reconstruction.config})
+        metrics = {"attack": reconstruction.attack, **(scores.to_json() if scores else {}),
+                   "notes": list(reconstruction.notes)}
+        if reconstruction.features:
+            metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
+        atomic_write_json(stage / "metrics.json", metrics)
+        _draw(stage, reconstruction, originals, scores)
+        write_html_report(stage)
     return RunResult(run_dir, reconstruction, scores)
 
 

@@ -26,7 +26,8 @@ from typing import Any, Literal, Mapping
 import torch
 from .data.spec import DataSpec
 from .errors import ConfigError, UpdateFileError
-from .limits import MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_float, check_input_shape, check_int, short_repr
+from .limits import (MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_float, check_input_shape, check_int, check_nesting,
+                     short_repr)
 from .losses import LOSSES
 
 __all__ = ["SharedUpdate", "save_update", "load_update", "UpdateKind", "FORMAT_VERSION"]
@@ -161,6 +162,8 @@ class SharedUpdate:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise UpdateFileError(f"{name} must be a mapping, got {type(value).__name__}")
+            if value is not None:
+                _checked(check_nesting, name, dict(value))
         object.__setattr__(self, "tensors", tensors)
         object.__setattr__(self, "parameters", parameters)
 

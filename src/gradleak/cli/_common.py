@@ -193,6 +193,15 @@ def client_setup(pairs: Optional[list[str]], **defaults: Any):
         raise ConfigError(f"--client: {one_line(error)}; keys: {known}") from None
 
 
+def limited(key: str, default: Any, *decls: str, help: str) -> Any:
+    """A typer option bounded by the one table of limits (:data:`gradleak.limits.LIMITS`): every
+    command's ``--size``, ``--n``, ``--epochs``... shares the bound of its config key and function."""
+    from ..limits import LIMITS
+
+    bound = LIMITS[key]
+    return typer.Option(default, *decls, min=bound.low, max=bound.high, help=help)
+
+
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; warnings only.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 ModelOptionOpt = typer.Option(None, "--model-option", "-m",

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import __version__
 from ._common import (DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, WeightsOpt, app, friendly,
-                      model_spec, stdout)
+                      limited, model_spec, stdout)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -28,8 +28,8 @@ def _shape(text: str) -> tuple[int, ...]:
 def analyze(
     model: str = typer.Option(..., "--model", help="Zoo name (see `gradleak list`) or package.module:factory."),
     input_shape: str = typer.Option("3x32x32", help="One input, CxHxW."),
-    batch_size: int = typer.Option(1, min=1, help="Images per client update."),
-    num_classes: int = typer.Option(10, min=1),
+    batch_size: int = limited("batch", 1, help="Images per client update."),
+    num_classes: int = limited("classes", 10, help="Classifier outputs."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     weights: Optional[str] = WeightsOpt,
     device: str = DeviceOpt,

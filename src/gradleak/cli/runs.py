@@ -9,7 +9,7 @@ import typer
 
 from .._io import output_dir, output_file
 from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt, VerboseOpt,
-                      WeightsOpt, app, client_setup, friendly, model_spec, parse_options, say, setup_logging,
+                      WeightsOpt, app, client_setup, friendly, limited, model_spec, parse_options, say, setup_logging,
                       stop_if_interrupted, summary)
 
 
@@ -18,8 +18,8 @@ from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOp
 def demo(
     out: str = typer.Option("runs/demo", help="Run folder to write."),
     data: str = typer.Option("photos", help="Built-in data: photos, faces or digits."),
-    n: int = typer.Option(8, min=1, help="Number of images (one client each)."),
-    size: int = typer.Option(32, min=4, max=512, help="Image side in pixels."),
+    n: int = limited("images", 8, help="Number of images (one client each)."),
+    size: int = limited("side", 32, help="Image side in pixels."),
     model: str = typer.Option("mlp", help="A model whose first layer is fully connected: mlp, two-layer, or yours."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     device: str = DeviceOpt,
@@ -46,9 +46,9 @@ def demo(
 def capture(
     out: str = typer.Option(..., help="Update file to write (.safetensors)."),
     data: str = typer.Option("photos", help="Built-in data name, or a path (image folder, CIFAR batches, MNIST idx)."),
-    n: int = typer.Option(1, min=1, help="Number of images in the client's batch."),
-    start: int = typer.Option(0, min=0, help="Index of the first image."),
-    size: Optional[int] = typer.Option(32, min=4, max=512, help="Image side in pixels (resize)."),
+    n: int = limited("batch", 1, help="Number of images in the client's batch."),
+    start: int = limited("start", 0, help="Index of the first image."),
+    size: Optional[int] = limited("side", 32, help="Image side in pixels (resize)."),
     model: str = typer.Option("mlp", help="Zoo name (see `gradleak list`) or package.module:factory."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     weights: Optional[str] = WeightsOpt,
@@ -101,8 +101,8 @@ def attack(
     truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
     labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
     data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
-    n: int = typer.Option(8, min=1, help="Without UPDATE: number of images."),
-    size: Optional[int] = typer.Option(32, min=4, max=512, help="Without UPDATE: image side."),
+    n: int = limited("images", 8, help="Without UPDATE: number of images."),
+    size: Optional[int] = limited("side", 32, help="Without UPDATE: image side."),
     client: Optional[list[str]] = ClientOpt,
     model: Optional[str] = typer.Option(None, help="Zoo name or package.module:factory (default mlp; with UPDATE: "
                                                    "the recorded zoo model, required for a factory)."),

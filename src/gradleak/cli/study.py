@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._io import output_dir
-from ._common import DeviceOpt, QuietOpt, app, err, friendly, say, setup_logging, stdout
+from ._common import DeviceOpt, QuietOpt, app, err, friendly, limited, say, setup_logging, stdout
 
 study_app = typer.Typer(help="Experiments from the literature, reproduced end to end.", no_args_is_help=True,
                         rich_markup_mode=None)
@@ -20,8 +20,8 @@ app.add_typer(study_app, name="study")
 @friendly
 def study_architectures(
     out: str = typer.Option("runs/architectures", help="Folder for mse.png, strip.png, table.json, report.html."),
-    steps: int = typer.Option(300, min=1, help="L-BFGS steps per model (seed 004: 300)."),
-    inner: int = typer.Option(20, min=1, help="Function evaluations per L-BFGS step (DLG: 20)."),
+    steps: int = limited("steps", 300, help="L-BFGS steps per model (seed 004: 300)."),
+    inner: int = limited("steps", 20, help="Function evaluations per L-BFGS step (DLG: 20)."),
     minutes: Optional[float] = typer.Option(15.0, min=0.01, help="Time budget per model, minutes (the 224/299-px "
                                                                   "models need hours for 300 x 20 on a CPU)."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Restrict to these models (repeatable)."),

@@ -9,7 +9,7 @@ import typer
 
 from .._io import output_dir
 from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, QuietOpt, WeightsOpt, app, client_setup,
-                      err, friendly, model_spec, parse_options, say, setup_logging)
+                      err, friendly, limited, model_spec, parse_options, say, setup_logging)
 
 
 class Optimizer(str, Enum):
@@ -55,20 +55,20 @@ def train(
     seed: int = typer.Option(0, help="Seed of the initialisation, the split and the minibatch order."),
     data: str = typer.Option("digits", help="Built-in data (photos, faces, digits) or a path (image folder, "
                                             "CIFAR batches, MNIST idx)."),
-    n: Optional[int] = typer.Option(None, help="Number of images (default: all of them)."),
-    size: Optional[int] = typer.Option(32, help="Image side in pixels (resize); use the same with `attack`."),
-    epochs: int = typer.Option(10, help="Epochs (centralised) or rounds (federated, with --clients)."),
+    n: Optional[int] = limited("images", None, help="Number of images (default: all of them)."),
+    size: Optional[int] = limited("side", 32, help="Image side in pixels (resize); use the same with `attack`."),
+    epochs: int = limited("epochs", 10, help="Epochs (centralised) or rounds (federated, with --clients)."),
     lr: float = typer.Option(0.01, help="Learning rate (federated: the clients' local SGD)."),
-    batch_size: int = typer.Option(32, help="Minibatch size (federated: the clients' local minibatches)."),
+    batch_size: int = limited("local_batch", 32, help="Minibatch size (federated: the clients' local minibatches)."),
     optimizer: Optimizer = typer.Option(Optimizer.sgd, help="sgd (momentum 0.9) or adam; centralised only."),
     weight_decay: float = typer.Option(0.0, help="Weight decay; centralised only."),
-    clients: Optional[int] = typer.Option(None, help="Train federatedly over N clients (disjoint shards)."),
+    clients: Optional[int] = limited("clients", None, help="Train federatedly over N clients (disjoint shards)."),
     client: Optional[list[str]] = ClientOpt,
     server_lr: float = typer.Option(1.0, help="Federated: the server's step on the mean update."),
     checkpoint: Optional[list[int]] = typer.Option(None, "--checkpoint", help="Also save the weights after this "
                                                    "epoch/round (checkpoints/epoch-0005.safetensors). Repeatable."),
     test_fraction: float = typer.Option(0.2, help="Share of the images held out (never trained on)."),
-    eval_every: int = typer.Option(1, help="Measure held-out accuracy every this many epochs/rounds."),
+    eval_every: int = limited("epochs", 1, help="Measure held-out accuracy every this many epochs/rounds."),
     out: str = typer.Option("runs/train", help="Folder to write weights.safetensors, training.json, checkpoints/."),
     quiet: bool = QuietOpt,
 ):

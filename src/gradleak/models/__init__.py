@@ -157,6 +157,11 @@ def parameter_shapes(name: str, input_shape: tuple[int, ...], num_classes: int =
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     empty = next((n for n, s in shapes.items() if math.prod(s) == 0), None)
     if empty is not None:
+        zero_option = any(v == 0 or (isinstance(v, (list, tuple)) and 0 in v) for v in kwargs.values())
+        if not zero_option:  # the options are fine: the input is too small for the model's downsampling
+            raise ConfigError(f"model {name!r}: an input of {shape[1]}x{shape[2]} px is too small for it (its "
+                              f"feature maps shrink to nothing before {empty.rpartition('.')[0] or empty!r}); give "
+                              "larger images (--size 32) or a model for small inputs (mlp, lenet)")
         raise ConfigError(f"model {name!r} with options {short_repr(kwargs, 120)}: parameter {empty!r} has shape "
                           f"{shapes[empty]} (a width of zero?)")
     total = sum(math.prod(s) for s in shapes.values())
