@@ -71,7 +71,7 @@ class ModelChoice:
         if self.mode not in MODES:
             raise ConfigError(f"{where}.mode: must be train or eval, got {show(self.mode)}")
         if self.weights is not None:
-            if not isinstance(self.weights, (str, Path)) or not Path(self.weights).is_file():
+            if not isinstance(self.weights, (str, Path)) or not _is_file(self.weights):
                 raise ConfigError(f"{where}.weights: {show(self.weights)} is not a file")
         if self.train is not None:
             if not isinstance(self.train, Mapping):
@@ -97,10 +97,18 @@ class ModelChoice:
             raise ConfigError(f"train: {error}") from None
 
 
+def _is_file(path: str | Path) -> bool:
+    """A regular file there (False for a name the file system refuses: too long, a NUL byte)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _file_digest(path: str | Path) -> str:
     from ..models.weights import read_weights
 
-    return read_weights(path).sha256 if Path(path).is_file() else hashlib.sha256(str(path).encode()).hexdigest()
+    return read_weights(path).sha256 if _is_file(path) else hashlib.sha256(str(path).encode()).hexdigest()
 
 
 def check_imports(raw: Mapping[str, Any], allow_imports: tuple[str, ...], where: str) -> None:

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 from ..client import ClientSetup
 from ..errors import ConfigError, one_line
 from ..limits import MAX_SEED
-from ..names import model_name
+from ..names import model_name, normalize
 from ._checks import MAX_BATCH, MAX_COUNT, MAX_GRID, MAX_NAME, check_data, check_tree, count, integer
 from ._checks import check_keys as _check_keys
 from ._checks import named_entry as _named
@@ -105,6 +105,8 @@ class UtilityConfig:
         from ..models import MODELS
 
         source("utility: data", self.data)
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", normalize(self.model, "utility: model"))
         if not isinstance(self.model, str) or self.model not in MODELS:
             raise ConfigError(f"utility: model must be one of {', '.join(MODELS)}, got {show(self.model)}")
         str_keyed("utility: model_options", self.model_options)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -186,15 +187,31 @@ class ModelSpec:
                    **overrides)
 
 
-# What the user's code may raise besides Exception: sys.exit() in a factory or at its module's top
-# level, or a stray GeneratorExit. Ctrl-C (KeyboardInterrupt) is not caught: it means stop.
-_USER_CODE_ERRORS = (Exception, SystemExit, GeneratorExit)
-
-
 def _raised(error: BaseException) -> str:
+    """What the user's code did, in words: ``raised ValueError: ...`` or ``called sys.exit(0)``
+    (a message that itself fails to print is named as such)."""
     if isinstance(error, SystemExit):
-        return f"called sys.exit({error.code!r})"
-    return f"raised {type(error).__name__}: {one_line(error, 200) or '(no message)'}"
+        return f"called sys.exit({short_repr(error.code)})"
+    try:
+        message = one_line(error, 200)
+    except BaseException:  # noqa: BLE001 - an exception whose __str__ raises
+        message = "(its message cannot be printed)"
+    return f"raised {type(error).__name__}: {message or '(no message)'}"
+
+
+@contextmanager
+def user_code(what: str):
+    """Run the user's code (an import, a factory, a forward pass): anything it raises, sys.exit()
+    and GeneratorExit included, becomes one ConfigError line starting with ``what``. Ctrl-C
+    (KeyboardInterrupt) is not caught: it means stop."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except ConfigError:
+        raise
+    except BaseException as error:  # noqa: BLE001 - whatever the user's code does is reported, not propagated
+        raise ConfigError(f"{what} {_raised(error)}") from None
 
 
 def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module:
@@ -203,7 +220,9 @@ def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module
     module_name, attr = factory_parts(spec)
     try:
         module = importlib.import_module(module_name)
-    except _USER_CODE_ERRORS as error:  # ImportError, SyntaxError, sys.exit() at import, whatever it raises
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - ImportError, SyntaxError, sys.exit() at import, anything
         hint = ""
         if isinstance(error, ModuleNotFoundError) and error.name == module_name.partition(".")[0]:
             hint = ("; gradleak imports it like Python does: install your package (pip install -e .), run from the "
@@ -213,23 +232,23 @@ def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model {spec!r}: {module_name!r} has no callable {attr!r}")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = factory(**options)
-    except _USER_CODE_ERRORS as error:  # the user's factory failed: say how, in one line
-        raise ConfigError(f"model {spec!r}: the factory {_raised(error)}") from None
+    with user_code(f"model {spec!r}: the factory"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(**options)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    tensors = [*model.parameters(), *model.buffers()]
-    if not any(True for _ in model.parameters()):
+    with user_code(f"model {spec!r}: listing the model's tensors"):
+        parameters, buffers = list(model.parameters()), list(model.buffers())
+    if not parameters:
         raise ConfigError(f"model {spec!r}: the model has no parameters (nothing is shared, nothing to attack)")
-    odd = next((t for t in tensors if t.is_meta or t.is_sparse or not (t.is_floating_point() or t.dtype in _INDEX)),
-               None)
+    odd = next((t for t in parameters + buffers if t.is_meta or t.layout != torch.strided
+                or not (t.is_floating_point() or t.dtype in _INDEX)), None)
     if odd is not None:
         what = "on the meta device (shapes without values)" if odd.is_meta else f"{odd.layout} {odd.dtype}"
         raise ConfigError(f"model {spec!r}: the factory returned a model with tensors {what}; build it with real, "
                           "dense floating-point parameters on the CPU")
+    if not all(bool(torch.isfinite(p).all()) for p in parameters if p.is_floating_point()):
+        raise ConfigError(f"model {spec!r}: the factory returned a model with NaN or infinite parameters")
     return model
 
 
@@ -242,19 +261,20 @@ def model_outputs(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> 
     p = next(model.parameters())
     was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device))
-    except _USER_CODE_ERRORS as error:  # the user's model does not take this input
-        raise ConfigError(f"model {spec!r} does not accept an input of shape {tuple(input_shape)}: its forward "
-                          f"{_raised(error)}") from None
+        with user_code(f"model {spec!r} does not accept an input of shape {tuple(input_shape)}: its forward"):
+            model.eval()
+            with torch.no_grad():
+                out = model(torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device))
     finally:
-        model.train(was_training)
+        with user_code(f"model {spec!r}: its train()"):
+            model.train(was_training)
     if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.ndim != 2 or out.shape[0] != 2 \
-            or out.shape[1] < 1:
+            or out.shape[1] < 1 or out.layout != torch.strided:
         got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"{out.dtype} of shape {tuple(out.shape)}"
         raise ConfigError(f"model {spec!r}: for a batch of 2 inputs of shape {tuple(input_shape)} the model must "
                           f"return class scores of shape (2, K) with K >= 1, got {got}")
+    if not bool(torch.isfinite(out).all()):
+        raise ConfigError(f"model {spec!r}: its class scores for a batch of zeros are NaN or infinite")
     return int(out.shape[1])
 
 
