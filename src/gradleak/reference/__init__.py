@@ -16,14 +16,15 @@ import os
 
 from ._commands import cli_section
 from ._methods import attack_sections, defense_sections
-from ._settings import client_section, model_section, threat_section
+from ._settings import client_section, limits_section, model_section, threat_section
 
 __all__ = ["reference_markdown", "write_reference", "REGENERATE"]
 
 REGENERATE = "gradleak reference --out docs/reference.md"
 
 _SECTIONS = (("Attacks", attack_sections), ("Defenses", defense_sections), ("Models", model_section),
-             ("Threat model", threat_section), ("Client settings", client_section), ("Command line", cli_section))
+             ("Threat model", threat_section), ("Client settings", client_section), ("Limits", limits_section),
+             ("Command line", cli_section))
 
 
 def reference_markdown() -> str:
