@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import sys
@@ -82,7 +83,7 @@ def say(*objects: Any, **options: Any) -> None:
     Console(file=stdout(), emoji=False, highlight=False, soft_wrap=True).print(*objects, **options)
 
 
-def _unexpected(command: str, error: BaseException, verbose: bool) -> None:
+def _unexpected(command: str, error: BaseException, verbose: bool, can_verbose: bool) -> None:
     """One line for what nothing else caught: an exception, ``SystemExit`` or ``GeneratorExit``
     raised by the user's code (a factory, a model's forward) or a bug; the traceback with --verbose."""
     if verbose:
@@ -91,7 +92,7 @@ def _unexpected(command: str, error: BaseException, verbose: bool) -> None:
         traceback.print_exception(error, file=sys.stderr)
     what = (f"something called sys.exit({error.code!r})" if isinstance(error, SystemExit)
             else f"{type(error).__name__}: {one_line(error, 300) or '(no message)'}")
-    hint = "" if verbose else " (--verbose shows the traceback)"
+    hint = " (--verbose shows the traceback)" if can_verbose and not verbose else ""
     err.print(f"error: gradleak {command} stopped: {what}; nothing unfinished was stored{hint}",
               highlight=False, soft_wrap=True, markup=False)
 
@@ -103,6 +104,7 @@ def friendly(command):
     one line naming it, exit code 70, the traceback only with ``--verbose``. While the command
     runs, stray ``print()`` output goes to stderr (:func:`stdout`)."""
     name = command.__name__.replace("_", "-")
+    can_verbose = "verbose" in inspect.signature(command).parameters
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -124,7 +126,7 @@ def friendly(command):
         except (typer.Exit, typer.Abort, ClickException):
             raise
         except (Exception, SystemExit, GeneratorExit) as error:  # noqa: BLE001 - the last line of defence
-            _unexpected(name, error, bool(kwargs.get("verbose")))
+            _unexpected(name, error, bool(kwargs.get("verbose")), can_verbose)
             raise typer.Exit(INTERNAL_ERROR) from None
         finally:
             _STDOUT.reset(token)

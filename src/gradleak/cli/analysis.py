@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import __version__
-from ._common import (DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, WeightsOpt, app, friendly,
-                      limited, model_spec, stdout)
+from ._common import (DeviceOpt, VerboseOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, WeightsOpt, app, friendly,
+                      limited, model_spec, setup_logging, stdout)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -38,9 +38,12 @@ def analyze(
     labels_known: bool = typer.Option(True, help="Threat model: the attacker knows the labels."),
     numeric: bool = typer.Option(True, help="Numerical rank/condition of the layer systems (small layers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    verbose: bool = VerboseOpt,
 ):
     """From the architecture alone: which attacks apply, and is exact recovery predicted (and why)."""
     from ..analysis import analyze as run_analysis, report_table
+
+    setup_logging(False, verbose)
 
     shape = _shape(input_shape)
     spec = model_spec(model, model_option, weights, device, mode, dtype, 0, num_classes)

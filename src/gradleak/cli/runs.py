@@ -59,6 +59,7 @@ def capture(
     dtype: DType = DTypeOpt,
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Simulate one client on given data and write its update file (and, apart, the ground truth).
     The file records the model (zoo name or factory, options, weights digest) and its mode."""
@@ -68,7 +69,7 @@ def capture(
     from ..runs import save_truth
     from ..update import save_update
 
-    setup_logging(quiet, False)
+    setup_logging(quiet, verbose)
     out_path = output_file(out, "--out")
     truth_path = None if truth is None else output_file(truth, "--truth")
     dataset = DataRequest(data, n, size, start).load()

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .._io import output_dir
-from ._common import DeviceOpt, QuietOpt, app, err, friendly, limited, say, setup_logging, stdout
+from ._common import DeviceOpt, QuietOpt, VerboseOpt, app, err, friendly, limited, say, setup_logging, stdout
 
 study_app = typer.Typer(help="Experiments from the literature, reproduced end to end.", no_args_is_help=True,
                         rich_markup_mode=None)
@@ -29,12 +29,13 @@ def study_architectures(
     device: str = DeviceOpt,
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Seed 004: DLG on sigmoid LeNet (32 px), ResNet-18 and DenseNet-121 (224 px) and
     Inception-v3 (299 px), the same image; MSE vs. step, the image's evolution, a table."""
     from ..studies import ARCHITECTURES, architecture_study
 
-    setup_logging(quiet, False)
+    setup_logging(quiet, verbose)
     out = output_dir(out)
     results = architecture_study(out, steps=steps, inner=inner, models=model or tuple(ARCHITECTURES), image=image,
                                  seed=seed, quiet=quiet, device=device,

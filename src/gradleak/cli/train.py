@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .._io import output_dir
-from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, QuietOpt, WeightsOpt, app, client_setup,
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, QuietOpt, VerboseOpt, WeightsOpt, app, client_setup,
                       err, friendly, limited, model_spec, parse_options, say, setup_logging)
 
 
@@ -71,13 +71,14 @@ def train(
     eval_every: int = limited("epochs", 1, help="Measure held-out accuracy every this many epochs/rounds."),
     out: str = typer.Option("runs/train", help="Folder to write weights.safetensors, training.json, checkpoints/."),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Train a model on real images, centralised or federated, and write its weights (load them
     with --weights in any command), training.json (held-out indices, accuracy curve) and
     checkpoints, so that attacks can run against trained networks and earlier rounds."""
     from ..training import TrainPlan, train_model
 
-    setup_logging(quiet, False)
+    setup_logging(quiet, verbose)
     out_path = output_dir(out)
     spec = model_spec(model, model_option, weights, device, None, dtype, seed)
     plan = TrainPlan(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer.value,
