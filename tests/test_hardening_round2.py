@@ -447,3 +447,15 @@ def test_an_image_too_small_for_the_model_says_so(tmp_path):
                                  "inverting-gradients", "--out", str(tmp_path / "r"), "-q"])
     line = _one_line_error(result)
     assert "an input of 8x8 px is too small for it" in line and "width of zero" not in line
+
+
+def test_an_archive_of_an_unknown_zip_version_is_one_line(tmp_path, mlp_state):
+    """Found by the long fuzz run: zipfile raises NotImplementedError for 'zip file version 12.1'."""
+    buffer = io.BytesIO()
+    torch.save(mlp_state, buffer)
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"PK\x01\x02")
+    data[at + 6] = 121
+    path = tmp_path / "version.pt"
+    path.write_bytes(bytes(data))
+    assert "zip file version 12.1" in _one_line_error(_analyze(path))

@@ -100,7 +100,8 @@ def check_torch_zip(data: bytes, fail: Callable[[str], Exception]) -> None:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         entries = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
+            struct.error, UnicodeDecodeError) as error:  # NotImplementedError: "zip file version 12.1"
         from .errors import one_line
 
         raise fail(f"not a readable zip archive ({one_line(error, 200)})") from None

@@ -51,7 +51,8 @@ class Campaign:
 
     @property
     def total(self) -> int:
-        return sum(self.outcomes.values())
+        """Every input fed: loaded, refused or escaped."""
+        return sum(self.outcomes.values()) + len(self.escaped)
 
     @property
     def pickle_ran(self) -> bool:   # the update surface's name for its side effect
