@@ -22,7 +22,7 @@ try:  # typer >= 0.20 vendors click; older typer uses click itself
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 err = Console(stderr=True, emoji=False)
 
@@ -47,7 +47,23 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """Plain-text help without typer's HTML-export escapes: typer writes ``\\[default: 32]`` into
+    every option's help whenever rich is installed, even with ``rich_markup_mode=None``."""
+
+    def format_help(self, ctx, formatter) -> None:
+        super().format_help(ctx, formatter)
+        formatter.buffer[:] = [text.replace("\\[", "[") for text in formatter.buffer]
+
+
+class App(typer.Typer):
+    """The ``gradleak`` typer app: every command gets :class:`_Command` (plain help)."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = App(
     cls=_OneLineErrors,
     help="Measure how much private training data leaks from federated-learning updates.",
     no_args_is_help=True,

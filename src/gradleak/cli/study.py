@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .._io import output_dir
-from ._common import DeviceOpt, QuietOpt, VerboseOpt, app, err, friendly, limited, say, setup_logging, stdout
+from ._common import App, DeviceOpt, QuietOpt, VerboseOpt, app, err, friendly, limited, say, setup_logging, stdout
 
-study_app = typer.Typer(help="Experiments from the literature, reproduced end to end.", no_args_is_help=True,
-                        rich_markup_mode=None)
+study_app = App(help="Experiments from the literature, reproduced end to end.", no_args_is_help=True,
+              rich_markup_mode=None)
 app.add_typer(study_app, name="study")
 
 
