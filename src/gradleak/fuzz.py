@@ -44,7 +44,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from .errors import GradleakError
-from .update import SharedUpdate, _digest, _flat_tensors, load_update, save_update
+from .update import SharedUpdate
+from .update_file import _digest, _flat_tensors, load_update, save_update
 
 __all__ = ["seed_updates", "hostile_inputs", "run_campaign", "Campaign"]
 

@@ -24,7 +24,8 @@ from .data.spec import DataSpec
 from .errors import ConfigError
 from .models import ModelSpec
 from .runs import RunResult, write_run
-from .update import SharedUpdate, save_update
+from .update import SharedUpdate
+from .update_file import save_update
 
 __all__ = ["ClientSetup", "ModelSpec", "DataRequest", "simulate_clients", "attack_updates", "reconstruct_each",
            "attack_simulated", "attack_file", "model_for_update", "demo", "progress_bar", "psnr_monitor", "make_attack"]
@@ -242,7 +243,7 @@ def attack_file(update_path: str | Path, attack: str, out: str | Path, *, model:
     model is rebuilt on ``device`` in ``dtype``. The model runs in the mode the update records."""
     from .runs import load_truth
     from .threat import ThreatModel
-    from .update import load_update
+    from .update_file import load_update
 
     update = load_update(update_path)
     overrides: dict[str, Any] = {} if model is not None else {"device": device, "dtype": dtype}

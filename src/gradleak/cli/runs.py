@@ -67,7 +67,7 @@ def capture(
     from ..data.spec import DataSpec
     from ..pipeline import simulate_clients
     from ..runs import save_truth
-    from ..update import save_update
+    from ..update_file import save_update
 
     setup_logging(quiet, False)
     out_path = output_file(out, "--out")

@@ -314,7 +314,7 @@ class LeakageAuditStrategy(Strategy):
         if self.capture_dir is None or record.update is None:
             return
         from ..runs import save_truth
-        from ..update import save_update
+        from ..update_file import save_update
 
         name = "sum" if record.node_id is None else f"node-{record.node_id}"
         path = self.capture_dir / f"round-{record.server_round:03d}" / f"{name}.safetensors"
