@@ -86,14 +86,19 @@ def analysis_batch(update: SharedUpdate) -> int | None:
 
 
 def analyze_update(module: nn.Module, update: SharedUpdate, *, num_classes: int, labels_known: bool = False,
-                   numeric: bool = True, batch: int | None = None):
+                   numeric: bool = True, batch: int | None = None, input_shape: tuple[int, ...] | None = None,
+                   loss: str | None = None):
     """The analyser's report (:func:`gradleak.analysis.analyze`) for ``update``: at the
-    weights of its round, for the minibatch ``batch`` (default :func:`analysis_batch`)."""
+    weights of its round, for the minibatch ``batch`` (default :func:`analysis_batch`), the
+    update's input shape and loss (or the ones given)."""
     from .analysis import analyze
 
     batch = batch or analysis_batch(update) or 1
+    shape = tuple(input_shape or update.input_shape or ())
+    if not shape:
+        raise ConfigError("the input shape is unknown: the analyser cannot run")
     with weights_loaded(module, update.weights):
-        return analyze(module, tuple(update.input_shape), batch, num_classes=num_classes, loss=update.loss,
+        return analyze(module, shape, batch, num_classes=num_classes, loss=loss or update.loss,
                        labels_known=labels_known, numeric=numeric)
 
 

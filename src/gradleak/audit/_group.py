@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from ..attacks.base import Reconstruction
 from ..client import ClientSetup
 from ..errors import AttackNotApplicable, GradleakError
+from ..residual import Residual, reconstruction_residual, residual_summary
 from ._batch import cell_model
 from .cell import CellResult
 from .cell import defense_label as _defense_label
@@ -102,15 +103,16 @@ def _cell_result(spec: CellSpec, stack: list[Any], config: AuditConfig) -> CellR
 def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: dict[str, Any], served_cache: dict,
               out: Path, progress) -> CellResult:
     """One cell alone: its updates (cached for the group), the attack, the scores, its run folder."""
-    from ..pipeline import attack_updates
+    from ..pipeline import attack_with_residuals
 
     result = _cell_result(spec, stack, config)
     start = time.perf_counter()
     try:
         attack, served = _served(spec, stack, config, context, spec.attack.name, spec.attack.options, served_cache)
-        reconstruction = attack_updates(attack, [d.update for d in served],
-                                        truths=[context["images"][d.indices] for d in served], progress=progress)
-        _finish_cell(result, spec, attack, served, reconstruction, config, context, out)
+        reconstruction, residuals = attack_with_residuals(attack, [d.update for d in served],
+                                                          truths=[context["images"][d.indices] for d in served],
+                                                          progress=progress)
+        _finish_cell(result, spec, attack, served, reconstruction, residuals, config, context, out)
     except AttackNotApplicable as error:
         result.status, result.message, result.condition = "not-applicable", str(error), error.condition
     except GradleakError as error:
@@ -120,8 +122,9 @@ def _run_cell(spec: CellSpec, stack: list[Any], config: AuditConfig, context: di
 
 
 def _finish_cell(result: CellResult, spec: CellSpec, attack, served: list, reconstruction: Reconstruction,
-                 config: AuditConfig, context: dict[str, Any], out: Path) -> None:
-    """Score ``reconstruction`` (of the updates ``served``) into ``result`` and write the cell's run folder."""
+                 residuals: list[Residual], config: AuditConfig, context: dict[str, Any], out: Path) -> None:
+    """Score ``reconstruction`` (of the updates ``served``; ``residuals``: each update's update
+    residual, the truth-free measure) into ``result`` and write the cell's run folder."""
     from ..runs import write_run
 
     images, labels = context["images"], context["labels"]
@@ -132,8 +135,14 @@ def _finish_cell(result: CellResult, spec: CellSpec, attack, served: list, recon
     order = [i for d in served[: reconstruction.updates] for i in d.indices]
     run = write_run(out / "cells" / result.cell_id, reconstruction, originals=images[order],
                     true_labels=labels[order], config={"cell": spec.key(config), "privacy": result.privacy,
-                                                       "threat_model": attack.threat.sok(attack)})
+                                                       "threat_model": attack.threat.sok(attack)},
+                    residuals=residuals)
     result.summary = {k: v for k, v in run.scores.summary.items()}
+    summary = residual_summary(residuals)
+    result.summary.update(residual_median=summary["median"], certified=summary["certified"])
+    result.residual = [r.value for r in residuals]
+    result.certified = [r.certified for r in residuals]
+    result.update_images = [len(d.indices) for d in served[: len(residuals)]]
     rows = {row["index"]: row for row in run.scores.per_image}  # missing: no reconstruction matched this image
     result.psnr = [rows[i]["psnr"] if i in rows else None for i in range(len(order))]
     result.ssim = [rows[i].get("ssim") if i in rows else None for i in range(len(order))]
@@ -189,7 +198,9 @@ def _run_together(config: AuditConfig, specs: list[CellSpec], stacks: list[list[
             yield result  # stored before (computed again for the others' sake): its folder stays as it is
             continue
         try:
-            _finish_cell(result, spec, attack, cell, Reconstruction.concat(mine), config, context, out)
+            residuals = [reconstruction_residual(attack.model, d.update, part, attack.threat)
+                         for d, part in zip(cell, mine)]
+            _finish_cell(result, spec, attack, cell, Reconstruction.concat(mine), residuals, config, context, out)
         except GradleakError as error:
             result.status, result.message = "error", str(error)
         result.seconds = share + time.perf_counter() - began

@@ -64,6 +64,9 @@ class CellResult:
     seconds: float = 0.0
     server: str = "honest"       # the server the attack assumes: honest (but curious) or malicious
     threat_model: str = ""       # the SoK's threat-model letter A-H (gradleak.threat.sok_threat_model)
+    residual: list[float | None] = field(default_factory=list)   # per update: the truth-free update residual
+    certified: list[bool] = field(default_factory=list)          # per update: certified exact by its residual
+    update_images: list[int] = field(default_factory=list)       # per update: how many of the images it holds
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
