@@ -78,7 +78,8 @@ class Residual:
     ``value``: ``||u(x̂, ŷ) - u_obs|| / ||u_obs||`` (None: not computable, ``reason`` says
     why). ``certified``: at most ``tolerance`` with the whole batch recovered. ``images``:
     images re-simulated; ``batch_size``: the update's (None: not known to the server).
-    ``labels``: where the labels came from (``reconstruction``, ``shared``, ``solved``)."""
+    ``labels``: where the labels came from (``reconstruction``, ``shared``, ``solved``);
+    ``label_values``: the labels re-simulated, one per image in the reconstruction's order."""
 
     value: float | None
     certified: bool = False
@@ -87,19 +88,23 @@ class Residual:
     batch_size: int | None = None
     labels: str = ""
     reason: str = ""
+    label_values: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "certified": self.certified, "tolerance": self.tolerance, "images": self.images,
-                "batch_size": self.batch_size, "labels": self.labels, "reason": self.reason}
+                "batch_size": self.batch_size, "labels": self.labels, "reason": self.reason,
+                "label_values": None if self.label_values is None else list(self.label_values)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> "Residual | None":
         if not isinstance(data, Mapping):
             return None
         value = data.get("value")
+        labels = data.get("label_values")
         return cls(None if value is None else float(value), bool(data.get("certified")),
                    float(data.get("tolerance") or 0.0), int(data.get("images") or 0), data.get("batch_size"),
-                   str(data.get("labels") or ""), str(data.get("reason") or ""))
+                   str(data.get("labels") or ""), str(data.get("reason") or ""),
+                   None if not isinstance(labels, list) else tuple(int(v) for v in labels))
 
     def describe(self) -> str:
         """One line: ``residual 3.1e-08: CERTIFIED EXACT (...)`` or why it is not."""
@@ -251,6 +256,7 @@ def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor
         return Residual(None, images=n, batch_size=batch, reason=one_line(error, 200))
     dtype = next(iter(simulated.values())).dtype
     value, tolerance = relative_distance(simulated, update.tensors), certify_tolerance(dtype)
+    used = tuple(int(v) for v in y.reshape(-1).tolist())
     if batch is None:
         why = f"the batch size is not known to the server: {n} image(s) re-simulated"
     elif n != batch:
@@ -259,8 +265,9 @@ def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor
         why = f"above the {tolerance:.2g} that certifies a {str(dtype).replace('torch.', '')} re-simulation"
     else:
         return Residual(value, True, tolerance, n, batch, source,
-                        f"the {n} recovered image(s) and their {source} labels reproduce the update to {value:.1g}")
-    return Residual(value, False, tolerance, n, batch, source, why)
+                        f"the {n} recovered image(s) and their {source} labels reproduce the update to {value:.1g}",
+                        used)
+    return Residual(value, False, tolerance, n, batch, source, why, used)
 
 
 def reconstruction_residual(model: nn.Module, update: SharedUpdate, reconstruction: Any,

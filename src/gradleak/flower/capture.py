@@ -4,7 +4,8 @@ when the auditor has one, and every reconstruction with its update residual.
 Beside ``round-XXX/node-<id>.safetensors`` (a gradleak update file, for ``gradleak attack``)
 lie ``node-<id>.truth.safetensors`` (only with ``truth=``) and one
 ``node-<id>.reconstruction-<attack>.safetensors`` per attack that recovered images: entries
-``images`` ([0, 1] scale, the attack's order) and ``labels`` (when recovered), and in the
+``images`` ([0, 1] scale, the attack's order) and ``labels`` (the attack's, else those its
+residual solved from the classifier gradient; ``labels`` in the metadata says which), and in the
 safetensors metadata (``gradleak``, JSON) the attack, its update residual (value,
 certified, tolerance, labels' source) and the update file's name. The round's
 secure-aggregation sum is ``sum.*``. Files are written atomically (:mod:`gradleak._io`);
@@ -48,9 +49,12 @@ def save_reconstruction(update_file: Path, outcome: AttackOutcome) -> Path | Non
     if rec is None or rec.images is None:
         return None
     tensors = {"images": rec.images.detach().cpu().contiguous()}
+    used = None if outcome.residual is None else outcome.residual.label_values
     if rec.labels is not None and rec.labels.numel() == rec.images.shape[0]:
-        tensors["labels"] = rec.labels.detach().cpu().to(torch.int64).contiguous()
-    meta = {"attack": outcome.attack, "update": update_file.name,
+        tensors["labels"], source = rec.labels.detach().cpu().to(torch.int64).contiguous(), "the attack's"
+    elif used is not None and len(used) == rec.images.shape[0]:
+        tensors["labels"], source = torch.tensor(used, dtype=torch.int64), outcome.residual.labels
+    meta = {"attack": outcome.attack, "update": update_file.name, "labels": source if "labels" in tensors else None,
             "residual": None if outcome.residual is None else outcome.residual.to_json()}
     path = reconstruction_path(update_file, outcome.attack)
     atomic_write_bytes(path, safetensors_save(tensors, metadata={_META: json.dumps(to_jsonable(meta))}))

@@ -192,14 +192,16 @@ def protocol_of(metrics: Mapping[str, Any] | None, config: Mapping[str, Any] | N
     missing value is unknown, with its reason."""
     sides = {"metrics": dict(metrics or {}), "config": dict(config or {}), "declared": dict(declared or {})}
     protocol = ClientProtocol()
-    for name in _CHECKS:
+    for name in ("num_examples", *(n for n in _CHECKS if n != "num_examples")):
         read = {side: _read(name, side, values, protocol) for side, values in sides.items()
                 if side in _SIDES.get(name, sides)}
         side = next((side for side, (value, _) in read.items() if value is not None), None)
         value, key = read[side] if side is not None else (None, None)
         if side is not None:
-            for other, (theirs, _) in read.items():
-                if other != side and theirs is not None and theirs != value:
+            cap = protocol.num_examples if name == "batch_size" and protocol.num_examples else None
+            for other, (theirs, _) in read.items():    # a minibatch larger than the data is the data (cap)
+                if other != side and theirs is not None and (min(theirs, cap) != min(value, cap) if cap else
+                                                             theirs != value):
                     protocol.problems.setdefault(name, f"{_SAYS[side]} {value}, {_SAYS[other]} {theirs}; using "
                                                        f"the {_OWNER[side]} value")
         setattr(protocol, name, value)

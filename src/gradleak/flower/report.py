@@ -24,7 +24,7 @@ from ..report import reconstruction_grid
 from ..report.html import html_page, image_tag
 from .records import AuditRecord
 
-__all__ = ["write_report", "leakage_figure"]
+__all__ = ["write_report", "leakage_figure", "leakage_series"]
 
 
 def _who(record: AuditRecord, names: Mapping[int, str]) -> str:
@@ -109,6 +109,15 @@ def _series(records: Sequence[AuditRecord], names: Mapping[int, str], value) -> 
     return series
 
 
+def leakage_series(records: Sequence[AuditRecord], names: Mapping[int, str] | None = None
+                   ) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What the leakage plot draws: ``{"psnr": {who: [(round, best PSNR)]}, "residual": {who:
+    [(round, best update residual)]}}`` (who: the client's name, or ``secure-aggregation sum``);
+    PSNR only where the truth was known, the residual wherever an attack recovered images."""
+    names = dict(names or {})
+    return {"psnr": _series(records, names, lambda r: r.best_psnr), "residual": _series(records, names, _residual)}
+
+
 def _residual(record: AuditRecord) -> float | None:
     value = record.best_residual
     return None if value is None else max(value, 1e-17)     # an exact 0 on the log axis
@@ -142,8 +151,8 @@ def leakage_figure(records: Sequence[AuditRecord], path: Path, names: Mapping[in
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    psnr = _series(records, names, lambda r: r.best_psnr)
-    residual = _series(records, names, _residual)
+    drawn = leakage_series(records, names)
+    psnr, residual = drawn["psnr"], drawn["residual"]
     certified = [(r.server_round, _residual(r)) for r in records if r.certified and _residual(r) is not None]
     panels = [p for p, present in (("psnr", psnr), ("residual", residual)) if present] or ["residual"]
     figure = Figure(figsize=(9.0 if len(panels) == 1 else 14.0, 4.0), dpi=100)

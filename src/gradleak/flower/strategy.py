@@ -50,7 +50,7 @@ from .arrays import delta_update, record_tensors, reply_arrays, state_shapes
 from .attacks import is_auto, parse_attacks, run_attack, run_auto
 from .capture import save_reconstruction, update_path
 from .contract import check_declared, protocol_of
-from .explain import NOT_ATTACKABLE, Explanation, explain
+from .explain import EXACT, NOT_ATTACKABLE, POSSIBLE, Explanation, explain
 from .records import AuditRecord, aggregate_record, skipped
 
 __all__ = ["LeakageAuditStrategy", "AuditRecord"]
@@ -314,10 +314,11 @@ class LeakageAuditStrategy(Strategy):
                if n > self.max_examples else None)
         if why is not None:
             return [skipped(name, why) for name, _ in self.attacks]
-        if is_auto(self.attacks):
-            analysis = None if record.explanation is None else record.explanation.analysis
+        if is_auto(self.attacks):   # closed forms only where the explanation predicts them (not for a sum of steps)
+            why = record.explanation
+            closed = why is not None and why.verdict in (EXACT, POSSIBLE) and why.analysis is not None
             outcomes = run_auto(self.attacks[0][1], self.built, update, self.threat, truth=record.truth,
-                                verdicts=[] if analysis is None else analysis["attacks"], time_budget=self.time_budget)
+                                verdicts=why.analysis["attacks"] if closed else [], time_budget=self.time_budget)
         else:
             outcomes = [run_attack(name, options, self.built, update, self.threat, truth=record.truth,
                                    time_budget=self.time_budget) for name, options in self.attacks]
