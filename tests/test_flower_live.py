@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,17 @@ def test_a_bad_declaration_is_refused_in_one_line(tmp_path):
         live.audited(FedAvg(), {}, tmp_path, attacks=("auto", {"iteratons": 3}))
 
 
+def _processes_under(folder: str, wait: float = 15.0) -> list[int]:
+    """Pids whose command line names ``folder``, after giving them ``wait`` seconds to exit."""
+    deadline = time.monotonic() + wait
+    while True:
+        table = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+        found = [int(line.split(None, 1)[0]) for line in table if folder in line]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_the_app_in_flowers_simulation_engine(tmp_path):
     """The same app in Flower's simulation engine (Ray), 3 clients, 2 rounds, in its own session
@@ -220,14 +232,20 @@ def test_the_app_in_flowers_simulation_engine(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_TMPDIR": tempfile.mkdtemp(prefix="gll"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    script = ("import sys; from flwr.simulation import run_simulation; from live_app import app; "
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "LIVE_APP_OUT": str(tmp_path / "out")}
+    script = ("from flwr.simulation import run_simulation; from live_app import app; "
               "run_simulation(server_app=app.server, client_app=app.client, num_supernodes=3, "
-              "backend_config={'client_resources': {'num_cpus': 0.5}}, "
-              f"run_config={{**app.RUN_CONFIG, 'audit-out': {str(tmp_path / 'out')!r}}})")
-    process = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                             timeout=400, start_new_session=True)
+              "backend_config={'client_resources': {'num_cpus': 0.5}})")
+    try:
+        process = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=400, start_new_session=True)
+    finally:
+        left = _processes_under(env["RAY_TMPDIR"])
+        for pid in left:                    # Ray's processes of this run only, found by its own temp folder
+            os.kill(pid, 9)
     assert process.returncode == 0, process.stderr[-3000:]
+    assert not left, f"processes left running by the simulation: {left}"
     stored = json.loads((tmp_path / "out" / "audit.json").read_text())
     clients = [r for r in stored["records"] if r["kind"] == "client"]
     assert len(clients) == 6 and sum(r["certified"] for r in clients) == 4

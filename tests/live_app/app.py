@@ -15,6 +15,7 @@ in Flower's simulation engine.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 RUN_CONFIG = {"num-server-rounds": 2, "local-epochs": 1, "learning-rate": 0.1, "batch-size": 32}
+
+
+def run_config(context: Context) -> dict[str, Any]:
+    """The app's run config: ``pyproject.toml``'s defaults (``RUN_CONFIG``) under what the run sets."""
+    return {**RUN_CONFIG, **dict(context.run_config)}
 # partition -> (first digit, examples, the client's own minibatch cap): two clients with 2 images
 # (one local step of 2), one with 4 in minibatches of 2 (two local steps)
 PARTITIONS = {0: (0, 2, 32), 1: (2, 2, 32), 2: (4, 4, 2)}
@@ -73,11 +79,12 @@ def train(msg: Message, context: Context) -> Message:
     model = tiny_net()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     images, labels = load_partition(partition)
-    batch = min(int(context.run_config["batch-size"]), PARTITIONS[partition][2])
+    config = run_config(context)
+    batch = min(int(config["batch-size"]), PARTITIONS[partition][2])
     optimizer = torch.optim.SGD(model.parameters(), lr=float(msg.content["config"]["lr"]))
     steps, loss = 0, torch.tensor(0.0)
     model.train()
-    for _ in range(int(context.run_config["local-epochs"])):
+    for _ in range(int(config["local-epochs"])):
         for start in range(0, len(images), batch):
             optimizer.zero_grad()
             loss = F.cross_entropy(model(images[start:start + batch]), labels[start:start + batch])
@@ -106,12 +113,13 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    out = Path(context.run_config.get("audit-out", "runs/live-app"))
-    strategy = audited(FedAvg(fraction_evaluate=0.0), dict(context.run_config), out,
-                       attacks=("auto", {"iterations": 30}), secure_aggregation=True)
+    config = run_config(context)
+    out = Path(os.environ.get("LIVE_APP_OUT", "runs/live-app"))
+    strategy = audited(FedAvg(fraction_evaluate=0.0), config, out, attacks=("auto", {"iterations": 30}),
+                       secure_aggregation=True)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(tiny_net().state_dict()),
-                            num_rounds=int(context.run_config["num-server-rounds"]),
-                            train_config=ConfigRecord({"lr": float(context.run_config["learning-rate"])}))
+                            num_rounds=int(config["num-server-rounds"]),
+                            train_config=ConfigRecord({"lr": float(config["learning-rate"])}))
     from safetensors.torch import save_file
 
     from gradleak.flower import write_report
