@@ -17,21 +17,22 @@ produces exactly the update the server saw.
 (1.2e-3 in float32, 2.2e-12 in float64), it holds as many images as the update's batch, and
 that batch size is known. Why ``1e4 eps``: a closed form inverts float32 data exactly only
 up to the conditioning of its problem, and its images reproduce the update to ``kappa eps``
-with an amplification ``kappa`` that grows with the batch (measured in float32,
-``benchmarks/residual.py``: fc-bias on one photo 2e-7 at 149 dB, Qian on 4 photos 6e-8 at
-164 dB, Qian on 8 digits or photos 3e-4 to 6e-4 at 83-87 dB, R-GAP on a 16 px digit 1.3e-5
-at 93 dB; the same in float64: 5e-16 to 1.2e-13, at 254-320 dB). Below ``1e4 eps`` those
-are all certified. What stays above it: R-GAP on a 32 px photo through LeNet (3.2e-3, 42
-dB: an ill-conditioned system, the image visibly off), every optimisation result measured
-(Inverting Gradients: 5e-2 to 0.22 at 13-24 dB), partial and perturbed recoveries. A
-certificate says "this batch, with these labels, reproduces the update to r": a statement
-about what the server holds, checked, not predicted. It says the batch is *the client's*
+with an amplification ``kappa`` that grows with the batch and the depth (measured,
+``benchmarks/residual.py cases``, float32: fc-bias on one photo 1.6e-7 at 149 dB, Qian on 4
+photos 6.4e-8 at 164 dB and on 4 digits 5.2e-5 at 98 dB, Qian on 8 digits or photos 2.7e-4 to
+5.6e-4 at 83-88 dB, R-GAP on a 16 px digit through LeNet 1.3e-5 at 93 dB; float64: 5e-16 to
+1.2e-13 at 254-320 dB). All of those are certified. What stays above it: R-GAP on a 32 px
+photo through LeNet (float32 3.2e-3 at 42 dB, an ill-conditioned system whose image is
+visibly off; float64 5.6e-10 at 176 dB, an exact image left uncertified), every optimisation
+result measured (Inverting Gradients: 0.05 to 0.22 at 13-24 dB), partial and perturbed
+recoveries. A certificate says "this batch, with these labels, reproduces the update to r":
+a statement about what the server holds, checked, not predicted. It says the batch is *the client's*
 when the update determines its batch uniquely (a first fully connected layer's gradient
 ``sum_i delta_i x_i^T`` does, for one sample; the analyser's verdicts say when);
 ``docs/flower.md`` measures, over the example audit, that no certified reconstruction is
-below 60 dB PSNR. It is one-sided: a defense that rescales the update (clipping) leaves a
-closed form's image exact but its residual large, so "not certified" does not mean "not
-exact".
+below 60 dB PSNR (lowest: 100.2 dB). It is one-sided: a defense that rescales the update
+(clipping) leaves a closed form's image exact but its residual large, so "not certified" does
+not mean "not exact".
 
 **Partial recoveries are never certified.** The residual is that of the whole recovered
 batch: an attack that returns k images for a batch of B (Qian with too few hidden units,
