@@ -198,7 +198,7 @@ def _with_options(plan: list[PlannedAttack], options: Mapping[str, Any]) -> list
 
 @dataclass
 class AutoAttempt:
-    """One attack ``attacks="auto"`` ran: ``status`` ok, not applicable or failed (``message``
+    """One attack ``attacks="auto"`` ran: ``status`` ok, not applicable, failed or interrupted (``message``
     says why), why it was planned, its update residual, its time."""
 
     attack: str

@@ -344,10 +344,14 @@ def attack_auto(model: nn.Module, update: SharedUpdate, threat, *, num_classes: 
         attempt.message = residual.describe()
         if reconstruction.images is not None and better_residual(residual, None if best is None else best[1]):
             best = (reconstruction, residual)
-        if residual.certified or reconstruction.interrupted:
+        if reconstruction.interrupted:   # Ctrl-C: no further attack; the run is marked interrupted
+            attempt.status = "interrupted"
+            break
+        if residual.certified:
             break
     if best is None:
         return None, None, attempts, why
+    best[0].interrupted = any(a.status == "interrupted" for a in attempts)
     best[0].notes.insert(0, f"attacks='auto' ({why}): chose {best[0].attack} of "
                             f"{', '.join(a.attack + ' ' + a.status for a in attempts)}; {best[1].describe()}")
     return best[0], best[1], attempts, why
