@@ -136,7 +136,10 @@ def _panel(ax, series: dict[str, list[tuple[int, float]]], ylabel: str, log: boo
                    linewidths=1.5, label="certified exact", zorder=5)
     if log:
         ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rounds = sorted({r for points in series.values() for r, _ in points})
+    if rounds:
+        ax.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("server round")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -164,6 +167,10 @@ def leakage_figure(records: Sequence[AuditRecord], path: Path, names: Mapping[in
             _panel(ax, psnr, "best PSNR of the audit's attacks (dB; needs the truth)")
         else:
             _panel(ax, residual, "best update residual (truth-free; log)", log=True, certified=certified)
+            tolerances = {o.residual.tolerance for r in records for o in r.attacks if o.residual is not None}
+            if len(tolerances) == 1 and next(iter(tolerances)) > 0:
+                ax.axhline(next(iter(tolerances)), color="black", linestyle=":", linewidth=1,
+                           label=f"certified exact below ({next(iter(tolerances)):.2g})")
             ax.set_ylim(top=max([1.0] + [v for points in residual.values() for _, v in points]) * 2)
         handles = ax.get_legend_handles_labels()[0] if not handles or panel == "residual" else handles
     if accuracy:
