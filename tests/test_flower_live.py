@@ -255,3 +255,22 @@ def test_the_app_in_flowers_simulation_engine(tmp_path):
                                                            live.load_partition(p)[0]).min()) > 60)
         assert partition in (0, 1)
     assert "CERTIFIED EXACT" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_the_client_gate_runs_auto_and_blocks_an_exactly_recoverable_update():
+    """The gate with attacks='auto' on the app's own ClientApp: the analyser's plan (Qian) gets
+    the client's two digits back above the threshold, so the reply is refused."""
+    from flwr.app import Message, MessageType
+
+    from gradleak.flower import leakage_gate
+    from gradleak.flower.gate import BLOCK_PREFIX
+    from gradleak.models import ModelSpec
+
+    gate = leakage_gate(ModelSpec("live_app.app:tiny_net", device="cpu"), lambda context: live.load_partition(0),
+                        num_classes=live.CLASSES, attacks=AUTO, threshold_psnr=60.0, action="block", time_budget=20.0)
+    message = Message(RecordDict({"arrays": ArrayRecord(live.tiny_net().state_dict()),
+                                  "config": ConfigRecord({"lr": 0.1})}), 11, MessageType.TRAIN)
+    context = Context(run_id=7, node_id=11, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config=dict(live.RUN_CONFIG))
+    reply = gate(message, context, live.train)
+    assert reply.has_error() and reply.error.reason.startswith(BLOCK_PREFIX) and "qian" in reply.error.reason
