@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradleak.audit import AuditConfig, audit_cells, load_audit_config, run_audit
-from gradleak.audit import runner as audit_runner
+from gradleak.audit import _group as audit_group
 from gradleak.cli import app
 from gradleak.errors import ConfigError
 
@@ -152,13 +152,13 @@ def test_audit_resumes_without_recomputing_and_recomputes_what_changed(tmp_path,
     out = tmp_path / "out"
     first = run_audit(config_file, out, quiet=True)
     calls = []
-    original = audit_runner._run_cell
+    original = audit_group._run_cell
 
     def counting(spec, *args, **kwargs):
         calls.append(spec.defense_index)
         return original(spec, *args, **kwargs)
 
-    monkeypatch.setattr(audit_runner, "_run_cell", counting)
+    monkeypatch.setattr(audit_group, "_run_cell", counting)
     again = run_audit(config_file, out, quiet=True)
     assert calls == [] and [c.to_json() for c in again.cells] == [c.to_json() for c in first.cells]
     (out / "cells" / first.cells[1].cell_id / "cell.json").unlink()
@@ -172,7 +172,7 @@ def test_audit_resumes_without_recomputing_and_recomputes_what_changed(tmp_path,
 
 def test_an_interrupted_audit_keeps_finished_cells_and_continues(tmp_path, config_file, monkeypatch):
     out = tmp_path / "out"
-    original = audit_runner._run_cell
+    original = audit_group._run_cell
     done = []
 
     def interrupting(spec, *args, **kwargs):
@@ -181,11 +181,11 @@ def test_an_interrupted_audit_keeps_finished_cells_and_continues(tmp_path, confi
         done.append(spec.defense_index)
         return original(spec, *args, **kwargs)
 
-    monkeypatch.setattr(audit_runner, "_run_cell", interrupting)
+    monkeypatch.setattr(audit_group, "_run_cell", interrupting)
     partial = run_audit(config_file, out, quiet=True)
     assert partial.interrupted and len(partial.cells) == 2
     assert "interrupted" in (out / "report.html").read_text()
-    monkeypatch.setattr(audit_runner, "_run_cell", original)
+    monkeypatch.setattr(audit_group, "_run_cell", original)
     complete = run_audit(config_file, out, quiet=True)
     assert not complete.interrupted and len(complete.cells) == 4
     assert [c.cell_id for c in complete.cells[:2]] == [c.cell_id for c in partial.cells]

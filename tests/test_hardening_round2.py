@@ -29,7 +29,7 @@ from gradleak.limits import LIMITS
 from gradleak.models import ModelSpec, build_model
 from gradleak.models.weights import read_weights
 from gradleak.names import check_import_allowed, model_name
-from gradleak.update import load_update
+from gradleak.update_file import load_update
 from gradleak.update_file import _digest
 
 runner = CliRunner()

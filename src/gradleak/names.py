@@ -67,12 +67,9 @@ def factory_parts(name: str) -> tuple[str, str]:
     return module, attr
 
 
-def model_name(value: Any, where: str = "model", known: Iterable[str] | None = None) -> str:
-    """The normalised model name: a zoo name (of ``known``, the zoo by default) or a factory."""
-    if known is None:
-        from .models import MODELS
-
-        known = MODELS
+def model_name(value: Any, where: str = "model", known: Iterable[str] = ()) -> str:
+    """The normalised model name: one of the ``known`` zoo names (the caller passes
+    :data:`gradleak.models.MODELS`) or a factory."""
     known = list(known)
     text = normalize(value, where)
     if text in known or is_factory(text):
@@ -80,7 +77,8 @@ def model_name(value: Any, where: str = "model", known: Iterable[str] | None = N
     hint = ""
     if ":" in text:
         hint = " (a factory is package.module:factory: identifiers separated by dots, one ':', one function name)"
-    raise ConfigError(f"{where}: unknown model {short_repr(text)}; give a zoo name ({', '.join(known)}) or "
+    zoo = f" ({', '.join(known)})" if known else ""
+    raise ConfigError(f"{where}: unknown model {short_repr(text)}; give a zoo name{zoo} or "
                       f"package.module:factory{hint}")
 
 

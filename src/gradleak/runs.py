@@ -4,7 +4,8 @@
 
     RUN_DIR/
       config.json                 what was run (attack, options, model, data, threat model)
-      metrics.json                scores after matching, label accuracy, the method's notes
+      metrics.json                scores after matching, label accuracy, the update residual
+                                  (truth-free), the method's notes
       history.json                the attack's curves
       reconstruction.safetensors  recovered images/labels/features, and the ground truth
       grid.png                    originals above their matched reconstructions, with PSNR
@@ -39,6 +40,7 @@ from .attacks.base import Reconstruction
 from .data._files import quote, read_json, read_safetensors
 from .errors import DataError
 from .metrics import Scores, score
+from .residual import Residual, residual_summary
 from .report import curves_figure, reconstruction_grid, write_html_report
 
 __all__ = ["RunResult", "write_run", "load_run", "rebuild_report", "save_truth", "load_truth"]
@@ -57,6 +59,7 @@ class RunResult:
     run_dir: Path
     reconstruction: Reconstruction
     scores: Scores | None
+    residuals: list[Residual] | None = None
 
     @property
     def report(self) -> Path:
@@ -96,8 +99,12 @@ def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scor
 
 def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals: torch.Tensor | None = None,
               true_labels: torch.Tensor | None = None, config: dict[str, Any] | None = None,
-              use_lpips: bool = True, updates: Sequence[Any] = ()) -> RunResult:
-    """Score ``reconstruction`` against the ground truth (if given) and write the run folder;
+              use_lpips: bool = True, residuals: list[Residual] | None = None,
+              extra_metrics: dict[str, Any] | None = None, updates: Sequence[Any] = ()) -> RunResult:
+    """Score ``reconstruction`` against the ground truth (if given) and write the run folder.
+    ``residuals``: the update residual of each attacked update (:mod:`gradleak.residual`, the
+    truth-free measure), recorded in ``metrics.json`` under ``"residual"``; ``extra_metrics``:
+    more entries for ``metrics.json`` (e.g. ``"auto"``: the attacks ``attacks="auto"`` tried);
     ``updates`` (the clients' :class:`~gradleak.update.SharedUpdate` s) go to
     ``updates/client-NN.safetensors``. The folder is written whole or not at all
     (:func:`gradleak._io.staged_folder`): a failure midway leaves no half folder behind."""
@@ -117,13 +124,15 @@ def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals:
         atomic_write_json(stage / "config.json", {"attack": reconstruction.attack, **(config or {}),
                                                   "attack_options": reconstruction.config})
         metrics = {"attack": reconstruction.attack, **(scores.to_json() if scores else {}),
-                   "notes": list(reconstruction.notes)}
+                   "notes": list(reconstruction.notes), **dict(extra_metrics or {})}
+        if residuals is not None:
+            metrics["residual"] = residual_summary(residuals)
         if reconstruction.features:
             metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
         atomic_write_json(stage / "metrics.json", metrics)
         _draw(stage, reconstruction, originals, scores)
         write_html_report(stage)
-    return RunResult(run_dir, reconstruction, scores)
+    return RunResult(run_dir, reconstruction, scores, residuals)
 
 
 def _json_kind(value: Any) -> str:

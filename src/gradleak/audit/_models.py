@@ -63,10 +63,10 @@ class ModelChoice:
         return key
 
     def check(self, where: str) -> None:
-        from ..models import MODES
+        from ..models import MODELS, MODES
         from ..names import model_name
 
-        if model_name(self.name, where) != self.name:  # the parser stores names normalised
+        if model_name(self.name, where, MODELS) != self.name:  # the parser stores names normalised
             raise ConfigError(f"{where}: model name {show(self.name)} is not normalised")
         if self.mode not in MODES:
             raise ConfigError(f"{where}.mode: must be train or eval, got {show(self.mode)}")

@@ -65,7 +65,7 @@ def _worker_start() -> None:
 
 def _cells_task(config, specs: list, stacks: list, context: dict[str, Any], out: str, positions: list[int], results):
     """One group of cells, computed as an in-process audit computes them; each cell is sent on arrival."""
-    from .runner import run_group
+    from ._group import run_group
 
     device = context["device"]
     context = {**context, "images": context["images"].to(device), "labels": context["labels"].to(device)}

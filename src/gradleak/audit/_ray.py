@@ -217,7 +217,7 @@ def _cell_task(config, specs: list, stacks: list[list[Any]], context: dict[str, 
     """The Ray task: one group of cells, computed as a local audit computes them."""
     import torch
 
-    from .runner import run_group
+    from ._group import run_group
 
     torch.set_num_threads(1)
     sys.path.extend(p for p in sys_path if p not in sys.path)  # a factory model's module, on the same machine

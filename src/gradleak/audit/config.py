@@ -320,7 +320,7 @@ class AuditConfig:
                 raise ConfigError(f"the audit config needs {key!r}")
         values: dict[str, Any] = {k: raw[k] for k in ("name", "seed", "dtype", "device") if k in raw}
         models = [_named(f"models[{k}]", m, ("weights", "mode", "train")) for k, m in enumerate(_list(raw, "models"))]
-        values["models"] = tuple(ModelChoice(model_name(name, f"models[{k}]"), options, **extra)
+        values["models"] = tuple(ModelChoice(model_name(name, f"models[{k}]", _zoo()), options, **extra)
                                  for k, (name, options, extra) in enumerate(models))
         attacks = []
         for k, entry in enumerate(_list(raw, "attacks")):
@@ -328,7 +328,7 @@ class AuditConfig:
             models = extra.get("models")
             if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
                 raise ConfigError(f"attacks[{k}].models: expected a list of model names, got {show(models)}")
-            models = None if models is None else tuple(model_name(m, f"attacks[{k}].models") for m in models)
+            models = None if models is None else tuple(model_name(m, f"attacks[{k}].models", _zoo()) for m in models)
             attacks.append(AttackChoice(name, options, models))
         values["attacks"] = tuple(attacks)
         if "defenses" in raw:
@@ -348,6 +348,12 @@ class AuditConfig:
         if "verdict" in raw:
             values["verdict"] = _sub(VerdictRule, "verdict", raw["verdict"])
         return cls(**values)
+
+
+def _zoo():
+    from ..models import MODELS
+
+    return MODELS
 
 
 def _sub(cls, key: str, value: Any):

@@ -5,13 +5,11 @@ honest-but-curious and a malicious server get (:func:`audit_verdicts`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from ._checks import number
-
-if TYPE_CHECKING:   # results.py imports the config, which imports this module
-    from .results import CellResult
+from .cell import CellResult
 
 __all__ = ["VerdictRule", "audit_verdicts"]
 

@@ -185,6 +185,10 @@ def summary(result, quiet: bool) -> None:
     line = f"wrote {result.run_dir}/report.html"
     if psnr is not None:
         line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
+    if getattr(result, "residuals", None):
+        from ..residual import residual_summary, summary_text
+
+        line += f"  |  {summary_text(residual_summary(result.residuals))} (truth-free)"
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
     say(line)

@@ -21,7 +21,7 @@ def reference(
     from ..reference import reference_markdown, write_reference
 
     if out is None:
-        print(reference_markdown(), end="", file=stdout())
+        print(reference_markdown(app), end="", file=stdout())
         return
-    write_reference(output_file(out))
+    write_reference(output_file(out), app)
     typer.echo(f"wrote {out}", err=True)

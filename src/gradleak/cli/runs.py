@@ -67,7 +67,7 @@ def capture(
     from ..data.spec import DataSpec
     from ..pipeline import simulate_clients
     from ..runs import save_truth
-    from ..update import save_update
+    from ..update_file import save_update
 
     setup_logging(quiet, verbose)
     out_path = output_file(out, "--out")
@@ -96,8 +96,12 @@ def capture(
 @friendly
 def attack(
     update: Optional[Path] = typer.Argument(None, help="Update file to attack; omit to simulate fresh clients."),
-    attack_name: str = typer.Option("fc-bias", "--attack", "-a", help="Attack name (see `gradleak list`)."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable."),
+    attack_name: Optional[str] = typer.Option(None, "--attack", "-a", help="Attack name (see `gradleak list`), or "
+                                              "auto: the attacks the analyser finds applicable, exact closed forms "
+                                              "first, stopping at the first certified exact by the update residual. "
+                                              "Default: auto with UPDATE, fc-bias without."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable. "
+                                               "With auto: to every attack that takes it, or NAME.key=value to one."),
     out: str = typer.Option("runs/attack", help="Run folder to write."),
     truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
     labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
@@ -120,19 +124,24 @@ def attack(
     verbose: bool = VerboseOpt,
 ):
     """Attack an update file (the model is rebuilt from its record, or from --model and checked
-    against it) or freshly simulated clients, score against the ground truth, and write the
-    run folder."""
+    against it) or freshly simulated clients, score against the ground truth when given, and
+    write the run folder. Every run records the update residual: how well the reconstruction
+    reproduces the update, without ground truth (certified exact at most 1e4 machine epsilons)."""
+    from ..auto import AUTO
     from ..errors import ConfigError
     from ..pipeline import attack_file, attack_simulated
     from ..threat import ThreatModel
 
     setup_logging(quiet, verbose)
     options = parse_options(option)
+    attack_name = attack_name or (AUTO if update is not None else "fc-bias")
+    if attack_name == AUTO and update is None:
+        raise ConfigError("--attack auto attacks an update file (UPDATE); name an attack for simulated clients")
     out = output_dir(out)
     from ..attacks import MaliciousAttack, get_attack
 
     # choosing a malicious-server attack is choosing that threat model (recorded in the run's config)
-    server = "malicious" if issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
+    server = "malicious" if attack_name != AUTO and issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
     threat = ThreatModel(labels_known=labels_known, server=server)
     if update is not None:
         if defense or client:

@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 from safetensors.torch import save as safetensors_save
 
-from ..update import SharedUpdate, _digest, _flat_tensors, load_update, save_update
+from ..update import SharedUpdate
+from ..update_file import _digest, _flat_tensors, load_update, save_update
 from ._engine import Campaign, run_inputs
 
 __all__ = ["seed_updates", "hostile_inputs", "run_campaign", "Campaign", "KINDS"]

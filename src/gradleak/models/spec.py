@@ -115,7 +115,9 @@ class ModelSpec:
     num_classes: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "name", model_name(self.name, "model"))
+        from . import MODELS
+
+        object.__setattr__(self, "name", model_name(self.name, "model", MODELS))
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError(f"model options must map names to values, got {short_repr(self.options)}")
         object.__setattr__(self, "options", dict(self.options))

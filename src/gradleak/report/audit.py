@@ -140,14 +140,14 @@ def _cells_csv(result: "AuditResult") -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["cell", "model", "attack", "server", "threat_model", "defense", "batch_size", "status", "psnr_mean", "psnr_std", "ssim_mean",
-                     "lpips_mean", "label_accuracy", "recognisable", "n_images", "epsilon_update", "epsilon_budget",
-                     "utility_accuracy",
-                     "seconds", "message"])
+                     "lpips_mean", "label_accuracy", "recognisable", "n_images", "residual_median", "certified_updates",
+                     "updates", "epsilon_update", "epsilon_budget", "utility_accuracy", "seconds", "message"])
     for c in result.cells:
         s = c.summary
         writer.writerow([c.cell_id, c.model, c.attack, c.server, c.threat_model, c.defense, c.batch_size, c.status, s.get("psnr_mean"),
                          s.get("psnr_std"), s.get("ssim_mean"), s.get("lpips_mean"), s.get("label_accuracy"),
-                         c.levels.get("recognisable"), len(c.psnr) or None, c.privacy.get("epsilon"),
+                         c.levels.get("recognisable"), len(c.psnr) or None, s.get("residual_median"),
+                         sum(c.certified) if c.residual else None, len(c.residual) or None, c.privacy.get("epsilon"),
                          c.privacy.get("epsilon_budget"),
                          (result.utility.get(c.defense_index) or {}).get("accuracy"), round(c.seconds, 2), c.message])
     return buffer.getvalue()
@@ -244,7 +244,7 @@ def _epsilons(privacy: dict[str, Any]) -> str:
 
 def _cells_section(result: "AuditResult") -> str:
     headers = ["model", "attack", "server (SoK)", "defense", "batch", "status", "PSNR (dB)", "SSIM", "LPIPS", "labels",
-               "recognisable", "epsilon: this update / budget", "seconds", "cell"]
+               "recognisable", "update residual (certified exact)", "epsilon: this update / budget", "seconds", "cell"]
     rows = []
     for c in result.cells:
         s = c.summary
@@ -257,6 +257,8 @@ def _cells_section(result: "AuditResult") -> str:
                      _Num(_pm(s.get("ssim_mean"), s.get("ssim_std"), ".3f")), _Num(_fmt(s.get("lpips_mean"), ".3f")),
                      _Num(f"{100 * accuracy:.0f} %" if isinstance(accuracy, (int, float)) else "n/a"),
                      _Num(f"{c.levels.get('recognisable', 0)}/{len(c.psnr)}" if _psnr(c) is not None else "n/a"),
+                     _Num(f"{_fmt(s.get('residual_median'), '.2g')} ({sum(c.certified)}/{len(c.residual)})"
+                          if c.residual else "n/a"),
                      _Num(_epsilons(c.privacy)), _Num(f"{c.seconds:.0f}"),
                      f'<a href="cells/{escape(c.cell_id)}/report.html">report</a>'])
     return '<h2>Every cell</h2>\n<div class="wide">' + _table(headers, rows) + "</div>"

@@ -223,7 +223,25 @@ def _summary_section(metrics: Mapping[str, Any]) -> str:
     for key, value in summary.items():
         if key not in known:
             rows.append((escape(str(key)), _fmt(value, ".4g")))
+    rows += _residual_rows(metrics)
     return "<h2>Summary</h2>\n" + _table(None, rows, "kv")
+
+
+def _residual_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The update residual (truth-free, ``gradleak.residual``) and the attacks ``auto`` tried, when recorded."""
+    rows, residual, auto = [], metrics.get("residual"), metrics.get("auto")
+    if isinstance(residual, Mapping):
+        certified, updates = _number(residual.get("certified")), _number(residual.get("updates"))
+        verdict = "" if certified is None or updates is None else (
+            f" ({int(certified)} of {int(updates)} update(s) <strong>certified exact</strong>)" if certified
+            else f" (none of {int(updates)} update(s) certified exact)")
+        rows.append(("update residual (median; truth-free)", _fmt(residual.get("median"), ".3g") + verdict))
+    if isinstance(auto, Mapping) and isinstance(auto.get("attempts"), list):
+        tried = [f"{_text(a.get('attack'))}: {_text(a.get('status'))}" + (
+                 f", residual {_fmt(a['residual'].get('value'), '.3g')}" if isinstance(a.get("residual"), Mapping)
+                 else "") for a in auto["attempts"] if isinstance(a, Mapping)]
+        rows.append(("attacks='auto' tried", "; ".join(tried) or _NA))
+    return rows
 
 
 _PER_IMAGE_COLUMNS = {
