@@ -48,6 +48,7 @@ class Campaign:
     slowest_input: str = ""
     seconds: float = 0.0
     rss_growth_mb: float = 0.0
+    peak_rss_mb: float = 0.0
 
     @property
     def total(self) -> int:
@@ -71,7 +72,8 @@ class Campaign:
                 "loaded": self.count("loaded"), "escapes": len(self.escaped), "multiline": len(self.multiline),
                 "unusable": len(self.unusable), "side_effects": len(self.side_effects),
                 "slowest_ms": round(1000 * self.slowest), "slowest_input": self.slowest_input,
-                "seconds": round(self.seconds, 1), "rss_growth_mb": round(self.rss_growth_mb)}
+                "seconds": round(self.seconds, 1), "rss_growth_mb": round(self.rss_growth_mb),
+                "peak_rss_mb": round(self.peak_rss_mb)}
 
 
 def _reason(message: str) -> str:
@@ -114,7 +116,8 @@ def run_inputs(surface: str, inputs: Iterable[tuple[str, Any]], load: Callable[[
         if progress is not None:
             progress(k + 1)
     campaign.seconds = time.perf_counter() - start
-    campaign.rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    campaign.rss_growth_mb, campaign.peak_rss_mb = (peak - rss) / 1024, peak / 1024
     return campaign
 
 
@@ -122,7 +125,7 @@ def print_campaign(campaign: Campaign, kinds: Iterable[str]) -> None:
     """The counts of one surface, as the long run prints them."""
     s = campaign.summary()
     print(f"[{campaign.surface}] {s['inputs']} inputs in {s['seconds']} s (slowest {s['slowest_ms']} ms: "
-          f"{s['slowest_input']}; peak RSS growth {s['rss_growth_mb']} MB)")
+          f"{s['slowest_input']}; peak RSS {s['peak_rss_mb']} MB, grown by {s['rss_growth_mb']} MB)")
     for kind in kinds:
         print(f"  {kind:12s} loaded {campaign.outcomes[(kind, 'loaded')]:6d}   "
               f"refused {campaign.outcomes[(kind, 'refused')]:6d}")
