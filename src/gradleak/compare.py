@@ -194,7 +194,7 @@ def _figure(rows: list[RunRow], path: Path) -> None:
 def _page(rows: list[RunRow], stage: Path) -> None:
     from html import escape
 
-    from .report.html import _Num, _fmt, _table, html_page, image_tag
+    from .report.page import _Num, _fmt, _table, html_page, image_tag
 
     def cell(key: str, value: Any) -> str:
         if key in ("psnr_mean", "psnr_median", "psnr_min"):

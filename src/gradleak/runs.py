@@ -65,6 +65,23 @@ class RunResult:
     def report(self) -> Path:
         return self.run_dir / "report.html"
 
+    def __repr__(self) -> str:
+        """The folder and the figures a person looks for, never tensor values."""
+        from .metrics import recovery_counts
+
+        parts = [f"run_dir={str(self.run_dir)!r}", f"attack={self.reconstruction.attack!r}"]
+        summary = self.scores.summary if self.scores is not None else {}
+        if summary:
+            parts.append(recovery_counts(summary) or f"{summary.get('n_images')} images")
+            if summary.get("psnr_mean") is not None:
+                parts.append(f"PSNR {summary['psnr_mean']:.1f} dB")
+            if summary.get("label_accuracy") is not None:
+                parts.append(f"labels {100 * summary['label_accuracy']:.0f} %")
+        if self.residuals:
+            certified = sum(r.certified for r in self.residuals)
+            parts.append(f"{certified} of {len(self.residuals)} update(s) certified exact")
+        return f"RunResult({', '.join(parts)})"
+
 
 def _tensors(reconstruction: Reconstruction, originals, true_labels) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
@@ -81,15 +98,22 @@ def _tensors(reconstruction: Reconstruction, originals, true_labels) -> dict[str
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def _matched_pairs(images: torch.Tensor, originals: torch.Tensor, rows: list[dict[str, Any]]):
+    """Each original's reconstruction (a grey square where none was recovered) and its label."""
+    matched = {row["index"]: row for row in rows if row.get("matched_to") is not None}
+    grey = torch.full_like(originals[0], 0.5)
+    pairs = [images[matched[i]["matched_to"]].to(originals.dtype) if i in matched else grey
+             for i in range(originals.shape[0])]
+    labels = [from_json_float(matched[i]["psnr"]) if i in matched else "not recovered"
+              for i in range(originals.shape[0])]
+    return torch.stack(pairs), labels
+
+
 def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scores | None) -> None:
     if reconstruction.images is not None:
         images, psnrs = reconstruction.images, None
         if originals is not None and scores is not None and scores.per_image:
-            matched = {row["index"]: row for row in scores.per_image}
-            order = [matched[i]["matched_to"] for i in range(originals.shape[0]) if i in matched]
-            images = reconstruction.images[order]
-            originals = originals[[i for i in range(originals.shape[0]) if i in matched]]
-            psnrs = [from_json_float(matched[i]["psnr"]) for i in sorted(matched)]
+            images, psnrs = _matched_pairs(reconstruction.images, originals, scores.per_image)
         reconstruction_grid(images, run_dir / "grid.png", originals=originals, psnr=psnrs,
                             title=f"{reconstruction.attack}: originals (top) and reconstructions")
     per_unit = all(k.startswith("unit_deviation") for k in reconstruction.history)
@@ -131,7 +155,7 @@ def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals:
             metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
         atomic_write_json(stage / "metrics.json", metrics)
         _draw(stage, reconstruction, originals, scores)
-        write_html_report(stage)
+        write_html_report(stage, name=run_dir.resolve().name)
     return RunResult(run_dir, reconstruction, scores, residuals)
 
 
@@ -204,8 +228,13 @@ def _check_metrics(path: Path, metrics: Any) -> dict[str, Any]:
             raise _bad(path, f"'per_image'[{k}]", f"must be an object, got {_json_kind(row)}")
         if "psnr" not in row:
             raise _bad(path, f"'per_image'[{k}]", "has no 'psnr'")
+        recovered = row.get("recovered", True)
+        if not isinstance(recovered, bool):
+            raise _bad(path, f"'per_image'[{k}].recovered", f"must be true or false, got {_json_kind(recovered)}")
         for key in ("index", "matched_to"):
             value = row.get(key)
+            if key == "matched_to" and value is None and not recovered:
+                continue  # an original no reconstruction matched
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise _bad(path, f"'per_image'[{k}].{key}", f"must be a non-negative integer, got {_json_kind(value)}")
         for key in ("psnr", "ssim", "mse", "lpips"):
@@ -267,7 +296,7 @@ def _check_matching(path: Path, metrics: dict[str, Any], tensors: dict[str, torc
             continue
         count = int(tensors[name].shape[0])
         for k, row in enumerate(metrics.get("per_image", [])):
-            if row[key] >= count:
+            if row[key] is not None and row[key] >= count:
                 raise _bad(path, f"'per_image'[{k}].{key}", f"is {row[key]} but reconstruction.safetensors holds "
                            f"{count} {name}")
 

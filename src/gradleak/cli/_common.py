@@ -177,14 +177,37 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
+def _recorded_defenses(run_dir) -> str:
+    """The defenses a run folder's config.json records, as one label ('' when none were applied)."""
+    from ..defenses import stack_label
+
+    try:
+        described = json.loads((run_dir / "config.json").read_text()).get("defenses")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return stack_label(described) if described else ""
+
+
 def summary(result, quiet: bool) -> None:
     if quiet:
         return
+    from ..metrics import recovery_counts
+
     s = result.scores.summary if result.scores else {}
     psnr = s.get("psnr_mean")
     line = f"wrote {result.run_dir}/report.html"
+    defenses = _recorded_defenses(result.run_dir)
+    if defenses:
+        line += f"  |  defense: {defenses}"
     if psnr is not None:
-        line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
+        n, got = s.get("n_images"), s.get("n_recovered")
+        if got is None:
+            counted = f"mean of {n}"
+        elif got == n:
+            counted = f"mean of {n}; {s.get('n_exact')} exact"
+        else:
+            counted = f"mean of the {got} recovered; {recovery_counts(s)}"
+        line += f"  |  PSNR {psnr:.1f} dB ({counted})"
     if getattr(result, "residuals", None):
         from ..residual import residual_summary, summary_text
 

@@ -69,12 +69,12 @@ class AttackOutcome:
     def psnr_mean(self) -> float | None:
         if not self.psnr:
             return None
-        finite = [v for v in self.psnr if not math.isnan(v)]
+        finite = [v for v in self.psnr if v is not None and not math.isnan(v)]
         return sum(finite) / len(finite) if finite else None
 
     @property
     def ssim_mean(self) -> float | None:
-        values = [v for v in self.ssim or [] if not math.isnan(v)]
+        values = [v for v in self.ssim or [] if v is not None and not math.isnan(v)]
         return sum(values) / len(values) if values else None
 
     def to_json(self) -> dict[str, Any]:
@@ -156,8 +156,8 @@ def run_attack(name: str, options: Mapping[str, Any], built: BuiltModel, update:
         if images is not None and rec.images is not None and rec.images.shape[1:] == images.shape[1:]:
             scores = score(rec.images, images, predicted_labels=rec.labels, true_labels=labels, use_lpips=False)
             rows = sorted(scores.per_image, key=lambda r: r["index"])
-            outcome.psnr = [float(r["psnr"]) for r in rows]
-            outcome.ssim = [float(r["ssim"]) for r in rows]
+            outcome.psnr = [None if r["psnr"] is None else float(r["psnr"]) for r in rows]  # None: not recovered
+            outcome.ssim = [None if r["ssim"] is None else float(r["ssim"]) for r in rows]
             outcome.label_accuracy = scores.summary.get("label_accuracy")
             perm = match(rec.images, images)
             outcome.images = rec.images[perm.clamp_min(0)].detach().cpu()

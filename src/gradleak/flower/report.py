@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_json, atomic_write_text, output_dir, save_figure, to_jsonable
 from ..report import reconstruction_grid
-from ..report.html import html_page, image_tag
+from ..report.page import html_page, image_tag
 from .records import AuditRecord
 
 __all__ = ["write_report", "leakage_figure", "leakage_series"]

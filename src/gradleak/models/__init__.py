@@ -111,6 +111,11 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+# torchvision's ImageNet weights files (the names its weights enums give; fetched by the user, never by us)
+_WEIGHTS_FILES = {"resnet18": "resnet18-f37072fd.pth", "densenet121": "densenet121-a639ec97.pth",
+                  "inception_v3": "inception_v3_google-0cc3c7bd.pth"}
+
+
 def _torchvision_entry(name: str) -> ModelEntry:
     def build(shape, num_classes, activation="relu"):
         model = torchvision_model(name, num_classes, shape[0])
@@ -118,7 +123,9 @@ def _torchvision_entry(name: str) -> ModelEntry:
 
     return ModelEntry(build, "cross_entropy",
                       f"torchvision {name}, untrained, {299 if name == 'inception_v3' else 224} px inputs; option "
-                      "activation=sigmoid swaps every ReLU (seed 004)")
+                      "activation=sigmoid swaps every ReLU (seed 004). ImageNet weights are never downloaded: fetch "
+                      f"{_WEIGHTS_FILES[name]} from https://download.pytorch.org/models/ and pass --weights FILE "
+                      "--num-classes 1000")
 
 
 for _name in TORCHVISION_MODELS:

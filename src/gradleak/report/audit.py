@@ -19,7 +19,7 @@ import numpy as np
 
 from .._io import atomic_write_json, atomic_write_text, save_figure
 from .figures import _new_figure, fit_title
-from .html import _Num, _fmt, _table, html_page, image_tag
+from .page import _Num, _fmt, _table, html_page, image_tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..audit.results import AuditResult

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..metrics import mse, psnr
 from ..models import build_model
 from ..models.spec import resolve_device
-from ..report.html import image_tag
+from ..report.page import image_tag
 
 __all__ = ["ARCHITECTURES", "ArchitectureResult", "architecture_study"]
 
