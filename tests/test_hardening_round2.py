@@ -327,25 +327,57 @@ def test_deeply_nested_metadata_is_one_line_and_writes_no_folder(tmp_path, updat
 
 
 def test_a_failure_midway_leaves_no_half_folder(tmp_path, update_file, monkeypatch):
-    """The run folder is staged: a failure after some files are written leaves nothing behind,
-    and a folder that already held the user's files keeps them."""
+    """The run folder is staged: a failure after some files are written leaves nothing behind;
+    with --overwrite, the run it was to replace is back in place after the failure."""
     import gradleak.runs as runs
 
     def broken(*args, **kwargs):
         raise RuntimeError("the disk caught fire")
 
-    monkeypatch.setattr(runs, "write_html_report", broken)
     out = tmp_path / "run"
-    result = runner.invoke(app, ["attack", str(update_file), "--out", str(out), "-q"])
-    assert "RuntimeError: the disk caught fire" in _one_line_error(result, code=70)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    runner.invoke(app, ["attack", str(update_file), "--out", str(out), "-q"])
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "write_html_report", broken)
+        result = runner.invoke(app, ["attack", str(update_file), "--out", str(out), "-q"])
+        assert "RuntimeError: the disk caught fire" in _one_line_error(result, code=70)
+        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert runner.invoke(app, ["attack", str(update_file), "--out", str(out), "-q"]).exit_code == 0
-    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").is_file()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "write_html_report", broken)
+        result = runner.invoke(app, ["attack", str(update_file), "--out", str(out), "--overwrite", "-q"])
+        assert result.exit_code == 70
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before   # the old run, untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_no_run_replaces_another_unless_asked(tmp_path, update_file):
+    """Without --out every run gets a new folder; an --out that holds results is refused unless
+    --overwrite, and --overwrite replaces only a gradleak result, never a folder of the user's files."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        first = runner.invoke(app, ["attack", str(update_file), "-q"])
+        second = runner.invoke(app, ["attack", str(update_file), "-q"])
+    finally:
+        os.chdir(cwd)
+    assert first.exit_code == second.exit_code == 0
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(name.startswith("attack-") for name in folders)
+    out = tmp_path / "runs" / folders[0]
+    (out / "stale.txt").write_text("from an older run")
+    refused = runner.invoke(app, ["attack", str(update_file), "--out", str(out), "-q"])
+    assert "already holds results; pass --overwrite" in _one_line_error(refused)
+    assert runner.invoke(app, ["attack", str(update_file), "--out", str(out), "--overwrite", "-q"]).exit_code == 0
+    assert not (out / "stale.txt").exists() and (out / "report.html").is_file()   # replaced, not merged
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused = runner.invoke(app, ["attack", str(update_file), "--out", str(mine), "--overwrite", "-q"])
+    assert "no gradleak results" in _one_line_error(refused) and (mine / "notes.txt").read_text() == "mine"
+    capture = runner.invoke(app, ["capture", "--out", str(update_file), "--size", "8", "-q"])
+    assert "already exists; pass --overwrite" in _one_line_error(capture)
 
 
 # ---------------------------------------------------------------- 7. factories: the top-level guard

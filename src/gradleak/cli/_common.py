@@ -247,6 +247,8 @@ def limited(key: str, default: Any, *decls: str, help: str) -> Any:
     return typer.Option(default, *decls, min=bound.low, max=bound.high, help=help)
 
 
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the results already in --out (only a gradleak "
+                                                        "result folder or file is ever replaced).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; warnings only.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 ModelOptionOpt = typer.Option(None, "--model-option", "-m",

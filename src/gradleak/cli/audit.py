@@ -16,7 +16,8 @@ from ._common import QuietOpt, VerboseOpt, app, err, friendly, limited, setup_lo
 @friendly
 def audit(
     config: Path = typer.Argument(..., help="Audit config, YAML or TOML (see gradleak.audit.config)."),
-    out: Optional[str] = typer.Option(None, help="Audit folder (default: runs/audit-<config name>)."),
+    out: Optional[str] = typer.Option(None, help="Audit folder, resumed when it holds this audit (default: "
+                                                 "runs/<config name>, prefixed audit- unless it starts so)."),
     fresh: bool = typer.Option(False, "--fresh", help="Recompute every cell instead of continuing a stored audit."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the "
                                                                  "config's device, else auto)."),
@@ -56,7 +57,8 @@ def audit(
     cfg = load_audit_config(config, tuple(allow_import or ()))
     if device is not None:
         cfg = dataclasses.replace(cfg, device=device)
-    folder = output_dir(Path("runs") / f"audit-{config.stem}" if out is None else out)
+    stem = config.stem if config.stem.startswith("audit") else f"audit-{config.stem}"   # not runs/audit-audit
+    folder = output_dir(Path("runs") / stem if out is None else out)
     result = run_audit(cfg, folder, quiet=quiet, resume=not fresh, ray=on_ray,
                        workers=workers, jobs=jobs)
     if not quiet:

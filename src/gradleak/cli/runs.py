@@ -7,16 +7,17 @@ from typing import Optional
 
 import typer
 
-from .._io import output_dir, output_file
-from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt, VerboseOpt,
-                      WeightsOpt, app, client_setup, friendly, limited, model_spec, parse_options, say, setup_logging,
+from .._io import new_run_dir, output_file, replacing
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, OverwriteOpt, QuietOpt,
+                      VerboseOpt, WeightsOpt, app, client_setup, friendly, limited, model_spec, parse_options, say, setup_logging,
                       stop_if_interrupted, summary)
 
 
 @app.command()
 @friendly
 def demo(
-    out: str = typer.Option("runs/demo", help="Run folder to write."),
+    out: Optional[str] = typer.Option(None, help="Run folder to write (default: a new runs/demo-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     data: str = typer.Option("photos", help="Built-in data: photos, faces or digits."),
     n: int = limited("images", 8, help="Number of images (one client each)."),
     size: int = limited("side", 32, help="Image side in pixels."),
@@ -36,7 +37,9 @@ def demo(
 
     setup_logging(quiet, verbose)
     spec = model_spec(model, model_option, None, device, None, dtype, seed)
-    result = run_demo(output_dir(out), data=DataRequest(data, n, size), model=spec, quiet=quiet)
+    out_path = new_run_dir("demo", out, overwrite=overwrite)
+    with replacing(out_path, overwrite):
+        result = run_demo(out_path, data=DataRequest(data, n, size), model=spec, quiet=quiet)
     summary(result, quiet)
     stop_if_interrupted(result)
 
@@ -56,6 +59,7 @@ def capture(
     mode: Optional[Mode] = ModeOpt,
     client: Optional[list[str]] = ClientOpt,
     truth: Optional[str] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
+    overwrite: bool = OverwriteOpt,
     dtype: DType = DTypeOpt,
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
@@ -70,8 +74,8 @@ def capture(
     from ..update_file import save_update
 
     setup_logging(quiet, verbose)
-    out_path = output_file(out, "--out")
-    truth_path = None if truth is None else output_file(truth, "--truth")
+    out_path = output_file(out, "--out", overwrite=overwrite)
+    truth_path = None if truth is None else output_file(truth, "--truth", overwrite=overwrite)
     dataset = DataRequest(data, n, size, start).load()
     spec = model_spec(model, model_option, weights, device, mode, dtype, seed)
     built = spec.build(tuple(dataset.images.shape[1:]), max(len(dataset.classes), 2))
@@ -102,7 +106,8 @@ def attack(
                                               "Default: auto with UPDATE, fc-bias without."),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable. "
                                                "With auto: to every attack that takes it, or NAME.key=value to one."),
-    out: str = typer.Option("runs/attack", help="Run folder to write."),
+    out: Optional[str] = typer.Option(None, help="Run folder to write (default: a new runs/attack-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
     labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
     data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
@@ -137,7 +142,7 @@ def attack(
     attack_name = attack_name or (AUTO if update is not None else "fc-bias")
     if attack_name == AUTO and update is None:
         raise ConfigError("--attack auto attacks an update file (UPDATE); name an attack for simulated clients")
-    out = output_dir(out)
+    out = new_run_dir("attack", out, overwrite=overwrite)
     from ..attacks import MaliciousAttack, get_attack
 
     # choosing a malicious-server attack is choosing that threat model (recorded in the run's config)
@@ -150,15 +155,17 @@ def attack(
         spec = None
         if model is not None or weights is not None:
             spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
-        result = attack_file(update, attack_name, out, model=spec, truth=truth, threat=threat, options=options,
-                             quiet=quiet, device=device, dtype=dtype.value)
+        with replacing(out, overwrite):
+            result = attack_file(update, attack_name, out, model=spec, truth=truth, threat=threat, options=options,
+                                 quiet=quiet, device=device, dtype=dtype.value)
     else:
         from ..data.request import DataRequest
 
         setup = client_setup(client, lr=0.05, seed=seed, share_labels=labels_known)
         spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
-        result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
-                                  threat=threat, options=options, defenses=defense, quiet=quiet)
+        with replacing(out, overwrite):
+            result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
+                                      threat=threat, options=options, defenses=defense, quiet=quiet)
     summary(result, quiet)
     stop_if_interrupted(result)
 

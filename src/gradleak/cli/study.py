@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .._io import output_dir
-from ._common import App, DeviceOpt, QuietOpt, VerboseOpt, app, err, friendly, limited, say, setup_logging, stdout
+from .._io import new_run_dir, replacing
+from ._common import App, DeviceOpt, OverwriteOpt, QuietOpt, VerboseOpt, app, err, friendly, limited, say, setup_logging, stdout
 
 study_app = App(help="Experiments from the literature, reproduced end to end.", no_args_is_help=True,
               rich_markup_mode=None)
@@ -19,7 +19,9 @@ app.add_typer(study_app, name="study")
 @study_app.command("architectures")
 @friendly
 def study_architectures(
-    out: str = typer.Option("runs/architectures", help="Folder for mse.png, strip.png, table.json, report.html."),
+    out: Optional[str] = typer.Option(None, help="Folder for mse.png, strip.png, table.json, report.html (default: a "
+                                                 "new runs/architectures-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     steps: int = limited("steps", 300, help="L-BFGS steps per model (seed 004: 300)."),
     inner: int = limited("steps", 20, help="Function evaluations per L-BFGS step (DLG: 20)."),
     minutes: Optional[float] = typer.Option(15.0, min=0.01, help="Time budget per model, minutes (the 224/299-px "
@@ -36,10 +38,11 @@ def study_architectures(
     from ..studies import ARCHITECTURES, architecture_study
 
     setup_logging(quiet, verbose)
-    out = output_dir(out)
-    results = architecture_study(out, steps=steps, inner=inner, models=model or tuple(ARCHITECTURES), image=image,
-                                 seed=seed, quiet=quiet, device=device,
-                                 time_budget=None if minutes is None else 60 * minutes)
+    out = new_run_dir("architectures", out, overwrite=overwrite)
+    with replacing(out, overwrite):
+        results = architecture_study(out, steps=steps, inner=inner, models=model or tuple(ARCHITECTURES),
+                                     image=image, seed=seed, quiet=quiet, device=device,
+                                     time_budget=None if minutes is None else 60 * minutes)
     if not quiet:
         table = Table(title=f"DLG, {steps} L-BFGS steps x {inner} evaluations")
         for column in ("model", "px", "parameters", "steps", "MSE start", "MSE final", "PSNR (dB)", "seconds"):

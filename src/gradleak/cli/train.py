@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from .._io import output_dir
-from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, QuietOpt, VerboseOpt, WeightsOpt, app, client_setup,
-                      err, friendly, limited, model_spec, parse_options, say, setup_logging)
+from .._io import new_run_dir, replacing
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, OverwriteOpt, QuietOpt, VerboseOpt,
+                      WeightsOpt, app, client_setup, err, friendly, limited, model_spec, parse_options, say, setup_logging)
 
 
 class Optimizer(str, Enum):
@@ -69,7 +69,9 @@ def train(
                                                    "epoch/round (checkpoints/epoch-0005.safetensors). Repeatable."),
     test_fraction: float = typer.Option(0.2, help="Share of the images held out (never trained on)."),
     eval_every: int = limited("epochs", 1, help="Measure held-out accuracy every this many epochs/rounds."),
-    out: str = typer.Option("runs/train", help="Folder to write weights.safetensors, training.json, checkpoints/."),
+    out: Optional[str] = typer.Option(None, help="Folder to write weights.safetensors, training.json, checkpoints/ "
+                                                 "(default: a new runs/train-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -79,13 +81,14 @@ def train(
     from ..training import TrainPlan, train_model
 
     setup_logging(quiet, verbose)
-    out_path = output_dir(out)
+    out_path = new_run_dir("train", out, overwrite=overwrite)
     spec = model_spec(model, model_option, weights, device, None, dtype, seed)
     plan = TrainPlan(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer.value,
                      weight_decay=weight_decay, test_fraction=test_fraction, clients=clients,
                      client=_client(client, clients, lr, batch_size, seed), server_lr=server_lr,
                      checkpoints=tuple(checkpoint or ()), seed=seed, eval_every=eval_every)
-    result = train_model(spec, _data(data, n, size), plan, out_path, quiet=quiet)
+    with replacing(out_path, overwrite):
+        result = train_model(spec, _data(data, n, size), plan, out_path, quiet=quiet)
     if not quiet:
         say(f"held-out accuracy {100 * result.held_out_accuracy:.1f} % on "
                         f"{len(result.held_out_indices)} images never trained on (train "
