@@ -20,7 +20,7 @@ from typing import Any, Iterator
 from .errors import OutputError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_jsonable", "save_figure",
-           "output_dir", "output_file", "staged_folder", "new_run_dir", "replacing", "RUN_MARKERS"]
+           "output_dir", "output_file", "staged_folder", "new_run_dir", "replacing", "RUN_MARKERS", "csv_text"]
 
 
 def _why(error: OSError) -> str:
@@ -145,6 +145,18 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def csv_text(header: Any, rows: Any) -> str:
+    """A CSV document (a header row, then ``rows``; None as an empty field)."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    return buffer.getvalue()
 
 
 def from_json_float(value: Any) -> float | None:

@@ -5,10 +5,12 @@
 never its tensors) and writes::
 
     OUT/
-      comparison.csv     one row per run: attack, model, defenses, data, images, recovered,
+      comparison.csv     one row per run: attack, model, defenses, data, images, recovered, exact,
                          PSNR mean/median/min, SSIM, LPIPS, label accuracy, update residual
+                         (median, updates certified exact): a run without ground truth still compares
       per_image.csv      one row per run and image: PSNR, SSIM, MSE, LPIPS (blank: not recovered)
-      comparison.png     per-image PSNR of each run (dots) over its mean (bar), SSIM and label accuracy
+      comparison.png     per-image PSNR of each run (dots) over its mean (bar), SSIM, label accuracy
+                         and the update residual
       report.html        the table and the figure, self-contained
 
 Runs are named by their folder (made unique by the parent folder where two share a name).
@@ -16,22 +18,21 @@ Runs are named by their folder (made unique by the parent folder where two share
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from ._io import atomic_write_text, save_figure, staged_folder
+from ._io import atomic_write_text, csv_text, save_figure, staged_folder
 from .errors import ConfigError
 
 __all__ = ["RunRow", "Comparison", "run_row", "compare_runs", "MAX_RUNS"]
 
 MAX_RUNS = 200
-COLUMNS = ("run", "attack", "model", "defenses", "data", "threat_model", "n_images", "n_recovered", "psnr_mean",
-           "psnr_median", "psnr_min", "ssim_mean", "lpips_mean", "label_accuracy", "residual")
+COLUMNS = ("run", "attack", "model", "defenses", "data", "threat_model", "n_images", "n_recovered", "n_exact",
+           "psnr_mean", "psnr_median", "psnr_min", "ssim_mean", "lpips_mean", "label_accuracy", "residual_median",
+           "certified_updates", "updates")
 
 
 @dataclass
@@ -66,15 +67,9 @@ def _finite(value: Any) -> bool:
 
 
 def _defenses(config: dict[str, Any]) -> str:
-    stack = config.get("defenses") or []
-    names = []
-    for entry in stack if isinstance(stack, list) else []:
-        if isinstance(entry, dict):
-            options = ",".join(f"{k}={v}" for k, v in entry.items() if k != "name")
-            names.append(str(entry.get("name")) + (f":{options}" if options else ""))
-        else:
-            names.append(str(entry))
-    return " + ".join(names) or "none"
+    from .defenses import stack_label
+
+    return stack_label(config.get("defenses")) if config.get("defenses") else "none"
 
 
 def _model(config: dict[str, Any]) -> str:
@@ -105,17 +100,20 @@ def run_row(run_dir: str | os.PathLike, name: str | None = None) -> RunRow:
     row = RunRow(name or folder.name, folder, {}, per_image)
     psnrs = sorted(row.psnrs())
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    residual = metrics.get("residual")
+    residual = metrics.get("residual")  # the truth-free measure (gradleak.residual), when recorded
     row.values = {
         "run": row.name, "attack": metrics.get("attack") or config.get("attack") or "", "model": _model(config),
         "defenses": _defenses(config), "data": str(data.get("name", "")) if data else "",
         "threat_model": (config.get("threat_model") or {}).get("id", "") if isinstance(config.get("threat_model"), dict)
         else str(config.get("threat_model") or ""),
-        "n_images": summary.get("n_images"), "n_recovered": summary.get("n_recovered", len(psnrs) or None),
+        "n_images": summary.get("n_images"), "n_recovered": summary.get("n_recovered"),
         "psnr_mean": summary.get("psnr_mean"), "psnr_median": psnrs[len(psnrs) // 2] if psnrs else None,
         "psnr_min": psnrs[0] if psnrs else None, "ssim_mean": summary.get("ssim_mean"),
         "lpips_mean": summary.get("lpips_mean"), "label_accuracy": summary.get("label_accuracy"),
-        "residual": residual.get("relative") if isinstance(residual, dict) else residual if _finite(residual) else None,
+        "n_exact": summary.get("n_exact"),
+        "residual_median": residual.get("median") if isinstance(residual, dict) else None,
+        "certified_updates": residual.get("certified") if isinstance(residual, dict) else None,
+        "updates": residual.get("updates") if isinstance(residual, dict) else None,
     }
     return row
 
@@ -133,15 +131,6 @@ def _unique_names(folders: Sequence[Path]) -> list[str]:
     return out
 
 
-def _csv_text(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(list(header))
-    for row in rows:
-        writer.writerow(["" if v is None else v for v in row])
-    return buffer.getvalue()
-
-
 def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Comparison:
     """Put ``run_dirs`` side by side in the folder ``out`` (see the module's notes)."""
     if not run_dirs:
@@ -152,8 +141,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) 
     rows = [run_row(folder, name) for folder, name in zip(folders, _unique_names(folders))]
     out = Path(out)
     with staged_folder(out) as stage:
-        atomic_write_text(stage / "comparison.csv", _csv_text(COLUMNS, ([r.values[c] for c in COLUMNS] for r in rows)))
-        atomic_write_text(stage / "per_image.csv", _csv_text(
+        atomic_write_text(stage / "comparison.csv", csv_text(COLUMNS, ([r.values[c] for c in COLUMNS] for r in rows)))
+        atomic_write_text(stage / "per_image.csv", csv_text(
             ("run", "image", "recovered", "psnr", "ssim", "mse", "lpips"),
             ([r.name, p.get("index"), p.get("psnr") is not None, p.get("psnr"), p.get("ssim"), p.get("mse"),
               p.get("lpips")] for r in rows for p in r.per_image)))
@@ -166,8 +155,8 @@ def _figure(rows: list[RunRow], path: Path) -> None:
     from .report.figures import _new_figure
 
     height = max(2.6, 0.42 * len(rows) + 1.2)
-    figure = _new_figure(11.0, height)
-    axes = figure.subplots(1, 3, sharey=True, gridspec_kw={"width_ratios": [3, 1.3, 1.3]})
+    figure = _new_figure(10.0, height)
+    axes = figure.subplots(1, 4, sharey=True, gridspec_kw={"width_ratios": [3, 1.2, 1.2, 1.6]})
     ys = list(range(len(rows)))[::-1]
     for y, row in zip(ys, rows):
         psnrs = row.psnrs()
@@ -181,38 +170,67 @@ def _figure(rows: list[RunRow], path: Path) -> None:
             if _finite(value):
                 ax.barh(y, float(value), color="#8fb98f", height=0.6)
                 ax.text(min(float(value), 1.0) + 0.02, y, f"{float(value):.2f}", va="center", fontsize=8)
+        residual = row.values.get("residual_median")
+        if _finite(residual) and residual > 0:
+            certified = row.values.get("certified_updates") or 0
+            axes[3].scatter([residual], [y], s=30, color="#b5542c" if not certified else "#2c7d3c", zorder=3)
     axes[0].set_yticks(ys, [r.name if len(r.name) <= 28 else r.name[:25] + "..." for r in rows], fontsize=8)
-    axes[0].set_xlabel("PSNR (dB): images (dots), mean (bar); clipped at 200")
-    axes[1].set_xlabel("SSIM (mean)")
-    axes[2].set_xlabel("label accuracy")
-    for ax in axes[1:]:
-        ax.set_xlim(0, 1.25)
+    axes[0].set_xlabel("PSNR (dB): images (dots), mean (bar); clipped at 200", fontsize=8)
+    axes[1].set_xlabel("SSIM (mean)", fontsize=8)
+    axes[2].set_xlabel("label accuracy", fontsize=8)
+    axes[3].set_xlabel("update residual (median; truth-free)\ngreen: some update certified exact", fontsize=8)
+    axes[3].set_xscale("log")
+    for ax in axes[1:3]:
+        ax.set_xlim(0, 1.3)
+        ax.set_xticks([0, 0.5, 1])
     figure.tight_layout()
     save_figure(figure, path, dpi=110)
+
+
+def _cells(values: dict[str, Any], lpips: bool) -> list[str]:
+    """One run's row of the page: counts, PSNR and residual each folded into one readable cell."""
+    from html import escape
+
+    from .report.page import _Num, _fmt
+
+    def count(key: str) -> str:
+        value = values.get(key)
+        return "" if value is None else str(value)
+
+    images = count("n_images")
+    if values.get("n_recovered") is not None and values.get("n_recovered") != values.get("n_images"):
+        images = f"{count('n_recovered')} of {images}"
+    if values.get("n_exact") is not None:
+        images += f" ({count('n_exact')} exact)"
+    psnr = _fmt(values.get("psnr_mean"), ".1f")
+    if values.get("psnr_min") is not None:
+        psnr += (f"<br><span class='note'>median {_fmt(values['psnr_median'], '.1f')}, "
+                 f"min {_fmt(values['psnr_min'], '.1f')}</span>")
+    residual = _fmt(values.get("residual_median"), ".1e") if values.get("residual_median") is not None else ""
+    if values.get("updates"):
+        residual += f"<br><span class='note'>{count('certified_updates')} of {count('updates')} certified</span>"
+    accuracy = values.get("label_accuracy")
+    cells = [escape(str(values[k] or "")) for k in ("run", "attack", "model", "defenses", "data", "threat_model")]
+    cells += [_Num(escape(images)), _Num(psnr), _Num(_fmt(values.get("ssim_mean"), ".3f"))]
+    cells += [_Num(_fmt(values.get("lpips_mean"), ".3f"))] if lpips else []
+    cells += [_Num("n/a" if accuracy is None else f"{100 * float(accuracy):.0f} %"), _Num(residual)]
+    return cells
 
 
 def _page(rows: list[RunRow], stage: Path) -> None:
     from html import escape
 
-    from .report.page import _Num, _fmt, _table, html_page, image_tag
+    from .report.page import _table, html_page, image_tag
 
-    def cell(key: str, value: Any) -> str:
-        if key in ("psnr_mean", "psnr_median", "psnr_min"):
-            return _Num(_fmt(value, ".1f"))
-        if key in ("ssim_mean", "lpips_mean"):
-            return _Num(_fmt(value, ".3f"))
-        if key == "label_accuracy":
-            return _Num("" if value is None else f"{100 * float(value):.0f} %")
-        if key == "residual":
-            return _Num(_fmt(value, ".2e"))
-        return _Num(escape(str(value))) if key in ("n_images", "n_recovered") and value is not None else \
-            escape("" if value is None else str(value))
-
-    headers = ["run", "attack", "model", "defenses", "data", "threat", "images", "recovered", "PSNR mean (dB)",
-               "median", "min", "SSIM", "LPIPS", "labels", "update residual"]
-    table = _table(headers, ([cell(k, r.values[k]) for k in COLUMNS] for r in rows), "wide")
-    sections = [f"<section><h2>Runs</h2><div class=\"scroll\">{table}</div>"
-                "<p>comparison.csv holds this table; per_image.csv every image of every run.</p></section>",
+    lpips = any(r.values.get("lpips_mean") is not None for r in rows)
+    headers = ["run", "attack", "model", "defenses", "data", "threat", "images", "PSNR (dB)", "SSIM",
+               *(["LPIPS"] if lpips else []), "labels", "update residual"]
+    table = _table(headers, (_cells(r.values, lpips) for r in rows))
+    sections = [f"<section><h2>Runs</h2><div class=\"wide\">{table}</div>"
+                "<p class='note'>Images: recovered of the batch, and how many exactly (PSNR &ge; 60 dB); PSNR: the "
+                "mean over the recovered images. The update residual needs no ground truth: how well the "
+                "reconstruction reproduces the update it came from. comparison.csv holds every column, "
+                "per_image.csv every image of every run.</p></section>",
                 f"<section><h2>Per image</h2>{image_tag(stage / 'comparison.png', 'per-image PSNR, SSIM, labels')}"
                 "</section>"]
     subtitle = escape(f"{len(rows)} run(s): " + ", ".join(r.name for r in rows))

@@ -6,6 +6,7 @@
       config.json                 what was run (attack, options, model, data, threat model)
       metrics.json                scores after matching, label accuracy, the update residual
                                   (truth-free), the method's notes
+      per_image.csv               every image's scores (recovered or not), for a spreadsheet
       history.json                the attack's curves
       reconstruction.safetensors  recovered images/labels/features, and the ground truth
       grid.png                    originals above their matched reconstructions, with PSNR
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import save as safetensors_save
 
-from ._io import atomic_write_bytes, atomic_write_json, from_json_float, staged_folder
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, from_json_float, staged_folder
 from .attacks.base import Reconstruction
 from .data._files import quote, read_json, read_safetensors
 from .errors import DataError
@@ -50,6 +51,7 @@ MAX_RUN_TENSOR_BYTES = 2**30
 MAX_RUN_IMAGES = 100_000
 MAX_RUN_IMAGE_ELEMENTS = 2**28  # values in one images/originals tensor (1 GiB in float32)
 MAX_HISTORY_PANELS = 100
+PER_IMAGE_COLUMNS = ("index", "recovered", "matched_to", "psnr", "ssim", "mse", "lpips")
 _IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -154,6 +156,9 @@ def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals:
         if reconstruction.features:
             metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
         atomic_write_json(stage / "metrics.json", metrics)
+        if scores is not None:  # the per-image scores for a spreadsheet (gradleak compare puts runs side by side)
+            atomic_write_text(stage / "per_image.csv", csv_text(PER_IMAGE_COLUMNS, (
+                [row.get(k) for k in PER_IMAGE_COLUMNS] for row in scores.per_image)))
         _draw(stage, reconstruction, originals, scores)
         write_html_report(stage, name=run_dir.resolve().name)
     return RunResult(run_dir, reconstruction, scores, residuals)

@@ -22,7 +22,8 @@ _NA = "n/a"
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
        color: #1f2328; background: #fff; margin: 0; line-height: 1.45; }
-main { max-width: 960px; margin: 0 auto; padding: 2rem 1.25rem 3rem; }
+main { max-width: 1180px; margin: 0 auto; padding: 2rem 1.25rem 3rem; }
+img { max-width: 100%; height: auto; }
 h1 { font-size: 1.6rem; margin: 0 0 .25rem; }
 h2 { font-size: 1.15rem; margin: 2rem 0 .6rem; padding-bottom: .25rem; border-bottom: 1px solid #d8dee4; }
 .subtitle { color: #59636e; margin: 0 0 1rem; }
