@@ -18,7 +18,10 @@ is the one recorded (:func:`check_recorded`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,7 +171,7 @@ class ModelSpec:
         classes = self.num_classes or num_classes or 10
         device = resolve_device(self.device)
         if self.is_factory:
-            module = _call_factory(self.name, self.options, self.seed)
+            module = _call_factory(self.name, self.options, self.seed, tuple(input_shape), classes)
         else:
             module = build_model(self.name, tuple(input_shape), classes, seed=self.seed, **self.options)
         module = module.to(self.torch_dtype)
@@ -216,29 +219,71 @@ def user_code(what: str):
         raise ConfigError(f"{what} {_raised(error)}") from None
 
 
-def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module:
+FACTORY_CONTRACT = ("a factory is called as factory(**options) with your --model-option values, plus "
+                    "input_shape=(C, H, W) and num_classes=K when its signature names them, and must return an "
+                    "nn.Module whose forward maps a batch (B, C, H, W) to class scores (B, K)")
+
+
+def _import_user_module(module_name: str):
+    """Import the user's module the way ``python -m`` would: the current folder first on the path
+    (a ``gradleak`` console script otherwise sees only its own folder and site-packages)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _factory_arguments(factory: Any, options: Mapping[str, Any], input_shape: tuple[int, ...],
+                       classes: int) -> dict[str, Any]:
+    """The options, plus ``input_shape`` and ``num_classes`` for a factory whose signature names
+    them (and that the options do not already set)."""
+    arguments = dict(options)
+    try:
+        names = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: options only
+        return arguments
+    for name, value in (("input_shape", tuple(input_shape)), ("num_classes", classes)):
+        if name in names and name not in arguments:
+            arguments[name] = value
+    return arguments
+
+
+def _call_factory(spec: str, options: Mapping[str, Any], seed: int, input_shape: tuple[int, ...] = (),
+                  classes: int = 10) -> nn.Module:
     """Import the user's module (named on the command line or in the user's own config) and
-    call the factory with the options; every failure is one line naming the spec."""
+    call the factory (:data:`FACTORY_CONTRACT`); every failure is one line naming the spec."""
     module_name, attr = factory_parts(spec)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_user_module(module_name)
     except KeyboardInterrupt:
         raise
     except BaseException as error:  # noqa: BLE001 - ImportError, SyntaxError, sys.exit() at import, anything
         hint = ""
         if isinstance(error, ModuleNotFoundError) and error.name == module_name.partition(".")[0]:
-            hint = ("; gradleak imports it like Python does: install your package (pip install -e .), run from the "
-                    "folder that holds it, or add that folder to PYTHONPATH")
+            hint = (f"; gradleak imports it as Python does, from the current folder ({os.getcwd()}), PYTHONPATH "
+                    "and the installed packages: run from the folder that holds it, add that folder to PYTHONPATH, "
+                    "or pip install -e your package")
         what = _raised(error).removeprefix("raised ")
         raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({what}){hint}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model {spec!r}: {module_name!r} has no callable {attr!r}")
+    arguments = _factory_arguments(factory, options, input_shape, classes)
     with user_code(f"model {spec!r}: the factory"), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory(**options)
+        try:
+            model = factory(**arguments)
+        except TypeError as error:  # the options do not fit its signature: say what it is called with
+            raise ConfigError(f"model {spec!r}: the factory raised TypeError: {one_line(error, 200)} "
+                              f"({FACTORY_CONTRACT})") from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+        raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module "
+                          f"({FACTORY_CONTRACT})")
     with user_code(f"model {spec!r}: listing the model's tensors"):
         parameters, buffers = list(model.parameters()), list(model.buffers())
     if not parameters:
