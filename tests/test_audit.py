@@ -146,6 +146,11 @@ def test_audit_runs_the_grid_and_writes_one_report(tmp_path, config_file):
     stored = json.loads((out / "audit.json").read_text())
     assert len(stored["cells"]) == 4 and stored["interrupted"] is False
     assert len((out / "cells.csv").read_text().strip().splitlines()) == 5
+    # one attack per (model, defense): the plot's colour (cell_level) is the matrix's verdict, cell by cell
+    from gradleak.audit.verdict import cell_level
+
+    for cell in result.cells:
+        assert cell_level(cell) == verdicts[cell.defense]["level"], cell.defense
 
 
 def test_audit_resumes_without_recomputing_and_recomputes_what_changed(tmp_path, config_file, monkeypatch):

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from torch import nn
 
 from .attacks.base import Attack, Reconstruction
@@ -35,9 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def progress_bar(quiet: bool = False) -> Progress:
-    """A rich progress bar on stderr (disabled when ``quiet``)."""
+    """A rich progress bar on stderr (disabled when ``quiet``): what is done of what, the time
+    elapsed and the estimated time left (from the pace so far, once a first step is done)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=quiet, transient=False)
+                    TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True), disable=quiet,
+                    transient=False)
 
 
 def simulate_clients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, setup: ClientSetup | None = None,

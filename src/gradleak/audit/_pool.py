@@ -98,7 +98,8 @@ class ProcessPool:
         manager = SyncManager(ctx=spawn)
         manager.start(_ignore_sigint)
         pool = spawn.Pool(self.jobs, initializer=_worker_start)
-        bar = progress.add_task(f"  {self.jobs} worker processes", total=len(groups) + len(utility))
+        bar = progress.add_task(f"  groups of cells and trainings done by {self.jobs} worker processes (a group's "
+                                f"cells arrive together)", total=len(groups) + len(utility))
         try:
             results = manager.Queue()
             pending = [pool.apply_async(_cells_task, (config, [specs[i] for i in group],

@@ -178,7 +178,9 @@ def run_audit(config: AuditConfig | str | Path, out: str | Path, *, quiet: bool 
         except KeyboardInterrupt:  # nothing of a half-trained model is used: report what is stored, stop
             write_audit_report(result(True))
             return result(True)
-        overall = progress.add_task(f"audit: {len(specs)} cells", total=len(specs) + (len(stacks) if config.utility else 0))
+        trainings = len(stacks) if config.utility else 0
+        overall = progress.add_task(f"audit: {len(specs)} cells" + (f" + {trainings} utility trainings" if trainings
+                                                                     else "") + " done", total=len(specs) + trainings)
 
         def store(index: int, cell: CellResult) -> None:  # in the driver, as each cell arrives: atomic
             if index in finished:  # stored before; computed again with the cells batched with it

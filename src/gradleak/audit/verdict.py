@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ._checks import number
 from .cell import CellResult
 
-__all__ = ["VerdictRule", "audit_verdicts"]
+__all__ = ["VerdictRule", "audit_verdicts", "cell_level"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,22 @@ class VerdictRule:
         return f"PSNR >= {psnr:g} dB" + (f" or SSIM >= {ssim:g}" if ssim is not None else "")
 
 
+def cell_level(cell: CellResult) -> str:
+    """One cell's verdict by the per-image rule: ``leaks`` when any image is recognisable,
+    ``partial`` when any shows partial structure, ``protected`` when measured and neither,
+    ``not-measured`` otherwise. The verdict sentences, the matrix and the privacy-utility plot
+    all use this, so they cannot disagree."""
+    if cell.status != "done":
+        return "not-measured"
+    if cell.levels.get("recognisable", 0) > 0:
+        return "leaks"
+    return "partial" if cell.levels.get("partial", 0) > 0 else "protected"
+
+
 def _judge(members: list[CellResult], rule: VerdictRule) -> tuple[str, str]:
     """(level, sentence) for the cells of one (model, defense, batch size) and one kind of server."""
-    recognisable = [c for c in members if c.status == "done" and c.levels.get("recognisable", 0) > 0]
-    partial = [c for c in members if c.status == "done" and c not in recognisable and c.levels.get("partial", 0) > 0]
+    recognisable = [c for c in members if cell_level(c) == "leaks"]
+    partial = [c for c in members if cell_level(c) == "partial"]
 
     def describe(c) -> str:
         return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images with "
