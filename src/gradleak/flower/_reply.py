@@ -16,7 +16,12 @@ from .explain import APPROXIMATE, EXACT, NOT_ATTACKABLE, POSSIBLE, Explanation
 from .gate import ACTION, DEFENDED, PSNR, PSNR_AFTER, SECONDS
 from .records import AuditRecord
 
-__all__ = ["content_values", "gate_metrics", "partly_shared", "gate_reasons"]
+__all__ = ["content_values", "gate_metrics", "partly_shared", "gate_reasons", "client_name", "PARTITION_KEYS",
+           "metrics_without_audit"]
+
+# Flower's simulations number their clients by the node config's "partition-id"; a client that
+# puts it in its reply's metrics is named "client <id>" in the audit's log and report.
+PARTITION_KEYS = ("partition-id", "partition_id")
 
 
 def content_values(message: Message) -> dict[str, Any]:
@@ -25,6 +30,37 @@ def content_values(message: Message) -> dict[str, Any]:
     for record in (*message.content.config_records.values(), *message.content.metric_records.values()):
         values.update(dict(record.items()))
     return values
+
+
+def client_name(values: Mapping[str, Any]) -> str | None:
+    """``"client 2"`` from a reply's ``partition-id`` metric (an int in 0..10^6), else None."""
+    for key in PARTITION_KEYS:
+        value = values.get(key)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**6:
+            return f"client {value}"
+    return None
+
+
+def metrics_without_audit(records: list, weighting_metric_name: str):
+    """FedAvg's ``train_metrics_aggr_fn`` without the audit's own keys: the ``gradleak-*``
+    protocol and gate metrics and the partition id are per-client facts, and their
+    weighted average ("gate PSNR after: -0.66") means nothing. Pass it to your strategy:
+    ``FedAvg(..., train_metrics_aggr_fn=metrics_without_audit)``; the arrays are untouched."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+    def own(key: str) -> bool:
+        return key.startswith("gradleak-") or key in PARTITION_KEYS
+
+    kept = []
+    for record in records:
+        copy = RecordDict()
+        for name, metrics in record.metric_records.items():
+            copy[name] = MetricRecord({k: v for k, v in metrics.items() if not own(k)})
+        kept.append(copy)
+    return aggregate_metricrecords(kept, weighting_metric_name)
 
 
 def gate_metrics(values: Mapping[str, Any], record: AuditRecord) -> dict[str, float | int]:

@@ -61,6 +61,14 @@ class AuditRecord:
     update: SharedUpdate | None = None
     truth: tuple[torch.Tensor, torch.Tensor] | None = None
     sum_protocol: ClientProtocol | None = None
+    client: str | None = None   # a display name, e.g. "client 2" from the reply's partition-id metric
+
+    @property
+    def who(self) -> str:
+        """``client 2 (node 1357...)``, ``node 1357...`` or ``sum of 4 clients``."""
+        if self.node_id is None:
+            return f"sum of {len(self.clients)} clients"
+        return f"{self.client} (node {self.node_id})" if self.client else f"node {self.node_id}"
 
     @property
     def best_psnr(self) -> float | None:
@@ -88,7 +96,7 @@ class AuditRecord:
 
     def line(self) -> str:
         """One log line: round, client, verdict, what the attacks got."""
-        who = f"node {self.node_id}" if self.node_id is not None else f"sum of {len(self.clients)} clients"
+        who = self.who
         got = ", ".join(f"{o.attack} {o.psnr_mean:.1f} dB" if o.psnr_mean is not None else
                         f"{o.attack} residual {o.residual_value:.2g}" + (" CERTIFIED EXACT" if o.certified else "")
                         if o.residual_value is not None else f"{o.attack} {o.status}" for o in self.attacks)
@@ -97,7 +105,8 @@ class AuditRecord:
                 + (f" ({self.message})" if self.message else ""))
 
     def to_json(self) -> dict[str, Any]:
-        return {"server_round": self.server_round, "node_id": self.node_id, "kind": self.kind, "status": self.status,
+        return {"server_round": self.server_round, "node_id": self.node_id, "client": self.client, "kind": self.kind,
+                "status": self.status,
                 "message": self.message, "protocol": self.protocol,
                 "explanation": None if self.explanation is None else self.explanation.to_json(),
                 "attacks": [o.to_json() for o in self.attacks], "best_psnr": self.best_psnr,

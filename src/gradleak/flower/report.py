@@ -30,7 +30,7 @@ __all__ = ["write_report", "leakage_figure", "leakage_series"]
 def _who(record: AuditRecord, names: Mapping[int, str]) -> str:
     if record.node_id is None:
         return f"sum of {len(record.clients)}"
-    return names.get(record.node_id, f"node {record.node_id}")
+    return names.get(record.node_id) or record.client or f"node {record.node_id}"
 
 
 def _num(value: Any, spec: str = ".1f", unit: str = "") -> str:
@@ -39,7 +39,10 @@ def _num(value: Any, spec: str = ".1f", unit: str = "") -> str:
     number = float(value)
     if math.isnan(number):
         return "n/a"
-    return ("∞" if number > 0 else "−∞") if math.isinf(number) else f"{number:{spec}}{unit}"
+    if math.isinf(number):
+        return "∞" if number > 0 else "−∞"
+    text = f"{number:{spec}}"
+    return (text[1:] if text.startswith("-") and float(text) == 0 else text) + unit   # no "-0.00"
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -269,7 +272,7 @@ def write_report(out: str | Path, audit: Any, *, names: Mapping[int, str] | None
     out = output_dir(out)
     names = dict(names or {})
     records: list[AuditRecord] = sorted(getattr(audit, "records", audit), key=lambda r: (
-        r.server_round, r.kind != "client", names.get(r.node_id, ""), r.node_id or 0))
+        r.server_round, r.kind != "client", names.get(r.node_id) or r.client or "", r.node_id or 0))
     settings = audit.to_json() if hasattr(audit, "to_json") else {"records": [r.to_json() for r in records]}
     atomic_write_json(out / "audit.json", {**settings, "names": {str(k): v for k, v in names.items()},
                                            "accuracy": dict(accuracy or {}), "wall_seconds": wall_seconds,

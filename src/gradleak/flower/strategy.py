@@ -45,7 +45,7 @@ from ..errors import ConfigError, one_line
 from ..limits import check_float, check_int, check_seed
 from ..models.spec import ModelSpec
 from ..threat import ThreatModel
-from ._reply import content_values, gate_metrics, gate_reasons, partly_shared
+from ._reply import client_name, content_values, gate_metrics, gate_reasons, partly_shared
 from .arrays import delta_update, record_tensors, reply_arrays, state_shapes
 from .attacks import is_auto, parse_attacks, run_attack, run_auto
 from .capture import save_reconstruction, update_path
@@ -248,6 +248,7 @@ class LeakageAuditStrategy(Strategy):
         record = AuditRecord(server_round, node)
         try:
             values = content_values(reply)
+            record.client = client_name(values)
             record.gate = gate_metrics(values, record)
             sent_config = self._sent[server_round][1].get(node, (None, {}))[1]
             protocol = protocol_of(values, sent_config, self._declared(node))
