@@ -261,7 +261,7 @@ def test_verdicts_for_attacks_without_images_and_refused_attacks(tmp_path):
     result = run_audit(config, tmp_path / "out", quiet=True)
     levels = {v["defense"]: v for v in result.verdicts}
     assert levels["none"]["level"] == "not-measured" and "no attack reconstructed images" in levels["none"]["text"]
-    assert "Not applicable: fc-bias (needs the gradient of a single sample" in levels["gaussian(variance=1e-06)"]["text"]
+    assert "Not applicable: fc-bias (valid only when: the gradient of a single sample" in levels["gaussian(variance=1e-06)"]["text"]
     assert "No utility training configured" in (tmp_path / "out" / "report.html").read_text()
 
 

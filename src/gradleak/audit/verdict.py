@@ -95,7 +95,7 @@ def _judge(members: list[CellResult], rule: VerdictRule) -> tuple[str, str]:
         failed = [c for c in others if c.status == status]
         if failed:
             text += f" {words}: " + "; ".join(
-                f"{c.attack} (needs {c.condition})" if c.condition else f"{c.attack} ({c.message})"
+                f"{c.attack} (valid only when: {c.condition})" if c.condition else f"{c.attack} ({c.message})"
                 for c in failed) + "."
     return ("protected" if best else "not-measured"), text
 
