@@ -18,3 +18,14 @@ def test_help_has_no_literal_escapes(command):
     assert "\\[" not in result.output
     if command[0] in ("demo", "attack", "train"):
         assert "[default: " in result.output
+
+
+def test_attack_help_lists_every_attacks_options():
+    from gradleak.attacks import ATTACKS
+
+    text = CliRunner().invoke(app, ["attack", "--help"]).output
+    options = text[text.index("Attack options (-o key=value)"):]
+    for name in ATTACKS:
+        assert name in options, name
+    for option in ("iterations", "restarts", "tv", "bins", "rank_tol", "pullback"):
+        assert option in options, option

@@ -96,7 +96,19 @@ def capture(
                         f"{update.mode} mode)")
 
 
-@app.command()
+def _attack_epilog() -> str:
+    """Every attack's -o options, one block per attack (click's \\b keeps the lines as written)."""
+    import textwrap
+
+    from ..reference._methods import option_lines
+
+    lines = [wrapped for line in option_lines()
+             for wrapped in textwrap.wrap(line, 76, initial_indent="  ", subsequent_indent="      ")]
+    return ("\b\nAttack options (-o key=value), per attack:\n" + "\n".join(lines)
+            + "\n\nTypes, defaults and meanings: docs/reference.md (gradleak reference).")
+
+
+@app.command(epilog=_attack_epilog())
 @friendly
 def attack(
     update: Optional[Path] = typer.Argument(None, help="Update file to attack; omit to simulate fresh clients."),
