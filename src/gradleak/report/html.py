@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from html import escape
 from pathlib import Path
@@ -179,16 +180,32 @@ def _note_text(note: Any) -> str:
     return _text(note)
 
 
+_UPDATE_NOTE = re.compile(r"^update (\d+): (.*)$", re.S)
+
+
 def _notes_section(metrics: Mapping[str, Any], problems: list[str]) -> str:
-    """The method's notes, each distinct note once (``× 8`` when eight updates said the same)."""
+    """The method's notes, each distinct note once: a note several updates gave alike
+    ("update 0: label from ...", "update 1: label from ...") is one line naming the updates,
+    and a note repeated word for word gets ``(× 8)``."""
     notes = metrics.get("notes")
     items = notes if isinstance(notes, list) else ([] if notes is None else [notes])
+    updates: dict[str, list[int]] = {}
     counts: dict[str, int] = {}
     for note in items:
-        text = _note_text(note)
-        counts[text] = counts.get(text, 0) + 1
-    lines = [f"<li>{text}" + (f" <span class=\"note\">(&times; {n})</span>" if n > 1 else "") + "</li>"
-             for text, n in counts.items()]
+        match = _UPDATE_NOTE.match(note) if isinstance(note, str) else None
+        if match:
+            updates.setdefault(_note_text(match.group(2)), []).append(int(match.group(1)))
+        else:
+            text = _note_text(note)
+            counts[text] = counts.get(text, 0) + 1
+    total = len({u for indices in updates.values() for u in indices})
+    lines = []
+    for text, indices in updates.items():
+        who = (f"every update ({total})" if len(indices) == total and total > 1 else
+               f"update{'s' if len(indices) > 1 else ''} {', '.join(map(str, sorted(set(indices))))}")
+        lines.append(f"<li>{who}: {text}</li>")
+    lines += [f"<li>{text}" + (f" <span class=\"note\">(&times; {n})</span>" if n > 1 else "") + "</li>"
+              for text, n in counts.items()]
     lines += [f'<li class="note">{escape(problem)}</li>' for problem in problems]
     if not lines:
         return '<h2>Notes</h2>\n<p class="note">No notes recorded.</p>'
