@@ -216,6 +216,24 @@ def _special(rng: random.Random, path: Path) -> Path:
     return path
 
 
+def common_mutation(rng: random.Random, kind: str, data: bytes, path: Path) -> tuple[bool, bytes | None, Path]:
+    """The mutations every file surface shares: ``flip`` (a few bytes changed), ``truncate``,
+    ``foreign`` (pickles, zips, JSON, bytes) and ``special`` (folders, FIFOs, links, missing and
+    over-long names). Returns (handled, bytes to write or None, the path to feed)."""
+    if kind == "flip":
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        return True, bytes(mutated), path
+    if kind == "truncate":
+        return True, data[: rng.randrange(len(data))], path
+    if kind == "foreign":
+        return True, _foreign(rng, path), path
+    if kind == "special":
+        return True, None, _special(rng, path)
+    return False, None, path
+
+
 def hostile_inputs(folder: Path, n: int, seed: int = 0,
                    updates: list[SharedUpdate] | None = None) -> "list[tuple[str, Path]]":
     """Write ``n`` hostile inputs into ``folder`` (created): ``[(kind, path)]``, seeded."""
@@ -228,13 +246,9 @@ def hostile_inputs(folder: Path, n: int, seed: int = 0,
         kind = KINDS[index % len(KINDS)]
         k = rng.randrange(len(updates))
         data, path = originals[k], folder / f"input-{index:06d}.safetensors"
-        if kind == "flip":
-            mutated = bytearray(data)
-            for _ in range(rng.randint(1, 8)):
-                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-            out: bytes | None = bytes(mutated)
-        elif kind == "truncate":
-            out = data[: rng.randrange(len(data))]
+        handled, out, path = common_mutation(rng, kind, data, path)
+        if handled:
+            pass
         elif kind == "length":
             value = rng.choice([0, 1, 7, len(data), len(data) - 9, 2**63, 2**26, rng.randrange(2**64)])
             out = struct.pack("<Q", value) + data[8:]
@@ -242,12 +256,8 @@ def hostile_inputs(folder: Path, n: int, seed: int = 0,
             out = _header_edit(rng, data)
         elif kind == "metadata":
             out = _metadata_edit(rng, updates[k])
-        elif kind == "payload":
-            out = _payload_edit(rng, updates[k])
-        elif kind == "foreign":
-            out = _foreign(rng, path)
         else:
-            out, path = None, _special(rng, path)
+            out = _payload_edit(rng, updates[k])
         if out is not None:
             path.write_bytes(out)
         inputs.append((kind, path))

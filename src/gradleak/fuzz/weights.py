@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from ._engine import Campaign, run_inputs
-from .updates import _foreign, _header_edit, _special
+from .updates import _header_edit, common_mutation
 
 __all__ = ["KINDS", "seed_states", "hostile_weights", "run_weights"]
 
@@ -211,26 +211,17 @@ def hostile_weights(folder: Path, n: int, seed: int = 0,
         state = states[k][1]
         data = originals[k][rng.randrange(2)]
         path = folder / f"weights-{index:06d}{rng.choice(['.safetensors', '.pt', '.pth', ''])}"
-        out: bytes | None
-        if kind == "flip":
-            mutated = bytearray(data)
-            for _ in range(rng.randint(1, 8)):
-                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-            out = bytes(mutated)
-        elif kind == "truncate":
-            out = data[: rng.randrange(len(data))]
+        handled, out, path = common_mutation(rng, kind, data, path)
+        if handled:
+            pass
         elif kind == "header":
             out = _header_edit(rng, originals[k][0])
         elif kind == "tensors":
             out = _state_file(rng, _edit_state(rng, state))
         elif kind == "zip":
             out = _zip_edit(rng, originals[k][1], path)
-        elif kind == "legacy":
-            out = _legacy(rng, state)
-        elif kind == "foreign":
-            out = _foreign(rng, path)
         else:
-            out, path = None, _special(rng, path)
+            out = _legacy(rng, state)
         if out is not None:
             path.write_bytes(out)
         inputs.append((kind, (path, k)))
