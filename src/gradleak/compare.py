@@ -86,7 +86,7 @@ def _model(config: dict[str, Any]) -> str:
 def run_row(run_dir: str | os.PathLike, name: str | None = None) -> RunRow:
     """One run folder's summary line (metrics.json and config.json, checked, never the tensors)."""
     from .data._files import read_json
-    from .runs import MAX_RUN_JSON_BYTES, _check_metrics, _run_folder
+    from ._runfiles import MAX_RUN_JSON_BYTES, _check_metrics, _run_folder
 
     folder = _run_folder(run_dir)
     metrics = _check_metrics(folder / "metrics.json", read_json(folder / "metrics.json", "run file",
