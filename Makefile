@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gradleak demo --out runs/demo
+	$(VENV)/bin/gradleak demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradleak.audit import AuditConfig, audit_cells, load_audit_config, run_audit
-from gradleak.audit import runner as audit_runner
+from gradleak.audit import _group as audit_group
 from gradleak.cli import app
 from gradleak.errors import ConfigError
 
@@ -146,19 +146,24 @@ def test_audit_runs_the_grid_and_writes_one_report(tmp_path, config_file):
     stored = json.loads((out / "audit.json").read_text())
     assert len(stored["cells"]) == 4 and stored["interrupted"] is False
     assert len((out / "cells.csv").read_text().strip().splitlines()) == 5
+    # one attack per (model, defense): the plot's colour (cell_level) is the matrix's verdict, cell by cell
+    from gradleak.audit.verdict import cell_level
+
+    for cell in result.cells:
+        assert cell_level(cell) == verdicts[cell.defense]["level"], cell.defense
 
 
 def test_audit_resumes_without_recomputing_and_recomputes_what_changed(tmp_path, config_file, monkeypatch):
     out = tmp_path / "out"
     first = run_audit(config_file, out, quiet=True)
     calls = []
-    original = audit_runner._run_cell
+    original = audit_group._run_cell
 
     def counting(spec, *args, **kwargs):
         calls.append(spec.defense_index)
         return original(spec, *args, **kwargs)
 
-    monkeypatch.setattr(audit_runner, "_run_cell", counting)
+    monkeypatch.setattr(audit_group, "_run_cell", counting)
     again = run_audit(config_file, out, quiet=True)
     assert calls == [] and [c.to_json() for c in again.cells] == [c.to_json() for c in first.cells]
     (out / "cells" / first.cells[1].cell_id / "cell.json").unlink()
@@ -172,7 +177,7 @@ def test_audit_resumes_without_recomputing_and_recomputes_what_changed(tmp_path,
 
 def test_an_interrupted_audit_keeps_finished_cells_and_continues(tmp_path, config_file, monkeypatch):
     out = tmp_path / "out"
-    original = audit_runner._run_cell
+    original = audit_group._run_cell
     done = []
 
     def interrupting(spec, *args, **kwargs):
@@ -181,11 +186,11 @@ def test_an_interrupted_audit_keeps_finished_cells_and_continues(tmp_path, confi
         done.append(spec.defense_index)
         return original(spec, *args, **kwargs)
 
-    monkeypatch.setattr(audit_runner, "_run_cell", interrupting)
+    monkeypatch.setattr(audit_group, "_run_cell", interrupting)
     partial = run_audit(config_file, out, quiet=True)
     assert partial.interrupted and len(partial.cells) == 2
     assert "interrupted" in (out / "report.html").read_text()
-    monkeypatch.setattr(audit_runner, "_run_cell", original)
+    monkeypatch.setattr(audit_group, "_run_cell", original)
     complete = run_audit(config_file, out, quiet=True)
     assert not complete.interrupted and len(complete.cells) == 4
     assert [c.cell_id for c in complete.cells[:2]] == [c.cell_id for c in partial.cells]
@@ -256,7 +261,7 @@ def test_verdicts_for_attacks_without_images_and_refused_attacks(tmp_path):
     result = run_audit(config, tmp_path / "out", quiet=True)
     levels = {v["defense"]: v for v in result.verdicts}
     assert levels["none"]["level"] == "not-measured" and "no attack reconstructed images" in levels["none"]["text"]
-    assert "Not applicable: fc-bias (needs the gradient of a single sample" in levels["gaussian(variance=1e-06)"]["text"]
+    assert "Not applicable: fc-bias (valid only when: the gradient of a single sample" in levels["gaussian(variance=1e-06)"]["text"]
     assert "No utility training configured" in (tmp_path / "out" / "report.html").read_text()
 
 

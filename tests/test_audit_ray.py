@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradleak.audit import audit_cells, run_audit
+from gradleak.audit import _group as audit_group
 from gradleak.audit import runner as audit_runner
 from gradleak.cli import app
 from gradleak.errors import ConfigError
@@ -119,7 +120,7 @@ def test_resume_across_local_and_ray_runs_in_both_directions(tmp_path, config_fi
     the cells not stored, the stored files stay untouched, and the numbers are the reference's.
     The Ray here is the test's own: the audit uses it, never starts a second one, and leaves it up."""
     out = tmp_path / "out"
-    original = audit_runner._run_cell
+    original = audit_group._run_cell
     computed = []
 
     def interrupt_second(spec, *args, **kwargs):
@@ -128,10 +129,10 @@ def test_resume_across_local_and_ray_runs_in_both_directions(tmp_path, config_fi
         computed.append(spec.cell_id(args[1]))
         return original(spec, *args, **kwargs)
 
-    monkeypatch.setattr(audit_runner, "_run_cell", interrupt_second)
+    monkeypatch.setattr(audit_group, "_run_cell", interrupt_second)
     first = run_audit(config_file, out, quiet=True)
     assert first.interrupted and len(first.cells) == 1 and len(_stored(out)) == 1
-    monkeypatch.setattr(audit_runner, "_run_cell", original)
+    monkeypatch.setattr(audit_group, "_run_cell", original)
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("cells/*/*.json")}
 
     groups, writes, inits = [], [], []
@@ -161,7 +162,7 @@ def test_resume_across_local_and_ray_runs_in_both_directions(tmp_path, config_fi
     assert second.interrupted and len(second.cells) == 2 and len(_stored(out)) == 2
     assert all((p.read_bytes(), p.stat().st_mtime_ns) == seen for p, seen in before.items())
 
-    monkeypatch.setattr(audit_runner, "_run_cell", lambda spec, *a, **k: computed.append(spec.cell_id(a[1])) or
+    monkeypatch.setattr(audit_group, "_run_cell", lambda spec, *a, **k: computed.append(spec.cell_id(a[1])) or
                         original(spec, *a, **k))
     third = run_audit(config_file, out, quiet=True)
     assert not third.interrupted and len(third.cells) == 4

@@ -73,3 +73,49 @@ def test_bad_input_shapes_are_one_line(shape, needle):
         assert result.exit_code in (0, 2) and "Traceback" not in result.output
         return
     assert result.exit_code == 2 and needle in result.output and result.output.count("\n") == 1
+
+
+PACKAGE = '''
+import torch
+
+def make_net(input_shape, num_classes, depth=1):
+    """Sized from what gradleak passes: the input shape and the class count."""
+    c, h, w = input_shape
+    layers = [torch.nn.Flatten(), torch.nn.Linear(c * h * w, 16), torch.nn.ReLU()]
+    for _ in range(int(depth) - 1):
+        layers += [torch.nn.Linear(16, 16), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(16, num_classes))
+'''
+
+
+def test_a_package_in_the_current_folder_is_found_and_sized_by_the_contract(tmp_path, monkeypatch):
+    """`gradleak` (a console script) does not have the current folder on its path; a factory named
+    on the command line is looked up there too, as `python -m` would, and receives input_shape and
+    num_classes because its signature names them."""
+    import sys
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "nets.py").write_text(PACKAGE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    module, _ = load_model_spec("mypkg.nets:make_net", (1, 8, 8), depth=2)
+    assert module[1].in_features == 64 and module[-1].out_features == 10   # greyscale 8x8, 10 classes
+    assert str(tmp_path) not in sys.path                       # the path is left as it was
+    sys.modules.pop("mypkg.nets", None), sys.modules.pop("mypkg", None)
+    result = CliRunner().invoke(app, ["analyze", "--model", "mypkg.nets:make_net", "-m", "depth=2",
+                                      "--input-shape", "1x8x8", "--num-classes", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    sys.modules.pop("mypkg.nets", None), sys.modules.pop("mypkg", None)
+
+
+def test_a_missing_module_and_a_wrong_signature_say_what_the_contract_is(tmp_path, monkeypatch, user_code):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_model_spec("nowhere_to_be_found.nets:make_net", (3, 8, 8))
+    assert "from the current folder" in str(info.value) and str(tmp_path) in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_model_spec("usermodels:good", (3, 8, 8), depth=3)      # good() takes width only
+    message = str(info.value)
+    assert "unexpected keyword argument 'depth'" in message and "factory(**options)" in message
+    assert "input_shape=(C, H, W) and num_classes=K" in message

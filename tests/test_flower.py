@@ -568,3 +568,31 @@ def test_real_simulation_audit_matches_gradleak_and_leaves_the_training_unchange
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6)
     moved = max(float((trained[n] - initial[n].to(trained[n].dtype)).abs().max()) for n in trained)
     assert moved > 1e-3, "two rounds of training changed the model (the comparison is not trivial)"
+
+
+def test_clients_are_named_by_their_partition_and_audit_metrics_are_not_averaged(digits16, data_spec):
+    """A reply's partition-id names the client in the log line and the report ('client 2 (node ...)');
+    metrics_without_audit keeps the gradleak-* and partition-id metrics out of FedAvg's weighted
+    averages (a mean 'gate PSNR after' of -0.66 dB means nothing) and leaves the arrays untouched."""
+    from gradleak.flower import metrics_without_audit
+
+    audit = LeakageAuditStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3,
+                                        train_metrics_aggr_fn=metrics_without_audit), SPEC, input_shape=SHAPE,
+                                 num_classes=CLASSES, data_spec=data_spec, attacks=())
+    plain = FedAvg(fraction_evaluate=0.0, min_available_nodes=3, min_train_nodes=3)
+    global_record = ArrayRecord(SPEC.build(SHAPE, CLASSES).module.state_dict())
+    messages = list(audit.configure_train(1, global_record, ConfigRecord({}), Grid(PLAN)))
+    partition = {node: k for k, node in enumerate(sorted(PLAN))}
+
+    def metrics(node):
+        _, n, batch = PLAN[node]
+        return {**training_metrics(n, 0.1, batch, epochs=1), "partition-id": partition[node], "train-loss": 1.5}
+
+    wrapped, wrapped_metrics = audit.aggregate_train(1, replies_for(messages, digits16, data_spec, metrics))
+    reference, reference_metrics = plain.aggregate_train(1, replies_for(messages, digits16, data_spec, metrics))
+    assert array_bytes(wrapped) == array_bytes(reference)
+    assert set(wrapped_metrics) == {"train-loss"} and wrapped_metrics["train-loss"] == pytest.approx(1.5)
+    assert any(k.startswith("gradleak-") for k in reference_metrics) and "partition-id" in reference_metrics
+    for record in audit.records:
+        assert record.client == f"client {partition[record.node_id]}"
+        assert record.line().startswith(f"round 1, client {partition[record.node_id]} (node {record.node_id}):")

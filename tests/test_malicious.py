@@ -68,8 +68,10 @@ def test_large_batches_through_the_pipeline_and_the_cli(tmp_path):
     run = attack_simulated("imprint", tmp_path / "run", data=DataRequest("faces", n=64, size=None), model="lenet",
                            client=ClientSetup(batch_size=64), threat=ThreatModel(server="malicious"),
                            options={"bins": 512}, quiet=True)
-    exact = sum(row["psnr"] >= 60 for row in run.scores.per_image)
+    exact = sum(row["psnr"] is not None and row["psnr"] >= 60 for row in run.scores.per_image)
     assert exact >= 48  # about B exp(-B/N) = 56 of 64 alone in their bins
+    assert len(run.scores.per_image) == 64 and run.scores.summary["n_exact"] == exact  # every image has its row
+    assert run.scores.summary["n_recovered"] == sum(row["recovered"] for row in run.scores.per_image)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["threat"]["server"] == "malicious"
     result = CliRunner().invoke(app, ["attack", "--attack", "imprint", "--data", "faces", "--size", "25", "--n", "8",
                                       "-c", "batch_size=8", "--model", "lenet", "--out", str(tmp_path / "cli"), "-q"])

@@ -27,6 +27,26 @@ def test_fewer_reconstructions_than_originals_leave_some_unmatched(photos):
     assert sorted(perm.tolist()) == [-1, -1, -1, 0, 1] and perm[4] == 0 and perm[1] == 1
 
 
+def test_every_original_is_scored_recovered_or_not(photos):
+    """An attack that recovers 2 of 5 images: 5 rows, 3 of them 'not recovered'; the counts say so
+    and the means are over the 2 (the mean no longer hides the lost images)."""
+    originals = photos.images[:5]
+    noisy = (originals[[4, 1]] + 0.2 * (originals[[0, 0]] - 0.5)).clamp(0, 1)   # one close, one less so
+    recovered = torch.cat([originals[[2]], noisy])                               # image 2 exactly, 4 and 1 roughly
+    scores = score(recovered, originals)
+    rows = {row["index"]: row for row in scores.per_image}
+    assert sorted(rows) == [0, 1, 2, 3, 4]
+    assert [rows[i]["recovered"] for i in range(5)] == [False, True, True, False, True]
+    assert rows[0]["psnr"] is None and rows[0]["matched_to"] is None and math.isinf(rows[2]["psnr"])
+    s = scores.summary
+    assert (s["n_images"], s["n_recovered"], s["n_exact"]) == (5, 3, 1)
+    finite = [rows[i]["psnr"] for i in (1, 4)]
+    assert s["psnr_mean"] == math.inf and all(20 < p < 60 for p in finite)
+    from gradleak.metrics import recovery_counts
+
+    assert recovery_counts(s) == "3 of 5 images recovered (1 exact, >= 60 dB)"
+
+
 def test_psnr_matches_its_definition_and_is_infinite_for_identical_images(photos):
     a = photos.images[:2].double()
     b = (a + 0.01).clamp(0, 1)

@@ -39,7 +39,7 @@ def sections(markdown: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def page() -> dict[str, str]:
-    return sections(reference_markdown())
+    return sections(reference_markdown(app))
 
 
 def keyword_options(cls) -> list[str]:
@@ -107,7 +107,7 @@ def test_every_command_appears_with_every_option(page):
 
 
 def test_committed_page_is_current():
-    expected = reference_markdown()
+    expected = reference_markdown(app)
     actual = PAGE.read_text(encoding="utf-8") if PAGE.exists() else ""
     if actual != expected:
         diff = "".join(list(difflib.unified_diff(actual.splitlines(True), expected.splitlines(True),
@@ -133,22 +133,22 @@ def test_an_attack_registered_later_appears_and_leaves_no_trace():
             return Reconstruction(images=None)
 
     try:
-        text = sections(reference_markdown())["attack `test-echo`"]
+        text = sections(reference_markdown(app))["attack `test-echo`"]
         assert "A test's attack that echoes nothing." in text and "Second paragraph" not in text
         assert "| `echoes` | `int` | `3` |" in text and "| `loud` | `bool` | `False` |" in text
         assert "Nobody 2099, Echoes" in text and "never in production" in text and "- server: malicious" in text
     finally:
         ATTACKS.pop("test-echo", None)
-    assert "test-echo" not in reference_markdown() and "test-echo" not in ATTACKS
+    assert "test-echo" not in reference_markdown(app) and "test-echo" not in ATTACKS
     assert issubclass(Echo, Attack)
 
 
 def test_cli_prints_the_page_or_writes_it(tmp_path):
     runner = CliRunner()
     printed = runner.invoke(app, ["reference"], catch_exceptions=False)
-    assert printed.exit_code == 0 and printed.output == reference_markdown()
+    assert printed.exit_code == 0 and printed.output == reference_markdown(app)
     out = tmp_path / "ref.md"
     written = runner.invoke(app, ["reference", "--out", str(out)], catch_exceptions=False)
-    assert written.exit_code == 0 and out.read_text(encoding="utf-8") == reference_markdown()
+    assert written.exit_code == 0 and out.read_text(encoding="utf-8") == reference_markdown(app)
     blocked = runner.invoke(app, ["reference", "--out", str(out / "x.md")], catch_exceptions=False)
     assert blocked.exit_code == 2 and "is a file" in blocked.output and "Traceback" not in blocked.output

@@ -12,7 +12,7 @@ from gradleak.errors import AttackNotApplicable, ConfigError, DataError
 from gradleak.models import ModelSpec, check_description
 from gradleak.text import builtin_sentences, held_out_topics, load_text, load_tokenizer
 from gradleak.text.metrics import score_text
-from gradleak.update import load_update, save_update
+from gradleak.update_file import load_update, save_update
 
 TINY = {"width": 96, "layers": 2, "heads": 2, "positions": 64}
 

@@ -289,7 +289,7 @@ def test_the_command_trains_federatedly_with_client_settings(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--epochs", "0"], "epochs must be an integer in 1..100000, got 0"),
+    (["--epochs", "0"], "Invalid value for '--epochs': 0 is not in the range 1<=x<=100000"),
     (["--model", "trainnets:raises"], "the factory raised RuntimeError: no GPU here"),
     (["-c", "lr=0.1"], "--client settings apply to federated training; give --clients N"),
     (["--clients", "3", "-c", "colour=1"], "--client:"),

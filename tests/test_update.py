@@ -13,7 +13,7 @@ from safetensors.torch import save as raw_save
 from gradleak import DataSpec, SharedUpdate, ThreatModel, fedavg_update, fedsgd_update, load_update, save_update
 from gradleak.errors import ConfigError, UpdateFileError
 from gradleak.models import MLP, build_model, model_from_info, model_info
-from gradleak.update import _digest, _flat_tensors
+from gradleak.update_file import _digest, _flat_tensors
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ from gradleak import DataSpec, SharedUpdate, fedavg_update, fedsgd_update, load_
 from gradleak.cli import app
 from gradleak.errors import ConfigError, UpdateFileError
 from gradleak.models import build_model, model_from_info, model_info
-from gradleak.update import _digest, _flat_tensors
+from gradleak.update_file import _digest, _flat_tensors
 
 
 @pytest.fixture()

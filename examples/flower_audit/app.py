@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +33,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from gradleak.data import load_builtin
 from gradleak.data.spec import DataSpec
-from gradleak.flower import LeakageAuditStrategy, leakage_gate, read_training_config, training_config, training_metrics
+from gradleak.flower import (LeakageAuditStrategy, leakage_gate, metrics_without_audit, read_training_config,
+                             training_config, training_metrics)
 from gradleak.models import ModelSpec
 
 # (examples, minibatch size) per client; more clients repeat the pattern
@@ -134,7 +137,7 @@ def train_locally(model: torch.nn.Module, images, labels, spec: DataSpec, *, lr:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def node_file(settings: Settings, node_id: int) -> Path:
@@ -171,7 +174,8 @@ def make_client_app(settings: Settings) -> ClientApp:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"partition": partition}))
         os.replace(tmp, path)
-        metrics = MetricRecord({"train-loss": loss, **training_metrics(n, lr, batch, epochs=epochs)})
+        metrics = MetricRecord({"train-loss": loss, "partition-id": partition,   # the audit names the client by it
+                                **training_metrics(n, lr, batch, epochs=epochs)})
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 
     return app
@@ -189,7 +193,9 @@ def truth_of(settings: Settings) -> Callable[[int, int], Any]:
 
 def make_strategy(settings: Settings):
     """FedAvg, wrapped in the audit unless ``settings.audit`` is off."""
-    fedavg = FedAvg(fraction_evaluate=0.0, min_train_nodes=settings.clients, min_available_nodes=settings.clients)
+    # the audit's per-client metrics (gradleak-*, partition-id) are kept out of FedAvg's weighted averages
+    fedavg = FedAvg(fraction_evaluate=0.0, min_train_nodes=settings.clients, min_available_nodes=settings.clients,
+                    train_metrics_aggr_fn=metrics_without_audit)
     if not settings.audit:
         return fedavg
     return LeakageAuditStrategy(
@@ -217,9 +223,16 @@ def make_server_app(settings: Settings, strategy, results: dict) -> ServerApp:
         torch.set_num_threads(1)
         initial = ArrayRecord(build_model(settings).state_dict())
 
+        started = time.perf_counter()
+
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             value = accuracy(settings, arrays)
             results.setdefault("accuracy", {})[server_round] = value
+            if server_round:  # round 0 is the initial model: the rounds' pace gives the time left
+                spent = time.perf_counter() - started
+                left = spent / server_round * (settings.rounds - server_round)
+                print(f"round {server_round}/{settings.rounds} done after {spent:.0f} s; about {left:.0f} s left "
+                      f"(held-out accuracy {100 * value:.1f} %)", file=sys.stderr, flush=True)
             return MetricRecord({"held-out-accuracy": value})
 
         config = ConfigRecord(training_config(settings.lr, epochs=settings.epochs))

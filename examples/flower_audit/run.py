@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = write_report(out, strategy, names=names, accuracy=accuracy, wall_seconds=wall, notes=notes)
     print(f"report written in {time.perf_counter() - started:.0f} s")
-    for record in strategy.records:
-        print(record.line().replace(f"node {record.node_id}", names.get(record.node_id, f"node {record.node_id}")))
+    for record in sorted(strategy.records, key=lambda r: (r.server_round, r.node_id is None, r.client or "",
+                                                          r.node_id or 0)):
+        print(record.line())
     print(f"report: {report}")
     return 0
 

@@ -20,7 +20,8 @@ from .data.spec import DataSpec  # noqa: E402
 from .errors import AttackNotApplicable, ConfigError, DataError, GradleakError, UpdateFileError  # noqa: E402
 from .models import ModelSpec, build_model  # noqa: E402
 from .threat import SOK_THREAT_MODELS, ThreatModel, sok_threat_model  # noqa: E402
-from .update import SharedUpdate, load_update, save_update  # noqa: E402
+from .update import SharedUpdate  # noqa: E402
+from .update_file import load_update, save_update  # noqa: E402
 
 __version__ = "0.1.0"
 

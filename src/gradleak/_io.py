@@ -11,14 +11,16 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import OutputError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "to_jsonable", "save_figure",
-           "output_dir", "output_file"]
+           "output_dir", "output_file", "staged_folder", "new_run_dir", "replacing", "RUN_MARKERS", "csv_text"]
 
 
 def _why(error: OSError) -> str:
@@ -72,14 +74,17 @@ def output_dir(value: str | os.PathLike, option: str = "--out") -> Path:
     return path
 
 
-def output_file(value: str | os.PathLike, option: str = "--out") -> Path:
-    """A file path a result can be written to (atomically), checked before any work starts."""
+def output_file(value: str | os.PathLike, option: str = "--out", *, overwrite: bool = True) -> Path:
+    """A file path a result can be written to (atomically), checked before any work starts;
+    with ``overwrite=False`` an existing file is refused (the CLI's ``--overwrite`` allows it)."""
     text = os.fspath(value)
     if not str(text).strip():
         raise OutputError(f"{option}: an empty path is not a file name")
     path = Path(text)
     if path.is_dir():
         raise OutputError(f"{option} {str(path)!r} is an existing folder; name a file")
+    if not overwrite and os.path.lexists(path):
+        raise OutputError(f"{option} {str(path)!r} already exists; pass --overwrite to replace it")
     blocking = _blocking_file(path.parent)
     if blocking is not None:
         raise OutputError(f"{option} {str(path)!r} is under {str(blocking)!r}, which is a file")
@@ -142,6 +147,18 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def csv_text(header: Any, rows: Any) -> str:
+    """A CSV document (a header row, then ``rows``; None as an empty field)."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    return buffer.getvalue()
+
+
 def from_json_float(value: Any) -> float | None:
     """Inverse of :func:`to_jsonable` for one number (None stays None)."""
     if value is None:
@@ -158,3 +175,104 @@ def save_figure(figure, path: str | os.PathLike, **kwargs) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", **kwargs)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A folder written whole or not at all: the block writes into a hidden sibling
+    (``.<name>.partial-XXXX``, same file system); when the block ends normally, each entry it
+    wrote is renamed into ``path`` (created if missing; entries of the same name are replaced,
+    other files the user keeps there are left alone). When the block raises (a bug, a full disk,
+    the user's code exiting, an interrupt the command did not handle), the staging folder is
+    removed and ``path`` is as it was: no failure leaves half a run folder. Commands that catch
+    Ctrl-C and write what was done end normally, so their partial results are kept."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700; results are meant to be shared
+    except OSError as error:
+        raise OutputError(f"cannot write {str(target)!r}: {_why(error)}") from None
+    try:
+        yield stage
+        _move_into(stage, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into(stage: Path, target: Path) -> None:
+    try:
+        if not target.exists():
+            os.rename(stage, target)  # the common case: one atomic rename
+            return
+        for entry in sorted(stage.iterdir()):
+            destination = target / entry.name
+            if destination.is_dir() and not destination.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old-", dir=target))
+                os.rename(destination, old / entry.name)
+                os.rename(entry, destination)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(entry, destination)
+    except OSError as error:
+        raise OutputError(f"cannot move the finished results into {str(target)!r}: {_why(error)}") from None
+
+
+# What makes a folder a gradleak result that --overwrite may replace (run, training, audit, comparison).
+RUN_MARKERS = ("report.html", "metrics.json", "training.json", "audit.json", "comparison.csv", "table.json")
+
+
+def new_run_dir(command: str, out: str | os.PathLike | None, *, overwrite: bool = False,
+                root: str | os.PathLike = "runs") -> Path:
+    """Where a command writes its results, chosen so that no run silently replaces another.
+
+    Without ``out``: a new ``runs/<command>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... when taken).
+    With ``out``: it must be a usable place (:func:`output_dir`); a folder that already holds
+    files is refused unless ``overwrite``, and even then only when it is a gradleak result
+    (one of :data:`RUN_MARKERS`), never a folder of the user's own files."""
+    import time
+
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / f"{command}-{stamp}"
+        path, k = base, 1
+        while path.exists():
+            k += 1
+            path = base.with_name(f"{base.name}-{k}")
+        return output_dir(path)
+    path = output_dir(out)
+    try:
+        held = path.is_dir() and any(path.iterdir())
+    except OSError as error:
+        raise OutputError(f"--out {str(path)!r}: cannot list it ({_why(error)})") from None
+    if held and not overwrite:
+        raise OutputError(f"--out {str(path)!r} already holds results; pass --overwrite to replace them, or leave "
+                          f"out --out for a new runs/{command}-<date>-<time> folder")
+    if held and not any((path / marker).exists() for marker in RUN_MARKERS):
+        raise OutputError(f"--out {str(path)!r} holds files but no gradleak results ({', '.join(RUN_MARKERS[:3])}, "
+                          "...); --overwrite replaces only a gradleak run folder: choose another --out")
+    return path
+
+
+@contextmanager
+def replacing(path: str | os.PathLike, replace: bool = True) -> Iterator[None]:
+    """Replace the run folder at ``path`` with what the block writes there, or keep it: the
+    old folder is moved aside first, deleted when the block ends normally, and moved back
+    when it raises (the block's own writes are staged, so nothing of it is left at ``path``)."""
+    target = Path(path)
+    if not replace or not target.exists():
+        yield
+        return
+    try:
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+        os.rename(target, aside / target.name)
+    except OSError as error:
+        raise OutputError(f"cannot replace {str(target)!r}: {_why(error)}") from None
+    try:
+        yield
+    except BaseException:
+        if not target.exists():
+            os.rename(aside / target.name, target)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -25,7 +25,7 @@ from torch.func import grad
 from .data.spec import DataSpec
 from .errors import ConfigError
 from .functional import buffers_after_forward, task_loss
-from .limits import check_bool, check_float, check_int, check_seed, short_repr
+from .limits import LIMITS, check_bool, check_float, check_int, check_seed, short_repr
 from .losses import get_loss
 from .update import SharedUpdate
 
@@ -203,9 +203,9 @@ class ClientSetup:
     ``epochs`` is given; under FedAvg without either, one local step.
     """
 
-    MAX_BATCH: ClassVar[int] = 2**20       # images per client, minibatch size
-    MAX_STEPS: ClassVar[int] = 100_000     # local SGD steps
-    MAX_EPOCHS: ClassVar[int] = 10_000     # local epochs
+    MAX_BATCH: ClassVar[int] = LIMITS["local_batch"].high   # images per client, minibatch size
+    MAX_STEPS: ClassVar[int] = LIMITS["local_steps"].high   # local SGD steps
+    MAX_EPOCHS: ClassVar[int] = LIMITS["local_epochs"].high  # local epochs
 
     protocol: str = "fedsgd"
     batch_size: int = 1

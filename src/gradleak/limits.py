@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import reprlib
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, one_line
 
 __all__ = [
     "MAX_SIDE", "MAX_INPUT_ELEMENTS", "MAX_BATCH", "MAX_BATCH_ELEMENTS", "MAX_SEED", "MAX_RESTARTS",
-    "MAX_ITERATIONS", "MAX_CLASSES", "MAX_PARAMETERS",
+    "MAX_ITERATIONS", "MAX_CLASSES", "MAX_PARAMETERS", "Limit", "LIMITS", "check_pixels", "check_nesting",
     "short_repr", "one_line", "check_bool", "check_int", "check_float", "check_input_shape", "check_seed", "check_batch",
 ]
 
@@ -30,6 +31,54 @@ MAX_RESTARTS = 256              # restarts of an optimisation attack
 MAX_ITERATIONS = 10_000_000     # iterations of an optimisation attack
 MAX_CLASSES = 100_000           # classifier outputs
 MAX_PARAMETERS = 2**31          # parameters of a model built from a description (8 GiB in float32)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One bound that every command, config key and function naming the same quantity shares:
+    ``--size`` of ``attack``, ``capture``, ``demo`` and ``train``, ``data.size`` of an audit
+    config and ``DataRequest.size`` are all :data:`LIMITS` ``["side"]``."""
+
+    name: str
+    low: int
+    high: int
+    what: str
+
+    def check(self, value: Any, where: str | None = None) -> int:
+        """``value`` within ``[low, high]`` (an int, not a bool); else a ConfigError naming ``where``."""
+        return check_int(where or self.name, value, self.low, self.high)
+
+    @property
+    def range(self) -> str:
+        return f"{self.low:,}..{self.high:,}"
+
+
+LIMITS: dict[str, Limit] = {limit.name: limit for limit in (
+    Limit("side", 4, 512, "pixels per side of images resized for a run (--size, data.size, utility.size)"),
+    Limit("images", 1, 100_000, "images a run loads or attacks (--n, data.n)"),
+    Limit("start", 0, 100_000, "index of the first image (--start)"),
+    Limit("batch", 1, MAX_BATCH, "images in one attacked update (batch_sizes, capture --n, analyze --batch-size)"),
+    Limit("epochs", 1, 100_000, "training epochs or federated rounds (--epochs, utility.rounds, eval_every)"),
+    Limit("clients", 1, 10_000, "federated clients of a training (--clients)"),
+    Limit("local_steps", 1, 100_000, "local SGD steps of a FedAvg client"),
+    Limit("local_epochs", 1, 10_000, "local epochs of a FedAvg client"),
+    Limit("local_batch", 1, 2**20, "images a simulated client holds or trains on per step (train --batch-size, "
+                                   "--client batch_size, local_batch_size)"),
+    Limit("restarts", 1, MAX_RESTARTS, "restarts of an optimisation attack"),
+    Limit("iterations", 1, MAX_ITERATIONS, "iterations of an optimisation attack"),
+    Limit("classes", 1, MAX_CLASSES, "classifier outputs (--num-classes)"),
+    Limit("workers", 1, 1024, "worker processes or Ray CPUs (--jobs, --workers, --threads)"),
+    Limit("steps", 1, 100_000, "L-BFGS steps or evaluations of a study (--steps, --inner)"),
+)}
+
+
+def check_pixels(where: str, count: int, channels: int, side: int) -> None:
+    """``count`` images of ``channels`` x ``side`` x ``side`` stay within :data:`MAX_BATCH_ELEMENTS`
+    values (1 GiB in float32): checked before images are decoded or resized."""
+    values = count * channels * side * side
+    if values > MAX_BATCH_ELEMENTS:
+        raise ConfigError(f"{where}: {count:,} images of {channels}x{side}x{side} are {values:,} values, over the "
+                          f"limit of {MAX_BATCH_ELEMENTS:,} (fewer images or a smaller size)")
 
 
 def check_int(where: str, value: Any, low: int, high: int) -> int:
@@ -111,3 +160,25 @@ def check_float(where: str, value: Any, *, low: float = 0.0, high: float = math.
         raise ConfigError(f"{where} must be a finite number {bound}{' or None' if optional else ''}, "
                           f"got {short_repr(value)}")
     return number
+
+
+MAX_NESTING = 32            # lists/mappings inside one another in metadata or a config (a config needs ~6)
+MAX_VALUES = 100_000        # values in one metadata record
+
+
+def check_nesting(where: str, value: Any, max_depth: int = MAX_NESTING, max_values: int = MAX_VALUES) -> None:
+    """JSON-like ``value`` nests at most ``max_depth`` lists/mappings deep and holds at most
+    ``max_values`` values: walked iteratively, so a 900-deep list is one ConfigError line here
+    instead of a RecursionError later (when it is copied, compared or written)."""
+    stack = [(value, 1)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > max_values:
+            raise ConfigError(f"{where}: more than {max_values:,} values")
+        if isinstance(item, (list, tuple, dict)):
+            if depth > max_depth:
+                raise ConfigError(f"{where}: nested more than {max_depth} levels deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)

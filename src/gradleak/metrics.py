@@ -25,8 +25,10 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import ConfigError
 
-__all__ = ["mse", "psnr", "ssim", "lpips", "lpips_status", "match", "label_accuracy", "score", "Scores"]
+__all__ = ["mse", "psnr", "ssim", "lpips", "lpips_status", "match", "label_accuracy", "score", "Scores",
+           "EXACT_PSNR", "recovery_counts"]
 
+EXACT_PSNR = 60.0   # dB: a reconstruction this close is the image (float32 closed forms reach 80-160 dB)
 _LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 
 
@@ -77,7 +79,8 @@ def lpips_status(net: str = "alex") -> tuple[bool, str]:
     url = getattr(tvm, _LPIPS_BACKBONES[net]).IMAGENET1K_V1.url
     weights = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if not weights.is_file():
-        return False, f"{net} backbone weights not found at {weights} (no download is attempted)"
+        return False, (f"not computed: LPIPS needs the {net} network's ImageNet weights, which gradleak never "
+                       f"downloads; to enable it, fetch {url} and put it at {weights}")
     head = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / f"{net}.pth"
     if not head.is_file():
         return False, f"torchmetrics' LPIPS head {head} is missing"
@@ -146,9 +149,22 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return float(t.mean()), float(t.std(unbiased=False))
 
 
+def recovery_counts(summary: dict[str, Any]) -> str:
+    """``"26 of 32 images recovered (21 exact, >= 60 dB)"``: what the means are over, in words."""
+    n, got, exact = summary.get("n_images"), summary.get("n_recovered"), summary.get("n_exact")
+    if n is None or got is None:
+        return ""
+    text = f"{got} of {n} images recovered" if got != n else f"all {n} images recovered"
+    return text + (f" ({exact} exact, >= {EXACT_PSNR:.0f} dB)" if exact is not None else "")
+
+
 def score(reconstructed: torch.Tensor | None, original: torch.Tensor, *, predicted_labels: torch.Tensor | None = None,
           true_labels: torch.Tensor | None = None, use_lpips: bool = True) -> Scores:
-    """Match, then score every original against its reconstruction."""
+    """Match, then score every original against its reconstruction. Every original has a row of
+    ``per_image``; one that no reconstruction matched (an attack that recovered fewer images
+    than the batch) has ``recovered: false`` and no values, and the summary counts it:
+    ``n_images``, ``n_recovered``, ``n_exact`` (PSNR >= :data:`EXACT_PSNR`); the means are over
+    the recovered images."""
     summary: dict[str, Any] = {"n_images": int(original.shape[0])}
     per_image: list[dict[str, Any]] = []
     available, reason = lpips_status() if use_lpips else (False, "not requested")
@@ -161,14 +177,20 @@ def score(reconstructed: torch.Tensor | None, original: torch.Tensor, *, predict
         lp = lpips(rec, orig) if available else None
         if lp is None and available:
             available, reason = False, "LPIPS failed on these images"
-        for k, i in enumerate(idx.tolist()):
-            row = {"index": i, "matched_to": int(perm[i])}
-            row.update({name: float(v[k]) for name, v in values.items()})
-            row["lpips"] = None if lp is None else float(lp[k])
+        scored = {i: k for k, i in enumerate(idx.tolist())}
+        for i in range(int(original.shape[0])):  # every original, recovered or not
+            k = scored.get(i)
+            row: dict[str, Any] = {"index": i, "matched_to": None if k is None else int(perm[i]),
+                                   "recovered": k is not None}
+            row.update({name: None if k is None else float(v[k]) for name, v in values.items()})
+            row["lpips"] = None if lp is None or k is None else float(lp[k])
             per_image.append(row)
         for name in ("psnr", "ssim", "mse", "lpips"):
             mean, std = _mean_std([r[name] for r in per_image if r[name] is not None])
             summary[f"{name}_mean"], summary[f"{name}_std"] = mean, std
+    recovered = [r for r in per_image if r.get("recovered")]
+    summary["n_recovered"] = len(recovered)
+    summary["n_exact"] = sum(1 for r in recovered if r["psnr"] is not None and r["psnr"] >= EXACT_PSNR)
     summary["label_accuracy"] = (
         label_accuracy(predicted_labels, true_labels)
         if predicted_labels is not None and true_labels is not None else None

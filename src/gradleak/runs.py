@@ -4,7 +4,9 @@
 
     RUN_DIR/
       config.json                 what was run (attack, options, model, data, threat model)
-      metrics.json                scores after matching, label accuracy, the method's notes
+      metrics.json                scores after matching, label accuracy, the update residual
+                                  (truth-free), the method's notes
+      per_image.csv               every image's scores (recovered or not), for a spreadsheet
       history.json                the attack's curves
       reconstruction.safetensors  recovered images/labels/features, and the ground truth
       grid.png                    originals above their matched reconstructions, with PSNR
@@ -19,7 +21,7 @@ with: :func:`load_run` and :func:`load_truth` read JSON files of at most
 :data:`MAX_RUN_JSON_BYTES` (64 MiB) and safetensors files of at most
 :data:`MAX_RUN_TENSOR_BYTES` (1 GiB), never unpickle, and check every entry that the
 pictures and the page use (types, shapes, finiteness, indices in range, at most
-:data:`MAX_RUN_IMAGES` images and :data:`MAX_HISTORY_PANELS` curve panels); each failure is
+:data:`~gradleak._runfiles.MAX_RUN_IMAGES` images and ``MAX_HISTORY_PANELS`` curve panels); each failure is
 one :class:`~gradleak.errors.DataError` line naming the file and the entry.
 """
 
@@ -29,27 +31,24 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save as safetensors_save
 
-from ._io import atomic_write_bytes, atomic_write_json, from_json_float
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, from_json_float, staged_folder
 from .attacks.base import Reconstruction
 from .data._files import quote, read_json, read_safetensors
+from ._runfiles import (_IMAGE_DTYPES, _LABEL_DTYPES, MAX_RUN_JSON_BYTES, MAX_RUN_TENSOR_BYTES, _check_history,
+                        _check_matching, _check_metrics, _check_tensors, _json_kind, _run_folder)
 from .errors import DataError
 from .metrics import Scores, score
+from .residual import Residual, residual_summary
 from .report import curves_figure, reconstruction_grid, write_html_report
 
 __all__ = ["RunResult", "write_run", "load_run", "rebuild_report", "save_truth", "load_truth"]
 
-MAX_RUN_JSON_BYTES = 64 * 2**20
-MAX_RUN_TENSOR_BYTES = 2**30
-MAX_RUN_IMAGES = 100_000
-MAX_RUN_IMAGE_ELEMENTS = 2**28  # values in one images/originals tensor (1 GiB in float32)
-MAX_HISTORY_PANELS = 100
-_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+PER_IMAGE_COLUMNS = ("index", "recovered", "matched_to", "psnr", "ssim", "mse", "lpips")
 
 
 @dataclass
@@ -57,10 +56,28 @@ class RunResult:
     run_dir: Path
     reconstruction: Reconstruction
     scores: Scores | None
+    residuals: list[Residual] | None = None
 
     @property
     def report(self) -> Path:
         return self.run_dir / "report.html"
+
+    def __repr__(self) -> str:
+        """The folder and the figures a person looks for, never tensor values."""
+        from .metrics import recovery_counts
+
+        parts = [f"run_dir={str(self.run_dir)!r}", f"attack={self.reconstruction.attack!r}"]
+        summary = self.scores.summary if self.scores is not None else {}
+        if summary:
+            parts.append(recovery_counts(summary) or f"{summary.get('n_images')} images")
+            if summary.get("psnr_mean") is not None:
+                parts.append(f"PSNR {summary['psnr_mean']:.1f} dB")
+            if summary.get("label_accuracy") is not None:
+                parts.append(f"labels {100 * summary['label_accuracy']:.0f} %")
+        if self.residuals:
+            certified = sum(r.certified for r in self.residuals)
+            parts.append(f"{certified} of {len(self.residuals)} update(s) certified exact")
+        return f"RunResult({', '.join(parts)})"
 
 
 def _tensors(reconstruction: Reconstruction, originals, true_labels) -> dict[str, torch.Tensor]:
@@ -78,15 +95,22 @@ def _tensors(reconstruction: Reconstruction, originals, true_labels) -> dict[str
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def _matched_pairs(images: torch.Tensor, originals: torch.Tensor, rows: list[dict[str, Any]]):
+    """Each original's reconstruction (a grey square where none was recovered) and its label."""
+    matched = {row["index"]: row for row in rows if row.get("matched_to") is not None}
+    grey = torch.full_like(originals[0], 0.5)
+    pairs = [images[matched[i]["matched_to"]].to(originals.dtype) if i in matched else grey
+             for i in range(originals.shape[0])]
+    labels = [from_json_float(matched[i]["psnr"]) if i in matched else "not recovered"
+              for i in range(originals.shape[0])]
+    return torch.stack(pairs), labels
+
+
 def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scores | None) -> None:
     if reconstruction.images is not None:
         images, psnrs = reconstruction.images, None
         if originals is not None and scores is not None and scores.per_image:
-            matched = {row["index"]: row for row in scores.per_image}
-            order = [matched[i]["matched_to"] for i in range(originals.shape[0]) if i in matched]
-            images = reconstruction.images[order]
-            originals = originals[[i for i in range(originals.shape[0]) if i in matched]]
-            psnrs = [from_json_float(matched[i]["psnr"]) for i in sorted(matched)]
+            images, psnrs = _matched_pairs(reconstruction.images, originals, scores.per_image)
         reconstruction_grid(images, run_dir / "grid.png", originals=originals, psnr=psnrs,
                             title=f"{reconstruction.attack}: originals (top) and reconstructions")
     per_unit = all(k.startswith("unit_deviation") for k in reconstruction.history)
@@ -96,180 +120,43 @@ def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scor
 
 def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals: torch.Tensor | None = None,
               true_labels: torch.Tensor | None = None, config: dict[str, Any] | None = None,
-              use_lpips: bool = True) -> RunResult:
-    """Score ``reconstruction`` against the ground truth (if given) and write the run folder."""
+              use_lpips: bool = True, residuals: list[Residual] | None = None,
+              extra_metrics: dict[str, Any] | None = None, updates: Sequence[Any] = ()) -> RunResult:
+    """Score ``reconstruction`` against the ground truth (if given) and write the run folder.
+    ``residuals``: the update residual of each attacked update (:mod:`gradleak.residual`, the
+    truth-free measure), recorded in ``metrics.json`` under ``"residual"``; ``extra_metrics``:
+    more entries for ``metrics.json`` (e.g. ``"auto"``: the attacks ``attacks="auto"`` tried);
+    ``updates`` (the clients' :class:`~gradleak.update.SharedUpdate` s) go to
+    ``updates/client-NN.safetensors``. The folder is written whole or not at all
+    (:func:`gradleak._io.staged_folder`): a failure midway leaves no half folder behind."""
+    from .update_file import save_update
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     scores = None
     if originals is not None:
         scores = score(reconstruction.images, originals, predicted_labels=reconstruction.labels,
                        true_labels=true_labels, use_lpips=use_lpips)
-    atomic_write_bytes(run_dir / "reconstruction.safetensors",
-                       safetensors_save(_tensors(reconstruction, originals, true_labels)))
-    atomic_write_json(run_dir / "history.json", reconstruction.history)
-    atomic_write_json(run_dir / "config.json", {"attack": reconstruction.attack, **(config or {}),
-                                                "attack_options": reconstruction.config})
-    metrics = {"attack": reconstruction.attack, **(scores.to_json() if scores else {}),
-               "notes": list(reconstruction.notes)}
-    if reconstruction.features:
-        metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    _draw(run_dir, reconstruction, originals, scores)
-    write_html_report(run_dir)
-    return RunResult(run_dir, reconstruction, scores)
-
-
-def _json_kind(value: Any) -> str:
-    for kinds, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
-                        (dict, "an object"), (type(None), "null")):
-        if isinstance(value, kinds):
-            return name
-    return type(value).__name__
-
-
-def _entry(name: Any) -> str:
-    return repr(name if len(name) <= 60 else name[:57] + "...") if isinstance(name, str) else repr(name)
-
-
-def _bad(path: Path, entry: str, condition: str) -> DataError:
-    return DataError(f"run file {quote(path)}: entry {entry} {condition}")
-
-
-def _number_like(value: Any) -> bool:
-    """A JSON number, null, or the strings to_jsonable writes for non-finite floats."""
-    if isinstance(value, bool):
-        return False
-    return value is None or isinstance(value, (int, float)) or value in ("inf", "-inf", "nan")
-
-
-def _check_values(path: Path, entry: str, values: Any) -> int:
-    if not isinstance(values, list):
-        raise _bad(path, entry, f"must be a list of numbers, got {_json_kind(values)}")
-    for k, value in enumerate(values):
-        if not _number_like(value):
-            raise _bad(path, f"{entry}[{k}]", f'must be a number (or null, "inf", "nan"), got {_json_kind(value)}')
-    return len(values)
-
-
-def _check_history(path: Path, history: Any) -> dict[str, Any]:
-    if not isinstance(history, dict):
-        raise DataError(f"run file {quote(path)}: must hold a JSON object (curve name -> values), got "
-                        f"{_json_kind(history)}")
-    if len({name.split("[", 1)[0] for name in history}) > MAX_HISTORY_PANELS:
-        raise DataError(f"run file {quote(path)}: more than {MAX_HISTORY_PANELS} curve panels (MAX_HISTORY_PANELS)")
-    for name, series in history.items():
-        if isinstance(series, dict):
-            if "y" not in series:
-                raise _bad(path, _entry(name), 'is an object without a "y" list')
-            count = _check_values(path, _entry(name) + ".y", series["y"])
-            if series.get("x") is not None and _check_values(path, _entry(name) + ".x", series["x"]) != count:
-                raise _bad(path, _entry(name), f"has {len(series['x'])} x values but {count} y values")
-        else:
-            _check_values(path, _entry(name), series)
-    return history
-
-
-def _check_metrics(path: Path, metrics: Any) -> dict[str, Any]:
-    if not isinstance(metrics, dict):
-        raise DataError(f"run file {quote(path)}: must hold a JSON object, got {_json_kind(metrics)}")
-    for key in ("summary", "lpips"):
-        if key in metrics and not isinstance(metrics[key], dict):
-            raise _bad(path, repr(key), f"must be an object, got {_json_kind(metrics[key])}")
-    if "attack" in metrics and not isinstance(metrics["attack"], (str, type(None))):
-        raise _bad(path, "'attack'", f"must be a string, got {_json_kind(metrics['attack'])}")
-    notes = metrics.get("notes", [])
-    if not isinstance(notes, list) or not all(isinstance(note, (str, dict)) for note in notes):
-        raise _bad(path, "'notes'", "must be a list of strings")
-    rows = metrics.get("per_image", [])
-    if not isinstance(rows, list):
-        raise _bad(path, "'per_image'", f"must be a list of objects, got {_json_kind(rows)}")
-    for k, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise _bad(path, f"'per_image'[{k}]", f"must be an object, got {_json_kind(row)}")
-        if "psnr" not in row:
-            raise _bad(path, f"'per_image'[{k}]", "has no 'psnr'")
-        for key in ("index", "matched_to"):
-            value = row.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _bad(path, f"'per_image'[{k}].{key}", f"must be a non-negative integer, got {_json_kind(value)}")
-        for key in ("psnr", "ssim", "mse", "lpips"):
-            if not _number_like(row.get(key)):
-                raise _bad(path, f"'per_image'[{k}].{key}", f"must be a number or null, got {_json_kind(row[key])}")
-    return metrics
-
-
-def _check_image_tensor(path: Path, name: str, tensor: torch.Tensor, *, unit_range: bool) -> None:
-    if tensor.dtype not in _IMAGE_DTYPES:
-        raise _bad(path, repr(name), f"must be a floating-point tensor (float16/32/64, bfloat16), got {tensor.dtype}")
-    if tensor.ndim != 4 or tensor.shape[1] not in (1, 3):
-        raise _bad(path, repr(name), f"must have shape (N, 1 or 3, H, W), got {tuple(tensor.shape)}")
-    if tensor.shape[0] > MAX_RUN_IMAGES or tensor.numel() > MAX_RUN_IMAGE_ELEMENTS:
-        raise _bad(path, repr(name), f"of shape {tuple(tensor.shape)} exceeds the limits of {MAX_RUN_IMAGES} images "
-                   f"and {MAX_RUN_IMAGE_ELEMENTS} values")
-    if unit_range and not bool(torch.isfinite(tensor).all()):  # a diverged reconstruction may hold NaN; truth not
-        raise _bad(path, repr(name), "holds NaN or infinite values")
-    if unit_range and tensor.numel() and (float(tensor.min()) < 0.0 or float(tensor.max()) > 1.0):
-        raise _bad(path, repr(name), f"must lie in [0, 1], found [{float(tensor.min()):.4g}, {float(tensor.max()):.4g}]")
-
-
-def _check_label_tensor(path: Path, name: str, tensor: torch.Tensor, count: int | None, of: str) -> None:
-    if tensor.dtype not in _LABEL_DTYPES or tensor.ndim != 1:
-        raise _bad(path, repr(name), f"must be a 1-d integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
-    if count is not None and tensor.shape[0] != count:
-        raise _bad(path, repr(name), f"has {tensor.shape[0]} labels but {of!r} has {count} images")
-    if tensor.numel() and int(tensor.min()) < 0:
-        raise _bad(path, repr(name), f"holds a negative label ({int(tensor.min())})")
-
-
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    images, originals = tensors.get("images"), tensors.get("originals")
-    for name, tensor in (("images", images), ("originals", originals)):
-        if tensor is not None:
-            _check_image_tensor(path, name, tensor, unit_range=name == "originals")
-    if images is not None and originals is not None and images.shape[1:] != originals.shape[1:]:
-        raise _bad(path, "'originals'", f"of shape {tuple(originals.shape)} does not match 'images' of shape "
-                   f"{tuple(images.shape)} (C, H, W must agree)")
-    for name, of in (("labels", "images"), ("true_labels", "originals")):
-        if tensors.get(name) is not None:
-            count = None if tensors.get(of) is None else int(tensors[of].shape[0])
-            _check_label_tensor(path, name, tensors[name], count, of)
-    for name, tensor in tensors.items():
-        if name.startswith("features/") and (len(name) == 9 or tensor.dtype not in _IMAGE_DTYPES or tensor.ndim < 1):
-            raise _bad(path, repr(name), f"must be a named floating-point tensor, got {tensor.dtype} {tuple(tensor.shape)}")
-
-
-def _check_matching(path: Path, metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """per_image rows index originals ('index') and reconstructions ('matched_to') that exist;
-    without rows, originals and reconstructions are shown in pairs and must be as many."""
-    images, originals = tensors.get("images"), tensors.get("originals")
-    if not metrics.get("per_image") and images is not None and originals is not None \
-            and images.shape[0] != originals.shape[0]:
-        raise DataError(f"run file {quote(path.parent / 'reconstruction.safetensors')}: {originals.shape[0]} "
-                        f"'originals' but {images.shape[0]} 'images', and {path.name} matches none of them")
-    for key, name in (("index", "originals"), ("matched_to", "images")):
-        if tensors.get(name) is None:
-            continue
-        count = int(tensors[name].shape[0])
-        for k, row in enumerate(metrics.get("per_image", [])):
-            if row[key] >= count:
-                raise _bad(path, f"'per_image'[{k}].{key}", f"is {row[key]} but reconstruction.safetensors holds "
-                           f"{count} {name}")
-
-
-def _run_folder(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    try:
-        mode = os.stat(run_dir).st_mode
-    except OSError as error:
-        why = "it does not exist" if isinstance(error, FileNotFoundError) else f"cannot access it ({error.strerror})"
-        raise DataError(f"{quote(run_dir)} is not a gradleak run folder: {why}") from None
-    if not stat.S_ISDIR(mode):
-        raise DataError(f"{quote(run_dir)} is not a gradleak run folder: it is a file, not a folder")
-    needed = ["reconstruction.safetensors", "metrics.json", "history.json"]
-    missing = [name for name in needed if not os.path.lexists(run_dir / name)]
-    if missing:
-        raise DataError(f"{quote(run_dir)} is not a gradleak run folder: {', '.join(missing)} missing")
-    return run_dir
+    with staged_folder(run_dir) as stage:
+        for k, update in enumerate(updates):
+            save_update(update, stage / "updates" / f"client-{k:02d}.safetensors")
+        atomic_write_bytes(stage / "reconstruction.safetensors",
+                           safetensors_save(_tensors(reconstruction, originals, true_labels)))
+        atomic_write_json(stage / "history.json", reconstruction.history)
+        atomic_write_json(stage / "config.json", {"attack": reconstruction.attack, **(config or {}),
+                                                  "attack_options": reconstruction.config})
+        metrics = {"attack": reconstruction.attack, **(scores.to_json() if scores else {}),
+                   "notes": list(reconstruction.notes), **dict(extra_metrics or {})}
+        if residuals is not None:
+            metrics["residual"] = residual_summary(residuals)
+        if reconstruction.features:
+            metrics["features"] = {name: list(v.shape) for name, v in reconstruction.features.items()}
+        atomic_write_json(stage / "metrics.json", metrics)
+        if scores is not None:  # the per-image scores for a spreadsheet (gradleak compare puts runs side by side)
+            atomic_write_text(stage / "per_image.csv", csv_text(PER_IMAGE_COLUMNS, (
+                [row.get(k) for k in PER_IMAGE_COLUMNS] for row in scores.per_image)))
+        _draw(stage, reconstruction, originals, scores)
+        write_html_report(stage, name=run_dir.resolve().name)
+    return RunResult(run_dir, reconstruction, scores, residuals)
 
 
 def load_run(run_dir: str | Path) -> tuple[Reconstruction, dict[str, torch.Tensor], dict[str, Any]]:

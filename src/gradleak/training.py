@@ -26,6 +26,7 @@ Ctrl-C stops training; what was trained so far is written, marked ``"interrupted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -36,21 +37,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._io import atomic_write_bytes, atomic_write_json
+from ._io import atomic_write_bytes, atomic_write_json, staged_folder
 from .client import ClientSetup
 from .data.builtin import LabeledImages
 from .data.request import DataRequest
 from .data.spec import DataSpec
 from .errors import ConfigError, GradleakError, one_line
 from .federated import eval_accuracy, split_indices
-from .limits import check_float, check_int, check_seed, short_repr
+from .limits import LIMITS, check_float, check_int, check_seed, short_repr
 from .models.spec import BuiltModel, ModelSpec, model_outputs
 
 __all__ = ["TrainPlan", "TrainResult", "train_model", "OPTIMIZERS"]
 
 OPTIMIZERS = ("sgd", "adam")
-MAX_EPOCHS = 100_000
-MAX_CLIENTS = 10_000
+MAX_EPOCHS = LIMITS["epochs"].high
+MAX_CLIENTS = LIMITS["clients"].high
 
 
 @dataclass(frozen=True)
@@ -336,16 +337,20 @@ def train_model(spec: ModelSpec, data: DataRequest | LabeledImages, plan: TrainP
     train, test = dataset.select(train_idx), dataset.select(test_idx)
     result = TrainResult(built.module, spec, plan, record, dataset.classes, built.input_shape, built.num_classes,
                          built.loss, DataSpec.from_images(train.images), [first + i for i in train_idx],
-                         [first + i for i in test_idx], curve={plan.unit: [], "accuracy": []},
-                         out=None if out is None else Path(out))
-    start = time.perf_counter()
-    with progress_bar(quiet) as bar:
-        session = _Session(result, test, bar, progress)
-        try:
-            _run(built, train, session)
-        except KeyboardInterrupt:
-            result.interrupted = True
-    return _finish(result, session.model, train, test, time.perf_counter() - start)
+                         [first + i for i in test_idx], curve={plan.unit: [], "accuracy": []})
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # written whole or not at all; Ctrl-C keeps what was trained
+            result.out = stack.enter_context(staged_folder(out))
+        start = time.perf_counter()
+        with progress_bar(quiet) as bar:
+            session = _Session(result, test, bar, progress)
+            try:
+                _run(built, train, session)
+            except KeyboardInterrupt:
+                result.interrupted = True
+        _finish(result, session.model, train, test, time.perf_counter() - start)
+    result.out = None if out is None else Path(out)
+    return result
 
 
 def _finish(result: TrainResult, model: nn.Module, train: LabeledImages, test: LabeledImages,

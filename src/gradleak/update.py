@@ -14,8 +14,8 @@ safetensors header, with a SHA-256 digest over metadata and tensor bytes. Update
 come from untrusted clients: :func:`load_update` never unpickles anything, checks the
 header before parsing, and refuses truncated, tampered, mis-shaped, non-finite or
 pickle files with an :class:`~gradleak.errors.UpdateFileError` naming the entry. The
-file format is implemented in :mod:`gradleak.update_file`; ``save_update`` and
-``load_update`` are importable from here.
+file format is implemented in :mod:`gradleak.update_file` (``save_update``, ``load_update``,
+also importable from :mod:`gradleak`), which imports this module and never the reverse.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from typing import Any, Literal, Mapping
 import torch
 from .data.spec import DataSpec
 from .errors import ConfigError, UpdateFileError
-from .limits import MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_float, check_input_shape, check_int, short_repr
+from .limits import (MAX_BATCH, MAX_CLASSES, MAX_ITERATIONS, check_float, check_input_shape, check_int, check_nesting,
+                     short_repr)
 from .losses import LOSSES
 
-__all__ = ["SharedUpdate", "save_update", "load_update", "UpdateKind", "FORMAT_VERSION"]
+__all__ = ["SharedUpdate", "UpdateKind", "FORMAT_VERSION"]
 
 UpdateKind = Literal["gradient", "delta"]
 FORMAT_NAME = "gradleak.update"
@@ -161,6 +162,8 @@ class SharedUpdate:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
                 raise UpdateFileError(f"{name} must be a mapping, got {type(value).__name__}")
+            if value is not None:
+                _checked(check_nesting, name, dict(value))
         object.__setattr__(self, "tensors", tensors)
         object.__setattr__(self, "parameters", parameters)
 
@@ -246,7 +249,3 @@ def _parameter_shapes(parameters: Any) -> dict[str, tuple[int, ...]]:
                                   f"got {short_repr(shape)}")
         shapes[name] = tuple(shape)
     return shapes
-
-
-# the file format lives in update_file.py; these names stay importable from here
-from .update_file import DEFAULT_MAX_BYTES, _digest, _flat_tensors, load_update, save_update  # noqa: E402,F401

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
+from ._containers import is_safetensors, safetensors_header
 from ._io import atomic_write_bytes
 from .data.spec import DataSpec
 from .errors import ConfigError, UpdateFileError, one_line
@@ -32,7 +32,6 @@ __all__ = ["save_update", "load_update", "DEFAULT_MAX_BYTES"]
 _META_KEY = "gradleak"
 _PREFIXES = ("update/", "weights/", "buffers/")
 _LABELS = "labels"
-_MAX_HEADER = 64 * 2**20
 DEFAULT_MAX_BYTES = 4 * 2**30
 
 
@@ -87,22 +86,12 @@ def _json(text: str | bytes, **kwargs) -> Any:
 
 
 def _read_header(path: Path, data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise UpdateFileError(f"{path}: {len(data)} bytes is too short to be a safetensors file (truncated?)")
-    (length,) = struct.unpack("<Q", data[:8])
-    if not (length <= _MAX_HEADER and data[8:9] == b"{"):
+    """The safetensors header, bounded and checked entry by entry against the file
+    (:func:`gradleak._containers.safetensors_header`) before safetensors reads anything."""
+    if not is_safetensors(data):
         _sniff(path, data)
-    if length > _MAX_HEADER:
-        raise UpdateFileError(f"{path}: header length {length} exceeds the {_MAX_HEADER}-byte limit (not a safetensors file?)")
-    if 8 + length > len(data):
-        raise UpdateFileError(f"{path}: truncated: the header claims {length} bytes but only {len(data) - 8} follow")
-    try:
-        header = _json(data[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise UpdateFileError(f"{path}: the safetensors header is not valid JSON ({one_line(error)})") from None
-    if not isinstance(header, dict):
-        raise UpdateFileError(f"{path}: the safetensors header is not a JSON object")
-    return header
+    # dtypes are refused by SharedUpdate, which names the entry as update['name'], buffers[...], labels
+    return safetensors_header(data, lambda message: UpdateFileError(f"{path}: {message}"), dtypes=None)
 
 
 def _refuse_constant(token: str):

@@ -55,6 +55,18 @@ class Reconstruction:
     interrupted: bool = False
     tokens: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        """Shapes and counts, never tensor values (``print(run)`` in a notebook stays short)."""
+        shape = None if self.images is None else tuple(self.images.shape)
+        parts = [f"attack={self.attack!r}", f"images={shape}",
+                 f"labels={None if self.labels is None else self.labels.tolist()[:16]}",
+                 f"updates={self.updates}", f"notes={len(self.notes)}"]
+        if self.features:
+            parts.append(f"features={ {k: tuple(v.shape) for k, v in self.features.items()} }")
+        if self.interrupted:
+            parts.append("interrupted=True")
+        return f"Reconstruction({', '.join(parts)})"
+
     @property
     def num_samples(self) -> int:
         if self.tokens is not None:

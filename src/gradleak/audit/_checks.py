@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..errors import ConfigError, one_line
-from ..limits import short_repr
+from ..limits import LIMITS, short_repr
 
 MAX_NODES = 100_000          # values in the parsed config, every alias counted where it is used
 MAX_CHARS = 1_000_000        # characters of text (keys and strings), aliases counted likewise
 MAX_DEPTH = 32               # nesting of lists and mappings (an audit config needs about 6)
 MAX_INT = 2**63              # integers must fit in a signed 64-bit value
-MAX_IMAGES = 100_000         # data.n: images attacked
+MAX_IMAGES = LIMITS["images"].high  # data.n: images attacked
 MAX_DATA_VALUES = 2**28      # data.n x 3 x size x size: 1 GiB of float32 pixels
-MIN_SIDE, MAX_SIDE = 4, 512  # data.size, utility.size: pixels per side (the CLI's --size bounds)
-MAX_BATCH = 4096             # batch_sizes[k]: images per client (gradleak.limits.MAX_BATCH)
+MIN_SIDE, MAX_SIDE = LIMITS["side"].low, LIMITS["side"].high  # data.size, utility.size (the CLI's --size)
+MAX_BATCH = LIMITS["batch"].high  # batch_sizes[k]: images per client
 MAX_COUNT = 100_000          # utility rounds, clients, eval_every
 MAX_GRID = 100_000           # models x attacks x defenses x batch sizes
 MAX_NAME = 200               # characters of the audit's name
@@ -244,9 +244,12 @@ def check_tree(root: Any, where: str | None = None) -> None:
 
 # ------------------------------------------------------------------ shapes of entries
 def named_entry(where: str, entry: Any, extra_keys: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(name, options, other allowed keys) from ``"name"`` or ``{name: ..., options: {...}, ...}``."""
+    """(name, options, other allowed keys) from ``"name"`` or ``{name: ..., options: {...}, ...}``;
+    the name normalised by :func:`gradleak.names.normalize`."""
+    from ..names import normalize
+
     if isinstance(entry, str) and entry.strip():
-        return entry.strip(), {}, {}
+        return normalize(entry, where), {}, {}
     if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
         allowed = ("name", "options", *extra_keys)
         extra = sorted_keys(k for k in entry if k not in allowed)
@@ -255,7 +258,7 @@ def named_entry(where: str, entry: Any, extra_keys: tuple[str, ...] = ()) -> tup
         options = entry.get("options") or {}
         if not isinstance(options, Mapping):
             raise ConfigError(f"{where}.options: expected a mapping, got {show(options)}")
-        return entry["name"], dict(options), {k: entry[k] for k in extra_keys if k in entry}
+        return normalize(entry["name"], f"{where}.name"), dict(options), {k: entry[k] for k in extra_keys if k in entry}
     raise ConfigError(f"{where}: expected a name or {{name: ..., options: {{...}}}}, got {show(entry)}")
 
 

@@ -63,15 +63,15 @@ class ModelChoice:
         return key
 
     def check(self, where: str) -> None:
-        from ..models import FACTORY_PATTERN, MODELS, MODES
+        from ..models import MODELS, MODES
+        from ..names import model_name
 
-        if not isinstance(self.name, str) or not (self.name in MODELS or FACTORY_PATTERN.match(self.name)):
-            raise ConfigError(f"{where}: unknown model {show(self.name)}; known: {', '.join(MODELS)} "
-                              "(or package.module:factory)")
+        if model_name(self.name, where, MODELS) != self.name:  # the parser stores names normalised
+            raise ConfigError(f"{where}: model name {show(self.name)} is not normalised")
         if self.mode not in MODES:
             raise ConfigError(f"{where}.mode: must be train or eval, got {show(self.mode)}")
         if self.weights is not None:
-            if not isinstance(self.weights, (str, Path)) or not Path(self.weights).is_file():
+            if not isinstance(self.weights, (str, Path)) or not _is_file(self.weights):
                 raise ConfigError(f"{where}.weights: {show(self.weights)} is not a file")
         if self.train is not None:
             if not isinstance(self.train, Mapping):
@@ -97,32 +97,32 @@ class ModelChoice:
             raise ConfigError(f"train: {error}") from None
 
 
+def _is_file(path: str | Path) -> bool:
+    """A regular file there (False for a name the file system refuses: too long, a NUL byte)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _file_digest(path: str | Path) -> str:
     from ..models.weights import read_weights
 
-    return read_weights(path).sha256 if Path(path).is_file() else hashlib.sha256(str(path).encode()).hexdigest()
+    return read_weights(path).sha256 if _is_file(path) else hashlib.sha256(str(path).encode()).hexdigest()
 
 
 def check_imports(raw: Mapping[str, Any], allow_imports: tuple[str, ...], where: str) -> None:
-    """Refuse a ``package.module:factory`` in a config file unless its module is allowed."""
-    from ..models import FACTORY_PATTERN
+    """Refuse a ``package.module:factory`` in a config file unless its module is allowed; the
+    name is normalised first (:mod:`gradleak.names`), as it will be when it is built."""
+    from ..names import check_import_allowed
 
-    entries = [raw.get("models") or []]
+    models = raw.get("models") or []
     utility = raw.get("utility")
-    for k, entry in enumerate(entries[0] if isinstance(entries[0], list) else []):
+    for k, entry in enumerate(models if isinstance(models, list) else []):
         name = entry.get("name") if isinstance(entry, Mapping) else entry
-        _allowed(name, allow_imports, f"{where}: models[{k}]", FACTORY_PATTERN)
+        check_import_allowed(name, allow_imports, f"{where}: models[{k}]")
     if isinstance(utility, Mapping):
-        _allowed(utility.get("model"), allow_imports, f"{where}: utility.model", FACTORY_PATTERN)
-
-
-def _allowed(name: Any, allow: tuple[str, ...], where: str, pattern) -> None:
-    if not isinstance(name, str) or not pattern.match(name):
-        return
-    module = name.partition(":")[0]
-    if not any(module == a or module.startswith(a + ".") for a in allow):
-        raise ConfigError(f"{where}: {name!r} would import code named by the config file; gradleak imports it only "
-                          f"when you allow it: --allow-import {module}")
+        check_import_allowed(utility.get("model"), allow_imports, f"{where}: utility.model")
 
 
 def resolve_weights(raw: Mapping[str, Any], folder: Path) -> Mapping[str, Any]:

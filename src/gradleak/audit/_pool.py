@@ -65,7 +65,7 @@ def _worker_start() -> None:
 
 def _cells_task(config, specs: list, stacks: list, context: dict[str, Any], out: str, positions: list[int], results):
     """One group of cells, computed as an in-process audit computes them; each cell is sent on arrival."""
-    from .runner import run_group
+    from ._group import run_group
 
     device = context["device"]
     context = {**context, "images": context["images"].to(device), "labels": context["labels"].to(device)}
@@ -98,7 +98,8 @@ class ProcessPool:
         manager = SyncManager(ctx=spawn)
         manager.start(_ignore_sigint)
         pool = spawn.Pool(self.jobs, initializer=_worker_start)
-        bar = progress.add_task(f"  {self.jobs} worker processes", total=len(groups) + len(utility))
+        bar = progress.add_task(f"  groups of cells and trainings done by {self.jobs} worker processes (a group's "
+                                f"cells arrive together)", total=len(groups) + len(utility))
         try:
             results = manager.Queue()
             pending = [pool.apply_async(_cells_task, (config, [specs[i] for i in group],

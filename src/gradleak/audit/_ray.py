@@ -70,10 +70,44 @@ def _check_address(address: str) -> None:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"ray address: expected HOST:PORT of a Ray cluster's head, got {show(address)}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as connection:
+            answer = _http2_answer(connection)
     except OSError as error:
         raise ConfigError(f"ray address {address!r}: no Ray cluster answers there ({one_line(error, 120)}); "
                           "start one with `ray start --head`, or use --ray for a local Ray") from None
+    if answer is not True:
+        raise ConfigError(f"ray address {address!r}: something answers there, but not a Ray head (its GCS speaks "
+                          f"gRPC; this server {answer}); `ray status` on the cluster shows the head's HOST:PORT")
+
+
+# An HTTP/2 client's connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _http2_answer(connection: socket.socket) -> bool | str:
+    """True when the server answers an HTTP/2 preface with a SETTINGS frame, as every gRPC
+    server (Ray's GCS among them) does at once; else what it did instead, in words. Ray's own
+    client would retry a non-Ray server for 20 s or more, printing warnings."""
+    connection.settimeout(3)
+    try:
+        connection.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9:
+            chunk = connection.recv(9 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except socket.timeout:
+        return "sent nothing back within 3 s"
+    except OSError as error:
+        return f"closed the connection ({one_line(error, 80)})"
+    if len(head) == 9 and head[3] == 0x04:  # a frame of type SETTINGS
+        return True
+    if not head:
+        return "closed the connection without a word"
+    if head.startswith(b"HTTP/"):
+        return "answered in HTTP/1"
+    return f"answered {len(head)} bytes that are not an HTTP/2 SETTINGS frame"
 
 
 class RayBackend:
@@ -183,7 +217,7 @@ def _cell_task(config, specs: list, stacks: list[list[Any]], context: dict[str, 
     """The Ray task: one group of cells, computed as a local audit computes them."""
     import torch
 
-    from .runner import run_group
+    from ._group import run_group
 
     torch.set_num_threads(1)
     sys.path.extend(p for p in sys_path if p not in sys.path)  # a factory model's module, on the same machine

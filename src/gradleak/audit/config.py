@@ -46,6 +46,7 @@ from typing import Any, Mapping
 from ..client import ClientSetup
 from ..errors import ConfigError, one_line
 from ..limits import MAX_SEED
+from ..names import model_name, normalize
 from ._checks import MAX_BATCH, MAX_COUNT, MAX_GRID, MAX_NAME, check_data, check_tree, count, integer
 from ._checks import check_keys as _check_keys
 from ._checks import named_entry as _named
@@ -104,6 +105,8 @@ class UtilityConfig:
         from ..models import MODELS
 
         source("utility: data", self.data)
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", normalize(self.model, "utility: model"))
         if not isinstance(self.model, str) or self.model not in MODELS:
             raise ConfigError(f"utility: model must be one of {', '.join(MODELS)}, got {show(self.model)}")
         str_keyed("utility: model_options", self.model_options)
@@ -317,14 +320,16 @@ class AuditConfig:
                 raise ConfigError(f"the audit config needs {key!r}")
         values: dict[str, Any] = {k: raw[k] for k in ("name", "seed", "dtype", "device") if k in raw}
         models = [_named(f"models[{k}]", m, ("weights", "mode", "train")) for k, m in enumerate(_list(raw, "models"))]
-        values["models"] = tuple(ModelChoice(name, options, **extra) for name, options, extra in models)
+        values["models"] = tuple(ModelChoice(model_name(name, f"models[{k}]", _zoo()), options, **extra)
+                                 for k, (name, options, extra) in enumerate(models))
         attacks = []
         for k, entry in enumerate(_list(raw, "attacks")):
             name, options, extra = _named(f"attacks[{k}]", entry, ("models",))
             models = extra.get("models")
             if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
                 raise ConfigError(f"attacks[{k}].models: expected a list of model names, got {show(models)}")
-            attacks.append(AttackChoice(name, options, None if models is None else tuple(models)))
+            models = None if models is None else tuple(model_name(m, f"attacks[{k}].models", _zoo()) for m in models)
+            attacks.append(AttackChoice(name, options, models))
         values["attacks"] = tuple(attacks)
         if "defenses" in raw:
             values["defenses"] = tuple(tuple(d if isinstance(d, list) else [d]) for d in _list(raw, "defenses"))
@@ -343,6 +348,12 @@ class AuditConfig:
         if "verdict" in raw:
             values["verdict"] = _sub(VerdictRule, "verdict", raw["verdict"])
         return cls(**values)
+
+
+def _zoo():
+    from ..models import MODELS
+
+    return MODELS
 
 
 def _sub(cls, key: str, value: Any):

@@ -5,15 +5,13 @@ honest-but-curious and a malicious server get (:func:`audit_verdicts`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from ._checks import number
+from .cell import CellResult
 
-if TYPE_CHECKING:   # results.py imports the config, which imports this module
-    from .results import CellResult
-
-__all__ = ["VerdictRule", "audit_verdicts"]
+__all__ = ["VerdictRule", "audit_verdicts", "cell_level"]
 
 
 @dataclass(frozen=True)
@@ -61,10 +59,22 @@ class VerdictRule:
         return f"PSNR >= {psnr:g} dB" + (f" or SSIM >= {ssim:g}" if ssim is not None else "")
 
 
+def cell_level(cell: CellResult) -> str:
+    """One cell's verdict by the per-image rule: ``leaks`` when any image is recognisable,
+    ``partial`` when any shows partial structure, ``protected`` when measured and neither,
+    ``not-measured`` otherwise. The verdict sentences, the matrix and the privacy-utility plot
+    all use this, so they cannot disagree."""
+    if cell.status != "done":
+        return "not-measured"
+    if cell.levels.get("recognisable", 0) > 0:
+        return "leaks"
+    return "partial" if cell.levels.get("partial", 0) > 0 else "protected"
+
+
 def _judge(members: list[CellResult], rule: VerdictRule) -> tuple[str, str]:
     """(level, sentence) for the cells of one (model, defense, batch size) and one kind of server."""
-    recognisable = [c for c in members if c.status == "done" and c.levels.get("recognisable", 0) > 0]
-    partial = [c for c in members if c.status == "done" and c not in recognisable and c.levels.get("partial", 0) > 0]
+    recognisable = [c for c in members if cell_level(c) == "leaks"]
+    partial = [c for c in members if cell_level(c) == "partial"]
 
     def describe(c) -> str:
         return (f"{c.attack} ({c.levels.get('recognisable', 0)} of {len(c.psnr)} images with "
@@ -85,7 +95,7 @@ def _judge(members: list[CellResult], rule: VerdictRule) -> tuple[str, str]:
         failed = [c for c in others if c.status == status]
         if failed:
             text += f" {words}: " + "; ".join(
-                f"{c.attack} (needs {c.condition})" if c.condition else f"{c.attack} ({c.message})"
+                f"{c.attack} (valid only when: {c.condition})" if c.condition else f"{c.attack} ({c.message})"
                 for c in failed) + "."
     return ("protected" if best else "not-measured"), text
 

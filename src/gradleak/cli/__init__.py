@@ -4,6 +4,7 @@
     gradleak capture ...              simulate a client and write its update file
     gradleak attack [UPDATE] ...      attack an update file, or freshly simulated clients
     gradleak report RUN_DIR           rebuild the pictures and HTML report of a run folder
+    gradleak compare RUN [RUN ...]    several run folders side by side: a table, a figure, CSV
     gradleak analyze --model M        which attacks apply to an architecture, and why
     gradleak audit CONFIG             defenses x attacks grid, privacy-utility, verdicts
     gradleak study architectures      seed 004's DLG study across architectures
@@ -18,7 +19,7 @@ Every command that names a model takes the same options (``--model`` zoo name or
 
 from __future__ import annotations
 
-from . import analysis, audit, reference, runs, study, train  # noqa: F401  (registers the commands)
+from . import analysis, audit, compare, reference, runs, study, train  # noqa: F401  (registers the commands)
 from ._common import app
 
 __all__ = ["app"]

@@ -3,10 +3,13 @@ and the options that name a model (one :class:`~gradleak.models.ModelSpec` per c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from enum import Enum
 from typing import Any, Optional
 
@@ -19,9 +22,9 @@ try:  # typer >= 0.20 vendors click; older typer uses click itself
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-err = Console(stderr=True)
+err = Console(stderr=True, emoji=False)
 
 
 class _OneLineErrors(TyperGroup):
@@ -44,7 +47,23 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """Plain-text help without typer's HTML-export escapes: typer writes ``\\[default: 32]`` into
+    every option's help whenever rich is installed, even with ``rich_markup_mode=None``."""
+
+    def format_help(self, ctx, formatter) -> None:
+        super().format_help(ctx, formatter)
+        formatter.buffer[:] = [text.replace("\\[", "[") for text in formatter.buffer]
+
+
+class App(typer.Typer):
+    """The ``gradleak`` typer app: every command gets :class:`_Command` (plain help)."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = App(
     cls=_OneLineErrors,
     help="Measure how much private training data leaks from federated-learning updates.",
     no_args_is_help=True,
@@ -64,14 +83,51 @@ class Mode(str, Enum):
     eval = "eval"
 
 
+_STDOUT: ContextVar[Any] = ContextVar("gradleak_stdout", default=None)
+INTERNAL_ERROR = 70   # EX_SOFTWARE: something failed that gradleak did not anticipate (a bug, or user code)
+
+
+def stdout():
+    """The stream a command's own output goes to (JSON, Markdown, tables, 'wrote ...' lines).
+    While a command runs, ``sys.stdout`` is stderr, so that a ``print()`` in the user's model
+    factory, a library's chatter or a stray message never mixes with machine-readable output."""
+    return _STDOUT.get() or sys.stdout
+
+
+def say(*objects: Any, **options: Any) -> None:
+    """Print to the command's output (see :func:`stdout`) with rich, no markup or highlighting."""
+    Console(file=stdout(), emoji=False, highlight=False, soft_wrap=True).print(*objects, **options)
+
+
+def _unexpected(command: str, error: BaseException, verbose: bool, can_verbose: bool) -> None:
+    """One line for what nothing else caught: an exception, ``SystemExit`` or ``GeneratorExit``
+    raised by the user's code (a factory, a model's forward) or a bug; the traceback with --verbose."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    what = (f"something called sys.exit({error.code!r})" if isinstance(error, SystemExit)
+            else f"{type(error).__name__}: {one_line(error, 300) or '(no message)'}")
+    hint = " (--verbose shows the traceback)" if can_verbose and not verbose else ""
+    err.print(f"error: gradleak {command} stopped: {what}; nothing unfinished was stored{hint}",
+              highlight=False, soft_wrap=True, markup=False)
+
+
 def friendly(command):
-    """Turn gradleak's own errors, and the file system's, into one line on stderr and exit
-    code 2; Ctrl-C into exit code 130 (what was finished is written by the command)."""
+    """Every command's guard. gradleak's own errors and the file system's: one line on stderr,
+    exit code 2. Ctrl-C: exit code 130 (what was finished is written by the command). Anything
+    else (an unexpected exception, or ``SystemExit``/``GeneratorExit`` from the user's code):
+    one line naming it, exit code 70, the traceback only with ``--verbose``. While the command
+    runs, stray ``print()`` output goes to stderr (:func:`stdout`)."""
+    name = command.__name__.replace("_", "-")
+    can_verbose = "verbose" in inspect.signature(command).parameters
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        token = _STDOUT.set(sys.stdout)
         try:
-            return command(*args, **kwargs)
+            with contextlib.redirect_stdout(sys.stderr):
+                return command(*args, **kwargs)
         except GradleakError as error:
             err.print(f"error: {one_line(error, 2000)}", highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(2) from None
@@ -83,6 +139,13 @@ def friendly(command):
         except KeyboardInterrupt:
             err.print("interrupted: nothing finished was lost; nothing unfinished was stored", highlight=False)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
+        except (Exception, SystemExit, GeneratorExit) as error:  # noqa: BLE001 - the last line of defence
+            _unexpected(name, error, bool(kwargs.get("verbose")), can_verbose)
+            raise typer.Exit(INTERNAL_ERROR) from None
+        finally:
+            _STDOUT.reset(token)
 
     return wrapper
 
@@ -114,20 +177,47 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
+def _recorded_defenses(run_dir) -> str:
+    """The defenses a run folder's config.json records, as one label ('' when none were applied)."""
+    from ..defenses import stack_label
+
+    try:
+        described = json.loads((run_dir / "config.json").read_text()).get("defenses")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return stack_label(described) if described else ""
+
+
 def summary(result, quiet: bool) -> None:
     if quiet:
         return
+    from ..metrics import recovery_counts
+
     s = result.scores.summary if result.scores else {}
     psnr = s.get("psnr_mean")
     line = f"wrote {result.run_dir}/report.html"
     if s.get("rouge1") is not None:   # a text run (gradleak.text.runs)
         line += (f"  |  ROUGE-1 {100 * s['rouge1']:.1f} %, ROUGE-2 {100 * s['rouge2']:.1f} %, exact sequences "
                  f"{100 * s['exact_rate']:.0f} % (of {s['n_sequences']})")
+    defenses = _recorded_defenses(result.run_dir)
+    if defenses:
+        line += f"  |  defense: {defenses}"
     if psnr is not None:
-        line += f"  |  PSNR {psnr:.1f} dB (mean of {s.get('n_images')})"
+        n, got = s.get("n_images"), s.get("n_recovered")
+        if got is None:
+            counted = f"mean of {n}"
+        elif got == n:
+            counted = f"mean of {n}; {s.get('n_exact')} exact"
+        else:
+            counted = f"mean of the {got} recovered; {recovery_counts(s)}"
+        line += f"  |  PSNR {psnr:.1f} dB ({counted})"
+    if getattr(result, "residuals", None):
+        from ..residual import residual_summary, summary_text
+
+        line += f"  |  {summary_text(residual_summary(result.residuals))} (truth-free)"
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
-    Console().print(line, highlight=False, soft_wrap=True)
+    say(line)
 
 
 def model_spec(model: str, model_option: Optional[list[str]], weights: Optional[str], device: str,
@@ -151,6 +241,17 @@ def client_setup(pairs: Optional[list[str]], **defaults: Any):
         raise ConfigError(f"--client: {one_line(error)}; keys: {known}") from None
 
 
+def limited(key: str, default: Any, *decls: str, help: str) -> Any:
+    """A typer option bounded by the one table of limits (:data:`gradleak.limits.LIMITS`): every
+    command's ``--size``, ``--n``, ``--epochs``... shares the bound of its config key and function."""
+    from ..limits import LIMITS
+
+    bound = LIMITS[key]
+    return typer.Option(default, *decls, min=bound.low, max=bound.high, help=help)
+
+
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the results already in --out (only a gradleak "
+                                                        "result folder or file is ever replaced).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries; warnings only.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 ModelOptionOpt = typer.Option(None, "--model-option", "-m",

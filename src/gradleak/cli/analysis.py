@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import __version__
-from ._common import (DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, WeightsOpt, app, friendly,
-                      model_spec)
+from ._common import (DeviceOpt, VerboseOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, WeightsOpt, app, friendly,
+                      limited, model_spec, setup_logging, stdout)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -28,8 +28,8 @@ def _shape(text: str) -> tuple[int, ...]:
 def analyze(
     model: str = typer.Option(..., "--model", help="Zoo name (see `gradleak list`) or package.module:factory."),
     input_shape: str = typer.Option("3x32x32", help="One input, CxHxW (a text model: the sequence length, e.g. 32)."),
-    batch_size: int = typer.Option(1, min=1, help="Images per client update."),
-    num_classes: int = typer.Option(10, min=1),
+    batch_size: int = limited("batch", 1, help="Images per client update."),
+    num_classes: int = limited("classes", 10, help="Classifier outputs."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     weights: Optional[str] = WeightsOpt,
     device: str = DeviceOpt,
@@ -38,9 +38,12 @@ def analyze(
     labels_known: bool = typer.Option(True, help="Threat model: the attacker knows the labels."),
     numeric: bool = typer.Option(True, help="Numerical rank/condition of the layer systems (small layers)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    verbose: bool = VerboseOpt,
 ):
     """From the architecture alone: which attacks apply, and is exact recovery predicted (and why)."""
     from ..analysis import analyze as run_analysis, report_table
+
+    setup_logging(False, verbose)
 
     shape = _shape(input_shape)
     spec = model_spec(model, model_option, weights, device, mode, dtype, 0, num_classes)
@@ -52,9 +55,9 @@ def analyze(
                           numeric=numeric)
     report.model = model
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(report.to_json(), indent=2), file=stdout())
         return
-    console = Console()
+    console = Console(file=stdout())
     for table in report_table(report):
         console.print(table)
     for reason in report.reasons:
@@ -81,6 +84,7 @@ def _analyze_text(spec, shape: tuple[int, ...], batch_size: int, num_classes: in
 
 
 @app.command("list")
+@friendly
 def list_things():
     """The models, attacks and built-in data sets gradleak knows by name."""
     from ..attacks import ATTACKS
@@ -88,7 +92,7 @@ def list_things():
     from ..defenses import DEFENSES
     from ..models import MODELS
 
-    console = Console()
+    console = Console(file=stdout())
     for title, rows in (
         ("models", [(k, v.description) for k, v in MODELS.items()]),
         ("attacks", [(k, f"{v.paper}. Valid when: {v.conditions}") for k, v in sorted(ATTACKS.items())]),
@@ -104,6 +108,7 @@ def list_things():
 
 
 @app.command()
+@friendly
 def version():
     """Print the version."""
-    print(__version__)
+    print(__version__, file=stdout())

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ._common import app, friendly
+from ._common import app, friendly, stdout
 
 
 @app.command()
@@ -21,7 +21,7 @@ def reference(
     from ..reference import reference_markdown, write_reference
 
     if out is None:
-        print(reference_markdown(), end="")
+        print(reference_markdown(app), end="", file=stdout())
         return
-    write_reference(output_file(out))
+    write_reference(output_file(out), app)
     typer.echo(f"wrote {out}", err=True)

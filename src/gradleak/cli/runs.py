@@ -6,21 +6,21 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from .._io import output_dir, output_file
-from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, LengthOpt, Mode, ModelOptionOpt, ModeOpt, QuietOpt,
-                      VerboseOpt, WeightsOpt, app, client_setup, friendly, model_spec, parse_options, setup_logging,
+from .._io import new_run_dir, output_file, replacing
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, Mode, ModelOptionOpt, ModeOpt, OverwriteOpt, LengthOpt, QuietOpt,
+                      VerboseOpt, WeightsOpt, app, client_setup, friendly, limited, model_spec, parse_options, say, setup_logging,
                       stop_if_interrupted, summary)
 
 
 @app.command()
 @friendly
 def demo(
-    out: str = typer.Option("runs/demo", help="Run folder to write."),
+    out: Optional[str] = typer.Option(None, help="Run folder to write (default: a new runs/demo-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     data: str = typer.Option("photos", help="Built-in data: photos, faces or digits."),
-    n: int = typer.Option(8, min=1, help="Number of images (one client each)."),
-    size: int = typer.Option(32, min=4, max=512, help="Image side in pixels."),
+    n: int = limited("images", 8, help="Number of images (one client each)."),
+    size: int = limited("side", 32, help="Image side in pixels."),
     model: str = typer.Option("mlp", help="A model whose first layer is fully connected: mlp, two-layer, or yours."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     device: str = DeviceOpt,
@@ -37,7 +37,9 @@ def demo(
 
     setup_logging(quiet, verbose)
     spec = model_spec(model, model_option, None, device, None, dtype, seed)
-    result = run_demo(output_dir(out), data=DataRequest(data, n, size), model=spec, quiet=quiet)
+    out_path = new_run_dir("demo", out, overwrite=overwrite)
+    with replacing(out_path, overwrite):
+        result = run_demo(out_path, data=DataRequest(data, n, size), model=spec, quiet=quiet)
     summary(result, quiet)
     stop_if_interrupted(result)
 
@@ -47,9 +49,9 @@ def demo(
 def capture(
     out: str = typer.Option(..., help="Update file to write (.safetensors)."),
     data: str = typer.Option("photos", help="Built-in data name, or a path (image folder, CIFAR batches, MNIST idx)."),
-    n: int = typer.Option(1, min=1, help="Number of images in the client's batch."),
-    start: int = typer.Option(0, min=0, help="Index of the first image."),
-    size: Optional[int] = typer.Option(32, min=4, max=512, help="Image side in pixels (resize)."),
+    n: int = limited("batch", 1, help="Number of images in the client's batch."),
+    start: int = limited("start", 0, help="Index of the first image."),
+    size: Optional[int] = limited("side", 32, help="Image side in pixels (resize)."),
     model: str = typer.Option("mlp", help="Zoo name (see `gradleak list`) or package.module:factory."),
     model_option: Optional[list[str]] = ModelOptionOpt,
     weights: Optional[str] = WeightsOpt,
@@ -58,9 +60,11 @@ def capture(
     client: Optional[list[str]] = ClientOpt,
     truth: Optional[str] = typer.Option(None, help="Also write the ground truth (images, labels) here, for evaluation."),
     length: int = LengthOpt,
+    overwrite: bool = OverwriteOpt,
     dtype: DType = DTypeOpt,
     seed: int = typer.Option(0),
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Simulate one client on given data and write its update file (and, apart, the ground truth).
     The file records the model (zoo name or factory, options, weights digest) and its mode."""
@@ -68,11 +72,11 @@ def capture(
     from ..data.spec import DataSpec
     from ..pipeline import simulate_clients
     from ..runs import save_truth
-    from ..update import save_update
+    from ..update_file import save_update
 
-    setup_logging(quiet, False)
-    out_path = output_file(out, "--out")
-    truth_path = None if truth is None else output_file(truth, "--truth")
+    setup_logging(quiet, verbose)
+    out_path = output_file(out, "--out", overwrite=overwrite)
+    truth_path = None if truth is None else output_file(truth, "--truth", overwrite=overwrite)
     spec = model_spec(model, model_option, weights, device, mode, dtype, seed)
     if spec.modality == "text":   # token sequences of real text (gradleak.text), docs/text.md
         from ..text.pipeline import capture_text
@@ -80,7 +84,7 @@ def capture(
         update = capture_text(out_path, data=_text_data(data), n=n, length=length, start=start, model=spec,
                               client=client_setup(client, batch_size=n, seed=seed), truth=truth_path)
         if not quiet:
-            Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size} sequences of {length} tokens)")
+            say(f"wrote {out} ({update.kind}, batch {update.batch_size} sequences of {length} tokens)")
         return
     dataset = DataRequest(data, n, size, start).load()
     built = spec.build(tuple(dataset.images.shape[1:]), max(len(dataset.classes), 2))
@@ -97,22 +101,39 @@ def capture(
     if truth_path is not None:
         save_truth(truth_path, images.cpu(), dataset.labels)
     if not quiet:
-        Console().print(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors, "
+        say(f"wrote {out} ({update.kind}, batch {update.batch_size}, {len(update.tensors)} tensors, "
                         f"{update.mode} mode)")
 
 
-@app.command()
+def _attack_epilog() -> str:
+    """Every attack's -o options, one block per attack (click's \\b keeps the lines as written)."""
+    import textwrap
+
+    from ..reference._methods import option_lines
+
+    lines = [wrapped for line in option_lines()
+             for wrapped in textwrap.wrap(line, 76, initial_indent="  ", subsequent_indent="      ")]
+    return ("\b\nAttack options (-o key=value), per attack:\n" + "\n".join(lines)
+            + "\n\nTypes, defaults and meanings: docs/reference.md (gradleak reference).")
+
+
+@app.command(epilog=_attack_epilog())
 @friendly
 def attack(
     update: Optional[Path] = typer.Argument(None, help="Update file to attack; omit to simulate fresh clients."),
-    attack_name: str = typer.Option("fc-bias", "--attack", "-a", help="Attack name (see `gradleak list`)."),
-    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable."),
-    out: str = typer.Option("runs/attack", help="Run folder to write."),
+    attack_name: Optional[str] = typer.Option(None, "--attack", "-a", help="Attack name (see `gradleak list`), or "
+                                              "auto: the attacks the analyser finds applicable, exact closed forms "
+                                              "first, stopping at the first certified exact by the update residual. "
+                                              "Default: auto with UPDATE, fc-bias without."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Attack option key=value. Repeatable. "
+                                               "With auto: to every attack that takes it, or NAME.key=value to one."),
+    out: Optional[str] = typer.Option(None, help="Run folder to write (default: a new runs/attack-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     truth: Optional[Path] = typer.Option(None, help="Ground truth file (from `capture --truth`) to score against."),
     labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
     data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
-    n: int = typer.Option(8, min=1, help="Without UPDATE: number of images."),
-    size: Optional[int] = typer.Option(32, min=4, max=512, help="Without UPDATE: image side."),
+    n: int = limited("images", 8, help="Without UPDATE: number of images."),
+    size: Optional[int] = limited("side", 32, help="Without UPDATE: image side."),
     client: Optional[list[str]] = ClientOpt,
     model: Optional[str] = typer.Option(None, help="Zoo name or package.module:factory (default mlp; with UPDATE: "
                                                    "the recorded zoo model, required for a factory)."),
@@ -130,19 +151,24 @@ def attack(
     verbose: bool = VerboseOpt,
 ):
     """Attack an update file (the model is rebuilt from its record, or from --model and checked
-    against it) or freshly simulated clients, score against the ground truth, and write the
-    run folder."""
+    against it) or freshly simulated clients, score against the ground truth when given, and
+    write the run folder. Every run records the update residual: how well the reconstruction
+    reproduces the update, without ground truth (certified exact at most 1e4 machine epsilons)."""
+    from ..auto import AUTO
     from ..errors import ConfigError
     from ..pipeline import attack_file, attack_simulated
     from ..threat import ThreatModel
 
     setup_logging(quiet, verbose)
     options = parse_options(option)
-    out = output_dir(out)
+    attack_name = attack_name or (AUTO if update is not None else "fc-bias")
+    if attack_name == AUTO and update is None:
+        raise ConfigError("--attack auto attacks an update file (UPDATE); name an attack for simulated clients")
+    out = new_run_dir("attack", out, overwrite=overwrite)
     from ..attacks import MaliciousAttack, get_attack
 
     # choosing a malicious-server attack is choosing that threat model (recorded in the run's config)
-    server = "malicious" if issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
+    server = "malicious" if attack_name != AUTO and issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
     threat = ThreatModel(labels_known=labels_known, server=server)
     if update is not None:
         if defense or client:
@@ -151,8 +177,9 @@ def attack(
         spec = None
         if model is not None or weights is not None:
             spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
-        result = attack_file(update, attack_name, out, model=spec, truth=truth, threat=threat, options=options,
-                             quiet=quiet, device=device, dtype=dtype.value)
+        with replacing(out, overwrite):
+            result = attack_file(update, attack_name, out, model=spec, truth=truth, threat=threat, options=options,
+                                 quiet=quiet, device=device, dtype=dtype.value)
     else:
         from ..data.request import DataRequest
 
@@ -161,13 +188,15 @@ def attack(
         if spec.modality == "text":   # token sequences of real text (gradleak.text), docs/text.md
             from ..text.pipeline import attack_text
 
-            result = attack_text(attack_name, out, data=_text_data(data), n=n, length=length, model=spec,
-                                 client=setup, threat=threat, options=options, defenses=defense, quiet=quiet)
+            with replacing(out, overwrite):
+                result = attack_text(attack_name, out, data=_text_data(data), n=n, length=length, model=spec,
+                                     client=setup, threat=threat, options=options, defenses=defense, quiet=quiet)
             summary(result, quiet)
             stop_if_interrupted(result)
             return
-        result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
-                                  threat=threat, options=options, defenses=defense, quiet=quiet)
+        with replacing(out, overwrite):
+            result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
+                                      threat=threat, options=options, defenses=defense, quiet=quiet)
     summary(result, quiet)
     stop_if_interrupted(result)
 
@@ -184,4 +213,4 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by dem
     from ..runs import rebuild_report
 
     path = rebuild_report(run_dir)
-    Console().print(f"wrote {path}")
+    say(f"wrote {path}")

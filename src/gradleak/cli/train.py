@@ -6,11 +6,10 @@ from enum import Enum
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from .._io import output_dir
-from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, QuietOpt, WeightsOpt, app, client_setup,
-                      err, friendly, model_spec, parse_options, setup_logging)
+from .._io import new_run_dir, replacing
+from ._common import (ClientOpt, DeviceOpt, DType, DTypeOpt, ModelOptionOpt, OverwriteOpt, QuietOpt, VerboseOpt,
+                      WeightsOpt, app, client_setup, err, friendly, limited, model_spec, parse_options, say, setup_logging)
 
 
 class Optimizer(str, Enum):
@@ -56,38 +55,42 @@ def train(
     seed: int = typer.Option(0, help="Seed of the initialisation, the split and the minibatch order."),
     data: str = typer.Option("digits", help="Built-in data (photos, faces, digits) or a path (image folder, "
                                             "CIFAR batches, MNIST idx)."),
-    n: Optional[int] = typer.Option(None, help="Number of images (default: all of them)."),
-    size: Optional[int] = typer.Option(32, help="Image side in pixels (resize); use the same with `attack`."),
-    epochs: int = typer.Option(10, help="Epochs (centralised) or rounds (federated, with --clients)."),
+    n: Optional[int] = limited("images", None, help="Number of images (default: all of them)."),
+    size: Optional[int] = limited("side", 32, help="Image side in pixels (resize); use the same with `attack`."),
+    epochs: int = limited("epochs", 10, help="Epochs (centralised) or rounds (federated, with --clients)."),
     lr: float = typer.Option(0.01, help="Learning rate (federated: the clients' local SGD)."),
-    batch_size: int = typer.Option(32, help="Minibatch size (federated: the clients' local minibatches)."),
+    batch_size: int = limited("local_batch", 32, help="Minibatch size (federated: the clients' local minibatches)."),
     optimizer: Optimizer = typer.Option(Optimizer.sgd, help="sgd (momentum 0.9) or adam; centralised only."),
     weight_decay: float = typer.Option(0.0, help="Weight decay; centralised only."),
-    clients: Optional[int] = typer.Option(None, help="Train federatedly over N clients (disjoint shards)."),
+    clients: Optional[int] = limited("clients", None, help="Train federatedly over N clients (disjoint shards)."),
     client: Optional[list[str]] = ClientOpt,
     server_lr: float = typer.Option(1.0, help="Federated: the server's step on the mean update."),
     checkpoint: Optional[list[int]] = typer.Option(None, "--checkpoint", help="Also save the weights after this "
                                                    "epoch/round (checkpoints/epoch-0005.safetensors). Repeatable."),
     test_fraction: float = typer.Option(0.2, help="Share of the images held out (never trained on)."),
-    eval_every: int = typer.Option(1, help="Measure held-out accuracy every this many epochs/rounds."),
-    out: str = typer.Option("runs/train", help="Folder to write weights.safetensors, training.json, checkpoints/."),
+    eval_every: int = limited("epochs", 1, help="Measure held-out accuracy every this many epochs/rounds."),
+    out: Optional[str] = typer.Option(None, help="Folder to write weights.safetensors, training.json, checkpoints/ "
+                                                 "(default: a new runs/train-<date>-<time>)."),
+    overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Train a model on real images, centralised or federated, and write its weights (load them
     with --weights in any command), training.json (held-out indices, accuracy curve) and
     checkpoints, so that attacks can run against trained networks and earlier rounds."""
     from ..training import TrainPlan, train_model
 
-    setup_logging(quiet, False)
-    out_path = output_dir(out)
+    setup_logging(quiet, verbose)
+    out_path = new_run_dir("train", out, overwrite=overwrite)
     spec = model_spec(model, model_option, weights, device, None, dtype, seed)
     plan = TrainPlan(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer.value,
                      weight_decay=weight_decay, test_fraction=test_fraction, clients=clients,
                      client=_client(client, clients, lr, batch_size, seed), server_lr=server_lr,
                      checkpoints=tuple(checkpoint or ()), seed=seed, eval_every=eval_every)
-    result = train_model(spec, _data(data, n, size), plan, out_path, quiet=quiet)
+    with replacing(out_path, overwrite):
+        result = train_model(spec, _data(data, n, size), plan, out_path, quiet=quiet)
     if not quiet:
-        Console().print(f"held-out accuracy {100 * result.held_out_accuracy:.1f} % on "
+        say(f"held-out accuracy {100 * result.held_out_accuracy:.1f} % on "
                         f"{len(result.held_out_indices)} images never trained on (train "
                         f"{100 * result.train_accuracy:.1f} %) after {result.completed} {plan.unit}(s)  |  "
                         f"wrote {result.weights}", highlight=False, soft_wrap=True)

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, one_line
 from ._files import open_regular, printable, quote
-from .builtin import LabeledImages, check_available, check_count, check_size, pil_to_tensor_chw
+from .builtin import LabeledImages, check_available, check_count, check_resized, check_size, pil_to_tensor_chw
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES", "MAX_FOLDER_ENTRIES",
            "FolderListing", "list_image_folder", "load_image_folder", "load_listing"]
@@ -188,6 +188,7 @@ def load_listing(listing: FolderListing, size: int, n: int | None, channels: int
         raise DataError(f"{_WHERE}: no images in {quote(root)} (expected files ending in "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}, directly or in class subfolders{note})")
     count = check_available(check_count(n, _WHERE), len(listing.entries), f"{_WHERE}({quote(root)})")
+    check_resized(count, channels, size, f"{_WHERE}({quote(root)})")
     arrays = [decode_image(file, size, channels, max_pixels) for file, _ in listing.entries[:count]]
     labels = torch.tensor([label for _, label in listing.entries[:count]], dtype=torch.int64)
     name = printable(Path(os.path.realpath(root)).name) or "images"

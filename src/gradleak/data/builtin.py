@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..limits import MAX_SIDE, check_pixels, short_repr
 
 __all__ = [
     "LabeledImages",
@@ -138,6 +139,7 @@ class LabeledImages:
         size = check_size(size, f"{self.name}.resize")
         if self.shape[1:] == (size, size):
             return self
+        check_resized(len(self), self.shape[0], size, f"{self.name}.resize")
         arrays = self.images.detach().cpu().double().numpy()
         out = np.stack([resize_float_chw(a, size) for a in arrays])
         images = torch.from_numpy(out).to(dtype=self.images.dtype, device=self.images.device)
@@ -148,10 +150,18 @@ class LabeledImages:
 
 
 def check_size(size: object, where: str) -> int:
-    """``size`` as a positive int, or a DataError naming ``size`` and ``where``."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) < 1:
-        raise DataError(f"{where}: size must be a positive integer (pixels per side), got {size!r}")
+    """``size`` as an int in 1..:data:`~gradleak.limits.MAX_SIDE`, or a DataError naming ``size`` and ``where``."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= int(size) <= MAX_SIDE:
+        raise DataError(f"{where}: size must be an integer in 1..{MAX_SIDE} (pixels per side), got {short_repr(size)}")
     return int(size)
+
+
+def check_resized(count: int, channels: int, size: int, where: str) -> None:
+    """``count`` images resized to ``size`` fit the pixel budget (checked before any is resized)."""
+    try:
+        check_pixels(where, count, channels, size)
+    except ConfigError as error:
+        raise DataError(str(error)) from None
 
 
 def check_count(n: object, where: str) -> int | None:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..limits import short_repr
+from ..limits import LIMITS, short_repr
 
 __all__ = ["DataRequest"]
 
-MAX_IMAGES = 100_000
+MAX_IMAGES = LIMITS["images"].high
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,13 @@ class DataRequest:
     start: int = 0
 
     def __post_init__(self):
-        from ..limits import check_int
-
         if not isinstance(self.name, (str, os.PathLike)) or not str(self.name).strip():
             raise ConfigError(f"data must be a built-in name or a path, got {short_repr(self.name)}")
         if self.n is not None:
-            check_int("n", self.n, 1, MAX_IMAGES)
-        check_int("start", self.start, 0, MAX_IMAGES)
+            LIMITS["images"].check(self.n, "n")
+        LIMITS["start"].check(self.start)
         if self.size is not None:
-            check_int("size", self.size, 4, 512)
+            LIMITS["side"].check(self.size, "size")
 
     def load(self):
         """The :class:`~gradleak.data.LabeledImages`, exactly ``n`` of them from ``start``."""

@@ -22,7 +22,7 @@ Larger batches are the ``batch_size`` of :class:`~gradleak.client.ClientSetup`.
 """
 
 from .base import (DEFENSES, STAGES, ClientContext, Defense, PrivateTraining, get_defense, make_defense,  # noqa: F401
-                   make_defenses, register_defense)
+                   make_defenses, register_defense, stack_label)
 from .compression import HalfPrecision, Int8Quantization, Pruning, RandomMask, SignCompression  # noqa: F401
 from .dp import DPSGD, PerExampleClipping, calibrate_noise, epsilon_spent  # noqa: F401
 from .inspection import ClientRefused, ModelInspection, inspect_model  # noqa: F401
@@ -34,6 +34,7 @@ from .stack import DefendedUpdate, aggregate_updates, defend_client, defended_up
 
 __all__ = [
     "DEFENSES", "STAGES", "Defense", "ClientContext", "PrivateTraining", "get_defense", "make_defense", "make_defenses",
+    "stack_label",
     "register_defense", "GaussianNoise", "LaplacianNoise", "UpdateClipping", "Pruning", "RandomMask", "HalfPrecision",
     "Int8Quantization", "SignCompression", "DPSGD", "PerExampleClipping", "LocalTraining", "SecureAggregation",
     "Soteria", "soteria_scores", "calibrate_noise", "epsilon_spent", "DefendedUpdate", "defended_updates",

@@ -31,13 +31,13 @@ from torch import nn
 
 from ..client import ClientSetup
 from ..data.spec import DataSpec
-from ..errors import ConfigError
+from ..errors import ConfigError, GradleakError
 from ..limits import check_float, check_int, short_repr
 from ..registry import Registry
 from ..update import SharedUpdate
 
 __all__ = ["Defense", "ClientContext", "PrivateTraining", "DEFENSES", "register_defense", "get_defense",
-           "make_defense", "make_defenses", "STAGES"]
+           "make_defense", "make_defenses", "STAGES", "stack_label"]
 
 STAGES = ("client", "update", "aggregate")
 
@@ -207,3 +207,19 @@ def make_defenses(specs: Defense | str | Mapping[str, Any] | Sequence[Any] | Non
     if sum(d.stage == "aggregate" for d in defenses) > 1:
         raise ConfigError("at most one aggregation defense (secure-aggregation) per stack")
     return defenses
+
+
+def stack_label(described: Any) -> str:
+    """``"pruning(ratio=0.3) + half"``: a stack of defenses as recorded in a run's config.json
+    (:meth:`Defense.describe` dicts), for titles and summary lines; ``"no defense"`` when empty.
+    A record that no longer parses (an old or edited file) is shown by its name."""
+    if not isinstance(described, (list, tuple)) or not described:
+        return "no defense"
+    labels = []
+    for entry in described:
+        try:
+            defense = make_defense(entry)
+            labels.append(defense.label() if defense is not None else "none")
+        except (GradleakError, TypeError, ValueError):
+            labels.append(str(entry.get("name", "?")) if isinstance(entry, Mapping) else str(entry)[:40])
+    return " + ".join(labels)

@@ -19,6 +19,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the install
     raise ImportError("gradleak.flower needs Flower: pip install 'gradleak[flower]' (flwr[simulation]==1.42.0)") from error
 
+from ._reply import metrics_without_audit
 from .arrays import delta_update, record_tensors
 from .attacks import AttackOutcome, run_attack
 from .contract import ClientProtocol, protocol_of, read_training_config, training_config, training_metrics
@@ -30,4 +31,4 @@ from .strategy import LeakageAuditStrategy
 
 __all__ = ["LeakageAuditStrategy", "AuditRecord", "leakage_gate", "training_metrics", "training_config",
            "read_training_config", "protocol_of", "ClientProtocol", "explain", "Explanation", "write_report",
-           "delta_update", "record_tensors", "run_attack", "AttackOutcome"]
+           "delta_update", "record_tensors", "run_attack", "AttackOutcome", "metrics_without_audit"]

@@ -5,7 +5,10 @@ and :func:`~gradleak.pipeline.attack_updates`), so an audited reconstruction is 
 ``gradleak attack`` gives on the same update file. It never raises for the attack's own
 failures: an attack whose conditions fail is ``not applicable`` with the failed condition,
 any other error is ``failed`` with one line. Ground truth, when given, is used only to
-score (evaluation), never by the attack.
+score (evaluation), never by the attack. Every reconstruction gets its update residual
+(:mod:`gradleak.residual`), the truth-free measure: what a server without the clients' data
+can act on. :func:`run_auto` runs ``attacks="auto"``: the plan :mod:`gradleak.auto` makes
+from the analyser's verdicts, stopping at the first reconstruction certified exact.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import AttackNotApplicable, one_line
+from ..attacks.base import Reconstruction
+from ..auto import AUTO
+from ..errors import AttackNotApplicable, ConfigError, one_line
 from ..models.spec import BuiltModel
+from ..residual import Residual
 from ..update import SharedUpdate
 
-__all__ = ["AttackOutcome", "run_attack", "parse_attacks"]
+__all__ = ["AttackOutcome", "run_attack", "run_auto", "parse_attacks", "is_auto", "best_residual"]
 
 
 @dataclass
@@ -30,8 +36,12 @@ class AttackOutcome:
 
     ``status``: ``ok`` (it ran), ``not applicable`` (its conditions fail; ``message`` says
     which), ``failed`` (an error, in one line) or ``skipped`` (``message`` says why).
-    ``psnr``/``ssim``: per true image, after matching. ``images``: the reconstructions in
-    the truth's order (for the report's grids; not in the JSON)."""
+    ``residual``: the update residual of the reconstruction (truth-free; ``certified`` when
+    it certifies the reconstruction exact). ``psnr``/``ssim``: per true image, after
+    matching, when the truth is known. ``images``: the reconstructions, in the truth's order
+    when there is one (for the report's grids; not in the JSON); ``reconstruction``: the
+    attack's result as it came (saved beside the captured update). ``reason``: why
+    ``attacks="auto"`` planned it. ``saved``: the file the reconstruction was saved to."""
 
     attack: str
     status: str
@@ -42,36 +52,63 @@ class AttackOutcome:
     label_accuracy: float | None = None
     notes: list[str] = field(default_factory=list)
     images: torch.Tensor | None = None
+    residual: Residual | None = None
+    reconstruction: Reconstruction | None = None
+    reason: str = ""
+    saved: str | None = None
+
+    @property
+    def certified(self) -> bool:
+        return self.residual is not None and self.residual.certified
+
+    @property
+    def residual_value(self) -> float | None:
+        return None if self.residual is None else self.residual.value
 
     @property
     def psnr_mean(self) -> float | None:
         if not self.psnr:
             return None
-        finite = [v for v in self.psnr if not math.isnan(v)]
+        finite = [v for v in self.psnr if v is not None and not math.isnan(v)]
         return sum(finite) / len(finite) if finite else None
 
     @property
     def ssim_mean(self) -> float | None:
-        values = [v for v in self.ssim or [] if not math.isnan(v)]
+        values = [v for v in self.ssim or [] if v is not None and not math.isnan(v)]
         return sum(values) / len(values) if values else None
 
     def to_json(self) -> dict[str, Any]:
         return {"attack": self.attack, "status": self.status, "message": self.message,
-                "seconds": round(self.seconds, 3), "psnr": self.psnr, "psnr_mean": self.psnr_mean,
+                "seconds": round(self.seconds, 3), "residual": None if self.residual is None else self.residual.to_json(),
+                "certified": self.certified, "psnr": self.psnr, "psnr_mean": self.psnr_mean,
                 "ssim": self.ssim, "ssim_mean": self.ssim_mean, "label_accuracy": self.label_accuracy,
-                "notes": list(self.notes)}
+                "reason": self.reason, "reconstruction": self.saved, "notes": list(self.notes)}
 
 
 def parse_attacks(attacks: Any) -> list[tuple[str, dict[str, Any]]]:
-    """``[(name, options)]`` from a name, a ``(name, options)`` pair, or a sequence of either."""
-    from ..errors import ConfigError
+    """``[(name, options)]`` from a name, a ``(name, options)`` pair, or a sequence of either;
+    ``"auto"`` (or ``("auto", options)``) stands alone, its options checked up front."""
+    out = _parse(attacks)
+    if any(name == AUTO for name, _ in out):
+        if len(out) > 1:
+            raise ConfigError("attacks: 'auto' plans the attacks itself; give it alone, or list the attacks to run")
+        from ..auto import split_options
 
+        split_options(out[0][1])
+    return out
+
+
+def is_auto(attacks: list[tuple[str, dict[str, Any]]]) -> bool:
+    return len(attacks) == 1 and attacks[0][0] == AUTO
+
+
+def _parse(attacks: Any) -> list[tuple[str, dict[str, Any]]]:
     if isinstance(attacks, str):
         return [(attacks, {})]
     if isinstance(attacks, tuple) and len(attacks) == 2 and isinstance(attacks[0], str) and isinstance(
             attacks[1], Mapping):
         return [(attacks[0], dict(attacks[1]))]
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     for entry in attacks or ():
         if isinstance(entry, str):
             out.append((entry, {}))
@@ -100,7 +137,7 @@ def run_attack(name: str, options: Mapping[str, Any], built: BuiltModel, update:
     """Attack ``update`` with gradleak's attack ``name`` on ``built.module`` under ``threat``;
     score against ``truth`` = (images, labels) when given."""
     from ..metrics import match, score
-    from ..pipeline import attack_updates, make_attack
+    from ..pipeline import attack_with_residuals, make_attack
 
     start = time.perf_counter()
     outcome = AttackOutcome(name, "ok")
@@ -110,13 +147,17 @@ def run_attack(name: str, options: Mapping[str, Any], built: BuiltModel, update:
         images = labels = None
         if truth is not None:
             images, labels = truth[0].to(device=built.device, dtype=built.dtype), truth[1].to(built.device)
-        rec = attack_updates(attack, [update], truths=None if images is None else [images], quiet=True)
+        rec, (outcome.residual,) = attack_with_residuals(attack, [update], truths=None if images is None else [images],
+                                                         quiet=True)
         outcome.notes = [str(n) for n in rec.notes][:20]
+        outcome.reconstruction = Reconstruction(None if rec.images is None else rec.images.detach().cpu(),
+                                                None if rec.labels is None else rec.labels.detach().cpu(),
+                                                attack=rec.attack)
         if images is not None and rec.images is not None and rec.images.shape[1:] == images.shape[1:]:
             scores = score(rec.images, images, predicted_labels=rec.labels, true_labels=labels, use_lpips=False)
             rows = sorted(scores.per_image, key=lambda r: r["index"])
-            outcome.psnr = [float(r["psnr"]) for r in rows]
-            outcome.ssim = [float(r["ssim"]) for r in rows]
+            outcome.psnr = [None if r["psnr"] is None else float(r["psnr"]) for r in rows]  # None: not recovered
+            outcome.ssim = [None if r["ssim"] is None else float(r["ssim"]) for r in rows]
             outcome.label_accuracy = scores.summary.get("label_accuracy")
             perm = match(rec.images, images)
             outcome.images = rec.images[perm.clamp_min(0)].detach().cpu()
@@ -134,3 +175,43 @@ def best_psnr(outcomes: Sequence[AttackOutcome]) -> float | None:
     """The highest mean PSNR among the attacks that ran and were scored."""
     values = [o.psnr_mean for o in outcomes if o.status == "ok" and o.psnr_mean is not None]
     return max(values) if values else None
+
+
+def best_residual(outcomes: Sequence[AttackOutcome]) -> AttackOutcome | None:
+    """The outcome with the best update residual: a certified one first, then the lowest."""
+    from ..auto import better_residual
+
+    best = None
+    for outcome in outcomes:
+        if outcome.status == "ok" and outcome.residual is not None and outcome.residual.value is not None and (
+                best is None or better_residual(outcome.residual, best.residual)):
+            best = outcome
+    return best
+
+
+def run_auto(options: Mapping[str, Any], built: BuiltModel, update: SharedUpdate, threat: Any, *,
+             verdicts: Sequence[Any] | None = None, truth: tuple[torch.Tensor, torch.Tensor] | None = None,
+             time_budget: float | None = None) -> list[AttackOutcome]:
+    """``attacks="auto"`` on one update: the plan of :func:`gradleak.auto.plan_from_verdicts`
+    (the analyser's ``verdicts`` for this update, e.g. from its explanation; None: the
+    analyser runs here), each attack through :func:`run_attack`, stopping at the first
+    reconstruction certified exact. An update no attack can model gives one ``skipped``
+    outcome saying why."""
+    from ..auto import plan_attacks, plan_from_verdicts
+
+    observed = threat.observe(update)
+    if verdicts is None:
+        plan, why = plan_attacks(built.module, observed, num_classes=built.num_classes,
+                                 labels_known=threat.labels_known, options=options)
+    else:
+        plan, why = plan_from_verdicts(verdicts, observed, options)
+    if not plan:
+        return [AttackOutcome(AUTO, "skipped", why)]
+    outcomes = []
+    for step in plan:
+        outcome = run_attack(step.name, step.options, built, update, threat, truth=truth, time_budget=time_budget)
+        outcome.reason = step.reason
+        outcomes.append(outcome)
+        if outcome.certified:
+            break
+    return outcomes

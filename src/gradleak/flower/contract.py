@@ -9,13 +9,20 @@ cannot be unrolled) nor explained. Either side can supply them:
   the ``MetricRecord`` (Flower's own ``"num-examples"`` plus ``gradleak-`` keys);
 - the server, in the train config it sends: :func:`training_config` returns the entries a
   strategy puts in its ``ConfigRecord`` (and :func:`read_training_config` reads them on
-  the client).
+  the client);
+- the server, as what it knows of the clients' training: ``LeakageAuditStrategy(...,
+  protocol=...)`` with :func:`training_config`'s entries or the app's run config
+  (``context.run_config``), for every client or per node (``declared``).
 
-:func:`protocol_of` combines what a reply's metrics say with what the config asked for
-into a :class:`ClientProtocol`, recording for every value where it came from (``metrics``,
-``config``, ``computed`` or ``unknown``). Reply metrics are untrusted: every value is
-checked with :mod:`gradleak.limits`; an invalid one is recorded as unknown with a one-line
-reason, never raised, so a hostile client cannot stop the server.
+Each value is read under gradleak's key or the names Flower's own templates and examples use
+(:data:`ALIASES`: ``lr``, ``learning-rate``, ``local-epochs``, ``local_epochs``,
+``local-steps``, ``batch-size``, ``batch_size``...), so an app not written for gradleak is
+read as it is. :func:`protocol_of` combines what a reply's metrics say, what the config
+asked for and what the server declared into a :class:`ClientProtocol`, recording for every
+value where it came from (``metrics``, ``config``, ``declared``, ``computed`` or ``unknown``)
+and under which key. Reply metrics are untrusted: every value is checked with
+:mod:`gradleak.limits`; an invalid one is recorded as unknown with a one-line reason, never
+raised, so a hostile client cannot stop the server.
 
 Flower's ``FedAvg`` refuses to aggregate replies whose metric records do not all have the
 same keys, so :func:`training_metrics` always returns every key; 0 stands for "not given"
@@ -31,8 +38,8 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 from ..limits import MAX_ITERATIONS, check_float, check_int, short_repr
 
-__all__ = ["NUM_EXAMPLES", "LR", "BATCH_SIZE", "EPOCHS", "LOCAL_STEPS", "TRAIN_MODE", "ClientProtocol",
-           "training_metrics", "training_config", "read_training_config", "protocol_of"]
+__all__ = ["NUM_EXAMPLES", "LR", "BATCH_SIZE", "EPOCHS", "LOCAL_STEPS", "TRAIN_MODE", "ALIASES", "ClientProtocol",
+           "training_metrics", "training_config", "read_training_config", "protocol_of", "check_declared"]
 
 NUM_EXAMPLES = "num-examples"          # Flower's own key: FedAvg weights each reply by it
 LR = "gradleak-lr"                     # local SGD learning rate
@@ -40,7 +47,16 @@ BATCH_SIZE = "gradleak-batch-size"     # local minibatch size
 EPOCHS = "gradleak-epochs"             # local epochs (0: not given)
 LOCAL_STEPS = "gradleak-local-steps"   # local SGD steps (0: not given)
 TRAIN_MODE = "gradleak-train-mode"     # 1: the model ran in train mode (BatchNorm batch statistics), 0: eval
-CONFIG_LR_ALIASES = ("lr",)            # what Flower's own examples call the learning rate in a train config
+# every value under gradleak's key first, then the names Flower's templates and examples use
+# (`flwr new` apps: run config "local-epochs", "learning-rate", "batch-size"; train config "lr";
+# reply metrics "num-examples")
+ALIASES: dict[str, tuple[str, ...]] = {
+    "lr": (LR, "lr", "learning-rate", "learning_rate"),
+    "batch_size": (BATCH_SIZE, "batch-size", "batch_size"),
+    "epochs": (EPOCHS, "local-epochs", "local_epochs"),
+    "local_steps": (LOCAL_STEPS, "local-steps", "local_steps"),
+    "num_examples": (NUM_EXAMPLES, "num_examples"),
+}
 
 MAX_EXAMPLES = 2**40                   # a client's dataset size
 MAX_LR = 1e6
@@ -94,12 +110,14 @@ def training_config(lr: float, batch_size: int | None = None, epochs: int | None
 def read_training_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """On the client: ``{"lr", "batch_size", "epochs", "local_steps"}`` from a train config
     written by :func:`training_config` (None where absent); a bad value raises ConfigError."""
-    lr = config.get(LR, next((config[k] for k in CONFIG_LR_ALIASES if k in config), None))
+    def first(name: str) -> Any:
+        return next((config[k] for k in ALIASES[name] if config.get(k) is not None), None)
+
+    lr, batch, epochs, steps = first("lr"), first("batch_size"), first("epochs"), first("local_steps")
     return {"lr": None if lr is None else _lr(lr),
-            "batch_size": None if config.get(BATCH_SIZE) is None else _count("batch_size", config[BATCH_SIZE]),
-            "epochs": None if config.get(EPOCHS) is None else _count("epochs", config[EPOCHS], zero=True),
-            "local_steps": (None if config.get(LOCAL_STEPS) is None
-                            else _count("local_steps", config[LOCAL_STEPS], zero=True))}
+            "batch_size": None if batch is None else _count("batch_size", batch),
+            "epochs": None if epochs is None else _count("epochs", epochs, zero=True),
+            "local_steps": None if steps is None else _count("local_steps", steps, zero=True)}
 
 
 @dataclass
@@ -107,9 +125,10 @@ class ClientProtocol:
     """How one client trained in one round, as far as the server can tell.
 
     ``sources[name]`` says where each value came from: ``metrics`` (the client's reply),
-    ``config`` (the train config the strategy sent), ``computed`` (local steps from epochs,
-    examples and minibatch size) or ``unknown``; ``problems[name]`` why a value given was
-    refused or disagrees with the other side."""
+    ``config`` (the train config the strategy sent), ``declared`` (what the server declared
+    it knows), ``computed`` (local steps from epochs, examples and minibatch size) or
+    ``unknown``; ``keys[name]`` under which key it was read; ``problems[name]`` why a value
+    given was refused or disagrees with another side."""
 
     lr: float | None = None
     epochs: int | None = None
@@ -119,6 +138,7 @@ class ClientProtocol:
     mode: str | None = None              # "train" | "eval" | None (unknown)
     sources: dict[str, str] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -128,48 +148,67 @@ class ClientProtocol:
     def to_json(self) -> dict[str, Any]:
         return {"lr": self.lr, "epochs": self.epochs, "local_steps": self.local_steps, "batch_size": self.batch_size,
                 "num_examples": self.num_examples, "mode": self.mode, "sources": dict(self.sources),
-                "problems": dict(self.problems)}
+                "problems": dict(self.problems), "keys": dict(self.keys)}
 
 
-_CHECKS = {"lr": (LR, lambda v: _lr(v)), "batch_size": (BATCH_SIZE, lambda v: _count("batch_size", v)),
-           "epochs": (EPOCHS, lambda v: _count("epochs", v, zero=True)),
-           "local_steps": (LOCAL_STEPS, lambda v: _count("local_steps", v, zero=True)),
-           "num_examples": (NUM_EXAMPLES, lambda v: _count("num_examples", v))}
+_CHECKS = {"lr": _lr, "batch_size": lambda v: _count("batch_size", v),
+           "epochs": lambda v: _count("epochs", v, zero=True),
+           "local_steps": lambda v: _count("local_steps", v, zero=True),
+           "num_examples": lambda v: _count("num_examples", v)}
+_SIDES = {"num_examples": ("metrics", "declared")}    # the train config is the same for every client
+_SAYS = {"metrics": "the client reports", "config": "the config asked for", "declared": "the server declared"}
+_OWNER = {"metrics": "client's", "config": "config's", "declared": "declared"}
 
 
-def _read(name: str, side: str, values: Mapping[str, Any], protocol: ClientProtocol) -> Any:
-    """The checked value of ``name`` on one side, or None (absent, 'not given', or refused
-    with the reason kept in ``protocol.problems``)."""
-    key, check = _CHECKS[name]
-    value = values.get(key)
-    if value is None and side == "config" and name == "lr":
-        value = next((values[k] for k in CONFIG_LR_ALIASES if k in values), None)
-    if value is None:
-        return None
-    try:
-        return check(value)
-    except ConfigError as error:
-        protocol.problems[name] = f"{side} {key}: {error}"
-        return None
+def _read(name: str, side: str, values: Mapping[str, Any], protocol: ClientProtocol) -> tuple[Any, str | None]:
+    """The checked value of ``name`` on one side and its key, or (None, None): absent, 'not
+    given' (0 for epochs and steps), or refused with the reason kept in ``protocol.problems``.
+    Several of its names on one side that disagree: the first (gradleak's key first) is used."""
+    found: list[tuple[str, Any]] = []
+    for key in ALIASES[name]:
+        if values.get(key) is None:
+            continue
+        try:
+            value = _CHECKS[name](values[key])
+        except ConfigError as error:
+            protocol.problems.setdefault(name, f"{side} {key}: {error}")
+            continue
+        if value is not None:
+            found.append((key, value))
+    if not found:
+        return None, None
+    if len({v for _, v in found}) > 1:
+        protocol.problems.setdefault(name, f"{side} gives {', '.join(f'{k}={v}' for k, v in found)}; using "
+                                           f"{found[0][0]}")
+    return found[0][1], found[0][0]
 
 
-def protocol_of(metrics: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None) -> ClientProtocol:
+def protocol_of(metrics: Mapping[str, Any] | None, config: Mapping[str, Any] | None = None,
+                declared: Mapping[str, Any] | None = None) -> ClientProtocol:
     """The protocol a client ran, from its reply ``metrics`` (preferred: what the client
-    says it did) and the train ``config`` the strategy sent (what it was asked to do).
-    Never raises on the values: a refused or missing value is unknown, with its reason."""
-    metrics, config = dict(metrics or {}), dict(config or {})
+    says it did), the train ``config`` the strategy sent (what it was asked to do) and what
+    the server ``declared`` it knows (its run config, or :func:`training_config`'s entries),
+    each read under every name of :data:`ALIASES`. Never raises on the values: a refused or
+    missing value is unknown, with its reason."""
+    sides = {"metrics": dict(metrics or {}), "config": dict(config or {}), "declared": dict(declared or {})}
     protocol = ClientProtocol()
-    for name in _CHECKS:
-        mine = _read(name, "metrics", metrics, protocol)
-        asked = _read(name, "config", config, protocol) if name != "num_examples" else None
-        value, source = (mine, "metrics") if mine is not None else (asked, "config") if asked is not None else (
-            None, "unknown")
-        if mine is not None and asked is not None and mine != asked:
-            protocol.problems.setdefault(name, f"the client reports {mine}, the config asked for {asked}; "
-                                               "using the client's value")
+    for name in ("num_examples", *(n for n in _CHECKS if n != "num_examples")):
+        read = {side: _read(name, side, values, protocol) for side, values in sides.items()
+                if side in _SIDES.get(name, sides)}
+        side = next((side for side, (value, _) in read.items() if value is not None), None)
+        value, key = read[side] if side is not None else (None, None)
+        if side is not None:
+            cap = protocol.num_examples if name == "batch_size" and protocol.num_examples else None
+            for other, (theirs, _) in read.items():    # a minibatch larger than the data is the data (cap)
+                if other != side and theirs is not None and (min(theirs, cap) != min(value, cap) if cap else
+                                                             theirs != value):
+                    protocol.problems.setdefault(name, f"{_SAYS[side]} {value}, {_SAYS[other]} {theirs}; using "
+                                                       f"the {_OWNER[side]} value")
         setattr(protocol, name, value)
-        protocol.sources[name] = source
-    mode = metrics.get(TRAIN_MODE)
+        protocol.sources[name] = side or "unknown"
+        if key is not None:
+            protocol.keys[name] = key
+    mode = sides["metrics"].get(TRAIN_MODE)
     if mode in (0, 1) and not isinstance(mode, bool) and isinstance(mode, int):
         protocol.mode, protocol.sources["mode"] = ("train" if mode == 1 else "eval"), "metrics"
     else:
@@ -178,6 +217,22 @@ def protocol_of(metrics: Mapping[str, Any] | None, config: Mapping[str, Any] | N
             protocol.problems["mode"] = f"metrics {TRAIN_MODE} must be 0 or 1, got {short_repr(mode)}"
     _complete_steps(protocol)
     return protocol
+
+
+def check_declared(declared: Mapping[str, Any], where: str = "protocol") -> dict[str, Any]:
+    """What a server declares it knows of its clients' training (its run config, or
+    :func:`training_config`'s entries), checked: a ConfigError names a refused value (this is
+    the auditor's own input, not a client's). Entries under other keys are ignored."""
+    if not isinstance(declared, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of training settings (e.g. training_config(...) or "
+                          f"context.run_config), got {type(declared).__name__}")
+    probe = ClientProtocol()
+    for name in _CHECKS:
+        _read(name, "declared", declared, probe)
+    if probe.problems:
+        name, problem = next(iter(probe.problems.items()))
+        raise ConfigError(f"{where}: {name}: {problem}")
+    return dict(declared)
 
 
 def _complete_steps(protocol: ClientProtocol) -> None:

@@ -17,12 +17,10 @@ Verdicts, strongest first: ``EXACT RECOVERY PREDICTED``, ``EXACT RECOVERY POSSIB
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, MutableMapping
+from typing import Any, MutableMapping
 
-import torch
 from torch import nn
 
 from ..errors import one_line
@@ -49,25 +47,6 @@ class Explanation:
 
     def to_json(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "reasons": list(self.reasons), "analysis": self.analysis}
-
-
-@contextlib.contextmanager
-def _weights_loaded(module: nn.Module, weights: Any) -> Iterator[None]:
-    """``module`` with the update's weights at the round, restored afterwards."""
-    if not weights:
-        yield
-        return
-    params = dict(module.named_parameters())
-    saved = {n: p.detach().clone() for n, p in params.items() if n in weights}
-    try:
-        with torch.no_grad():
-            for n in saved:
-                params[n].copy_(weights[n].to(device=params[n].device, dtype=params[n].dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for n, value in saved.items():
-                params[n].copy_(value)
 
 
 def _protocol_reasons(update: SharedUpdate, protocol: ClientProtocol | None) -> tuple[list[str], bool, bool]:
@@ -123,14 +102,13 @@ def _bn_reason(module: nn.Module, mode: str | None) -> list[str]:
 def _analysis(built: BuiltModel, update: SharedUpdate, batch: int, labels_known: bool, numeric: bool,
               cache: MutableMapping[Any, Any] | None):
     """The analyser's report for ``batch`` at the update's weights (cached by batch when given a cache)."""
-    from ..analysis import analyze
+    from ..auto import analyze_update
 
     key = (batch, labels_known)
     if cache is not None and key in cache:
         return cache[key]
-    with _weights_loaded(built.module, update.weights):
-        report = analyze(built.module, tuple(built.input_shape), batch, num_classes=built.num_classes, loss=built.loss,
-                         labels_known=labels_known, numeric=numeric)
+    report = analyze_update(built.module, update, num_classes=built.num_classes, labels_known=labels_known,
+                            numeric=numeric, batch=batch, input_shape=tuple(built.input_shape), loss=built.loss)
     if cache is not None:
         cache[key] = report
     return report

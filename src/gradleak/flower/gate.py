@@ -41,7 +41,7 @@ from ..limits import check_float
 from ..models.spec import ModelSpec
 from ..threat import ThreatModel
 from .arrays import arrays_from_tensors, delta_update, record_tensors, reply_arrays, state_shapes
-from .attacks import best_psnr, parse_attacks, run_attack
+from .attacks import best_psnr, is_auto, parse_attacks, run_attack, run_auto
 from .contract import protocol_of
 
 __all__ = ["leakage_gate", "LeakageGate", "PSNR", "PSNR_AFTER", "ACTION", "SECONDS", "PASSED", "DEFENDED", "UNMEASURED",
@@ -75,7 +75,8 @@ def leakage_gate(model: ModelSpec, data: Data, *, num_classes: int, attacks: Any
 
     ``model``: the federation's model spec; ``data(context) -> (images, labels)``: the
     client's training data ([0, 1] NCHW, as it trained on them); ``attacks``: ``(name,
-    options)`` pairs tried in order until one reaches the threshold; ``time_budget``: seconds
+    options)`` pairs tried in order until one reaches the threshold, or ``"auto"`` (the
+    analyser's plan, as the server-side audit runs it); ``time_budget``: seconds
     for all of them (each gradient-matching attack gets what is left; ``verify`` gets a
     budget of its own); ``threat``: the server's view (default: no labels); ``seed``: of the
     defense's randomness (fresh every round, the same in a rerun: see ``LeakageGate._noise_seed``)."""
@@ -189,6 +190,12 @@ class LeakageGate:
     def _measure(self, built, update, truth, start: float) -> tuple[float | None, str]:
         """The best PSNR of the attacks within the budget, stopping at the first over the threshold."""
         best, best_name = None, ""
+        if is_auto(self.attacks):     # the analyser's plan, closed forms first, until one certifies exact
+            outcomes = run_auto(self.attacks[0][1], built, update, self.threat, truth=truth,
+                                time_budget=max(self.budget - (time.perf_counter() - start), 1e-3))
+            scored = [o for o in outcomes if best_psnr([o]) is not None]
+            top = max(scored, key=lambda o: best_psnr([o]), default=None)
+            return (None, "") if top is None else (best_psnr([top]), top.attack)
         for name, options in self.attacks:
             left = self.budget - (time.perf_counter() - start)
             if left <= 0:

@@ -9,7 +9,10 @@ client ran one local SGD step with the same learning rate from the same global w
 that mean is exactly one SGD step on the union of their batches (the gradient of the
 mean loss over all N examples), so the sum is attacked as a batch of N; with several
 local steps it is not the delta of any one protocol, and attacking it as one step of the
-union batch is an approximation, which the record says.
+union batch is an approximation, which the record says. The sum follows the rule of its
+clients: when a client's number of examples, learning rate or local steps is unknown, the
+sum's protocol is unknown too, and the record is explained (which client lacks what), never
+attacked as if its protocol were known.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from ..errors import one_line
 from ..models.spec import BuiltModel
 from ..update import SharedUpdate
-from .attacks import AttackOutcome, best_psnr
+from .attacks import AttackOutcome, best_psnr, best_residual
 from .contract import ClientProtocol
 from .explain import Explanation
 
@@ -58,10 +61,34 @@ class AuditRecord:
     update: SharedUpdate | None = None
     truth: tuple[torch.Tensor, torch.Tensor] | None = None
     sum_protocol: ClientProtocol | None = None
+    client: str | None = None   # a display name, e.g. "client 2" from the reply's partition-id metric
+
+    @property
+    def who(self) -> str:
+        """``client 2 (node 1357...)``, ``node 1357...`` or ``sum of 4 clients``."""
+        if self.node_id is None:
+            return f"sum of {len(self.clients)} clients"
+        return f"{self.client} (node {self.node_id})" if self.client else f"node {self.node_id}"
 
     @property
     def best_psnr(self) -> float | None:
         return best_psnr(self.attacks)
+
+    @property
+    def best(self) -> AttackOutcome | None:
+        """The attack whose reconstruction has the best update residual (certified first)."""
+        return best_residual(self.attacks)
+
+    @property
+    def best_residual(self) -> float | None:
+        """The lowest update residual of the audit's reconstructions (truth-free)."""
+        best = self.best
+        return None if best is None else best.residual_value
+
+    @property
+    def certified(self) -> bool:
+        """Some attack's reconstruction reproduces the update to within the certified tolerance."""
+        return any(o.certified for o in self.attacks)
 
     @property
     def verdict(self) -> str | None:
@@ -69,18 +96,21 @@ class AuditRecord:
 
     def line(self) -> str:
         """One log line: round, client, verdict, what the attacks got."""
-        who = f"node {self.node_id}" if self.node_id is not None else f"sum of {len(self.clients)} clients"
-        got = ", ".join(f"{o.attack} {o.psnr_mean:.1f} dB" if o.psnr_mean is not None else f"{o.attack} {o.status}"
-                        for o in self.attacks)
+        who = self.who
+        got = ", ".join(f"{o.attack} {o.psnr_mean:.1f} dB" if o.psnr_mean is not None else
+                        f"{o.attack} residual {o.residual_value:.2g}" + (" CERTIFIED EXACT" if o.certified else "")
+                        if o.residual_value is not None else f"{o.attack} {o.status}" for o in self.attacks)
         return (f"round {self.server_round}, {who}: {self.status}"
                 + (f", {self.verdict}" if self.verdict else "") + (f"; {got}" if got else "")
                 + (f" ({self.message})" if self.message else ""))
 
     def to_json(self) -> dict[str, Any]:
-        return {"server_round": self.server_round, "node_id": self.node_id, "kind": self.kind, "status": self.status,
+        return {"server_round": self.server_round, "node_id": self.node_id, "client": self.client, "kind": self.kind,
+                "status": self.status,
                 "message": self.message, "protocol": self.protocol,
                 "explanation": None if self.explanation is None else self.explanation.to_json(),
-                "attacks": [o.to_json() for o in self.attacks], "best_psnr": self.best_psnr, "gate": dict(self.gate),
+                "attacks": [o.to_json() for o in self.attacks], "best_psnr": self.best_psnr,
+                "best_residual": self.best_residual, "certified": self.certified, "gate": dict(self.gate),
                 "capture": self.capture, "seconds": round(self.seconds, 3), "clients": list(self.clients),
                 "notes": list(self.notes),
                 "num_images": None if self.truth is None else int(self.truth[0].shape[0])}
@@ -91,17 +121,19 @@ def aggregate_record(server_round: int, audited: list[AuditRecord], built: Built
     secure aggregation, with the protocol it is attacked as and notes saying how exact that is."""
     members = [r for r in audited if r.update is not None and r.status != "error"]
     record = AuditRecord(server_round, None, kind="secure-aggregation", clients=[r.node_id for r in members])
-    protocols = [ClientProtocol(**{k: v for k, v in (r.protocol or {}).items() if k not in ("sources", "problems")})
-                 for r in members]
+    fields = ("lr", "epochs", "local_steps", "batch_size", "num_examples", "mode")
+    protocols = [ClientProtocol(**{k: v for k, v in (r.protocol or {}).items() if k in fields}) for r in members]
     if len(members) < 2:
         record.status, record.message = "error", f"{len(members)} client update(s) this round: nothing is summed"
         return record
+    unknown = [f"node {r.node_id}: {', '.join(n for n in ('num_examples', 'lr', 'local_steps') if getattr(p, n) is None)}"
+               for r, p in zip(members, protocols) if None in (p.num_examples, p.lr, p.local_steps)]
+    if unknown:
+        record.notes.append(f"the protocol of {len(unknown)} of the {len(members)} summed clients is unknown "
+                            f"({'; '.join(unknown)} unknown): so is the sum's, which is not attacked as if it were known")
+        return record
     sizes = [p.num_examples for p in protocols]
     lrs = [p.lr for p in protocols]
-    if None in sizes or None in lrs:
-        record.status = "error"
-        record.message = "a client's number of examples or learning rate is unknown: the sum cannot be modelled"
-        return record
     total = sum(sizes)
     tensors = {n: sum(u.update.tensors[n].double() * (k / total) for u, k in zip(members, sizes)).to(built.dtype)
                for n in members[0].update.tensors}

@@ -9,9 +9,14 @@ then delegates; ``aggregate_train`` turns every selected reply into a
 ``msg.metadata.src_node_id``, its protocol from the reply's metrics and the train config:
 :mod:`gradleak.flower.contract`), explains it (:func:`~gradleak.flower.explain.explain`),
 captures it to disk for ``gradleak attack`` and/or attacks it in-line with gradleak's
-pipeline, and then hands the *same, untouched* replies to the wrapped strategy. The
+pipeline (by default ``attacks="auto"``: the attacks the analyser finds applicable, exact
+closed forms first, stopping at the first reconstruction its update residual certifies
+exact), and then hands the *same, untouched* replies to the wrapped strategy. The
 aggregate is therefore bit-identical with and without the wrapper, and an error in the
-audit is recorded, never raised into the training.
+audit is recorded, never raised into the training. Every reconstruction is kept (in the
+record, beside the captured update, in the report) with its update residual, the
+truth-free measure (:mod:`gradleak.residual`): the audit shows what was recovered without
+the clients' data.
 
 With ``secure_aggregation=True`` each audited round also attacks what the server would
 still learn under secure aggregation: the FedAvg-weighted mean of the round's client
@@ -23,7 +28,6 @@ strategy cannot wrap, so the sum is simulated in the clear, as gradleak's
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Iterable
@@ -38,86 +42,37 @@ from flwr.serverapp.strategy import Strategy
 
 from ..data.spec import DataSpec
 from ..errors import ConfigError, one_line
-from ..limits import check_float, check_int, check_seed, short_repr
+from ..limits import check_float, check_int, check_seed
 from ..models.spec import ModelSpec
 from ..threat import ThreatModel
+from ._reply import client_name, content_values, gate_metrics, gate_reasons, partly_shared
 from .arrays import delta_update, record_tensors, reply_arrays, state_shapes
-from .attacks import parse_attacks, run_attack
-from .contract import protocol_of
-from .explain import explain
+from .attacks import is_auto, parse_attacks, run_attack, run_auto
+from .capture import save_reconstruction, update_path
+from .contract import check_declared, protocol_of
+from .explain import EXACT, NOT_ATTACKABLE, POSSIBLE, Explanation, explain
 from .records import AuditRecord, aggregate_record, skipped
 
 __all__ = ["LeakageAuditStrategy", "AuditRecord"]
 
 log = logging.getLogger("gradleak.flower")
 Truth = Callable[[int, int], "tuple[torch.Tensor, torch.Tensor] | None"]
-
-
-def _content_values(message: Message) -> dict[str, Any]:
-    """Every MetricRecord and ConfigRecord entry of a reply (untrusted; checked by protocol_of)."""
-    values: dict[str, Any] = {}
-    for record in (*message.content.config_records.values(), *message.content.metric_records.values()):
-        values.update(dict(record.items()))
-    return values
-
-
-def _gate_metrics(values: Mapping[str, Any], record: AuditRecord) -> dict[str, float | int]:
-    """The client gate's four measurements in a reply (:mod:`gradleak.flower.gate`), each a
-    finite number; anything else the client sent under those keys is refused in a note."""
-    from .gate import ACTION, PSNR, PSNR_AFTER, SECONDS
-
-    kept: dict[str, float | int] = {}
-    for key in (PSNR, PSNR_AFTER, ACTION, SECONDS):
-        if key not in values:
-            continue
-        value = values[key]
-        if (isinstance(value, float) and math.isfinite(value)
-                or isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53):
-            kept[key] = value
-        else:
-            record.notes.append(f"gate metric {key} refused: expected a finite number, got {short_repr(value, 80)}")
-    return kept
-
-
-def _partly_shared(record: AuditRecord, params: Mapping[str, Any], local: Mapping[str, torch.Tensor],
-                   global_tensors: Mapping[str, torch.Tensor]) -> bool:
-    """A reply that shares only some of the model's parameters (e.g. personalised layers kept
-    local): explained, not attacked, since the server lacks the rest of the client's model."""
-    from .explain import NOT_ATTACKABLE, Explanation
-
-    missing = [n for n in params if n not in local or n not in global_tensors]
-    if not missing:
-        return False
-    shared = [n for n in params if n not in missing]
-    record.explanation = Explanation(NOT_ATTACKABLE, [
-        f"the reply shares {len(shared)} of the model's {len(params)} parameter tensors (not shared: "
-        f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}): the server does not know the client's "
-        "whole model at the end of its training, so no attack can simulate its update"])
-    return True
-
-
-def _gate_reasons(record: AuditRecord) -> None:
-    """A client whose gate defended its update: say so, and no exact closed form is predicted
-    for the perturbed update (the analyser's verdict is for the update before the defense)."""
-    from .explain import APPROXIMATE, EXACT, POSSIBLE
-    from .gate import ACTION, DEFENDED, PSNR, PSNR_AFTER
-
-    if record.gate.get(ACTION) != DEFENDED or record.explanation is None:
-        return
-    reasons = record.explanation.reasons
-    reasons.insert(0, f"the client's gate defended this update before sending it (it measured "
-                      f"{record.gate.get(PSNR, -1):.1f} dB before, {record.gate.get(PSNR_AFTER, -1):.1f} dB after): the "
-                      "closed forms' verdict below is for the undefended update")
-    if record.explanation.verdict in (EXACT, POSSIBLE):
-        record.explanation.verdict = APPROXIMATE
+Declared = Mapping[str, Any] | Mapping[int, Mapping[str, Any]] | Callable[[int], "Mapping[str, Any] | None"]
 
 
 class LeakageAuditStrategy(Strategy):
     """Wrap ``strategy`` and audit each selected client's train reply.
 
     ``model``: the federation's model (a :class:`~gradleak.models.ModelSpec`, built for
-    ``input_shape`` and ``num_classes``). ``attacks``: ``(name, options)`` pairs run in-line
-    (empty: capture and explain only). ``rounds``: the rounds to audit (None: all).
+    ``input_shape`` and ``num_classes``). ``attacks``: ``"auto"`` (the default: the attacks
+    the analyser finds applicable for the protocol each client ran, exact closed forms
+    first, stopping at the first certified exact; ``("auto", options)`` passes options,
+    ``NAME.key`` to one attack), or ``(name, options)`` pairs run in-line (empty: capture
+    and explain only). ``protocol``: what the server knows of the clients' training, read
+    under gradleak's and Flower's names (``training_config(...)``, or the app's
+    ``context.run_config`` with ``local-epochs``, ``batch-size``, ``learning-rate``): one
+    mapping for every client, ``{node_id: mapping}``, or ``node_id -> mapping``; a reply's
+    metrics and the train config take precedence. ``rounds``: the rounds to audit (None: all).
     ``clients``: None (all), a fraction in (0, 1] or a count of each round's replies,
     sampled with ``seed``. ``capture_dir``: save each audited update as
     ``round-XXX/node-<id>.safetensors`` (and its truth as ``.truth.safetensors``).
@@ -129,7 +84,7 @@ class LeakageAuditStrategy(Strategy):
     model per record; off by default: ``capture_dir`` keeps them on disk)."""
 
     def __init__(self, strategy: Strategy, model: ModelSpec, *, input_shape: tuple[int, ...], num_classes: int,
-                 attacks: Any = (("inverting-gradients", {}),), rounds: Iterable[int] | None = None,
+                 attacks: Any = "auto", protocol: Declared | None = None, rounds: Iterable[int] | None = None,
                  clients: float | int | None = None, capture_dir: str | Path | None = None, truth: Truth | None = None,
                  threat: ThreatModel | None = None, data_spec: DataSpec | None = None,
                  secure_aggregation: bool = False, max_examples: int = 256, time_budget: float | None = None,
@@ -140,6 +95,7 @@ class LeakageAuditStrategy(Strategy):
         self.strategy = strategy
         self.built = (model if isinstance(model, ModelSpec) else ModelSpec(model)).build(tuple(input_shape), num_classes)
         self.attacks = parse_attacks(attacks)
+        self.protocol = self._check_protocol(protocol)
         self.rounds = None if rounds is None else {check_int("rounds", r, 1, 2**31) for r in rounds}
         self.clients = self._check_clients(clients)
         self.capture_dir = None if capture_dir is None else Path(capture_dir)
@@ -152,6 +108,25 @@ class LeakageAuditStrategy(Strategy):
         self.seed = check_seed("seed", seed)
         self.records: list[AuditRecord] = []
         self._sent: dict[int, tuple[ArrayRecord, dict[int, tuple[ArrayRecord, dict[str, Any]]]]] = {}
+
+    @staticmethod
+    def _check_protocol(protocol: Any) -> Any:
+        if protocol is None or callable(protocol):
+            return protocol
+        if isinstance(protocol, Mapping) and protocol and all(isinstance(k, int) and not isinstance(k, bool)
+                                                               for k in protocol):
+            return {k: check_declared(v, f"protocol[{k}]") for k, v in protocol.items()}
+        return check_declared(protocol)
+
+    def _declared(self, node: int) -> Mapping[str, Any] | None:
+        """What the server declared it knows of node ``node``'s training (None: nothing)."""
+        if self.protocol is None:
+            return None
+        if callable(self.protocol):
+            return self.protocol(node)
+        if self.protocol and all(isinstance(k, int) for k in self.protocol):
+            return self.protocol.get(node)
+        return self.protocol
 
     @staticmethod
     def _check_clients(clients: Any) -> float | int | None:
@@ -272,21 +247,22 @@ class LeakageAuditStrategy(Strategy):
         node = reply.metadata.src_node_id
         record = AuditRecord(server_round, node)
         try:
-            values = _content_values(reply)
-            record.gate = _gate_metrics(values, record)
+            values = content_values(reply)
+            record.client = client_name(values)
+            record.gate = gate_metrics(values, record)
             sent_config = self._sent[server_round][1].get(node, (None, {}))[1]
-            protocol = protocol_of(values, sent_config)
+            protocol = protocol_of(values, sent_config, self._declared(node))
             record.protocol = protocol.to_json()
             params, buffers = state_shapes(self.built)
             local = record_tensors(reply_arrays(reply.content, "reply"), {**params, **buffers}, "reply arrays",
                                    floating=set(params))
-            if _partly_shared(record, params, local, global_tensors):
+            if partly_shared(record, params, local, global_tensors):
                 return record
             record.update = delta_update(global_tensors, local, self.built, protocol, data_spec=self.data_spec,
                                          extra={"node_id": node, "server_round": server_round})
             record.explanation = explain(record.update, self.built, protocol=protocol,
                                          labels_known=self.threat.labels_known, numeric=self.numeric, cache=cache)
-            _gate_reasons(record)
+            gate_reasons(record)
             record.truth = self._truth(node, server_round, record)
             if attack:
                 self._capture(record)
@@ -314,14 +290,21 @@ class LeakageAuditStrategy(Strategy):
         if self.capture_dir is None or record.update is None:
             return
         from ..runs import save_truth
-        from ..update import save_update
+        from ..update_file import save_update
 
-        name = "sum" if record.node_id is None else f"node-{record.node_id}"
-        path = self.capture_dir / f"round-{record.server_round:03d}" / f"{name}.safetensors"
+        path = update_path(self.capture_dir, record.server_round, record.node_id)
         save_update(record.update, path)
         record.capture = str(path)
         if record.truth is not None:
             save_truth(path.with_suffix(".truth.safetensors"), *record.truth)
+
+    def _keep(self, record: AuditRecord) -> None:
+        """Each reconstruction saved beside the captured update (when capturing)."""
+        if record.capture is None:
+            return
+        for outcome in record.attacks:
+            saved = save_reconstruction(Path(record.capture), outcome)
+            outcome.saved = None if saved is None else str(saved)
 
     def _attacks(self, record: AuditRecord, steps_unknown: bool) -> list:
         update = record.update
@@ -332,14 +315,26 @@ class LeakageAuditStrategy(Strategy):
                if n > self.max_examples else None)
         if why is not None:
             return [skipped(name, why) for name, _ in self.attacks]
-        return [run_attack(name, options, self.built, update, self.threat, truth=record.truth,
-                           time_budget=self.time_budget) for name, options in self.attacks]
+        if is_auto(self.attacks):   # closed forms only where the explanation predicts them (not for a sum of steps)
+            why = record.explanation
+            closed = why is not None and why.verdict in (EXACT, POSSIBLE) and why.analysis is not None
+            outcomes = run_auto(self.attacks[0][1], self.built, update, self.threat, truth=record.truth,
+                                verdicts=why.analysis["attacks"] if closed else [], time_budget=self.time_budget)
+        else:
+            outcomes = [run_attack(name, options, self.built, update, self.threat, truth=record.truth,
+                                   time_budget=self.time_budget) for name, options in self.attacks]
+        record.attacks = outcomes
+        self._keep(record)
+        return outcomes
 
     def _audit_sum(self, server_round: int, audited: list[AuditRecord], cache: dict) -> AuditRecord:
         """What the server still recovers under (simulated) secure aggregation of the round."""
         start = time.perf_counter()
         record = aggregate_record(server_round, audited, self.built)
-        if record.update is not None and record.status != "error":
+        if record.update is None and record.status != "error":   # a client's protocol is unknown: so is the sum's
+            record.explanation = Explanation(NOT_ATTACKABLE, list(record.notes))
+            record.attacks = [skipped(name, record.notes[-1]) for name, _ in self.attacks]
+        elif record.update is not None and record.status != "error":
             try:
                 exact = record.update.extra["flower"]["exact"]
                 record.explanation = explain(record.update, self.built, protocol=record.sum_protocol,
@@ -357,8 +352,11 @@ class LeakageAuditStrategy(Strategy):
     # ------------------------------------------------------------------ results
     def to_json(self) -> dict[str, Any]:
         """The audit so far: settings and every record (JSON-safe once passed through ``to_jsonable``)."""
+        declared = self.protocol if isinstance(self.protocol, Mapping) else (
+            None if self.protocol is None else "per node (a function)")
         return {"model": self.built.description(), "model_spec": self.built.spec.to_json(),
                 "attacks": [{"name": n, "options": o} for n, o in self.attacks],
+                "protocol": {str(k): v for k, v in declared.items()} if isinstance(declared, Mapping) else declared,
                 "rounds": None if self.rounds is None else sorted(self.rounds), "clients": self.clients,
                 "threat": self.threat.to_json(), "data_spec": self.data_spec.to_json(),
                 "secure_aggregation": self.secure_aggregation, "max_examples": self.max_examples,

@@ -25,6 +25,7 @@ from .lenet import LeNet
 from .mlp import ACTIVATIONS, MLP
 from .resnet import CifarResNet, cifar_resnet18, resnet20, resnet32
 from .rgap import CNN6, FCN3
+from ..names import is_factory
 from .spec import FACTORY_PATTERN, MODES, BuiltModel, ModelSpec, check_recorded, is_hf_name, resolve_device
 from .weights import apply_weights, read_weights
 
@@ -34,7 +35,7 @@ __all__ = [
     "load_weights",
     "TwoLayerNet", "exercise_gradients", "MLP", "LeNet", "ConvNet", "CifarResNet", "ACTIVATIONS",
     "cifar_resnet18", "resnet20", "resnet32", "torchvision_model", "swap_activations", "TORCHVISION_MODELS",
-    "CNN6", "FCN3", "ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "read_weights",
+    "CNN6", "FCN3", "ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "FACTORY_PATTERN", "read_weights",
     "apply_weights",
 ]
 
@@ -111,6 +112,11 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+# torchvision's ImageNet weights files (the names its weights enums give; fetched by the user, never by us)
+_WEIGHTS_FILES = {"resnet18": "resnet18-f37072fd.pth", "densenet121": "densenet121-a639ec97.pth",
+                  "inception_v3": "inception_v3_google-0cc3c7bd.pth"}
+
+
 def _torchvision_entry(name: str) -> ModelEntry:
     def build(shape, num_classes, activation="relu"):
         model = torchvision_model(name, num_classes, shape[0])
@@ -118,7 +124,9 @@ def _torchvision_entry(name: str) -> ModelEntry:
 
     return ModelEntry(build, "cross_entropy",
                       f"torchvision {name}, untrained, {299 if name == 'inception_v3' else 224} px inputs; option "
-                      "activation=sigmoid swaps every ReLU (seed 004)")
+                      "activation=sigmoid swaps every ReLU (seed 004). ImageNet weights are never downloaded: fetch "
+                      f"{_WEIGHTS_FILES[name]} from https://download.pytorch.org/models/ and pass --weights FILE "
+                      "--num-classes 1000")
 
 
 for _name in TORCHVISION_MODELS:
@@ -183,6 +191,11 @@ def parameter_shapes(name: str, input_shape: tuple[int, ...], num_classes: int =
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     empty = next((n for n, s in shapes.items() if math.prod(s) == 0), None)
     if empty is not None:
+        zero_option = any(v == 0 or (isinstance(v, (list, tuple)) and 0 in v) for v in kwargs.values())
+        if not zero_option:  # the options are fine: the input is too small for the model's downsampling
+            raise ConfigError(f"model {name!r}: an input of {shape[1]}x{shape[2]} px is too small for it (its "
+                              f"feature maps shrink to nothing before {empty.rpartition('.')[0] or empty!r}); give "
+                              "larger images (--size 32) or a model for small inputs (mlp, lenet)")
         raise ConfigError(f"model {name!r} with options {short_repr(kwargs, 120)}: parameter {empty!r} has shape "
                           f"{shapes[empty]} (a width of zero?)")
     total = sum(math.prod(s) for s in shapes.values())
@@ -239,7 +252,7 @@ def check_model_info(info: Any) -> dict[str, Any]:
     missing = [k for k in ("name", "input_shape", "num_classes") if k not in info]
     if missing:
         raise ConfigError(f"the update's model description is incomplete: no {missing[0]!r}")
-    if not (isinstance(info["name"], str) and (FACTORY_PATTERN.match(info["name"]) or is_hf_name(info["name"]))):
+    if not (isinstance(info["name"], str) and (is_factory(info["name"]) or is_hf_name(info["name"]))):  # only named
         _entry(info["name"])
     digest = info.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
@@ -263,7 +276,7 @@ def check_description(info: Any, expected: Mapping[str, tuple[int, ...]] | None 
     Nothing is allocated and no code named by the description is imported. Returns the
     normalised description."""
     spec = check_model_info(info)
-    if FACTORY_PATTERN.match(spec["name"]) or is_hf_name(spec["name"]):  # the user's: never loaded because a file names it
+    if is_factory(spec["name"]) or is_hf_name(spec["name"]):  # the user's: never imported or loaded because a file names it
         return spec
     shapes = parameter_shapes(spec["name"], spec["input_shape"], spec["num_classes"], **spec["kwargs"])
     if expected is not None:

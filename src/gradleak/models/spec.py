@@ -18,8 +18,11 @@ is the one recorded (:func:`check_recorded`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-import re
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,17 +32,17 @@ from torch import nn
 
 from ..errors import ConfigError, one_line
 from ..limits import MAX_CLASSES, check_int, check_seed, short_repr
+from ..names import FACTORY_PATTERN, factory_parts, is_factory, is_hf_folder, model_name
 
 __all__ = ["ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "FACTORY_PATTERN"]
 
 MODES = ("train", "eval")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def is_hf_name(name: Any) -> bool:
     """``hf:PATH``: a local ``save_pretrained`` folder (:func:`gradleak.text.models.hf_model`)."""
-    return isinstance(name, str) and name.startswith("hf:") and len(name) > 3 and len(name) < 4096
+    return is_hf_folder(name)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -122,10 +125,7 @@ class ModelSpec:
     def __post_init__(self):
         from . import MODELS
 
-        if not isinstance(self.name, str) or not (self.name in MODELS or FACTORY_PATTERN.match(self.name)
-                                                  or is_hf_name(self.name)):
-            raise ConfigError(f"unknown model {short_repr(self.name)}: give a zoo name ({', '.join(MODELS)}), "
-                              "package.module:factory or hf:FOLDER")
+        object.__setattr__(self, "name", model_name(self.name, "model", MODELS))
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError(f"model options must map names to values, got {short_repr(self.options)}")
         object.__setattr__(self, "options", dict(self.options))
@@ -145,7 +145,7 @@ class ModelSpec:
     # ------------------------------------------------------------------ views
     @property
     def is_factory(self) -> bool:
-        return ":" in self.name and not is_hf_name(self.name)
+        return is_factory(self.name)
 
     @property
     def modality(self) -> str:
@@ -190,7 +190,7 @@ class ModelSpec:
 
             module, hf_loss = hf_model(self.name[3:], classes)
         elif self.is_factory:
-            module = _call_factory(self.name, self.options, self.seed)
+            module = _call_factory(self.name, self.options, self.seed, tuple(input_shape), classes)
         else:
             module = build_model(self.name, tuple(input_shape), classes, seed=self.seed, **self.options)
         module = module.to(self.torch_dtype)
@@ -212,44 +212,137 @@ class ModelSpec:
                    **overrides)
 
 
-def _call_factory(spec: str, options: Mapping[str, Any], seed: int) -> nn.Module:
-    """Import the user's module (named on the command line or in the user's own config) and
-    call the factory with the options; every failure is one line naming the spec."""
-    module_name, _, attr = spec.partition(":")
+def _raised(error: BaseException) -> str:
+    """What the user's code did, in words: ``raised ValueError: ...`` or ``called sys.exit(0)``
+    (a message that itself fails to print is named as such)."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({short_repr(error.code)})"
     try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - ImportError, SyntaxError, or whatever the module raises
-        raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: "
-                          f"{one_line(error, 200)})") from None
+        message = one_line(error, 200)
+    except BaseException:  # noqa: BLE001 - an exception whose __str__ raises
+        message = "(its message cannot be printed)"
+    return f"raised {type(error).__name__}: {message or '(no message)'}"
+
+
+@contextmanager
+def user_code(what: str):
+    """Run the user's code (an import, a factory, a forward pass): anything it raises, sys.exit()
+    and GeneratorExit included, becomes one ConfigError line starting with ``what``. Ctrl-C
+    (KeyboardInterrupt) is not caught: it means stop."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except ConfigError:
+        raise
+    except BaseException as error:  # noqa: BLE001 - whatever the user's code does is reported, not propagated
+        raise ConfigError(f"{what} {_raised(error)}") from None
+
+
+FACTORY_CONTRACT = ("a factory is called as factory(**options) with your --model-option values, plus "
+                    "input_shape=(C, H, W) and num_classes=K when its signature names them, and must return an "
+                    "nn.Module whose forward maps a batch (B, C, H, W) to class scores (B, K)")
+
+
+def _import_user_module(module_name: str):
+    """Import the user's module the way ``python -m`` would: the current folder first on the path
+    (a ``gradleak`` console script otherwise sees only its own folder and site-packages)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _factory_arguments(factory: Any, options: Mapping[str, Any], input_shape: tuple[int, ...],
+                       classes: int) -> dict[str, Any]:
+    """The options, plus ``input_shape`` and ``num_classes`` for a factory whose signature names
+    them (and that the options do not already set)."""
+    arguments = dict(options)
+    try:
+        names = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: options only
+        return arguments
+    for name, value in (("input_shape", tuple(input_shape)), ("num_classes", classes)):
+        if name in names and name not in arguments:
+            arguments[name] = value
+    return arguments
+
+
+def _call_factory(spec: str, options: Mapping[str, Any], seed: int, input_shape: tuple[int, ...] = (),
+                  classes: int = 10) -> nn.Module:
+    """Import the user's module (named on the command line or in the user's own config) and
+    call the factory (:data:`FACTORY_CONTRACT`); every failure is one line naming the spec."""
+    module_name, attr = factory_parts(spec)
+    try:
+        module = _import_user_module(module_name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # noqa: BLE001 - ImportError, SyntaxError, sys.exit() at import, anything
+        hint = ""
+        if isinstance(error, ModuleNotFoundError) and error.name == module_name.partition(".")[0]:
+            hint = (f"; gradleak imports it as Python does, from the current folder ({os.getcwd()}), PYTHONPATH "
+                    "and the installed packages: run from the folder that holds it, add that folder to PYTHONPATH, "
+                    "or pip install -e your package")
+        what = _raised(error).removeprefix("raised ")
+        raise ConfigError(f"model {spec!r}: cannot import {module_name!r} ({what}){hint}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model {spec!r}: {module_name!r} has no callable {attr!r}")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = factory(**options)
-    except Exception as error:  # noqa: BLE001 - the user's factory failed: say how, in one line
-        raise ConfigError(f"model {spec!r}: the factory raised {type(error).__name__}: {one_line(error, 200)}") from None
+    arguments = _factory_arguments(factory, options, input_shape, classes)
+    with user_code(f"model {spec!r}: the factory"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = factory(**arguments)
+        except TypeError as error:  # the options do not fit its signature: say what it is called with
+            raise ConfigError(f"model {spec!r}: the factory raised TypeError: {one_line(error, 200)} "
+                              f"({FACTORY_CONTRACT})") from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    if next(model.parameters(), None) is None:
+        raise ConfigError(f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module "
+                          f"({FACTORY_CONTRACT})")
+    with user_code(f"model {spec!r}: listing the model's tensors"):
+        parameters, buffers = list(model.parameters()), list(model.buffers())
+    if not parameters:
         raise ConfigError(f"model {spec!r}: the model has no parameters (nothing is shared, nothing to attack)")
+    odd = next((t for t in parameters + buffers if t.is_meta or t.layout != torch.strided
+                or not (t.is_floating_point() or t.dtype in _INDEX)), None)
+    if odd is not None:
+        what = "on the meta device (shapes without values)" if odd.is_meta else f"{odd.layout} {odd.dtype}"
+        raise ConfigError(f"model {spec!r}: the factory returned a model with tensors {what}; build it with real, "
+                          "dense floating-point parameters on the CPU")
+    if not all(bool(torch.isfinite(p).all()) for p in parameters if p.is_floating_point()):
+        raise ConfigError(f"model {spec!r}: the factory returned a model with NaN or infinite parameters")
     return model
 
 
+_INDEX = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)  # buffers such as counters
+
+
 def model_outputs(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """The number of outputs of ``model`` on one input of ``input_shape`` (a probe forward pass)."""
+    """The number of outputs of ``model`` for inputs of ``input_shape``: a probe forward pass on a
+    batch of two, whose output must be (2, K) with K >= 1 (one row of K class scores per input)."""
     p = next(model.parameters())
     was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            return int(model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)).shape[-1])
-    except Exception as error:  # noqa: BLE001 - the user's model does not take this input
-        raise ConfigError(f"model {spec!r} does not accept an input of shape {tuple(input_shape)} "
-                          f"({type(error).__name__}: {one_line(error, 200)})") from None
+        with user_code(f"model {spec!r} does not accept an input of shape {tuple(input_shape)}: its forward"):
+            model.eval()
+            with torch.no_grad():
+                out = model(torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device))
     finally:
-        model.train(was_training)
+        with user_code(f"model {spec!r}: its train()"):
+            model.train(was_training)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.ndim != 2 or out.shape[0] != 2 \
+            or out.shape[1] < 1 or out.layout != torch.strided:
+        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"{out.dtype} of shape {tuple(out.shape)}"
+        raise ConfigError(f"model {spec!r}: for a batch of 2 inputs of shape {tuple(input_shape)} the model must "
+                          f"return class scores of shape (2, K) with K >= 1, got {got}")
+    if not bool(torch.isfinite(out).all()):
+        raise ConfigError(f"model {spec!r}: its class scores for a batch of zeros are NaN or infinite")
+    return int(out.shape[1])
 
 
 def _factory_loss(spec: str, model: nn.Module, input_shape: tuple[int, ...]) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .._containers import check_torch_zip, is_safetensors, safetensors_header
 from ..errors import ConfigError, one_line
 
 __all__ = ["MAX_WEIGHTS_BYTES", "WeightsFile", "read_weights", "apply_weights", "state_shapes", "weights_metadata"]
 
 MAX_WEIGHTS_BYTES = 8 * 2**30   # a weights file: 8 GiB (ResNet-152 is 230 MB, ViT-H 2.5 GB)
-_MAX_HEADER = 64 * 2**20
+# what a state dict's tensors may be: dense, of the dtypes parameters and buffers have
+ALLOWED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+                  torch.int64, torch.uint8, torch.bool)
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,6 @@ class WeightsFile:
     sha256: str
     format: str   # "safetensors" | "pytorch"
     data_spec: Any = None   # the input normalization the weights were trained with (gradleak train records it)
-
-
-def _is_safetensors(data: bytes) -> bool:
-    if len(data) < 9:
-        return False
-    (length,) = struct.unpack("<Q", data[:8])
-    return length <= _MAX_HEADER and data[8:9] == b"{"
 
 
 def _unwrap(value: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -67,6 +62,11 @@ def _unwrap(value: Any, path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise ConfigError(f"weights {str(path)!r}: entry {str(name)[:80]!r} is a {type(tensor).__name__}, "
                               "not a tensor keyed by name")
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.dtype not in ALLOWED_DTYPES:
+            what = f"a {tensor.layout} tensor".replace("torch.", "") if tensor.layout != torch.strided else (
+                "a quantized tensor" if tensor.is_quantized else f"of dtype {tensor.dtype}")
+            raise ConfigError(f"weights {str(path)!r}: entry {name[:80]!r} is {what}; a state dict holds dense "
+                              "float16/bfloat16/float32/float64 (or integer/bool buffer) tensors")
         out[name] = tensor
     if all(name.startswith("module.") for name in out):  # saved from nn.DataParallel
         out = {name[len("module."):]: tensor for name, tensor in out.items()}
@@ -87,12 +87,19 @@ def read_weights(path: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> Weight
     except DataError as error:
         raise ConfigError(str(error)) from None
     digest = hashlib.sha256(data).hexdigest()
-    if _is_safetensors(data):
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"weights {str(path)!r}: {message}")
+
+    if is_safetensors(data):
+        header = safetensors_header(data, fail)  # bounded before safetensors allocates anything
         try:
             tensors = safetensors_load(data)
         except (SafetensorError, ValueError, RuntimeError) as error:
-            raise ConfigError(f"weights {str(path)!r}: malformed safetensors data ({one_line(error, 200)})") from None
-        return WeightsFile(path, _unwrap(tensors, path), digest, "safetensors", _recorded_spec(data, path))
+            raise fail(f"malformed safetensors data ({one_line(error, 200)})") from None
+        return WeightsFile(path, _unwrap(tensors, path), digest, "safetensors", _recorded_spec(header, path))
+    if data[:4] == b"PK\x03\x04":
+        check_torch_zip(data, fail)  # bounded before PyTorch inflates anything
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing what it cannot read
             warnings.simplefilter("ignore")
@@ -114,15 +121,13 @@ def weights_metadata(data_spec: Any = None) -> dict[str, str]:
                                    sort_keys=True)}
 
 
-def _recorded_spec(data: bytes, path: Path):
+def _recorded_spec(header: dict[str, Any], path: Path):
     """The DataSpec a gradleak weights file records, or None (any other safetensors file)."""
     import json
 
     from ..data.spec import DataSpec
 
-    (length,) = struct.unpack("<Q", data[:8])
     try:
-        header = json.loads(data[8 : 8 + length])
         recorded = json.loads((header.get("__metadata__") or {}).get("gradleak") or "null")
     except (ValueError, RecursionError, AttributeError, TypeError):
         return None  # safetensors already parsed the file; a foreign or odd header records nothing for us
@@ -161,15 +166,21 @@ def apply_weights(model: nn.Module, weights: WeightsFile | Mapping[str, torch.Te
                          + (f" (and {len(wrong) - 1} more shapes differ)" if len(wrong) > 1 else ""))
         raise ConfigError(f"{where} do not fit {type(model).__name__}: {'; '.join(parts)}")
     state = model.state_dict()
+    cast = {}
     for name, tensor in tensors.items():
         target = state[name]
+        if tensor.layout != torch.strided or tensor.dtype not in ALLOWED_DTYPES:
+            raise ConfigError(f"{where}: {name!r} is a {tensor.layout} {tensor.dtype} tensor; weights are dense "
+                              "float16/bfloat16/float32/float64 (or integer/bool buffers)")
         if target.is_floating_point() != tensor.is_floating_point() and tensor.dtype != torch.bool:
             raise ConfigError(f"{where}: {name!r} is {tensor.dtype} but the model's is {target.dtype}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ConfigError(f"{where}: {name!r} holds NaN or infinite values")
+        cast[name] = tensor.to(dtype=target.dtype)  # checked after the cast: 1e300 is finite in float64 only
+        if cast[name].is_floating_point() and not bool(torch.isfinite(cast[name]).all()):
+            overflow = " after the cast to " + str(target.dtype) if bool(torch.isfinite(tensor).all()) else ""
+            raise ConfigError(f"{where}: {name!r} holds NaN or infinite values{overflow}")
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            state[name].copy_(tensor.to(dtype=state[name].dtype, device=state[name].device))
+        for name, tensor in cast.items():
+            state[name].copy_(tensor.to(device=state[name].device))
     return model
 
 

@@ -1,5 +1,7 @@
 """The command-line section of the reference page: the click command tree typer builds
-from :data:`gradleak.cli.app`, walked command by command with every option."""
+from the app it is given (:data:`gradleak.cli.app`, passed in by ``gradleak reference``:
+this package never imports the CLI, which imports it), walked command by command with
+every option."""
 
 from __future__ import annotations
 
@@ -11,13 +13,11 @@ from ._format import code, markdown_text, table
 __all__ = ["command_tree", "cli_section", "option_name"]
 
 
-def command_tree() -> Any:
-    """The click command of ``gradleak`` (a group), as typer builds it."""
+def command_tree(app: Any) -> Any:
+    """The click command of ``app`` (a typer app, or already a click command), as typer builds it."""
     import typer
 
-    from ..cli import app
-
-    return typer.main.get_command(app)
+    return app if not isinstance(app, typer.Typer) else typer.main.get_command(app)
 
 
 def walk(command: Any, path: str = "gradleak") -> Iterator[tuple[str, Any]]:
@@ -96,9 +96,9 @@ def _help(command: Any) -> str:
     return markdown_text(" ".join(text.split()))
 
 
-def cli_section() -> list[str]:
-    """Every command: usage, its help's first paragraph, its arguments and options."""
-    commands = list(walk(command_tree()))
+def cli_section(app: Any) -> list[str]:
+    """Every command of ``app``: usage, its help's first paragraph, its arguments and options."""
+    commands = list(walk(command_tree(app)))
     lines = ["## Command line", "",
              f"{len(commands)} commands. Every option also in `gradleak COMMAND --help`; errors are one line.", ""]
     lines += table(["command", "what it does"], [

@@ -65,6 +65,24 @@ def attack_options(cls: type) -> list[tuple[str, str, str]]:
     return rows
 
 
+def option_lines() -> list[str]:
+    """Every attack's ``-o key=value`` options as plain text, one line per attack (the engine's
+    presets share one line): for ``gradleak attack --help``."""
+    import dataclasses as dc
+
+    from ..attacks import ATTACKS, GradientMatching, MatchingConfig
+
+    engine = sorted(name for name, cls in ATTACKS.items() if issubclass(cls, GradientMatching))
+    lines = [f"{', '.join(engine)}: " + ", ".join(f.name for f in dc.fields(MatchingConfig))]
+    for name, cls in sorted(ATTACKS.items()):
+        if name in engine:
+            continue
+        names = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                 if p.name not in _SKIP and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        lines.append(f"{name}: {', '.join(names) or '(none)'}")
+    return lines
+
+
 def _facts(cls: type) -> list[str]:
     from ..attacks import MaliciousAttack
 

@@ -7,7 +7,7 @@ import inspect
 
 from ._format import code, dataclass_rows, default_text, paragraphs, own_doc, table
 
-__all__ = ["model_section", "threat_section", "client_section"]
+__all__ = ["model_section", "threat_section", "client_section", "limits_section"]
 
 _BUILD_ARGS = ("shape", "num_classes")
 
@@ -64,3 +64,15 @@ def client_section() -> list[str]:
     for paragraph in paragraphs(own_doc(ClientSetup)):
         lines += [paragraph, ""]
     return lines + table(["field", "type", "default", "meaning"], dataclass_rows(ClientSetup))
+
+
+def limits_section() -> list[str]:
+    """The one table of limits (:data:`gradleak.limits.LIMITS`) every command and config shares."""
+    from ..limits import LIMITS, MAX_BATCH_ELEMENTS
+
+    lines = ["## Limits", "",
+             "`gradleak.limits.LIMITS`: one bound per quantity, shared by every command's option, audit-config "
+             f"key and function that names it. Images are also bounded by their values: n x C x side^2 <= "
+             f"{MAX_BATCH_ELEMENTS:,} before any is resized. The rules for untrusted input: `docs/hardening.md`.", ""]
+    return lines + table(["quantity", "range", "where"], [(code(k), f"{v.low:,}..{v.high:,}", v.what)
+                                                          for k, v in LIMITS.items()])

@@ -19,7 +19,7 @@ import numpy as np
 
 from .._io import atomic_write_json, atomic_write_text, save_figure
 from .figures import _new_figure, fit_title
-from .html import _Num, _fmt, _table, html_page, image_tag
+from .page import _Num, _fmt, _table, html_page, image_tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..audit.results import AuditResult
@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["write_audit_report", "privacy_utility_figure", "psnr_by_defense_figure"]
 
 _LEVEL_COLOURS = {"leaks": "#cf222e", "partial": "#9a6700", "protected": "#1a7f37", "not-measured": "#59636e"}
-_LEVEL_DOT = {"recognisable": "#cf222e", "partial": "#9a6700", "none": "#1a7f37"}   # one cell's mean, by the rule
 
 
 EXACT_DB = 60.0  # PSNR drawn no higher than this: beyond it a reconstruction is exact to the eye
@@ -59,10 +58,28 @@ def _series(result: "AuditResult") -> dict[str, list]:
     return series
 
 
+def _grouped(points: list[tuple[float, float, int]], span: tuple[float, float]) -> list[tuple[float, float, str]]:
+    """Points that land within 2 % of the axes of each other share one label (``3,7,9``)."""
+    groups: list[tuple[float, float, list[int]]] = []
+    for x, y, index in points:
+        for gx, gy, members in groups:
+            if abs(gx - x) <= 0.02 * span[0] and abs(gy - y) <= 0.02 * span[1]:
+                members.append(index)
+                break
+        else:
+            groups.append((x, y, [index]))
+    return [(x, y, ",".join(str(i) for i in sorted(members))) for x, y, members in groups]
+
+
 def privacy_utility_figure(result: "AuditResult", path: Path) -> Path | None:
     """Mean attack PSNR (y) against test accuracy of federated training (x): one panel per
-    attack (and model / batch size), one numbered point per defense entry, the numbers keyed
-    on the right. PSNR above EXACT_DB (exact recovery) is drawn at EXACT_DB."""
+    attack (and model / batch size), one point per defense entry, numbered as in the report's
+    table, coloured by the cell's verdict (:func:`gradleak.audit.verdict.cell_level`: the same
+    per-image rule as the verdict matrix). PSNR above EXACT_DB (exact recovery) is drawn at EXACT_DB."""
+    from matplotlib.patches import Patch
+
+    from ..audit.verdict import cell_level
+
     if not result.utility:
         return None
     series = {name: cells for name, cells in _series(result).items()
@@ -72,38 +89,39 @@ def privacy_utility_figure(result: "AuditResult", path: Path) -> Path | None:
         return None
     cols = min(len(series), 2)
     rows = math.ceil(len(series) / cols)
-    fig = _new_figure(4.6 * cols + 3.0, 3.8 * rows + 0.6)
-    grid = fig.add_gridspec(rows, cols + 1, width_ratios=[1.0] * cols + [0.62])
+    fig = _new_figure(5.4 * cols, 4.2 * rows + 0.9)
     rule = result.config.verdict
     for k, (name, cells) in enumerate(series.items()):
-        ax = fig.add_subplot(grid[k // cols, k % cols])
+        ax = fig.add_subplot(rows, cols, k + 1)
+        points = []
         for cell in cells:
             accuracy = (result.utility.get(cell.defense_index) or {}).get("accuracy")
             psnr = _psnr(cell)
             if accuracy is None or psnr is None:
                 continue
-            colour = _LEVEL_DOT[rule.level(psnr, cell.summary.get("ssim_mean"))]
-            ax.scatter([100 * accuracy], [_drawn(psnr)], s=22, color=colour, zorder=3)
-            ax.annotate(str(cell.defense_index), (100 * accuracy, _drawn(psnr)), fontsize=7, xytext=(3, 2),
-                        textcoords="offset points")
-        ax.axhline(rule.recognisable_psnr, color="#cf222e", ls="--", lw=0.8)
-        ax.axhline(rule.partial_psnr, color="#9a6700", ls=":", lw=0.8)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("test accuracy (%)", fontsize=8)
-        ax.set_ylabel(f"PSNR (dB; >= {EXACT_DB:g} drawn at {EXACT_DB:g})" if k % cols == 0 else "", fontsize=8)
-        ax.tick_params(labelsize=7)
+            ax.scatter([100 * accuracy], [_drawn(psnr)], s=30, color=_LEVEL_COLOURS[cell_level(cell)], zorder=3)
+            points.append((100 * accuracy, _drawn(psnr), cell.defense_index))
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        span = (max(max(xs) - min(xs), 1.0), max(max(ys) - min(ys), 1.0)) if points else (1.0, 1.0)
+        for x, y, label in _grouped(points, span):
+            ax.annotate(label, (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.axhline(rule.recognisable_psnr, color=_LEVEL_COLOURS["leaks"], ls="--", lw=0.8)
+        ax.axhline(rule.partial_psnr, color=_LEVEL_COLOURS["partial"], ls=":", lw=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("test accuracy (%)", fontsize=9)
+        ax.set_ylabel(f"mean PSNR (dB; >= {EXACT_DB:g} drawn at {EXACT_DB:g})" if k % cols == 0 else "", fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    labels = sorted({(c.defense_index, c.defense) for c in result.cells})
-    key = fig.add_subplot(grid[:, cols])
-    key.axis("off")
-    key.text(0.0, 1.0, "\n".join(f"{i:>2}  {label if len(label) < 40 else label[:38] + '..'}" for i, label in labels),
-             va="top", ha="left", fontsize=6.5, family="monospace", transform=key.transAxes)
+    handles = [Patch(color=_LEVEL_COLOURS[level], label=words) for level, words in (
+        ("leaks", f"leaks: some image {rule.describe()}"), ("partial", f"partial: some image {rule.describe('partial')}"),
+        ("protected", "protected: neither"))]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     u = result.config.utility
-    title = (f"Privacy against utility (lower right is better): accuracy of {u.model} trained federatedly on "
-             f"{u.data}; red: mean {rule.describe()}; amber: mean {rule.describe('partial')}")
-    fig.suptitle(fit_title(title, fig.get_figwidth(), 9), fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=130)
+    title = (f"Privacy against utility (lower right is better): {u.model} trained federatedly on {u.data}; "
+             "numbers: the defense entries of the report's table")
+    fig.suptitle(fit_title(title, fig.get_figwidth(), 10), fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, path, dpi=110)
 
 
 def psnr_by_defense_figure(result: "AuditResult", path: Path) -> Path | None:
@@ -140,14 +158,14 @@ def _cells_csv(result: "AuditResult") -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["cell", "model", "attack", "server", "threat_model", "defense", "batch_size", "status", "psnr_mean", "psnr_std", "ssim_mean",
-                     "lpips_mean", "label_accuracy", "recognisable", "n_images", "epsilon_update", "epsilon_budget",
-                     "utility_accuracy",
-                     "seconds", "message"])
+                     "lpips_mean", "label_accuracy", "recognisable", "n_images", "residual_median", "certified_updates",
+                     "updates", "epsilon_update", "epsilon_budget", "utility_accuracy", "seconds", "message"])
     for c in result.cells:
         s = c.summary
         writer.writerow([c.cell_id, c.model, c.attack, c.server, c.threat_model, c.defense, c.batch_size, c.status, s.get("psnr_mean"),
                          s.get("psnr_std"), s.get("ssim_mean"), s.get("lpips_mean"), s.get("label_accuracy"),
-                         c.levels.get("recognisable"), len(c.psnr) or None, c.privacy.get("epsilon"),
+                         c.levels.get("recognisable"), len(c.psnr) or None, s.get("residual_median"),
+                         sum(c.certified) if c.residual else None, len(c.residual) or None, c.privacy.get("epsilon"),
                          c.privacy.get("epsilon_budget"),
                          (result.utility.get(c.defense_index) or {}).get("accuracy"), round(c.seconds, 2), c.message])
     return buffer.getvalue()
@@ -243,23 +261,35 @@ def _epsilons(privacy: dict[str, Any]) -> str:
 
 
 def _cells_section(result: "AuditResult") -> str:
-    headers = ["model", "attack", "server (SoK)", "defense", "batch", "status", "PSNR (dB)", "SSIM", "LPIPS", "labels",
-               "recognisable", "epsilon: this update / budget", "seconds", "cell"]
+    """Every cell in one table that fits a laptop's screen: who attacked what in one column, the
+    status in place of the scores when a cell did not run, LPIPS and epsilon only when measured."""
+    lpips = any(c.summary.get("lpips_mean") is not None for c in result.cells)
+    epsilon = any(c.privacy.get("epsilon") is not None for c in result.cells)
+    headers = ["model / attack (server, SoK)", "defense", "batch", "PSNR (dB)", "SSIM", *(["LPIPS"] if lpips else []),
+               "labels", "recognisable", "update residual (certified)", *(["epsilon: update / budget"] if epsilon
+                                                                           else []), "s", ""]
     rows = []
     for c in result.cells:
         s = c.summary
         accuracy = s.get("label_accuracy")
-        rows.append([escape(c.model), escape(c.attack),
-                     escape(c.server + (f" ({c.threat_model})" if c.threat_model else "")),
-                     escape(c.defense), _Num(str(c.batch_size)),
-                     escape(c.status) + (f'<br><span class="note">{escape(c.message)}</span>' if c.message else ""),
-                     _Num(_pm(s.get("psnr_mean"), s.get("psnr_std"), ".1f")),
-                     _Num(_pm(s.get("ssim_mean"), s.get("ssim_std"), ".3f")), _Num(_fmt(s.get("lpips_mean"), ".3f")),
+        who = (f"{escape(c.model)} / <b>{escape(c.attack)}</b><br><span class='note'>{escape(c.server)}"
+               f"{' (' + escape(c.threat_model) + ')' if c.threat_model else ''}</span>")
+        if c.status == "done":
+            scores = [_Num(_pm(s.get("psnr_mean"), s.get("psnr_std"), ".1f")),
+                      _Num(_pm(s.get("ssim_mean"), s.get("ssim_std"), ".3f"))]
+        else:
+            scores = [escape(c.status) + (f'<br><span class="note">{escape(c.message)}</span>' if c.message else ""), ""]
+        rows.append([who, escape(c.defense), _Num(str(c.batch_size)), *scores,
+                     *([_Num(_fmt(s.get("lpips_mean"), ".3f"))] if lpips else []),
                      _Num(f"{100 * accuracy:.0f} %" if isinstance(accuracy, (int, float)) else "n/a"),
                      _Num(f"{c.levels.get('recognisable', 0)}/{len(c.psnr)}" if _psnr(c) is not None else "n/a"),
-                     _Num(_epsilons(c.privacy)), _Num(f"{c.seconds:.0f}"),
+                     _Num(f"{_fmt(s.get('residual_median'), '.2g')} ({sum(c.certified)}/{len(c.residual)})"
+                          if c.residual else "n/a"),
+                     *([_Num(_epsilons(c.privacy))] if epsilon else []), _Num(f"{c.seconds:.0f}"),
                      f'<a href="cells/{escape(c.cell_id)}/report.html">report</a>'])
-    return '<h2>Every cell</h2>\n<div class="wide">' + _table(headers, rows) + "</div>"
+    return ('<h2>Every cell</h2>\n<div class="wide">' + _table(headers, rows) + "</div>"
+            '<p class="note">cells.csv holds every column of every cell; each cell\'s own report has its images, '
+            "curves and notes.</p>")
 
 
 def _gallery_section(result: "AuditResult", out: Path) -> str:

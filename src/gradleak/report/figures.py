@@ -55,7 +55,10 @@ def _images_to_numpy(images: Any, name: str) -> np.ndarray:
 
 
 def _format_psnr(value: Any) -> str | None:
-    """``"31.2 dB"``, ``"∞ dB"`` for a perfect match, None when there is no value."""
+    """``"31.2 dB"``, ``"∞ dB"`` for a perfect match, None when there is no value; a label such
+    as ``"not recovered"`` (any other text) is shown as it is."""
+    if isinstance(value, str) and value not in ("inf", "-inf", "nan"):
+        return value
     number = _as_float(value)
     if number is None:
         return None

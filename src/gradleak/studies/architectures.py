@@ -25,7 +25,7 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from .._io import atomic_write_json, atomic_write_text, save_figure
+from .._io import atomic_write_json, atomic_write_text, save_figure, staged_folder
 from ..attacks.optimization import DLG
 from ..client import fedsgd_update
 from ..data import load_builtin
@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..metrics import mse, psnr
 from ..models import build_model
 from ..models.spec import resolve_device
-from ..report.html import image_tag
+from ..report.page import image_tag
 
 __all__ = ["ARCHITECTURES", "ArchitectureResult", "architecture_study"]
 
@@ -127,7 +127,8 @@ def architecture_study(out: str | Path = "runs/architectures", *, steps: int = 3
             if not results:
                 raise
             results[-1].interrupted = True
-    _write(out, results, strips, steps, inner)
+    with staged_folder(out) as stage:  # the folder whole or not at all
+        _write(stage, results, strips, steps, inner)
     return results
 
 

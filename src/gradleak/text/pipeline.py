@@ -14,9 +14,9 @@ from ..client import ClientSetup
 from ..errors import ConfigError
 from ..models import ModelSpec
 from .corpus import load_text, load_tokenizer
-from .runs import TextRunResult, write_text_run
+from .runs import TextRunResult, load_text_truth, write_text_run  # noqa: F401 (load_text_truth: importable here)
 
-__all__ = ["attack_text", "text_updates", "text_metadata"]
+__all__ = ["attack_text", "capture_text", "text_updates", "text_metadata", "save_text_truth"]
 
 
 def text_metadata(length: int, tokenizer, task: str) -> dict[str, Any]:
@@ -71,21 +71,10 @@ def save_text_truth(path: str | Path, ids: torch.Tensor) -> Path:
     return atomic_write_bytes(path, safetensors_save({"true_tokens": ids.to(torch.int64).contiguous().cpu()}))
 
 
-def load_text_truth(path: str | Path) -> torch.Tensor:
-    from ..data._files import read_safetensors
-    from ..errors import DataError
-
-    tensors = read_safetensors(path, "truth file", 2**30)
-    ids = tensors.get("true_tokens")
-    if ids is None or ids.ndim != 2 or ids.dtype != torch.int64:
-        raise DataError(f"truth file {str(path)!r}: no (B, n) int64 entry 'true_tokens' (write it with capture --truth)")
-    return ids
-
-
 def capture_text(out: str | Path, *, data: str = "corpus", n: int = 1, length: int = 16, start: int = 0,
                  model: ModelSpec, client: ClientSetup, truth: str | Path | None = None, tokenizer: Any = None):
     """One text client's update file (and, apart, its true tokens)."""
-    from ..update import save_update
+    from ..update_file import save_update
 
     tokenizer = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
     text = load_text(data, n=n, length=length, start=start, tokenizer=tokenizer)
@@ -98,27 +87,6 @@ def capture_text(out: str | Path, *, data: str = "corpus", n: int = 1, length: i
     return served.update
 
 
-def attack_text_update(update, update_path, attack: str, out: str | Path, *, model=None, truth=None, threat=None,
-                       options=None, quiet: bool = False, device: str = "auto", dtype: str = "float32",
-                       tokenizer: Any = None) -> TextRunResult:
-    """Attack a text update file (see :func:`gradleak.pipeline.attack_file`)."""
-    from ..pipeline import attack_updates, make_attack, model_for_update
-    from ..threat import ThreatModel
-
-    overrides: dict[str, Any] = {} if model is not None else {"device": device, "dtype": dtype}
-    built = model_for_update(update, model, update_path, **overrides)
-    update = update.validate_for(built.module).to(dtype=built.dtype, device=built.device)
-    tokenizer = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, (str, Path)) else tokenizer
-    threat = threat or ThreatModel()
-    attacker = make_attack(attack, built.module, threat, dict(options or {}))
-    reconstruction = attack_updates(attacker, [update], quiet=quiet)
-    config = {"update_file": str(update_path), "model": built.description(),
-              "update": {k: v for k, v in update.metadata().items() if k not in ("parameters", "model")},
-              "threat": threat.to_json(), "threat_model": threat.sok(attacker)}
-    return write_text_run(out, reconstruction, truth=None if truth is None else load_text_truth(truth),
-                          tokenizer=tokenizer, config=config)
-
-
 def attack_text(attack: str, out: str | Path, *, data: str = "corpus", n: int = 8, length: int = 16, start: int = 0,
                 model: ModelSpec | str = "gpt2", client: ClientSetup | None = None, threat: Any = None,
                 options: dict[str, Any] | None = None, defenses: Any = None, quiet: bool = False,
@@ -129,7 +97,7 @@ def attack_text(attack: str, out: str | Path, *, data: str = "corpus", n: int = 
     attacked with ``attack`` under ``threat``; scored and written to ``out``."""
     from ..pipeline import attack_updates, make_attack
     from ..threat import ThreatModel
-    from ..update import save_update
+    from ..update_file import save_update
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     if spec.modality != "text" and not spec.is_factory:

@@ -26,7 +26,7 @@ from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..attacks.base import Reconstruction
 from .metrics import TextScores, match_sequences, score_text
 
-__all__ = ["TextRunResult", "write_text_run", "render_text_report"]
+__all__ = ["TextRunResult", "write_text_run", "render_text_report", "load_text_truth"]
 
 _CSS = """
 .seq { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .86rem;
@@ -113,3 +113,14 @@ def write_text_run(run_dir: str | Path, reconstruction: Reconstruction, *, truth
     atomic_write_text(run_dir / "report.html", render_text_report(
         f"gradleak text run: {reconstruction.attack}", scores, recovered, truth, tokenizer, config, reconstruction.notes))
     return TextRunResult(run_dir, reconstruction, scores)
+
+
+def load_text_truth(path: str | Path) -> torch.Tensor:
+    from ..data._files import read_safetensors
+    from ..errors import DataError
+
+    tensors = read_safetensors(path, "truth file", 2**30)
+    ids = tensors.get("true_tokens")
+    if ids is None or ids.ndim != 2 or ids.dtype != torch.int64:
+        raise DataError(f"truth file {str(path)!r}: no (B, n) int64 entry 'true_tokens' (write it with capture --truth)")
+    return ids

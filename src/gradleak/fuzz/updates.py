@@ -20,33 +20,29 @@ mutates them the way an attacker or a broken client would:
 - ``special``: a folder, a FIFO, a symlink to /dev/zero, a symlink loop, a missing path and an
   over-long name.
 
-``python -m gradleak.fuzz --n 10000`` runs a long campaign and prints the counts.
+``python -m gradleak.fuzz --surface updates --n 10000`` runs a long campaign and prints the counts.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import pickle
 import random
-import resource
 import struct
-import time
 import zipfile
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save as safetensors_save
 
-from .errors import GradleakError
-from .update import SharedUpdate, _digest, _flat_tensors, load_update, save_update
+from ..update import SharedUpdate
+from ..update_file import _digest, _flat_tensors, load_update, save_update
+from ._engine import Campaign, run_inputs
 
-__all__ = ["seed_updates", "hostile_inputs", "run_campaign", "Campaign"]
+__all__ = ["seed_updates", "hostile_inputs", "run_campaign", "Campaign", "KINDS"]
 
 KINDS = ("flip", "truncate", "length", "header", "metadata", "payload", "foreign", "special")
 MARKER = "gradleak-fuzz-pickle-ran"
@@ -54,10 +50,10 @@ MARKER = "gradleak-fuzz-pickle-ran"
 
 def seed_updates() -> list[SharedUpdate]:
     """Real updates of small zoo models on built-in photos: the files the mutations start from."""
-    from .client import fedavg_update, fedsgd_update
-    from .data import load_builtin
-    from .data.spec import DataSpec
-    from .models import build_model, model_info
+    from ..client import fedavg_update, fedsgd_update
+    from ..data import load_builtin
+    from ..data.spec import DataSpec
+    from ..models import build_model, model_info
 
     photos = load_builtin("photos", size=16, n=4)
     images, labels = photos.images, photos.labels
@@ -220,6 +216,24 @@ def _special(rng: random.Random, path: Path) -> Path:
     return path
 
 
+def common_mutation(rng: random.Random, kind: str, data: bytes, path: Path) -> tuple[bool, bytes | None, Path]:
+    """The mutations every file surface shares: ``flip`` (a few bytes changed), ``truncate``,
+    ``foreign`` (pickles, zips, JSON, bytes) and ``special`` (folders, FIFOs, links, missing and
+    over-long names). Returns (handled, bytes to write or None, the path to feed)."""
+    if kind == "flip":
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 8)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        return True, bytes(mutated), path
+    if kind == "truncate":
+        return True, data[: rng.randrange(len(data))], path
+    if kind == "foreign":
+        return True, _foreign(rng, path), path
+    if kind == "special":
+        return True, None, _special(rng, path)
+    return False, None, path
+
+
 def hostile_inputs(folder: Path, n: int, seed: int = 0,
                    updates: list[SharedUpdate] | None = None) -> "list[tuple[str, Path]]":
     """Write ``n`` hostile inputs into ``folder`` (created): ``[(kind, path)]``, seeded."""
@@ -232,13 +246,9 @@ def hostile_inputs(folder: Path, n: int, seed: int = 0,
         kind = KINDS[index % len(KINDS)]
         k = rng.randrange(len(updates))
         data, path = originals[k], folder / f"input-{index:06d}.safetensors"
-        if kind == "flip":
-            mutated = bytearray(data)
-            for _ in range(rng.randint(1, 8)):
-                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-            out: bytes | None = bytes(mutated)
-        elif kind == "truncate":
-            out = data[: rng.randrange(len(data))]
+        handled, out, path = common_mutation(rng, kind, data, path)
+        if handled:
+            pass
         elif kind == "length":
             value = rng.choice([0, 1, 7, len(data), len(data) - 9, 2**63, 2**26, rng.randrange(2**64)])
             out = struct.pack("<Q", value) + data[8:]
@@ -246,112 +256,40 @@ def hostile_inputs(folder: Path, n: int, seed: int = 0,
             out = _header_edit(rng, data)
         elif kind == "metadata":
             out = _metadata_edit(rng, updates[k])
-        elif kind == "payload":
-            out = _payload_edit(rng, updates[k])
-        elif kind == "foreign":
-            out = _foreign(rng, path)
         else:
-            out, path = None, _special(rng, path)
+            out = _payload_edit(rng, updates[k])
         if out is not None:
             path.write_bytes(out)
         inputs.append((kind, path))
     return inputs
 
 
-@dataclass
-class Campaign:
-    """Counts of a fuzzing run. ``escaped``: inputs that raised something other than a
-    GradleakError (each one a bug); ``multiline``: errors whose message is not one line."""
-
-    outcomes: Counter = field(default_factory=Counter)     # (kind, "loaded" | "refused") -> count
-    reasons: Counter = field(default_factory=Counter)      # first words of the refusal -> count
-    escaped: list[tuple[str, str, str]] = field(default_factory=list)
-    unusable: list[tuple[str, str, str]] = field(default_factory=list)  # loaded, but its model does not take it
-    multiline: list[str] = field(default_factory=list)
-    slowest: float = 0.0
-    seconds: float = 0.0
-    rss_growth_mb: float = 0.0
-    pickle_ran: bool = False
-
-    @property
-    def total(self) -> int:
-        return sum(self.outcomes.values())
-
-
-def _reason(message: str) -> str:
-    text = message.removeprefix("FILE: ")
-    return " ".join(text.split()[:5])
-
-
-def _check_usable(campaign: "Campaign", kind: str, path: Path, update: SharedUpdate) -> None:
+def _check_usable(update: SharedUpdate) -> None:
     """A loaded update must be what it claims: finite tensors of allowed dtypes and, when it
     describes a zoo model, a model that builds from the description and accepts it."""
-    from .models import model_from_info
+    from ..models import model_from_info
 
-    try:
-        for name, tensor in update.tensors.items():
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"tensor {name!r} is not finite floating point")
-        if update.model is not None:
-            update.validate_for(model_from_info(update.model, expected=update.parameters))
-    except Exception as error:  # noqa: BLE001 - anything here is a loader bug
-        campaign.unusable.append((kind, str(path), f"{type(error).__name__}: {error}"[:300]))
+    for name, tensor in update.tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"tensor {name!r} is not finite floating point")
+    if update.model is not None:
+        update.validate_for(model_from_info(update.model, expected=update.parameters))
 
 
-def run_campaign(folder: Path, n: int, seed: int = 0, model_for: Callable | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> Campaign:
-    """Generate ``n`` hostile inputs and load each; count what happened.
-
-    ``model_for(update_index)``: optionally validate some loads against a model too."""
-    campaign = Campaign()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    for k, (kind, path) in enumerate(hostile_inputs(folder, n, seed)):
-        began = time.perf_counter()
-        try:
-            update = load_update(path)
-            campaign.outcomes[(kind, "loaded")] += 1
-            _check_usable(campaign, kind, path, update)
-        except GradleakError as error:
-            message = str(error).replace(str(path), "FILE")
-            campaign.outcomes[(kind, "refused")] += 1
-            campaign.reasons[_reason(message)] += 1
-            if "\n" in message or "\r" in message:
-                campaign.multiline.append(message)
-        except Exception as error:  # noqa: BLE001 - an escape is what we are looking for
-            campaign.escaped.append((kind, str(path), f"{type(error).__name__}: {error}"[:300]))
-        campaign.slowest = max(campaign.slowest, time.perf_counter() - began)
-        if progress is not None:
-            progress(k + 1, n)
-    campaign.seconds = time.perf_counter() - start
-    campaign.rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-    campaign.pickle_ran = (folder / MARKER).exists()
+def run_campaign(folder: Path, n: int, seed: int = 0, progress: Callable[[int], None] | None = None) -> Campaign:
+    """Generate ``n`` hostile update files and load each; count what happened."""
+    campaign = run_inputs("updates", hostile_inputs(folder, n, seed), load_update, _check_usable,
+                          describe=str, progress=progress)
+    if (folder / MARKER).exists():
+        campaign.side_effects.append("a pickle payload ran")
     return campaign
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10_000, help="number of hostile inputs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--folder", type=Path, default=None, help="where to write them (default: a temporary folder)")
-    args = parser.parse_args(argv)
-    import tempfile
+    """The update-file campaign alone (``python -m gradleak.fuzz --surface updates`` does the same)."""
+    from . import main as fuzz_main
 
-    with tempfile.TemporaryDirectory() as tmp:
-        campaign = run_campaign(args.folder or Path(tmp) / "fuzz", args.n, args.seed)
-    print(f"{campaign.total} inputs in {campaign.seconds:.1f} s (slowest {campaign.slowest * 1000:.0f} ms, "
-          f"max RSS growth {campaign.rss_growth_mb:.0f} MB); pickle payload ran: {campaign.pickle_ran}")
-    for kind in KINDS:
-        print(f"  {kind:9s} loaded {campaign.outcomes[(kind, 'loaded')]:6d}   refused {campaign.outcomes[(kind, 'refused')]:6d}")
-    print(f"escaped (not a GradleakError): {len(campaign.escaped)}; multi-line messages: {len(campaign.multiline)}; "
-          f"loaded but unusable: {len(campaign.unusable)}")
-    for kind, path, what in campaign.escaped[:20] + campaign.unusable[:20]:
-        print(f"  {kind} {path}: {what}")
-    print("most common refusals:")
-    for reason, count in campaign.reasons.most_common(15):
-        print(f"  {count:6d}  {reason}")
-    return 1 if campaign.escaped or campaign.multiline or campaign.unusable or campaign.pickle_ran else 0
+    return fuzz_main(["--surface", "updates", *(argv or [])])
 
 
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+run = run_campaign  # the surface's entry point for gradleak.fuzz.run_surface

@@ -1,0 +1,1 @@
+"""A Flower app not written for gradleak (see ``app.py``); gradleak only wraps its strategy."""
