@@ -26,7 +26,7 @@ import gradleak as gl  # noqa: E402
 from flwr.app import (ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord,  # noqa: E402
                       RecordDict)
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flower_support import Grid, flower_identity  # noqa: E402,F401 (a module-wide fixture)
 from gradleak.data import load_builtin  # noqa: E402
 from gradleak.flower import (LeakageAuditStrategy, leakage_gate, protocol_of, training_config,  # noqa: E402
                              training_metrics, write_report)
@@ -42,15 +42,6 @@ PLAN = {101: (0, 1, 1), 202: (1, 4, 4), 303: (5, 8, 4)}
 ATTACKS = [("rgap", {}), ("inverting-gradients", {"iterations": 8})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _flower_identity():
-    """Flower 1.42 stamps instruction messages with the task's run/node/task ids (a simulation sets them)."""
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 @pytest.fixture(scope="module")
 def digits16():
     return load_builtin("digits", size=16, n=64)
@@ -59,16 +50,6 @@ def digits16():
 @pytest.fixture(scope="module")
 def data_spec(digits16):
     return gl.DataSpec.from_images(digits16.images)
-
-
-class Grid:
-    """Just what FedAvg.configure_train asks of a Grid."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 def client_batch(digits16, node):

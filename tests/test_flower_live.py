@@ -23,7 +23,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flower_support import Grid, flower_identity  # noqa: E402,F401 (a module-wide fixture)
 
 from gradleak.flower import protocol_of, write_report  # noqa: E402
 from gradleak.flower.capture import load_reconstruction  # noqa: E402
@@ -35,22 +35,6 @@ from live_app import app as live  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {11: 0, 22: 1, 33: 2}        # node id -> partition
 AUTO = ("auto", {"iterations": 20})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _flower_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class Grid:
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return list(self.nodes)
 
 
 def replies(messages, run_config=live.RUN_CONFIG):
