@@ -172,19 +172,23 @@ def _resolve(entries, u_s, pair, roles: Roles, tolerance: float, decoder: bool):
             known = signatures
         for ak in known:
             ao = (u_s - ck * ak) / co
-            if _valid(entries, ao, vo, po, roles, tolerance, signatures):
+            if _valid(entries, ao, vo, po, roles, tolerance, signatures, partner=(vk, pk, ak)):
                 return (ak, ao) if k == 0 else (ao, ak)
     return None
 
 
-def _valid(entries, a, token, position, roles: Roles, tolerance: float, signatures) -> bool:
-    """Whether a token's signature ``a`` belongs to a sequence the alone tokens already show."""
+def _valid(entries, a, token, position, roles: Roles, tolerance: float, signatures, partner) -> bool:
+    """Whether a token's signature ``a`` belongs to a sequence the alone tokens already show (or, in a
+    decoder, follows its bin partner: two consecutive tokens of one sequence in one bin)."""
     if signatures is not None:                       # encoder: one of the sequences' signatures
         return _near([(0, s) for s in signatures], a, tolerance) is not None
     f = roles.f(token, position)
     if position == 0:
         return float((a - f).norm()) < tolerance * float(f.norm())
-    return _near(entries.get(position - 1, []), ((position + 1) * a - f) / position, tolerance) is not None
+    previous = entries.get(position - 1, [])
+    if partner[1] == position - 1:
+        previous = [*previous, (partner[0], partner[2])]
+    return _near(previous, ((position + 1) * a - f) / position, tolerance) is not None
 
 
 def _signatures(entries, tolerance: float) -> list[torch.Tensor]:
