@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["span_condition", "text_report"]
+__all__ = ["span_condition", "text_report", "text_analysis"]
 
 
 def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict[str, Any]:
@@ -76,3 +76,17 @@ def text_report(model: nn.Module, batch: int, length: int, loss: str) -> list[di
                      "why": "optimisation on token embeddings: approximate, no guarantee" if ok else
                      "matches a classifier's gradient; a causal LM's targets are its text"})
     return rows
+
+
+def text_analysis(model: nn.Module, length: int, batch: int, loss: str):
+    """:func:`text_report` as the analyser's :class:`~gradleak.analysis.LeakageReport` (what
+    ``attacks="auto"`` and the Flower audit's explanations read): one verdict per text attack."""
+    from ..analysis.analyzer import AttackVerdict, LeakageReport
+
+    verdicts = [AttackVerdict(r["attack"], bool(r["applies"]), bool(r["exact"]), r["why"])
+                for r in text_report(model, batch, length, loss)]
+    exact = [v for v in verdicts if v.exact]
+    verdict = "EXACT RECOVERY PREDICTED" if exact else "NO EXACT CLOSED-FORM RECOVERY"
+    reasons = [f"{v.attack}: {v.reason}" for v in exact] or [
+        "no exact text attack's conditions hold; gradient matching on token embeddings may still approximate"]
+    return LeakageReport(type(model).__name__, (int(length),), int(batch), [], verdicts, verdict, reasons)
