@@ -15,7 +15,7 @@ import gradleak as gl  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from gradleak.flower import LeakageAuditStrategy, training_metrics  # noqa: E402
+from gradleak.flower import LeakageAuditStrategy, training_metrics, write_report  # noqa: E402
 from gradleak.flower.explain import APPROXIMATE, EXACT  # noqa: E402
 from gradleak.models import ModelSpec  # noqa: E402
 from gradleak.text import load_text  # noqa: E402
@@ -103,6 +103,8 @@ def test_audit_of_a_language_model_explains_attacks_captures_and_changes_nothing
     save_text_truth(tmp_path / "truth.safetensors", text.ids[:3])
     run = attack_file(one.capture, "dager", tmp_path / "offline", truth=tmp_path / "truth.safetensors", quiet=True)
     assert run.scores.summary["exact_rate"] == 1.0
+    page = write_report(tmp_path / "report", audit).read_text()
+    assert "CERTIFIED" in page or "certified" in page
 
 
 def test_explicit_attacks_on_a_classifier(text, tmp_path):
