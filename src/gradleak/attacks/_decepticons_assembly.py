@@ -3,15 +3,18 @@
 Each bin's input u is tested against the served model's tables: centred, its token group is a
 positive multiple of one token's row and its position group of one position's (a bin holding one
 token), or the pair of groups is a combination of two (token, position) atoms with common
-coefficients (a bin holding two tokens: the coefficients are the LayerNorm's and the gradient's
-weights, shared by every group of a token's input, so the sentence group is ``c1 a1 + c2 a2``
-with the same ``c``). A two-token bin is resolved when one of its tokens' signatures follows from
-the sequence it sits in and the other's, ``(u_S - c1 a1) / c2``, then links to its own sequence
-exactly. Sequences are then assembled from the signatures: chains of running means for a decoder,
+coefficients (a bin holding two or three tokens: the coefficients are the LayerNorm's and the
+gradient's weights, shared by every group of a token's input, so the sentence group is
+``c1 a1 + c2 a2 (+ c3 a3)`` with the same ``c``). Such a bin is resolved when all but one of its
+tokens' signatures follow from the sequences they sit in and the last one's, ``(u_S - sum of the
+others) / c``, then links to its own sequence exactly. Sequences are then assembled from the signatures: chains of running means for a decoder,
 groups of one signature for an encoder.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 
@@ -47,6 +50,7 @@ class Roles:
         self.paths, self.embed = block_paths(view, 0), embedding_paths(view)
         self.device = next(iter(tensors.values())).device
         self._features: dict[int, torch.Tensor] = {}
+        self._single: dict[tuple[int, int], torch.Tensor] = {}
 
     def base(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         call, t = self.view._call, self.tensors
@@ -71,7 +75,12 @@ class Roles:
         return call(self.paths["attn_out"], t, value)[..., self.layout.sentence].double()
 
     def f(self, token: int, position: int) -> torch.Tensor:
-        return self.feature(torch.tensor([token], device=self.device), torch.tensor([position], device=self.device))[0]
+        """f(token, position), cached (the assembly asks for the same ones many times)."""
+        key = (int(token), int(position))
+        if key not in self._single:
+            self._single[key] = self.feature(torch.tensor([token], device=self.device),
+                                             torch.tensor([position], device=self.device))[0]
+        return self._single[key]
 
     def vocabulary(self, position: int) -> torch.Tensor:
         """f(v, position) for every token v (cached per position)."""
@@ -97,40 +106,56 @@ def _near(rows: list[tuple[int, torch.Tensor]], target: torch.Tensor, tolerance:
     return k if float(distance[k]) < tolerance else None
 
 
-def _two_atoms(vector: torch.Tensor, table: torch.Tensor, tolerance: float) -> list[int]:
-    """The one or two rows of ``table`` whose combination is ``vector`` (orthogonal matching pursuit)."""
+MAX_MEMBERS = 3          # tokens sharing one bin that are told apart
+MAX_COMBINATIONS = 2**14  # known signatures tried per mixture and member solved
+
+
+def _atoms(vector: torch.Tensor, table: torch.Tensor, tolerance: float) -> list[int]:
+    """Up to :data:`MAX_MEMBERS` rows of ``table`` whose combination is ``vector`` (orthogonal matching
+    pursuit; stops when the fit is within ``tolerance``)."""
     rows = table / table.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    first = int((rows @ vector).abs().argmax())
-    rest = vector - (rows[first] @ vector) * rows[first]
-    if float(rest.norm()) < tolerance * float(vector.norm()):
-        return [first]
-    score = (rows @ rest).abs()
-    score[first] = -1
-    return [first, int(score.argmax())]
+    support: list[int] = []
+    rest = vector
+    for _ in range(MAX_MEMBERS):
+        score = (rows @ rest).abs()
+        if support:
+            score[torch.tensor(support)] = -1
+        support.append(int(score.argmax()))
+        basis = rows[support].T
+        rest = vector - basis @ torch.linalg.lstsq(basis, vector[:, None]).solution[:, 0]
+        if float(rest.norm()) < tolerance * float(vector.norm()):
+            break
+    return support
+
+
+def _hypotheses(tokens: list[int], positions: list[int]) -> list[tuple[tuple[int, int], ...]]:
+    """Every set of (token, position) members using each token and each position, as many members as
+    the larger of the two lists (2 or 3)."""
+    m = max(len(tokens), len(positions))
+    if m < 2:
+        return []
+    found = set()
+    for ts in itertools.product(tokens, repeat=m):
+        if set(ts) != set(tokens):
+            continue
+        for ps in itertools.product(positions, repeat=m):
+            members = tuple(sorted(zip(ts, ps)))
+            if set(ps) == set(positions) and len(set(members)) == m:
+                found.add(members)
+    return sorted(found)
 
 
 def split_mixtures(u_p, u_t, u_s, token_table, position_table, roles: Roles, tolerance: float):
-    """Bins holding two tokens: ``[(u_S, ((v1, p1, c1), (v2, p2, c2)))]``, each pair's position and token
+    """Bins holding two or three tokens: ``[(u_S, ((v, p, c), ...))]``, the members' position and token
     groups fitted together with common coefficients to a relative residual below ``tolerance``."""
     out = []
     for i in range(u_t.shape[0]):
-        tokens = _two_atoms(u_t[i], token_table, tolerance)
-        positions = _two_atoms(u_p[i], position_table, tolerance)
-        if len(tokens) == 1 and len(positions) == 1:
-            continue
-        if len(tokens) == 2 and len(positions) == 2:
-            hypotheses = [((tokens[0], positions[0]), (tokens[1], positions[1])),
-                          ((tokens[0], positions[1]), (tokens[1], positions[0]))]
-        elif len(tokens) == 2:
-            hypotheses = [((tokens[0], positions[0]), (tokens[1], positions[0]))]
-        else:
-            hypotheses = [((tokens[0], positions[0]), (tokens[0], positions[1]))]
         target = torch.cat([u_p[i], u_t[i]])
-        for pairs in hypotheses:
-            atoms = roles.atoms(list(pairs)).T                                   # (kp + kt, 2)
+        for members in _hypotheses(_atoms(u_t[i], token_table, tolerance), _atoms(u_p[i], position_table, tolerance)):
+            atoms = roles.atoms(list(members)).T                                 # (kp + kt, m)
             c = torch.linalg.lstsq(atoms, target[:, None]).solution[:, 0]
             if float((atoms @ c - target).norm()) < tolerance * float(target.norm()):
-                out.append((u_s[i], ((*pairs[0], float(c[0])), (*pairs[1], float(c[1])))))
+                out.append((u_s[i], tuple((v, p, float(ck)) for (v, p), ck in zip(members, c))))
                 break
     return out
 
@@ -142,17 +167,17 @@ def _add(entries, position: int, token: int, a: torch.Tensor, tolerance: float) 
 
 
 def resolve_mixtures(entries, mixtures, roles: Roles, tolerance: float) -> int:
-    """Add the two tokens of every mixture whose signatures can be told (see the module docstring);
+    """Add the tokens of every mixture whose signatures can be told (see the module docstring);
     ``entries`` ({position: [(token, a)]}) grows in place. Returns how many mixtures were resolved."""
     decoder, solved, open_ = roles.view.decoder, 0, list(mixtures)
-    for _ in range(3):                              # a resolved pair can give the predecessor of another
+    for _ in range(3):                              # a resolved mixture can give the predecessor of another
         left = []
-        for u_s, pair in open_:
-            found = _resolve(entries, u_s, pair, roles, tolerance, decoder)
+        for u_s, members in open_:
+            found = _resolve(entries, u_s, members, roles, tolerance, decoder)
             if found is None:
-                left.append((u_s, pair))
+                left.append((u_s, members))
                 continue
-            for (v, p, _), a in zip(pair, found):
+            for (v, p, _), a in zip(members, found):
                 _add(entries, p, v, a, tolerance)
             solved += 1
         if len(left) == len(open_):
@@ -161,33 +186,42 @@ def resolve_mixtures(entries, mixtures, roles: Roles, tolerance: float) -> int:
     return solved
 
 
-def _resolve(entries, u_s, pair, roles: Roles, tolerance: float, decoder: bool):
+def _known(entries, token: int, position: int, roles: Roles, signatures) -> list[torch.Tensor]:
+    """The signatures a member can have given what is found: a decoder's from each entry one position
+    back (or f at position 0), an encoder's the sequences' own."""
+    if signatures is not None:
+        return signatures
+    f = roles.f(token, position)
+    return [f] if position == 0 else [(position * a + f) / (position + 1) for _, a in entries.get(position - 1, [])]
+
+
+def _resolve(entries, u_s, members, roles: Roles, tolerance: float, decoder: bool):
+    """Signatures for every member: all but one from what is found, the last solved from u_S and checked."""
     signatures = None if decoder else _signatures(entries, tolerance)
-    for k, o in ((0, 1), (1, 0)):
-        (vk, pk, ck), (vo, po, co) = pair[k], pair[o]
-        if decoder:
-            fk = roles.f(vk, pk)
-            known = [fk] if pk == 0 else [(pk * a + fk) / (pk + 1) for _, a in entries.get(pk - 1, [])]
-        else:
-            known = signatures
-        for ak in known:
-            ao = (u_s - ck * ak) / co
-            if _valid(entries, ao, vo, po, roles, tolerance, signatures, partner=(vk, pk, ak)):
-                return (ak, ao) if k == 0 else (ao, ak)
+    for o, (vo, po, co) in enumerate(members):
+        others = [m for k, m in enumerate(members) if k != o]
+        options = [_known(entries, v, p, roles, signatures) for v, p, _ in others]
+        if math.prod(len(x) for x in options) > MAX_COMBINATIONS:
+            continue
+        for chosen in itertools.product(*options):
+            ao = (u_s - sum(c * a for (_, _, c), a in zip(others, chosen))) / co
+            partners = [(v, p, a) for (v, p, _), a in zip(others, chosen)]
+            if _valid(entries, ao, vo, po, roles, tolerance, signatures, partners):
+                found = list(chosen)
+                found.insert(o, ao)
+                return found
     return None
 
 
-def _valid(entries, a, token, position, roles: Roles, tolerance: float, signatures, partner) -> bool:
+def _valid(entries, a, token, position, roles: Roles, tolerance: float, signatures, partners) -> bool:
     """Whether a token's signature ``a`` belongs to a sequence the alone tokens already show (or, in a
-    decoder, follows its bin partner: two consecutive tokens of one sequence in one bin)."""
+    decoder, follows a bin partner: consecutive tokens of one sequence in one bin)."""
     if signatures is not None:                       # encoder: one of the sequences' signatures
         return _near([(0, s) for s in signatures], a, tolerance) is not None
     f = roles.f(token, position)
     if position == 0:
         return float((a - f).norm()) < tolerance * float(f.norm())
-    previous = entries.get(position - 1, [])
-    if partner[1] == position - 1:
-        previous = [*previous, (partner[0], partner[2])]
+    previous = [*entries.get(position - 1, []), *((v, b) for v, p, b in partners if p == position - 1)]
     return _near(previous, ((position + 1) * a - f) / position, tolerance) is not None
 
 
@@ -202,7 +236,8 @@ def _signatures(entries, tolerance: float) -> list[torch.Tensor]:
 
 def chains(entries, roles: Roles, positions: int, batch: int | None, tolerance: float):
     """Decoder sequences of ``positions`` tokens: chains followed back from the entries nobody's chain
-    reached, a_{p-1} = ((p + 1) a_p - f(v_p, p)) / p; one missing entry filled from the vocabulary."""
+    reached, a_{p-1} = ((p + 1) a_p - f(v_p, p)) / p; one or two consecutive missing entries filled
+    from the vocabulary."""
     claimed: dict[int, set[int]] = {p: set() for p in range(positions)}
     sequences, filled = [], 0
     for top in range(positions - 1, -1, -1):
@@ -233,6 +268,10 @@ def _follow(entries, roles: Roles, positions: int, p: int, v: int, here: torch.T
             found = roles.token_at(previous, 0, tolerance)
             row[0] = -1 if found is None else found
             return row, int(found is not None)
+        shared = _shared_bin(entries, roles, p, previous, tolerance)
+        if shared is not None:                           # its bin also held the same token of another sequence
+            row[p - 1], here, p, filled = shared, previous, p - 1, filled + 1
+            continue
         step = None
         for i, (_, a2) in enumerate(entries.get(p - 2, [])):
             found = roles.token_at(p * previous - (p - 1) * a2, p - 1, tolerance)
@@ -240,11 +279,54 @@ def _follow(entries, roles: Roles, positions: int, p: int, v: int, here: torch.T
                 step = (i, found)
                 break
         if step is None:
-            break
+            jump = _two_missing(entries, roles, p, previous, claimed, tolerance)
+            if jump is None:
+                break
+            if p == 2:                                   # positions 0 and 1 both missing: the chain's start
+                row[0], row[1] = jump
+                return row, filled + 2
+            i, (v1, v2) = jump
+            claimed[p - 3].add(i)
+            row[p - 1], row[p - 2], row[p - 3] = v2, v1, entries[p - 3][i][0]
+            here, p, filled = entries[p - 3][i][1], p - 3, filled + 2
+            continue
         claimed[p - 2].add(step[0])
         row[p - 1], row[p - 2] = step[1], entries[p - 2][step[0]][0]
         here, p, filled = entries[p - 2][step[0]][1], p - 2, filled + 1
     return row, filled
+
+
+def _shared_bin(entries, roles: Roles, p: int, previous: torch.Tensor, tolerance: float) -> int | None:
+    """The token at p - 1 when its bin also held the same token at the same position of another
+    sequence (the token and position tests pass, the signature is their mix): a token found at p - 1
+    whose f links the known a_{p-1} to an entry at p - 2 (or to f at position 0)."""
+    for token in sorted({v for v, _ in entries.get(p - 1, [])}):
+        following = (p * previous - roles.f(token, p - 1)) / (p - 1)
+        if p - 2 == 0:
+            if roles.token_at(following, 0, tolerance) is not None:
+                return token
+        elif _near(entries.get(p - 2, []), following, tolerance) is not None:
+            return token
+    return None
+
+
+def _two_missing(entries, roles: Roles, p: int, previous: torch.Tensor, claimed, tolerance: float):
+    """Positions p - 1 and p - 2 both missing: f(v, p - 2) + f(w, p - 1) = p a_{p-1} - (p - 2) a_{p-3},
+    searched over the vocabulary's pairs (meet in the middle), with a_{p-3} an entry no chain has
+    claimed yet (the lower fragment of this sequence). Returns (v, w) at the start (p = 2), else
+    (entry index at p - 3, (v, w)); None when no pair fits."""
+    targets = [(None, p * previous)] if p == 2 else [
+        (i, p * previous - (p - 2) * a) for i, (_, a) in enumerate(entries.get(p - 3, [])) if i not in claimed[p - 3]]
+    first, second = roles.vocabulary(p - 2), roles.vocabulary(p - 1)
+    squares = (second ** 2).sum(1)
+    for i, target in targets:
+        rest = target[None] - first                                        # (V, ks): what w must give
+        distance = (rest ** 2).sum(1)[:, None] + squares[None] - 2 * rest @ second.T
+        v, w = divmod(int(distance.argmin()), second.shape[0])
+        exact = float((first[v] + second[w] - target).norm()) < tolerance * float(target.norm())
+        if exact:
+            return (v, w) if i is None else (i, (v, w))
+    return None
 
 
 def groups(entries, roles: Roles, length: int, batch: int | None, tolerance: float):

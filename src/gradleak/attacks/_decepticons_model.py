@@ -14,9 +14,9 @@ shift, and ratios between groups survive.
   position embedding: a random direction per position in P; BERT's segment embedding: zero;
   every LayerNorm the imprint sees: weight 1, bias 0;
 - block 0's attention: zero queries and keys, so every token attends uniformly to the tokens
-  it sees (the prefix in a decoder, the whole sequence in an encoder); the values map the T
-  coordinates into S (a random doubly-centred matrix R): each token receives the mean over
-  its visible tokens of f(v_j, j), a vector the attacker can compute for any token and position;
+  it sees (the prefix in a decoder, the whole sequence in an encoder); the values map the T and
+  P coordinates into S (random doubly-centred matrices): each token receives the mean over its
+  visible tokens of f(v_j, j), a vector the attacker can compute for any token and position;
 - the later blocks' attentions: off, but for a classifier's last block: uniform, moving only the
   sink coordinate (so that the loss, read at one position, reaches every position's sink);
 - every imprint block's feed-forward layer: all units measure the same direction m
@@ -201,11 +201,12 @@ def _attention(view, modules, layout: Layout, k: int, generator, scale: float, l
     paths = block_paths(view, k)
     value = torch.zeros(d, d, dtype=torch.float64)       # (in, out)
     out = torch.zeros(d, d, dtype=torch.float64)
-    if k == 0:
-        kt, ks = layout.token.stop - layout.token.start, layout.sentence.stop
-        r = torch.randn(kt, ks, generator=generator, dtype=torch.float64)
-        r = _centre(_centre(r, 0), 1)
-        value[layout.token, layout.sentence] = r * (scale / math.sqrt(kt * ks))
+    if k == 0:   # each token's contribution f(v, j) reads its token and its position (so two are never swapped)
+        ks = layout.sentence.stop
+        for group in (layout.token, layout.position):
+            size = group.stop - group.start
+            r = _centre(_centre(torch.randn(size, ks, generator=generator, dtype=torch.float64), 0), 1)
+            value[group, layout.sentence] = r * (scale / math.sqrt(size * ks))
         out[layout.sentence, layout.sentence] = torch.eye(ks, dtype=torch.float64)
     elif k == view.layers - 1 and view.task != "causal-lm":
         # a classifier reads one position: its last attention spreads that position's sink to every position,

@@ -139,7 +139,7 @@ class Decepticons(MaliciousAttack):
             else:
                 tokens, more = groups(entries, roles, length, update.batch_size, tolerance)
             notes = [f"{counts['bins']} bins hold inputs: {counts['alone']} one token exactly (token and position "
-                     f"found), {len(mixtures)} two tokens ({solved} told apart by their sequences' signatures), "
+                     f"found), {len(mixtures)} two or three tokens ({solved} told apart by their sequences' signatures), "
                      f"{counts['bins'] - counts['alone'] - len(mixtures)} more (set aside)", *more]
             if causal:
                 tokens, more = self._last(view, tensors, gradient, tokens, update.batch_size, tolerance)
