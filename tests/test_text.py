@@ -171,6 +171,12 @@ def test_dager_refuses_when_the_span_fills_the_space():
     lora = tiny("gpt2", lora_rank=8)                  # LoRA rank 8: 11 positions >= 8
     with pytest.raises(AttackNotApplicable, match="LoRA adapters"):
         SpanAttack(lora.module).reconstruct(update_of(lora, load_text(n=1, length=12)))
+    small = tiny("gpt2", width=128)                   # a FedAvg delta of 2 local steps sums spans at 2 weights
+    text = load_text(n=4, length=12)
+    delta = client_update(small.module, text.ids, text.ids, ClientSetup("fedavg", 4, lr=0.1, local_steps=2,
+                                                                         local_batch_size=2), loss="causal_lm")
+    with pytest.raises(AttackNotApplicable, match="2 local steps .* not the gradient of one batch"):
+        SpanAttack(small.module).reconstruct(delta)
 
 
 # ------------------------------------------------------------------ metrics

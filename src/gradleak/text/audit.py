@@ -120,7 +120,9 @@ def text_audit_from_mapping(raw: Any, path: str | Path) -> TextAuditConfig:
     for a in attacks:
         get_attack(a["name"])
     defenses = [str(d) for d in (raw.get("defenses") or ["none"])]
-    make_defenses([d for d in defenses if d != "none"])
+    for entry in defenses:       # each entry is one cell's defense, checked alone
+        if entry != "none":
+            make_defenses([entry])
     sizes = raw.get("batch_sizes") or [1]
     if not isinstance(sizes, list):
         raise ConfigError(f"batch_sizes: a list of integers, got {short_repr(sizes)}")
