@@ -49,13 +49,19 @@ def test_each_bin_holds_one_tokens_input_exactly_and_a_causal_lm_batch_comes_bac
     served(data.ids)
     handle.remove()
     truth = seen[0].reshape(-1, TINY["width"])
-    vectors, _ = bin_inputs(update.tensors[f"{path}.weight"], update.tensors[f"{path}.bias"], top=False)
+    vectors = bin_inputs(update.tensors[f"{path}.weight"], update.tensors[f"{path}.bias"], top=False)[0]
     error = (vectors[:, None] - truth[None]).norm(dim=-1).min(1).values / vectors.norm(dim=1)
     alone = error < 1e-10                                                  # closed form: float64 precision
     assert int(alone.sum()) >= 15 and bool((alone | (error > 1e-3)).all())  # else a mixture, far from every input
     result = attack.reconstruct(update)
     scores = score_text(result.tokens, data.ids, load_tokenizer()).summary
     assert scores["exact_rate"] == 1.0, result.notes
+    assert any(n.startswith("last tokens of 4 of 4 sequences from their own bins") for n in result.notes)
+    from dataclasses import replace
+
+    clipped = attack.reconstruct(replace(update, tensors={n: 0.25 * t for n, t in update.tensors.items()}))
+    assert torch.equal(clipped.tokens, result.tokens)          # the update's scale is fitted: 0.25 x the gradient
+    assert any("(the update is 0.25 x the gradient" in n for n in clipped.notes)
     # the captured file alone (the weights it carries are the served ones) is attacked the same way
     again = Decepticons(built.module, MALICIOUS).reconstruct(load_update(save_update(update, tmp_path / "u.safetensors")))
     assert torch.equal(again.tokens, result.tokens)

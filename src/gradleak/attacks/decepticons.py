@@ -56,16 +56,18 @@ from .malicious import MaliciousAttack
 __all__ = ["Decepticons", "bin_inputs"]
 
 
-def bin_inputs(weight_grad: torch.Tensor, bias_grad: torch.Tensor, top: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vectors, bins)``: the input of each bin between consecutive units whose bias gradients differ
-    (units sorted by cut; ``weight_grad`` (in, units)); ``top``: the last unit is the open top bin."""
+def bin_inputs(weight_grad: torch.Tensor, bias_grad: torch.Tensor, top: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(vectors, bins, signals)``: the input of each bin between consecutive units whose bias
+    gradients differ (units sorted by cut; ``weight_grad`` (in, units)), the bins, and their bias
+    difference (the sum of their tokens' backward signals); ``top``: the last unit is the open top bin."""
     dw = weight_grad[:, :-1] - weight_grad[:, 1:]
     db = bias_grad[:-1] - bias_grad[1:]
     if top:
         dw, db = torch.cat([dw, weight_grad[:, -1:]], 1), torch.cat([db, bias_grad[-1:]])
     floor = 64 * torch.finfo(bias_grad.dtype).eps * float(bias_grad.abs().max())
     bins = torch.nonzero(db.abs() > floor).flatten()
-    return (dw[:, bins] / db[bins]).T, bins
+    return (dw[:, bins] / db[bins]).T, bins, db[bins]
 
 
 @register_attack
@@ -132,7 +134,7 @@ class Decepticons(MaliciousAttack):
         length, causal = int(update.input_shape[0]), update.loss == "causal_lm"
         roles = Roles(view, tensors, layout)
         with torch.no_grad():
-            entries, mixtures, counts = self._entries(view, gradient, tensors, roles, length, tolerance)
+            entries, mixtures, records, counts = self._entries(view, gradient, tensors, roles, length, tolerance)
             solved = resolve_mixtures(entries, mixtures, roles, tolerance)
             if view.decoder:
                 tokens, more = chains(entries, roles, length - 1 if causal else length, update.batch_size, tolerance)
@@ -142,7 +144,7 @@ class Decepticons(MaliciousAttack):
                      f"found), {len(mixtures)} two or three tokens ({solved} told apart by their sequences' signatures), "
                      f"{counts['bins'] - counts['alone'] - len(mixtures)} more (set aside)", *more]
             if causal:
-                tokens, more = self._last(view, tensors, gradient, tokens, update.batch_size, tolerance)
+                tokens, more = self._last(view, tensors, gradient, tokens, update.batch_size, tolerance, records, roles)
                 notes += more
         notes.append(f"{tokens.shape[0]} sequence(s) of {length} tokens in {time.perf_counter() - started:.2f} s")
         history = {"tokens per position": [float((tokens[:, i] >= 0).sum()) for i in range(tokens.shape[1])]}
@@ -156,7 +158,7 @@ class Decepticons(MaliciousAttack):
             raise AttackNotApplicable("no feed-forward layer whose units all measure one direction: the model the "
                                       "client trained is not the one decepticons serves",
                                       condition="the client trained the corrupted transformer decepticons serves")
-        vectors = []
+        vectors, signals, block_of = [], [], []
         for i, (k, _, _) in enumerate(blocks):
             path = block_paths(view, k)["fc_in"]
             weight = gradient.get(f"{path}.weight")
@@ -164,9 +166,11 @@ class Decepticons(MaliciousAttack):
                 raise AttackNotApplicable(f"the update holds no gradient of {path} (frozen, or LoRA adapters only)",
                                           condition="the feed-forward layers train")
             weight = weight.T if weight.shape[0] != view.width else weight           # (in, units)
-            found, _ = bin_inputs(weight, gradient[f"{path}.bias"], top=i == len(blocks) - 1)
+            found, _, signal = bin_inputs(weight, gradient[f"{path}.bias"], top=i == len(blocks) - 1)
             vectors.append(found)
-        u = torch.cat(vectors)
+            signals.append(signal)
+            block_of += [k] * found.shape[0]
+        u, signal = torch.cat(vectors), torch.cat(signals)
         layout = roles.layout
         embed = embedding_paths(view)
         token_table = centre(tensors[f"{embed['token']}.weight"][:, layout.token])
@@ -176,27 +180,41 @@ class Decepticons(MaliciousAttack):
         position, position_distance = closest(u_p, position_table)
         alone = (token_distance < tolerance) & (position_distance < tolerance)
         entries: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        records = []                # (block, token, position, signature, bias difference) of the bins of one token
         if bool(alone.any()):
             keep = torch.nonzero(alone).flatten()
             base = roles.base(token[keep], position[keep])
             scale = centre(base[:, layout.token]).norm(dim=1) / u_t[keep].norm(dim=1)
             a = u_s[keep] * scale[:, None]
             for j, v, p in zip(range(keep.numel()), token[keep].tolist(), position[keep].tolist()):
+                records.append((block_of[int(keep[j])], v, p, a[j], float(signal[keep[j]])))
                 rows = entries.setdefault(p, [])
                 if not any(r[0] == v and float((r[1] - a[j]).norm()) < tolerance * float(a[j].norm()) for r in rows):
                     rows.append((v, a[j]))      # the same token twice (a shared prefix) once
         rest = torch.nonzero(~alone).flatten()
         mixtures = split_mixtures(u_p[rest], u_t[rest], u_s[rest], token_table, position_table, roles, tolerance)
-        return entries, mixtures, {"bins": int(u.shape[0]), "alone": int(alone.sum())}
+        return entries, mixtures, records, {"bins": int(u.shape[0]), "alone": int(alone.sum())}
 
-    def _last(self, view, tensors, gradient, tokens, batch, tolerance):
-        last = torch.full((tokens.shape[0], 1), -1, dtype=tokens.dtype)
-        notes = []
-        if self.last_token and bool((tokens >= 0).all()) and tokens.shape[0] > 0:
-            from ._dager_last import last_tokens
+    def _last(self, view, tensors, gradient, tokens, batch, tolerance, records, roles):
+        """A causal LM's last tokens: each sequence's from its own bin at position n - 2
+        (:mod:`._decepticons_last`), the rest from the final LayerNorm's gradient when every other
+        token of the batch is known (as the span attack finds them)."""
+        last = torch.full((tokens.shape[0],), -1, dtype=tokens.dtype)
+        notes: list[str] = []
+        if self.last_token and tokens.shape[0] > 0 and batch is not None:
+            from ._decepticons_last import sequence_last_tokens
 
-            found, notes = last_tokens(view, tensors, gradient, tokens, batch, tolerance)
-            last = found[:, None].to(tokens.dtype).cpu() if found is not None else last
-        elif self.last_token:
-            notes = ["last tokens not recovered: some sequence has a position not recovered"]
-        return torch.cat([tokens, last], dim=1), notes
+            last, notes = sequence_last_tokens(view, tensors, tokens, records, roles, batch, tolerance)
+        if self.last_token and bool((last < 0).any()):
+            if bool((tokens >= 0).all()):
+                from ._dager_last import last_tokens
+
+                found, more = last_tokens(view, tensors, gradient, tokens, batch, tolerance)
+                if found is not None:
+                    last = torch.where(last < 0, found.to(last.dtype).cpu(), last)
+                notes += more
+            else:
+                notes.append(f"last tokens of {int((last < 0).sum())} sequence(s) not recovered: their own bin was "
+                             "not told, and some sequence has a position not recovered (the final LayerNorm's "
+                             "gradient needs them all)")
+        return torch.cat([tokens, last[:, None]], dim=1), notes
