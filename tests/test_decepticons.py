@@ -80,6 +80,17 @@ def test_an_encoder_and_a_classifier_come_back_in_float32_at_a_batch_past_the_sp
     assert "told apart" in result.notes[0]
 
 
+def test_the_analyser_predicts_what_a_malicious_server_gets():
+    from gradleak.text.analysis import text_analysis
+
+    report = text_analysis(tiny("gpt2-classifier", layers=3).module, 12, 16, "cross_entropy")
+    (row,) = report.malicious
+    assert row.attack == "decepticons" and row.exact and "about 149.6 of 192 tokens alone in one of its 766 bins" in \
+        row.reason                                                  # 192 (1 - 1/766)^191; measured: above
+    assert "a malicious server: exact recovery by decepticons" in report.summary
+    assert not text_analysis(tiny(lora_rank=4).module, 12, 1, "causal_lm").malicious[0].applies
+
+
 def test_conditions_are_refused_in_one_line():
     from gradleak.attacks import Decepticons
 
