@@ -34,7 +34,8 @@ def closest(vectors: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, t
     relative distance to that direction (0 when it is that row times a positive number)."""
     unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-300)
     rows = table / table.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    best = torch.cat([(unit[i:i + 4096] @ rows.T).argmax(1) for i in range(0, unit.shape[0], 4096)])
+    step = max(1, 2**24 // max(1, rows.shape[0]))            # ~128 MiB of float64 similarities at a time
+    best = torch.cat([(unit[i:i + step] @ rows.T).argmax(1) for i in range(0, unit.shape[0], step)])
     picked = rows[best]
     along = (unit * picked).sum(1, keepdim=True)
     distance = (unit - along * picked).norm(dim=1)
@@ -107,7 +108,8 @@ def _near(rows: list[tuple[int, torch.Tensor]], target: torch.Tensor, tolerance:
 
 
 MAX_MEMBERS = 3          # tokens sharing one bin that are told apart
-MAX_COMBINATIONS = 2**14  # known signatures tried per mixture and member solved
+MAX_COMBINATIONS = 2**12  # known signatures tried per mixture and member solved
+MAX_MIXTURES = 2**13      # mixtures resolved per update (a crafted update cannot make the search unbounded)
 
 
 def _atoms(vector: torch.Tensor, table: torch.Tensor, tolerance: float) -> list[int]:
@@ -169,7 +171,7 @@ def _add(entries, position: int, token: int, a: torch.Tensor, tolerance: float) 
 def resolve_mixtures(entries, mixtures, roles: Roles, tolerance: float) -> int:
     """Add the tokens of every mixture whose signatures can be told (see the module docstring);
     ``entries`` ({position: [(token, a)]}) grows in place. Returns how many mixtures were resolved."""
-    decoder, solved, open_ = roles.view.decoder, 0, list(mixtures)
+    decoder, solved, open_ = roles.view.decoder, 0, list(mixtures)[:MAX_MIXTURES]
     for _ in range(3):                              # a resolved mixture can give the predecessor of another
         left = []
         for u_s, members in open_:
@@ -240,19 +242,21 @@ def chains(entries, roles: Roles, positions: int, batch: int | None, tolerance: 
     from the vocabulary."""
     claimed: dict[int, set[int]] = {p: set() for p in range(positions)}
     sequences, filled = [], 0
+    budget = {"pairs": 4 * (batch or 64)}     # vocabulary-pair searches (each V x V): bounded per update
     for top in range(positions - 1, -1, -1):
         for k, (v, a) in enumerate(entries.get(top, [])):
             if k in claimed[top]:
                 continue
             claimed[top].add(k)
-            row, more = _follow(entries, roles, positions, top, v, a, claimed, tolerance)
+            row, more = _follow(entries, roles, positions, top, v, a, claimed, tolerance, budget)
             sequences.append(row)
             filled += more
     return keep(sequences, batch, [f"{len(sequences)} sequence(s) assembled by their running signatures (block 0's "
                                    f"attention); {filled} token(s) missing from the bins found from them"])
 
 
-def _follow(entries, roles: Roles, positions: int, p: int, v: int, here: torch.Tensor, claimed, tolerance: float):
+def _follow(entries, roles: Roles, positions: int, p: int, v: int, here: torch.Tensor, claimed, tolerance: float,
+            budget: dict[str, int]):
     """One chain from (token ``v`` at ``p``, signature ``here``) back to position 0 (or a break)."""
     row, filled = [-1] * positions, 0
     row[p] = v
@@ -279,6 +283,9 @@ def _follow(entries, roles: Roles, positions: int, p: int, v: int, here: torch.T
                 step = (i, found)
                 break
         if step is None:
+            if budget["pairs"] <= 0:
+                break
+            budget["pairs"] -= 1
             jump = _two_missing(entries, roles, p, previous, claimed, tolerance)
             if jump is None:
                 break
@@ -316,15 +323,20 @@ def _two_missing(entries, roles: Roles, p: int, previous: torch.Tensor, claimed,
     claimed yet (the lower fragment of this sequence). Returns (v, w) at the start (p = 2), else
     (entry index at p - 3, (v, w)); None when no pair fits."""
     targets = [(None, p * previous)] if p == 2 else [
-        (i, p * previous - (p - 2) * a) for i, (_, a) in enumerate(entries.get(p - 3, [])) if i not in claimed[p - 3]]
+        (i, p * previous - (p - 2) * a) for i, (_, a) in enumerate(entries.get(p - 3, [])) if i not in claimed[p - 3]][:8]
     first, second = roles.vocabulary(p - 2), roles.vocabulary(p - 1)
     squares = (second ** 2).sum(1)
+    step = max(1, 2**24 // second.shape[0])                  # ~128 MiB of distances at a time
     for i, target in targets:
-        rest = target[None] - first                                        # (V, ks): what w must give
-        distance = (rest ** 2).sum(1)[:, None] + squares[None] - 2 * rest @ second.T
-        v, w = divmod(int(distance.argmin()), second.shape[0])
-        exact = float((first[v] + second[w] - target).norm()) < tolerance * float(target.norm())
-        if exact:
+        best, pair = float("inf"), (0, 0)
+        for start in range(0, first.shape[0], step):
+            rest = target[None] - first[start:start + step]                # what w must give
+            distance = (rest ** 2).sum(1)[:, None] + squares[None] - 2 * rest @ second.T
+            k = int(distance.argmin())
+            if float(distance.flatten()[k]) < best:
+                best, pair = float(distance.flatten()[k]), (start + k // second.shape[0], k % second.shape[0])
+        v, w = pair
+        if float((first[v] + second[w] - target).norm()) < tolerance * float(target.norm()):
             return (v, w) if i is None else (i, (v, w))
     return None
 

@@ -69,7 +69,9 @@ def sequence_last_tokens(view, tensors, rows: torch.Tensor, records, roles, batc
     for k, members in found_in.items():
         eps = float(tensors[f"{block_paths(view, k)['fc_out']}.weight"].reshape(-1, view.width)[0, -1])
         ids = torch.cat([rows[members], torch.zeros(len(members), 1, dtype=torch.long)], 1)   # the last id unused
-        out, derivative = _derivative(view, tensors, ids, k)
+        step = max(1, 2**23 // (ids.shape[1] * view.vocab))          # logits and their tangents, ~128 MiB at a time
+        parts = [_derivative(view, tensors, ids[j:j + step], k) for j in range(0, ids.shape[0], step)]
+        out, derivative = torch.cat([o for o, _ in parts]), torch.cat([d for _, d in parts])
         p = torch.softmax(out.double(), -1)
         pd = (p * derivative).sum(-1)                                             # (R, n)
         alphas = _alphas(members, rows, records, roles, k, pd, derivative, eps, n_targets, tolerance)
