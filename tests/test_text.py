@@ -171,6 +171,12 @@ def test_dager_refuses_when_the_span_fills_the_space():
     lora = tiny("gpt2", lora_rank=8)                  # LoRA rank 8: 11 positions >= 8
     with pytest.raises(AttackNotApplicable, match="LoRA adapters"):
         SpanAttack(lora.module).reconstruct(update_of(lora, load_text(n=1, length=12)))
+    small = tiny("gpt2", width=128)                   # a FedAvg delta of 2 local steps sums spans at 2 weights
+    text = load_text(n=4, length=12)
+    delta = client_update(small.module, text.ids, text.ids, ClientSetup("fedavg", 4, lr=0.1, local_steps=2,
+                                                                         local_batch_size=2), loss="causal_lm")
+    with pytest.raises(AttackNotApplicable, match="2 local steps .* not the gradient of one batch"):
+        SpanAttack(small.module).reconstruct(delta)
 
 
 # ------------------------------------------------------------------ metrics
@@ -207,6 +213,14 @@ def test_cli_attacks_simulated_text_clients_and_a_captured_text_update(tmp_path)
     page = (tmp_path / "run" / "report.html").read_text()
     # every token marked recovered (+1: the legend), none wrong or missing beyond the legend's own example
     assert page.count('class="ok"') == 4 * 12 + 1 and page.count('class="bad"') == page.count('class="miss"') == 1
+    (tmp_path / "run" / "report.html").unlink()                        # gradleak report rebuilds a text run's page
+    assert runner.invoke(app, ["report", str(tmp_path / "run")], catch_exceptions=False).exit_code == 0
+    assert (tmp_path / "run" / "report.html").read_text().count('class="ok"') == 4 * 12 + 1
+    from safetensors.torch import save_file
+
+    save_file({"tokens": torch.full((1, 12), 10**6)}, str(tmp_path / "run" / "reconstruction.safetensors"))
+    hostile = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert hostile.exit_code == 2 and "outside [-1, 3223)" in hostile.output and len(hostile.output.splitlines()) == 1
     update, truth = tmp_path / "u.safetensors", tmp_path / "truth.safetensors"
     result = runner.invoke(app, ["capture", "--out", str(update), "--truth", str(truth), "--n", "3", "--start", "5",
                                  *model], catch_exceptions=False)

@@ -38,11 +38,20 @@ from .errors import ConfigError
 from .residual import Residual
 from .update import SharedUpdate
 
-__all__ = ["AUTO", "CLOSED_FORMS", "PlannedAttack", "plan_attacks", "plan_from_verdicts", "analyze_update",
+__all__ = ["AUTO", "CLOSED_FORMS", "TEXT_CLOSED_FORMS", "is_text_model", "PlannedAttack", "plan_attacks",
+           "plan_from_verdicts", "analyze_update",
            "analysis_batch", "split_options", "weights_loaded", "AutoAttempt", "better_residual"]
 
 AUTO = "auto"
 CLOSED_FORMS = ("fc-bias", "qian", "rgap", "copa")
+TEXT_CLOSED_FORMS = ("dager", "bag-of-words")     # text models: exact token recovery (docs/text.md)
+
+
+def is_text_model(module: nn.Module) -> bool:
+    """A gradleak text model (token ids in): its attacks are the text attacks."""
+    from .text.models import text_task
+
+    return text_task(module) is not None
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,11 @@ def analyze_update(module: nn.Module, update: SharedUpdate, *, num_classes: int,
     shape = tuple(input_shape or update.input_shape or ())
     if not shape:
         raise ConfigError("the input shape is unknown: the analyser cannot run")
+    if is_text_model(module):   # token sequences: the span condition (gradleak.text.analysis)
+        from .text.analysis import text_analysis
+
+        with weights_loaded(module, update.weights):
+            return text_analysis(module, shape[0], batch, loss or update.loss)
     with weights_loaded(module, update.weights):
         return analyze(module, shape, batch, num_classes=num_classes, loss=loss or update.loss,
                        labels_known=labels_known, numeric=numeric)
@@ -106,15 +120,18 @@ def _value(verdict: Any, key: str) -> Any:
     return verdict.get(key) if isinstance(verdict, Mapping) else getattr(verdict, key)
 
 
-def plan_from_verdicts(verdicts: Sequence[Any], update: SharedUpdate,
-                       options: Mapping[str, Any] | None = None) -> tuple[list[PlannedAttack], str]:
+def plan_from_verdicts(verdicts: Sequence[Any], update: SharedUpdate, options: Mapping[str, Any] | None = None, *,
+                       text: bool = False) -> tuple[list[PlannedAttack], str]:
     """The plan from the analyser's per-attack verdicts (``AttackVerdict`` objects or their
-    JSON) for ``update``'s protocol, and a sentence saying why it is what it is."""
+    JSON) for ``update``'s protocol, and a sentence saying why it is what it is. ``text``: the
+    model is a text model (the plan is :func:`_text_plan`'s)."""
     if update.kind == "delta" and update.local_lr is None:
         return [], "the delta's learning rate is unknown: no attack can model its local steps"
     if update.batch_size is None:
         return [], "the number of examples is unknown: no attack knows how many images to reconstruct"
     multi = update.kind == "delta" and update.local_steps > 1
+    if text or any(_value(v, "attack") in TEXT_CLOSED_FORMS for v in verdicts):
+        return _text_plan(verdicts, update, options or {}, multi)
     plan: list[PlannedAttack] = []
     if not multi:
         closed = [v for v in verdicts if _value(v, "attack") in CLOSED_FORMS and _value(v, "applies")]
@@ -132,6 +149,26 @@ def plan_from_verdicts(verdicts: Sequence[Any], update: SharedUpdate,
     return _with_options(plan, options or {}), why
 
 
+def _text_plan(verdicts, update: SharedUpdate, options: Mapping[str, Any], multi: bool):
+    """A text update's plan: the span attack and the bag of words where they apply (exact first),
+    then TAG's gradient matching on a classifier; a sum of local steps is refused, naming why."""
+    if multi:
+        return [], (f"{update.local_steps} local steps: the text attacks invert one gradient (the span of a weight "
+                    "gradient, the rows of the embedding gradient); a sum of steps taken at different weights mixes "
+                    "spans and rows, and gradient matching on token embeddings does not unroll steps")
+    applies = [v for v in verdicts if _value(v, "applies")]
+    plan = [PlannedAttack(_value(v, "attack"), {}, f"{'exact recovery predicted' if _value(v, 'exact') else 'applies'}:"
+                          f" {_value(v, 'reason')}")
+            for wanted in (True, False) for v in applies
+            if _value(v, "attack") in TEXT_CLOSED_FORMS and bool(_value(v, "exact")) is wanted]
+    if any(_value(v, "attack") == "tag" for v in applies):
+        plan.append(PlannedAttack("tag", {}, "gradient matching on token embeddings always applies to a classifier "
+                                             "(approximate)"))
+    why = ("text: " + ", ".join(p.name for p in plan) if plan else
+           "text: no text attack applies to this update (a causal LM whose span attack refuses, or LoRA adapters)")
+    return _with_options(plan, options), why
+
+
 def plan_attacks(module: nn.Module, update: SharedUpdate, *, num_classes: int, labels_known: bool = False,
                  options: Mapping[str, Any] | None = None, numeric: bool = True) -> tuple[list[PlannedAttack], str]:
     """The attacks ``attacks="auto"`` runs on ``update`` (see the module's notes), and why.
@@ -141,7 +178,7 @@ def plan_attacks(module: nn.Module, update: SharedUpdate, *, num_classes: int, l
     if modelled and not (update.kind == "delta" and update.local_steps > 1):
         verdicts = analyze_update(module, update, num_classes=num_classes, labels_known=labels_known,
                                   numeric=numeric).attacks
-    return plan_from_verdicts(verdicts, update, options)
+    return plan_from_verdicts(verdicts, update, options, text=is_text_model(module))
 
 
 def _accepted(name: str) -> set[str]:
@@ -177,11 +214,11 @@ def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
         unknown = sorted(set(values) - _accepted(name))
         if unknown:
             raise ConfigError(f"attacks='auto': attack {name!r} takes no option {unknown[0]!r}")
-    known = set().union(*(_accepted(n) for n in (*CLOSED_FORMS, "inverting-gradients", "fedavg")))
+    runs = (*CLOSED_FORMS, "inverting-gradients", "fedavg", *TEXT_CLOSED_FORMS, "tag")
+    known = set().union(*(_accepted(n) for n in runs))
     unknown = sorted(set(plain) - known)
     if unknown:
-        raise ConfigError(f"attacks='auto': no attack it may run takes option {unknown[0]!r} "
-                          f"({', '.join((*CLOSED_FORMS, 'inverting-gradients', 'fedavg'))})")
+        raise ConfigError(f"attacks='auto': no attack it may run takes option {unknown[0]!r} ({', '.join(runs)})")
     return plain, scoped
 
 

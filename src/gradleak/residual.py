@@ -162,7 +162,7 @@ def simulate_update(model: nn.Module, update: SharedUpdate, images: torch.Tensor
     AttackNotApplicable when the protocol is not known well enough to simulate."""
     params, buffers = _state(model, update)
     ref = next(iter(params.values()))
-    x = (update.data_spec or DataSpec()).normalize(images.to(device=ref.device, dtype=ref.dtype))
+    x = _inputs(update, images, ref)
     y = labels.to(ref.device)
     loss_fn = get_loss(update.loss)
     with _Mode(model, update.mode):
@@ -181,6 +181,33 @@ def simulate_update(model: nn.Module, update: SharedUpdate, images: torch.Tensor
         return {name: (local[name] - params[name]).detach() for name in params}
 
 
+def _inputs(update: SharedUpdate, images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """What the model is fed: images normalised with the update's data spec, token ids as they are."""
+    if not images.is_floating_point():
+        return images.to(ref.device)
+    return (update.data_spec or DataSpec()).normalize(images.to(device=ref.device, dtype=ref.dtype))
+
+
+def _head(model: nn.Module, update: SharedUpdate, images: torch.Tensor, params, buffers):
+    """The classifier layer (a ``LinearTrace``-like: name, has_bias, param) of an image model, or of a
+    text classifier (``score`` of GPT-2, ``classifier`` of BERT, found by name: a probe of random
+    floats is no token sequence)."""
+    from .attacks._layers import LinearTrace, classifier_layer, trace_linear_layers
+
+    if images.is_floating_point():
+        return classifier_layer(trace_linear_layers(model, update.input_shape or tuple(images.shape[1:]), params,
+                                                    buffers))
+    from .text.arch import TransformerView
+
+    view = TransformerView(model)
+    for name in ("score", "classifier"):
+        module = dict(model.named_modules()).get(view.prefix + name)
+        if isinstance(module, nn.Linear):
+            return LinearTrace(view.prefix + name, module.in_features, module.out_features, module.bias is not None,
+                               False, True)
+    return None
+
+
 def solve_labels(model: nn.Module, update: SharedUpdate, images: torch.Tensor) -> torch.Tensor:
     """The labels of ``images`` that explain the classifier layer's gradient, in closed form.
 
@@ -191,10 +218,8 @@ def solve_labels(model: nn.Module, update: SharedUpdate, images: torch.Tensor) -
     rounded to one class per image; for one sigmoid output Y is the 0/1 column. A delta of
     K steps is read as the gradient ``-delta / (lr K)`` (an approximation for K > 1, as the
     attacks' label counting does). Raises AttackNotApplicable without a linear classifier layer."""
-    from .attacks._layers import classifier_layer, trace_linear_layers
-
     params, buffers = _state(model, update)
-    head = classifier_layer(trace_linear_layers(model, update.input_shape or tuple(images.shape[1:]), params, buffers))
+    head = _head(model, update, images, params, buffers)
     if head is None:
         raise AttackNotApplicable("no linear classifier layer produces the output: the labels cannot be solved",
                                   condition="a linear classifier layer")
@@ -205,7 +230,7 @@ def solve_labels(model: nn.Module, update: SharedUpdate, images: torch.Tensor) -
     else:
         raise AttackNotApplicable("the delta's learning rate is unknown", condition="FedAvg learning rate known")
     ref = next(iter(params.values()))
-    x = (update.data_spec or DataSpec()).normalize(images.to(device=ref.device, dtype=ref.dtype))
+    x = _inputs(update, images, ref)
     features: dict[str, torch.Tensor] = {}
     handle = dict(model.named_modules())[head.name].register_forward_hook(
         lambda module, inputs, output: features.__setitem__("h", inputs[0]))
@@ -215,7 +240,10 @@ def solve_labels(model: nn.Module, update: SharedUpdate, images: torch.Tensor) -
     finally:
         handle.remove()
     B = x.shape[0]
-    h = features["h"].reshape(B, -1).double()
+    h = features["h"]
+    if h.dim() == 3:       # GPT-2's score reads every position; the loss, the last one (no padding in gradleak's text)
+        h = h[:, -1]
+    h = h.reshape(B, -1).double()
     binary = update.loss == "binary_cross_entropy"
     p = torch.sigmoid(logits.reshape(B, 1)).double() if binary else logits.double().softmax(-1)
     g = gradient[head.param("weight")].double().reshape(p.shape[1], -1)
@@ -231,6 +259,8 @@ def solve_labels(model: nn.Module, update: SharedUpdate, images: torch.Tensor) -
 
 def _labels(model, update, images, labels) -> tuple[torch.Tensor, str]:
     n = images.shape[0]
+    if update.loss == "causal_lm":          # a language model's targets are its own tokens
+        return images, "own-token"
     if labels is not None and labels.numel() == n:
         return labels.reshape(-1), "reconstruction"
     if update.labels is not None and update.labels.numel() == n:
@@ -248,7 +278,14 @@ def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor
     if images is None or images.ndim < 2 or images.shape[0] == 0:
         return Residual(None, batch_size=batch, reason="no image reconstructed")
     n = int(images.shape[0])
-    if not bool(torch.isfinite(images).all()):
+    if not images.is_floating_point():      # token ids (a text attack)
+        if update.input_shape and tuple(images.shape[1:]) != tuple(update.input_shape):
+            return Residual(None, images=n, batch_size=batch, reason="no sequences of the update's length (a token "
+                                                                   "set?)")
+        if bool((images < 0).any()):
+            return Residual(None, images=n, batch_size=batch, reason="some token positions were not recovered: the "
+                                                                   "update cannot be re-simulated")
+    elif not bool(torch.isfinite(images).all()):
         return Residual(math.inf, images=n, batch_size=batch, reason="the reconstruction holds NaN or infinite values")
     try:
         y, source = _labels(model, update, images, labels)
@@ -277,7 +314,10 @@ def reconstruction_residual(model: nn.Module, update: SharedUpdate, reconstructi
     update as ``threat`` (a :class:`~gradleak.threat.ThreatModel`) lets the attacker see it:
     labels the attacker was not granted are never used."""
     observed = threat.observe(update) if threat is not None else update
-    return update_residual(model, observed, reconstruction.images, reconstruction.labels)
+    inputs = reconstruction.images
+    if inputs is None and getattr(reconstruction, "tokens", None) is not None:   # text: the recovered token ids
+        inputs = reconstruction.tokens
+    return update_residual(model, observed, inputs, reconstruction.labels)
 
 
 def residual_summary(residuals: list[Residual]) -> dict[str, Any]:

@@ -192,6 +192,10 @@ def rebuild_report(run_dir: str | Path) -> Path:
     """Regenerate grid.png, curves.png and report.html from a run folder's stored files
     (validated by :func:`load_run` first)."""
     run_dir = Path(run_dir)
+    if _is_text_run(run_dir):      # token ids: gradleak.text.runs rebuilds its page
+        from .text.runs import rebuild_text_report
+
+        return rebuild_text_report(run_dir)
     reconstruction, tensors, metrics = load_run(run_dir)
     scores = None
     if "per_image" in metrics:
@@ -200,6 +204,25 @@ def rebuild_report(run_dir: str | Path) -> Path:
     for name in ("grid.png", "curves.png"):  # not redrawn (no images): the page would embed what is there
         _check_picture(run_dir / name)
     return write_html_report(run_dir)
+
+
+def _is_text_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a text run (its reconstruction file stores token ids, not images)."""
+    import json
+
+    from ._containers import MAX_HEADER
+    from ._runfiles import _run_folder
+    path = _run_folder(run_dir) / "reconstruction.safetensors"
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):   # a link, a FIFO: never opened here (load_run refuses it)
+            return False
+        with open(path, "rb") as handle:         # the header's names only; load_run checks the whole file
+            length = int.from_bytes(handle.read(8), "little")
+            head = handle.read(length) if length <= MAX_HEADER else b""
+        names = set(json.loads(head.decode("utf-8")))
+    except (OSError, ValueError, UnicodeDecodeError, TypeError):
+        return False                             # not a text run; load_run says what is wrong
+    return not ({"images", "originals"} & names) and bool({"tokens", "true_tokens"} & names)
 
 
 def _check_picture(path: Path) -> None:

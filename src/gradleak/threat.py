@@ -125,12 +125,12 @@ def sok_threat_model(threat: "ThreatModel", attack: Any = None) -> dict[str, str
     surrogate = bool(getattr(attack, "surrogate_data", False))
     details = bool(getattr(attack, "training_details", False))
     if threat.server == "malicious":
-        letter, why = ("G", "a malicious server with public images") if surrogate else \
+        letter, why = ("G", "a malicious server with public data") if surrogate else \
             ("F", "a malicious server changing the model it sends")
     elif threat.bn_statistics:
         letter, why = "E", "the clients' BatchNorm statistics are granted"
     elif surrogate:
-        letter, why = "D", "the attack uses public images"
+        letter, why = "D", "the attack uses public data"
     elif threat.labels_known or details:
         letter, why = "C", ("the labels are granted" if threat.labels_known else
                             "the attack uses the clients' local training schedule")

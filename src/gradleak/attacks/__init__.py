@@ -12,6 +12,7 @@
 - :mod:`.text_tokens`: text, the bag of words from the embedding gradient (``bag-of-words``).
 - :mod:`.text_matching`: text, gradient matching on token embeddings (``tag``, ``lamp``) through the engine.
 - :mod:`.april`: APRIL's closed form for Vision Transformers (``april``).
+- :mod:`.decepticons`: text, a malicious server corrupting a transformer's parameters (``decepticons``, Fowl et al. 2022).
 """
 
 from .analytic import FCBiasInversion, FCInversion, fc_bias_inversion
@@ -27,6 +28,7 @@ from .text_tokens import BagOfWords
 from .text_matching import LAMP, TAG
 from .april import AprilInversion
 from .malicious import ClassFishing, ImprintAttack, ImprintedModel, MaliciousAttack, TrapWeights, imprint_cuts, imprint_inversion
+from .decepticons import Decepticons
 
 __all__ = [
     "ATTACKS", "Attack", "Reconstruction", "get_attack", "register_attack",
@@ -34,5 +36,5 @@ __all__ = [
     "GradientMatching", "MatchingConfig", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion", "GradInversion",
     "QianInversion", "qian_batch_inversion", "qian_cnn_condition", "RGAP", "rank_analysis", "rgap_last_layer",
     "rgap_layer", "COPA", "copa_layer", "copa_security",
-    "SpanAttack", "BagOfWords", "TAG", "LAMP", "AprilInversion", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing",
+    "SpanAttack", "BagOfWords", "TAG", "LAMP", "AprilInversion", "MaliciousAttack", "ImprintAttack", "ImprintedModel", "imprint_cuts", "imprint_inversion", "TrapWeights", "ClassFishing", "Decepticons",
 ]

@@ -66,21 +66,26 @@ def analyze(
 
 def _analyze_text(spec, shape: tuple[int, ...], batch_size: int, num_classes: int, as_json: bool) -> None:
     from ..errors import ConfigError
-    from ..text.analysis import text_report
+    from ..text.analysis import text_malicious, text_report
 
     if len(shape) != 1:
         raise ConfigError(f"--input-shape: a text model takes the sequence length (e.g. 32), got {shape}")
     built = spec.build(shape, num_classes)
     rows = text_report(built.module, batch_size, shape[0], built.loss)
+    malicious = text_malicious(built.module, batch_size, shape[0], built.loss)
     if as_json:
-        print(json.dumps({"model": spec.name, "batch_size": batch_size, "length": shape[0], "attacks": rows}, indent=2))
+        print(json.dumps({"model": spec.name, "batch_size": batch_size, "length": shape[0], "attacks": rows,
+                          "malicious": malicious}, indent=2), file=stdout())
         return
     table = Table(title=f"{spec.label}: {batch_size} sequence(s) of {shape[0]} tokens")
     for column in ("attack", "applies", "exact", "why"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["attack"], "yes" if row["applies"] else "no", "yes" if row["exact"] else "no", row["why"])
-    Console().print(table)
+    for row in malicious:
+        table.add_row(f"{row['attack']} (malicious server)", "yes" if row["applies"] else "no",
+                      "yes" if row["exact"] else "no", row["why"])
+    Console(file=stdout()).print(table)
 
 
 @app.command("list")

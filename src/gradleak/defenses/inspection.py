@@ -13,6 +13,11 @@ and its own batch, before it computes anything it would send:
   layers of 16 to 1,000 units on faces); the threshold 0.25 catches traps up to rate 0.2.
 - **fishing** (Wen et al.): a classifier layer whose rows are zero for every class but the
   target. No initialisation, and no trained model in practice, has a row of exact zeros.
+- **corrupted transformer** (Decepticons, Fowl et al.): feed-forward layers whose units all
+  measure one direction (the imprint, moved into the transformer), attentions with zero queries
+  and keys (uniform attention writing a sequence signature), a token embedding with coordinates
+  that are zero for every token. Honest initialisations and trained transformers have none of
+  these (``benchmarks/inspection_text.py``).
 
 ``inspect_model`` returns the findings in words; the ``inspect-model`` defense refuses to
 train (no update is sent) when there are any. Thresholds and their false-positive rates on
@@ -29,7 +34,7 @@ from torch import nn
 from ..errors import AttackNotApplicable
 from .base import Defense, positive, register_defense
 
-__all__ = ["inspect_model", "ModelInspection", "ClientRefused"]
+__all__ = ["inspect_model", "transformer_findings", "ModelInspection", "ClientRefused"]
 
 
 class ClientRefused(AttackNotApplicable):
@@ -64,13 +69,50 @@ def _duplicate_rows(weight: torch.Tensor, cosine: float) -> int:
     return int((similarity > cosine).any(dim=1).sum())
 
 
+def transformer_findings(model: nn.Module, *, max_duplicate_fraction: float = 0.1, cosine: float = 0.99) -> list[str]:
+    """Findings about a text model (GPT-2, BERT) the client received: feed-forward layers whose units
+    duplicate one direction (Decepticons' imprint), attentions whose queries and keys are zero
+    (uniform attention: its sequence signature), a token embedding with coordinates that are zero
+    for every token (tokens and positions in separate coordinates)."""
+    from ..attacks._decepticons_model import block_paths, embedding_paths, weight_in_out
+    from ..text.arch import TransformerView
+
+    view = TransformerView(model)
+    findings = []
+    for k in range(view.layers):
+        paths = block_paths(view, k)
+        units = weight_in_out(model.get_submodule(paths["fc_in"])).detach().T      # (units, in)
+        duplicates = _duplicate_rows(units, cosine)
+        if duplicates > max_duplicate_fraction * units.shape[0]:
+            findings.append(f"block {k}'s feed-forward layer: {duplicates} of {units.shape[0]} units measure the same "
+                            "direction as another (an imprint: Decepticons?)")
+        if view.decoder:
+            qk = weight_in_out(model.get_submodule(paths["qkv"])).detach()[:, : 2 * view.width]
+        else:
+            qk = torch.cat([model.get_submodule(paths[p]).weight.detach() for p in ("query", "key")])
+        if not bool(qk.abs().max() > 0):
+            findings.append(f"block {k}'s attention: queries and keys are zero, every token attends uniformly (a "
+                            "sequence signature: Decepticons?)")
+    table = model.get_submodule(embedding_paths(view)["token"]).weight.detach()
+    zero = int((table == 0).all(dim=0).sum())
+    if zero > 0.1 * table.shape[1]:
+        findings.append(f"token embedding: {zero} of {table.shape[1]} coordinates are zero for every token (tokens "
+                        "and positions kept in separate coordinates: Decepticons?)")
+    return findings
+
+
 def inspect_model(model: nn.Module, inputs: torch.Tensor, *, max_duplicate_fraction: float = 0.1,
                   min_firing_rate: float = 0.25, cosine: float = 0.99) -> list[str]:
     """Findings (empty: nothing suspicious) about ``model`` on the client's ``inputs`` (as
     the model sees them, i.e. normalized): fully connected layers fed the input with more
     than ``max_duplicate_fraction`` of their rows duplicating another's direction (imprint),
     or whose units fire for less than ``min_firing_rate`` of the inputs on average (traps), and
-    a classifier layer with rows of zeros (fishing)."""
+    a classifier layer with rows of zeros (fishing). A text model (token ids in) is checked by
+    :func:`transformer_findings`."""
+    from ..text.models import text_task
+
+    if text_task(model) is not None:
+        return transformer_findings(model, max_duplicate_fraction=max_duplicate_fraction, cosine=cosine)
     findings = []
     for name, layer in _input_layers(model, tuple(inputs.shape[1:])):
         duplicates = _duplicate_rows(layer.weight, cosine)
@@ -96,7 +138,8 @@ def inspect_model(model: nn.Module, inputs: torch.Tensor, *, max_duplicate_fract
 @register_defense
 @dataclass(frozen=True)
 class ModelInspection(Defense):
-    """The client inspects the model it received (imprint modules, trap weights, fishing) and refuses
+    """The client inspects the model it received (imprint modules, trap weights, fishing; a corrupted
+    transformer for text models) and refuses
     to train on a manipulated one: no update is sent. Parameters: ``max_duplicate_fraction``
     (rows of an input layer allowed to share a direction), ``min_firing_rate`` (average
     fraction of a first layer's units firing on the client's inputs)."""
@@ -105,8 +148,8 @@ class ModelInspection(Defense):
     min_firing_rate: float = 0.25
 
     name = "inspect-model"
-    paper = ("the client's check against Fowl et al. 2022 (imprint), Boenisch et al. 2023 (trap weights) and "
-             "Wen et al. 2022 (fishing)")
+    paper = ("the client's check against Fowl et al. 2022 (imprint), Boenisch et al. 2023 (trap weights), "
+             "Wen et al. 2022 (fishing) and Fowl et al. 2023 (Decepticons)")
     stage = "client"
 
     def __post_init__(self):

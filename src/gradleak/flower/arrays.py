@@ -102,7 +102,19 @@ def delta_update(global_tensors: Mapping[str, torch.Tensor], local_tensors: Mapp
         local_lr=protocol.lr, local_epochs=protocol.epochs, local_batch_size=local_batch, loss=built.loss,
         weights=weights, buffers=buffers, parameters=params, input_shape=tuple(built.input_shape),
         data_spec=data_spec, model=built.description(), mode=protocol.mode or built.spec.mode,
-        extra={"flower": {"protocol": protocol.to_json(), **dict(extra or {})}})
+        extra={"flower": {"protocol": protocol.to_json(), **dict(extra or {})}, **_text_extra(built)})
+
+
+def _text_extra(built: BuiltModel) -> dict[str, Any]:
+    """A text model's update says what its inputs are (as a text client's does; never the tokens), so a
+    captured file is attacked as text by ``gradleak attack``."""
+    from ..text.models import text_task
+
+    task = text_task(built.module)
+    if task is None:
+        return {}
+    vocab = int(built.module.net.config.vocab_size)
+    return {"text": {"length": int(built.input_shape[0]), "vocab_size": vocab, "tokenizer_sha256": None, "task": task}}
 
 
 def arrays_from_tensors(template: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:

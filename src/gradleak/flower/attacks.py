@@ -56,6 +56,7 @@ class AttackOutcome:
     reconstruction: Reconstruction | None = None
     reason: str = ""
     saved: str | None = None
+    text: dict[str, float] | None = None     # a text attack scored against the true tokens: ROUGE, exact sequences
 
     @property
     def certified(self) -> bool:
@@ -82,7 +83,7 @@ class AttackOutcome:
                 "seconds": round(self.seconds, 3), "residual": None if self.residual is None else self.residual.to_json(),
                 "certified": self.certified, "psnr": self.psnr, "psnr_mean": self.psnr_mean,
                 "ssim": self.ssim, "ssim_mean": self.ssim_mean, "label_accuracy": self.label_accuracy,
-                "reason": self.reason, "reconstruction": self.saved, "notes": list(self.notes)}
+                "reason": self.reason, "reconstruction": self.saved, "notes": list(self.notes), "text": self.text}
 
 
 def parse_attacks(attacks: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -145,15 +146,21 @@ def run_attack(name: str, options: Mapping[str, Any], built: BuiltModel, update:
         attack = make_attack(name, built.module, threat, _options(name, options, time_budget))
         update = update.validate_for(built.module).to(dtype=built.dtype, device=built.device)
         images = labels = None
-        if truth is not None:
-            images, labels = truth[0].to(device=built.device, dtype=built.dtype), truth[1].to(built.device)
-        rec, (outcome.residual,) = attack_with_residuals(attack, [update], truths=None if images is None else [images],
+        if truth is not None:   # images (scored by PSNR) or token ids (by ROUGE)
+            images = truth[0].to(built.device)
+            labels = None if truth[1] is None else truth[1].to(built.device)
+            images = images.to(built.dtype) if images.is_floating_point() else images
+        monitored = images is not None and images.is_floating_point()     # PSNR curves: images only
+        rec, (outcome.residual,) = attack_with_residuals(attack, [update], truths=[images] if monitored else None,
                                                          quiet=True)
         outcome.notes = [str(n) for n in rec.notes][:20]
         outcome.reconstruction = Reconstruction(None if rec.images is None else rec.images.detach().cpu(),
                                                 None if rec.labels is None else rec.labels.detach().cpu(),
-                                                attack=rec.attack)
-        if images is not None and rec.images is not None and rec.images.shape[1:] == images.shape[1:]:
+                                                attack=rec.attack,
+                                                tokens=None if rec.tokens is None else rec.tokens.detach().cpu())
+        if images is not None and rec.tokens is not None and not images.is_floating_point():
+            outcome.text = _text_scores(rec.tokens, images)
+        elif images is not None and rec.images is not None and rec.images.shape[1:] == images.shape[1:]:
             scores = score(rec.images, images, predicted_labels=rec.labels, true_labels=labels, use_lpips=False)
             rows = sorted(scores.per_image, key=lambda r: r["index"])
             outcome.psnr = [None if r["psnr"] is None else float(r["psnr"]) for r in rows]  # None: not recovered
@@ -169,6 +176,16 @@ def run_attack(name: str, options: Mapping[str, Any], built: BuiltModel, update:
         outcome.status, outcome.message = "failed", f"{type(error).__name__}: {one_line(error, 300)}"
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _text_scores(tokens: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """ROUGE-1/2, token accuracy and exact sequences of recovered token ids against the true ones (the
+    built-in tokenizer decodes them for ROUGE)."""
+    from ..text.corpus import load_tokenizer
+    from ..text.metrics import score_text
+
+    summary = score_text(tokens.cpu(), truth.cpu(), load_tokenizer()).summary
+    return {k: float(summary[k]) for k in ("rouge1", "rouge2", "token_accuracy", "exact_rate", "token_set_recall")}
 
 
 def best_psnr(outcomes: Sequence[AttackOutcome]) -> float | None:
@@ -204,7 +221,9 @@ def run_auto(options: Mapping[str, Any], built: BuiltModel, update: SharedUpdate
         plan, why = plan_attacks(built.module, observed, num_classes=built.num_classes,
                                  labels_known=threat.labels_known, options=options)
     else:
-        plan, why = plan_from_verdicts(verdicts, observed, options)
+        from ..auto import is_text_model
+
+        plan, why = plan_from_verdicts(verdicts, observed, options, text=is_text_model(built.module))
     if not plan:
         return [AttackOutcome(AUTO, "skipped", why)]
     outcomes = []

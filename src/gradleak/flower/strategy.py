@@ -283,8 +283,8 @@ class LeakageAuditStrategy(Strategy):
             return None
         if truth is None:
             return None
-        images, labels = truth
-        return images.detach().cpu(), labels.detach().cpu()
+        images, labels = truth     # images, or a text client's token ids (labels None for a language model)
+        return images.detach().cpu(), None if labels is None else labels.detach().cpu()
 
     def _capture(self, record: AuditRecord) -> None:
         if self.capture_dir is None or record.update is None:
@@ -295,7 +295,11 @@ class LeakageAuditStrategy(Strategy):
         path = update_path(self.capture_dir, record.server_round, record.node_id)
         save_update(record.update, path)
         record.capture = str(path)
-        if record.truth is not None:
+        if record.truth is not None and not record.truth[0].is_floating_point():   # a text client's token ids
+            from ..text.pipeline import save_text_truth
+
+            save_text_truth(path.with_suffix(".truth.safetensors"), record.truth[0])
+        elif record.truth is not None:
             save_truth(path.with_suffix(".truth.safetensors"), *record.truth)
 
     def _keep(self, record: AuditRecord) -> None:

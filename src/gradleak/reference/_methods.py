@@ -91,7 +91,7 @@ def _facts(cls: type) -> list[str]:
               f"needs `ThreatModel(server=\"malicious\")`)") if _is_malicious(cls) else "honest but curious"
     rows = [("class", code(f"{cls.__module__}.{cls.__qualname__}")), ("family", code(family)),
             ("paper", cls.paper), ("valid when", cls.conditions), ("server", server)]
-    uses = [what for flag, what in (("surrogate_data", "public images from the clients' distribution"),
+    uses = [what for flag, what in (("surrogate_data", "public data (images, text) from the clients' distribution"),
                                     ("training_details", "the clients' local training schedule"))
             if getattr(cls, flag, False) is True]
     if uses:

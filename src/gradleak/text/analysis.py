@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["span_condition", "text_report"]
+__all__ = ["span_condition", "text_report", "text_analysis", "text_malicious"]
 
 
 def span_condition(model: nn.Module, batch: int, length: int, loss: str) -> dict[str, Any]:
@@ -76,3 +76,42 @@ def text_report(model: nn.Module, batch: int, length: int, loss: str) -> list[di
                      "why": "optimisation on token embeddings: approximate, no guarantee" if ok else
                      "matches a classifier's gradient; a causal LM's targets are its text"})
     return rows
+
+
+def text_malicious(model: nn.Module, batch: int, length: int, loss: str) -> list[dict[str, Any]]:
+    """What a malicious server gets from ``model`` (the SoK's threat model G): Decepticons' corrupted
+    parameters, with the expected number of tokens alone in a bin (exact)."""
+    from .arch import TransformerView
+    from .lora import is_lora
+
+    view = TransformerView(model)
+    blocks = view.layers if loss == "causal_lm" else view.layers - 1
+    if is_lora(model) or blocks < 1:
+        why = ("only the LoRA adapters train: no feed-forward layer shares a gradient" if is_lora(model) else
+               "a classifier of one block: no attention after its feed-forward layer carries the loss to every position")
+        return [{"attack": "decepticons", "applies": False, "exact": False, "why": why}]
+    hidden = int(view.hf.config.n_inner or 4 * view.width) if view.decoder else int(view.hf.config.intermediate_size)
+    bins = blocks * (hidden - 1)
+    tokens = batch * (length - 1 if loss == "causal_lm" else length)
+    alone = tokens * (1 - 1 / bins) ** (tokens - 1)
+    return [{"attack": "decepticons", "applies": True, "exact": True,
+             "why": f"about {alone:.1f} of {tokens} tokens alone in one of its {bins:,} bins ({blocks} feed-forward "
+                    f"layers of {hidden} units), each exactly, with its position and its sequence; two or three sharing "
+                    "a bin are told apart by their sequences (fewer distinct inputs, shared prefixes, only help)"}]
+
+
+def text_analysis(model: nn.Module, length: int, batch: int, loss: str):
+    """:func:`text_report` as the analyser's :class:`~gradleak.analysis.LeakageReport` (what
+    ``attacks="auto"`` and the Flower audit's explanations read): one verdict per text attack."""
+    from ..analysis.analyzer import AttackVerdict, LeakageReport
+
+    verdicts = [AttackVerdict(r["attack"], bool(r["applies"]), bool(r["exact"]), r["why"])
+                for r in text_report(model, batch, length, loss)]
+    exact = [v for v in verdicts if v.exact]
+    verdict = "EXACT RECOVERY PREDICTED" if exact else "NO EXACT CLOSED-FORM RECOVERY"
+    reasons = [f"{v.attack}: {v.reason}" for v in exact] or [
+        "no exact text attack's conditions hold; gradient matching on token embeddings may still approximate"]
+    malicious = [AttackVerdict(r["attack"], bool(r["applies"]), bool(r["exact"]), r["why"])
+                 for r in text_malicious(model, batch, length, loss)]
+    return LeakageReport(type(model).__name__, (int(length),), int(batch), [], verdicts, verdict, reasons,
+                         malicious=malicious)

@@ -120,7 +120,9 @@ def text_audit_from_mapping(raw: Any, path: str | Path) -> TextAuditConfig:
     for a in attacks:
         get_attack(a["name"])
     defenses = [str(d) for d in (raw.get("defenses") or ["none"])]
-    make_defenses([d for d in defenses if d != "none"])
+    for entry in defenses:       # each entry is one cell's defense, checked alone
+        if entry != "none":
+            make_defenses([entry])
     sizes = raw.get("batch_sizes") or [1]
     if not isinstance(sizes, list):
         raise ConfigError(f"batch_sizes: a list of integers, got {short_repr(sizes)}")
@@ -154,7 +156,7 @@ def _cells(config: TextAuditConfig) -> list[dict[str, Any]]:
 def _run_cell(cell: dict[str, Any], folder: Path, quiet: bool) -> dict[str, Any]:
     from ..client import ClientSetup
     from ..models import ModelSpec
-    from .analysis import text_report
+    from .analysis import text_malicious, text_report
     from .pipeline import attack_text
 
     model = cell["model"]
@@ -173,7 +175,8 @@ def _run_cell(cell: dict[str, Any], folder: Path, quiet: bool) -> dict[str, Any]
         record.update(status="refused", reason=str(error), condition=error.condition)
     record["seconds"] = round(time.perf_counter() - started, 2)
     built = spec.build((cell["data"]["length"],), 2)     # the analyser's prediction, from the architecture alone
-    rows = {r["attack"]: r for r in text_report(built.module, cell["batch"], cell["data"]["length"], built.loss)}
+    rows = {r["attack"]: r for r in [*text_report(built.module, cell["batch"], cell["data"]["length"], built.loss),
+                                     *text_malicious(built.module, cell["batch"], cell["data"]["length"], built.loss)]}
     record["prediction"] = rows.get(cell["attack"]["name"])
     return record
 

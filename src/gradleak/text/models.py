@@ -59,13 +59,21 @@ class CausalLM(nn.Module):
         self.net = net
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.net(**_inputs(ids), use_cache=False).logits
+        return self.net(**_inputs(self.net, ids), use_cache=False).logits
 
 
-def _inputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _inputs(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Token ids (B, n) as ``input_ids``; a float tensor (B, n, d) as ``inputs_embeds``: the
-    continuous token embeddings the gradient-matching attacks (TAG, LAMP) optimise."""
-    return {"inputs_embeds": x} if x.is_floating_point() else {"input_ids": x}
+    continuous token embeddings the gradient-matching attacks (TAG, LAMP) optimise. Position ids
+    (and BERT's segment ids) are given per example, (B, n), as the model would broadcast them from
+    (1, n): the same values, but every example's embedding lookups are its own, which per-example
+    gradients need (Opacus's DP-SGD reads each layer's input batch by batch)."""
+    batch, length = x.shape[0], x.shape[1]
+    inputs = {"inputs_embeds": x} if x.is_floating_point() else {"input_ids": x}
+    inputs["position_ids"] = torch.arange(length, device=x.device).expand(batch, length)
+    if getattr(net.config, "model_type", None) == "bert":
+        inputs["token_type_ids"] = torch.zeros((batch, length), dtype=torch.long, device=x.device)
+    return inputs
 
 
 class SequenceClassifier(nn.Module):
@@ -78,8 +86,8 @@ class SequenceClassifier(nn.Module):
         self.net = net
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.net(**_inputs(ids), use_cache=False).logits if _takes_cache(self.net) else \
-            self.net(**_inputs(ids)).logits
+        return self.net(**_inputs(self.net, ids), use_cache=False).logits if _takes_cache(self.net) else \
+            self.net(**_inputs(self.net, ids)).logits
 
 
 def _takes_cache(net: nn.Module) -> bool:

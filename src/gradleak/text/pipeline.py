@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..attacks.malicious import MaliciousAttack
 from ..client import ClientSetup
 from ..errors import ConfigError
 from ..models import ModelSpec
@@ -52,6 +53,25 @@ def text_updates(built, ids: torch.Tensor, labels: torch.Tensor, setup: ClientSe
     for d in served:
         d.update = replace(d.update, extra={**dict(d.update.extra), "text": meta})
     return served
+
+
+def vocab_of(module) -> int | None:
+    size = getattr(getattr(getattr(module, "net", None), "config", None), "vocab_size", None)
+    return None if size is None else int(size)
+
+
+def public_text(length: int, tokenizer, vocab: int | None, n: int = 64) -> torch.Tensor | None:
+    """What a malicious server has of the clients' kind of text: up to ``n`` sequences of ``length``
+    tokens from the built-in corpus's **train** topics (never the held-out ones the clients hold), or
+    None when the corpus has none that long or its tokens do not fit the model's vocabulary."""
+    from ..errors import DataError
+
+    try:
+        available = len(load_text("corpus-train", n=None, length=length, tokenizer=tokenizer))
+        text = load_text("corpus-train", n=min(n, available), length=length, tokenizer=tokenizer)
+    except DataError:
+        return None
+    return None if vocab is not None and int(text.ids.max()) >= vocab else text.ids
 
 
 def check_vocabulary(module, ids: torch.Tensor) -> None:
@@ -112,14 +132,20 @@ def attack_text(attack: str, out: str | Path, *, data: str = "corpus", n: int = 
     check_vocabulary(built.module, text.ids)
     ids, labels = text.ids.to(built.device), text.labels.to(built.device)
     setup = client or ClientSetup(seed=spec.seed)
-    served = text_updates(built, ids, labels, setup, defenses, tokenizer)
+    threat = threat or ThreatModel(labels_known=setup.share_labels)
+    attacker = make_attack(attack, built.module, threat, dict(options or {}))
+    sent = built
+    if isinstance(attacker, MaliciousAttack):   # the clients train on the model the server sends
+        threat = replace(threat, server="malicious")
+        attacker = make_attack(attack, built.module, threat, dict(options or {}))
+        module = attacker.serve(built.module, (length,), public_text(length, tokenizer, vocab_of(built.module)))
+        sent = replace(built, module=module)
+    served = text_updates(sent, ids, labels, setup, defenses, tokenizer)
     updates = [d.update for d in served]
     out = Path(out)
     if save_updates:
         for k, update in enumerate(updates):
             save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
-    threat = threat or ThreatModel(labels_known=setup.share_labels)
-    attacker = make_attack(attack, built.module, threat, dict(options or {}))
     reconstruction = attack_updates(attacker, updates, quiet=quiet)
     kept = [i for d in served[: reconstruction.updates] for i in d.indices]
     config = {"data": {"name": text.name, "n": n, "length": length, "start": start, "vocab_size": vocab},

@@ -26,7 +26,10 @@ from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..attacks.base import Reconstruction
 from .metrics import TextScores, match_sequences, score_text
 
-__all__ = ["TextRunResult", "write_text_run", "render_text_report", "load_text_truth"]
+__all__ = ["TextRunResult", "write_text_run", "render_text_report", "load_text_truth", "TEXT_RUN_TENSORS",
+           "rebuild_text_report"]
+
+TEXT_RUN_TENSORS = ("tokens", "true_tokens")
 
 _CSS = """
 .seq { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .86rem;
@@ -124,3 +127,56 @@ def load_text_truth(path: str | Path) -> torch.Tensor:
     if ids is None or ids.ndim != 2 or ids.dtype != torch.int64:
         raise DataError(f"truth file {str(path)!r}: no (B, n) int64 entry 'true_tokens' (write it with capture --truth)")
     return ids
+
+
+def _token_rows(path: Path, name: str, value: torch.Tensor, vocab: int, unrecovered: bool) -> torch.Tensor:
+    """A stored (B, n) int64 tensor of token ids in the vocabulary (-1 allowed where not recovered)."""
+    from ..data._files import quote
+    from ..errors import DataError
+
+    if value.dtype != torch.int64 or value.ndim != 2:
+        raise DataError(f"run file {quote(path)}: entry {name!r} must be (sequences, length) int64, got "
+                        f"{str(value.dtype).replace('torch.', '')} {tuple(value.shape)}")
+    low = -1 if unrecovered else 0
+    if value.numel() and (int(value.min()) < low or int(value.max()) >= vocab):
+        raise DataError(f"run file {quote(path)}: entry {name!r} holds ids outside [{low}, {vocab}) (the built-in "
+                        "tokenizer's vocabulary)")
+    return value
+
+
+def rebuild_text_report(run_dir: str | Path) -> Path:
+    """Rescore and rewrite ``report.html`` of a text run folder from its stored token ids
+    (``gradleak report RUN``), every file checked and bounded first; decoded with the built-in
+    tokenizer (a run made with another tokenizer is refused if its ids do not fit it)."""
+    from .._runfiles import MAX_RUN_JSON_BYTES, MAX_RUN_TENSOR_BYTES, _run_folder
+    from ..data._files import quote, read_json, read_safetensors
+    from ..errors import DataError
+    from .corpus import load_tokenizer
+
+    run_dir = _run_folder(run_dir)
+    tensor_file = run_dir / "reconstruction.safetensors"
+    tensors = read_safetensors(tensor_file, "run file", MAX_RUN_TENSOR_BYTES)
+    unknown = sorted(set(tensors) - set(TEXT_RUN_TENSORS))
+    if unknown:
+        raise DataError(f"run file {quote(tensor_file)}: entry {unknown[0]!r} is not one of a text run's "
+                        f"({', '.join(TEXT_RUN_TENSORS)})")
+    tokenizer = load_tokenizer()
+    vocab = tokenizer.get_vocab_size()
+    recovered = tensors.get("tokens")
+    recovered = None if recovered is None else _token_rows(tensor_file, "tokens", recovered, vocab, True)
+    truth = tensors.get("true_tokens")
+    truth = None if truth is None else _token_rows(tensor_file, "true_tokens", truth, vocab, False)
+    documents = {}
+    for name in ("config.json", "metrics.json"):
+        value = read_json(run_dir / name, "run file", MAX_RUN_JSON_BYTES) if (run_dir / name).exists() else {}
+        if not isinstance(value, dict):
+            raise DataError(f"run file {quote(run_dir / name)}: must hold a JSON object")
+        documents[name] = value
+    notes = documents["metrics.json"].get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise DataError(f"run file {quote(run_dir / 'metrics.json')}: entry 'notes' must be a list of strings")
+    scores = None if truth is None or recovered is None else score_text(recovered, truth, tokenizer)
+    config = documents["config.json"]
+    page = render_text_report(f"gradleak text run: {config.get('attack', '')}", scores, recovered, truth, tokenizer,
+                              config, notes)
+    return atomic_write_text(run_dir / "report.html", page)
