@@ -103,6 +103,19 @@ def test_vmapped_restarts_equal_looped_restarts(lenet, photos):
     assert "vmap" in " ".join(runs["vmap"].notes) and set(runs["loop"].history) == {"loss[0]", "loss[1]", "loss[2]"}
 
 
+def test_eval_mode_batch_norm_restarts_run_under_vmap_and_equal_the_loop(photos):
+    """Eval-mode BatchNorm is a fixed affine map: restarts batch under vmap (train mode refuses)."""
+    model = build_model("convnet", (3, 32, 32), 10, width=4).eval()
+    update = fedsgd_update(model, photos.images[:1], photos.labels[:1])
+    runs = {mode: GradientMatching(model, iterations=20, restarts=2, batched_restarts=mode, tv=1e-2).reconstruct(update)
+            for mode in ("vmap", "loop")}
+    assert torch.allclose(runs["vmap"].images, runs["loop"].images, atol=1e-4)
+    assert "vmap" in " ".join(runs["vmap"].notes) and "vmap" not in " ".join(runs["loop"].notes)
+    train_update = fedsgd_update(model.train(), photos.images[:1], photos.labels[:1])
+    with pytest.raises(ConfigError, match="without BatchNorm in train mode"):
+        GradientMatching(model, iterations=2, restarts=2, batched_restarts="vmap").reconstruct(train_update)
+
+
 def test_same_seed_same_result_and_different_seed_differs(lenet, photos):
     update = fedsgd_update(lenet, photos.images[:1], photos.labels[:1])
     a, b, c = (GradientMatching(lenet, iterations=10, seed=s).reconstruct(update).images for s in (1, 1, 2))

@@ -11,7 +11,9 @@ The candidate lives in the model's input space (normalized with the data spec); 
 constraint keeps it inside the image of [0, 1]. FedAvg deltas are matched by unrolling
 the client's K local SGD steps differentiably (Geiping et al. §5): step k trains on the
 dummy minibatch ``k * b mod B``. Restarts run batched with ``torch.func.vmap`` where the
-optimiser is element-wise (Adam, SGD) and the model has no BatchNorm, looped otherwise.
+optimiser is element-wise (Adam, SGD) and no BatchNorm is in train mode (eval-mode BatchNorm
+is a fixed affine map per channel: ``auto`` batches it on CUDA, ``batched_restarts="vmap"``
+anywhere), looped otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.func import grad
 
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError
-from ..functional import forward, has_batch_norm, task_loss
+from ..functional import batch_norm_in_train_mode, forward, has_batch_norm, task_loss
 from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_bool, check_float, check_int, check_seed,
                       short_repr)
 from ..losses import get_loss
@@ -248,12 +250,13 @@ class GradientMatching(Attack):
         """Whether the restarts run batched under ``vmap``, and which run together: all in one
         group when batched or when the group-consistency term ties them, else one by one."""
         cfg = self.config
-        vmappable = cfg.optimizer != "lbfgs" and not has_batch_norm(self.model) and bn is None
+        vmappable = cfg.optimizer != "lbfgs" and not batch_norm_in_train_mode(self.model) and bn is None
+        cuda = next(iter(params.values())).is_cuda
         batched = cfg.batched_restarts == "vmap" or (
-            cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1
-            and sum(p.numel() for p in params.values()) < 1_000_000)  # benchmarks/restarts.py
-        if batched and not vmappable:
-            raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
+            cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1 and (cuda or (
+                not has_batch_norm(self.model) and sum(p.numel() for p in params.values()) < 1_000_000)))
+        if batched and not vmappable:  # auto on the CPU: benchmarks/restarts.py; on CUDA vmap fills the device
+            raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm in train mode")
         together = batched or cfg.group > 0
         if cfg.compile:
             self._check_compilable(lockstep=together and not batched and cfg.restarts > 1, bn=bn)
