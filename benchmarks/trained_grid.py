@@ -111,6 +111,8 @@ def network(args, name: str):
 
 def targets(args, record) -> list[tuple[str, list[int]]]:
     """(image set, indices) attacked: the held-out split from ``--tune`` on, then photos 8 and 9."""
+    if args.tuning:   # the images reserved for tuning attack settings, never reported as results
+        return [("tune", record["held_out_indices"][:args.tune])]
     held = record["held_out_indices"][args.tune:args.tune + args.n]
     sets = [("held-out", held)]
     channels = record["input_shape"][0]
@@ -264,6 +266,7 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--n", type=int, default=16, help="held-out images attacked per cell")
     parser.add_argument("--tune", type=int, default=2, help="held-out images reserved for tuning (skipped)")
+    parser.add_argument("--tuning", action="store_true", help="attack the tuning images instead (sweeps)")
     parser.add_argument("--no-photos", dest="photos", action="store_false", help="skip photos 8 and 9")
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")

@@ -38,7 +38,7 @@ from ._layers import classifier_layer, trace_linear_layers
 from .base import Attack, Reconstruction, register_attack
 from .labels import count_labels, distinct_labels, idlg_label
 from .matching import (LAYER_WEIGHTS, OBJECTIVES, BatchNormStatistics, batch_norm_targets, gradient_distance,
-                       layer_weights, select_layers, total_variation)
+                       layer_weights, observed_output_gradient, output_functional, select_layers, total_variation)
 
 __all__ = ["MatchingConfig", "GradientMatching", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion"]
 
@@ -47,7 +47,7 @@ _CHOICES = {
     "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine"), "init": ("randn", "rand", "zeros"),
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
-    "line_search": (None, "strong_wolfe"),
+    "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto"),
 }
 
 
@@ -77,6 +77,8 @@ class MatchingConfig:
     init: str = "randn"
     restarts: int = 1
     labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
+    output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
+                                    # of a batch-1 gradient (observed) | observed where valid (auto); matching.py
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     lbfgs_history: int = 100
     lbfgs_inner: int = 20
@@ -211,10 +213,13 @@ class GradientMatching(Attack):
 
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
 
-        def inner_gradient(local, x, y, functional):
+        def inner_gradient(local, x, y, functional, delta=None):
+            # delta: the observed output gradient (output_gradient='observed'), else the loss at labels y
+            inner = task_loss(self.model, buffers, loss_fn, x, y) if delta is None else \
+                output_functional(self.model, buffers, x, delta)
             if functional:  # inside torch.func transforms (vmap over restarts)
-                return grad(task_loss(self.model, buffers, loss_fn, x, y))(local)
-            value = task_loss(self.model, buffers, loss_fn, x, y)(local)
+                return grad(inner)(local)
+            value = inner(local)
             return dict(zip(local, torch.autograd.grad(value, list(local.values()), create_graph=True)))
 
         def objective(x, y_soft, data=None, functional=True):
@@ -224,7 +229,7 @@ class GradientMatching(Attack):
             y = data.get("labels") if y_soft is None else (torch.sigmoid(y_soft) if binary else y_soft.softmax(-1))
             start = params if functional else leaves
             if update.kind == "gradient":
-                sim = inner_gradient(start, x, y, functional)
+                sim = inner_gradient(start, x, y, functional, data.get("output_gradient"))
             else:
                 batch = min(update.local_batch_size or x.shape[0], x.shape[0])
                 local = dict(start)
@@ -321,6 +326,10 @@ class GradientMatching(Attack):
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
         data = _target_data(update, names, weights.dtype, labels)
+        delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
+        if delta is not None:
+            data["output_gradient"] = delta.to(weights.dtype)
+            label_note = f"{label_note}; {delta_note}"
         objective = self._objective(update, params, buffers, data, names, weights, bn)
         head = classifier_layer(traces)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
