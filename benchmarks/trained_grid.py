@@ -249,9 +249,50 @@ def table(args):
             {"|".join(map(str, k)): v for k, v in summary.items()}, indent=1))
 
 
+def figure(args):
+    """Originals, then one row per ``NET:TAG`` of ``--rows`` (held-out images, one mode and batch)."""
+    from matplotlib.figure import Figure
+
+    folder = _folder(args)
+    rows = []
+    for item in args.rows:
+        net, tag = item.split(":")
+        found = {tuple(r["indices"]): r for r in rows_of(folder, tag) if r["net"] == net and r["mode"] == args.modes[0]
+                 and r["batch"] == args.batches[0] and r["set"] == "held-out"}
+        rows.append((f"{net}\n{tag}", found, tag))
+    common = sorted(set.intersection(*[set(found) for _, found, _ in rows]), key=lambda k: rows[0][1][k]["key"])
+    order = [k for k in rows[0][1] if k in common][:args.columns]
+    _, record = network(args, "untrained")
+    images = torch.cat([_images(args, record, "held-out", list(k))[0] for k in order])
+    fig = Figure(figsize=(0.9 * len(images) + 1.0, 1.0 * (len(rows) + 1) + 0.4), dpi=110)
+    axes = fig.subplots(len(rows) + 1, len(images), squeeze=False)
+    for c in range(len(images)):
+        axes[0][c].imshow(images[c, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for r, (name, found, tag) in enumerate(rows, start=1):
+        c = 0
+        for k in order:
+            row = found[k]
+            rec = torch.load(folder / "reconstructions" / f"{tag}-{row['key'].replace('|', '_')}.pt")
+            for j in range(rec.shape[0]):
+                axes[r][c].imshow(rec[row["matched_to"][j], 0].clamp(0, 1), cmap="gray", vmin=0, vmax=1,
+                                  interpolation="nearest")
+                axes[r][c].set_title(f"{row['psnr'][j]:.1f}", fontsize=6, pad=1)
+                c += 1
+        axes[r][0].set_ylabel(name, fontsize=6)
+    axes[0][0].set_ylabel("original", fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{args.data}, {args.model} {args.options}, {args.modes[0]}-mode BatchNorm, batch {args.batches[0]} "
+                 "(held-out images; PSNR dB)", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("train", "attack", "table"))
+    parser.add_argument("what", choices=("train", "attack", "table", "figure"))
     parser.add_argument("--data", default="faces", help="faces, digits or a path (CIFAR batches, image folder)")
     parser.add_argument("--data-sets", nargs="+", default=["faces", "digits"], help="table: the data sets")
     parser.add_argument("--n-data", type=int, default=None, help="images of the data set (default: all)")
@@ -271,6 +312,9 @@ def main():
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")
     parser.add_argument("--tag", default="default", help="names the attack variant in the results")
+    parser.add_argument("--rows", nargs="+", default=["untrained:default", "sgd:default"], help="figure: NET:TAG rows")
+    parser.add_argument("--columns", type=int, default=16, help="figure: images shown")
+    parser.add_argument("--out", default="trained-grid.png", help="figure: the PNG written")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -280,6 +324,8 @@ def main():
             trained(args, recipe)
     elif args.what == "attack":
         attack(args)
+    elif args.what == "figure":
+        figure(args)
     else:
         table(args)
 
