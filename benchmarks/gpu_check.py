@@ -3,9 +3,12 @@
     python benchmarks/gpu_check.py --device cuda                  # one GPU, ~8 minutes, one JSON
     python benchmarks/gpu_check.py --device cpu --quick           # the dry run (tests/test_gpu_check.py)
 
-Checks, in order (each with its share of the time budget; an attack that reaches its share
-stops through ``time_budget`` and records how many iterations it ran, so the run always ends
-and always writes its JSON; a check that fails records its error and the others still run):
+Checks, in order. Each attack has a share of the 10 minutes: 10 timed iterations measure its
+speed and its iteration budget is cut to what fits (the JSON records the budget asked for,
+``fitted_from``, and the one run), with ``time_budget`` as a backstop, so the run always ends and
+always writes its JSON; a check that fails records its error and the others still run. Shares:
+seed003 180 s, resnet18-224 60 s, gradinversion 60 s (both attacks), each bench case at most
+25 s; with the agreement check, training and CUDA start-up, about 8-9 minutes on one GPU.
 
 1. ``agreement``: the CPU and the device agree. The update of one photo (LeNet, ResNet-20) on
    both (largest relative difference), Inverting Gradients' PSNR on both (the check of
@@ -56,8 +59,8 @@ from gradleak.metrics import match, psnr, ssim  # noqa: E402
 
 # full budget / --quick budget of every check; seconds: its share of the run on one GPU
 BUDGETS = {
-    "seed003": dict(iterations=4000, restarts=32, epochs=15, seconds=200, quick=dict(iterations=3, restarts=2, epochs=1)),
-    "resnet18-224": dict(iterations=4800, seconds=80, quick=dict(iterations=2)),
+    "seed003": dict(iterations=4000, restarts=32, epochs=15, seconds=180, quick=dict(iterations=3, restarts=2, epochs=1)),
+    "resnet18-224": dict(iterations=4800, seconds=60, quick=dict(iterations=2)),
     "gradinversion": dict(iterations=10_000, restarts=4, seconds=60, quick=dict(iterations=2, restarts=2)),
 }
 
@@ -83,6 +86,31 @@ def _scores(images: torch.Tensor, truth: torch.Tensor) -> dict:
 def _iterations_run(rec) -> int:
     losses = [series for key, series in rec.history.items() if key.startswith("loss")]
     return max((series["x"][-1] + 1 for series in losses if series["x"]), default=0)
+
+
+def _fitted(name: str, options: dict, model, threat, update, device, seconds: float | None) -> dict:
+    """``options`` with the iterations cut to what fits in ``seconds`` (measured over 10 timed
+    iterations after 3 of warm-up), so that the step schedule completes inside the share rather
+    than being cut by ``time_budget``; ``fitted_from`` records the budget asked for."""
+    if seconds is None:
+        return options
+    ticks = []
+    probe = gl.get_attack(name)(model, threat, **{**options, "iterations": 13})
+    _sync(device)
+    probe.reconstruct(update, progress=lambda done, total: (_sync(device), ticks.append(time.perf_counter())))
+    per_iteration = (ticks[-1] - ticks[2]) / 10
+    fitted = max(1, min(options["iterations"], int(0.95 * seconds / per_iteration)))
+    return {**options, "iterations": fitted, "time_budget": seconds, "fitted_from": options["iterations"],
+            "seconds_per_iteration": per_iteration}
+
+
+def _attack(name: str, options: dict, model, threat, update, device, seconds: float | None):
+    """The attack at the iterations that fit its share; (reconstruction, seconds, options used)."""
+    options = _fitted(name, options, model, threat, update, device, seconds)
+    attack = gl.get_attack(name)(model, threat, **{k: v for k, v in options.items()
+                                                   if k not in ("fitted_from", "seconds_per_iteration")})
+    rec, elapsed = _timed_attack(attack, update, device)
+    return rec, elapsed, options
 
 
 def _timed_attack(attack, update, device) -> tuple:
@@ -154,11 +182,11 @@ def check_seed003(args, device: torch.device, quick: bool) -> dict:
            **{k: budget[k] for k in ("iterations", "restarts", "epochs")}, "runs": {}}
     for variant in args.output_gradient:
         options = dict(iterations=budget["iterations"], restarts=budget["restarts"], tv=1e-4, batched_restarts="vmap",
-                       output_gradient=variant, time_budget=None if quick else budget["seconds"] / len(args.output_gradient))
-        attack = gl.get_attack("inverting-gradients")(module, gl.ThreatModel(), **options)
-        rec, seconds = _timed_attack(attack, update, device)
+                       output_gradient=variant)
+        share = None if quick else budget["seconds"] / len(args.output_gradient)
+        rec, seconds, used = _attack("inverting-gradients", options, module, gl.ThreatModel(), update, device, share)
         out["runs"][variant] = {**_scores(rec.images, x), "seconds": seconds, "iterations_run": _iterations_run(rec),
-                                "notes": rec.notes}
+                                "options": used, "notes": rec.notes}
     return out
 
 
@@ -168,11 +196,10 @@ def check_resnet18_224(device: torch.device, quick: bool) -> dict:
     x, y = photo.images[8:9].to(device), photo.labels[8:9].to(device)
     built = gl.ModelSpec("tv-resnet18", device=str(device), mode="eval", seed=0).build((3, 224, 224), 10)
     update = gl.fedsgd_update(built.module, x, y, spec=gl.DataSpec.from_images(photo.images))
-    attack = gl.get_attack("inverting-gradients")(built.module, gl.ThreatModel(), iterations=budget["iterations"],
-                                                  time_budget=None if quick else budget["seconds"])
-    rec, seconds = _timed_attack(attack, update, device)
+    rec, seconds, used = _attack("inverting-gradients", {"iterations": budget["iterations"]}, built.module,
+                                 gl.ThreatModel(), update, device, None if quick else budget["seconds"])
     return {"model": "tv-resnet18 (untrained)", "photo": 8, "iterations": budget["iterations"], **_scores(rec.images, x),
-            "seconds": seconds, "iterations_run": _iterations_run(rec),
+            "seconds": seconds, "iterations_run": _iterations_run(rec), "options": used,
             "seconds_per_iteration": seconds / max(_iterations_run(rec), 1)}
 
 
@@ -187,9 +214,10 @@ def check_gradinversion(device: torch.device, quick: bool) -> dict:
     out = {"model": "resnet20, train-mode BatchNorm", "batch": 8, **{k: budget[k] for k in ("iterations", "restarts")}}
     for name, threat, extra in (("gradinversion", gl.ThreatModel(bn_statistics=True), {"restarts": budget["restarts"]}),
                                 ("inverting-gradients", gl.ThreatModel(), {})):
-        attack = gl.get_attack(name)(built.module, threat, iterations=budget["iterations"], time_budget=share, **extra)
-        rec, seconds = _timed_attack(attack, update, device)
-        out[name] = {**_scores(rec.images, x), "seconds": seconds, "iterations_run": _iterations_run(rec)}
+        rec, seconds, used = _attack(name, {"iterations": budget["iterations"], **extra}, built.module, threat, update,
+                                     device, share)
+        out[name] = {**_scores(rec.images, x), "seconds": seconds, "iterations_run": _iterations_run(rec),
+                     "options": used}
     return out
 
 
@@ -198,11 +226,13 @@ def check_bench(device: torch.device, quick: bool) -> dict:
     rows = []
     cases = bench.CASES if not quick else [replace(c, quick=c.quick and 2) for c in bench.CASES if c.name in QUICK_CASES]
     for case in cases:
-        row = bench.run_case(case, quick=quick, device=str(device), threads=torch.get_num_threads(), start=0)
+        row = bench.run_case(case, quick=quick, device=str(device), threads=torch.get_num_threads(), start=0,
+                             time_budget=None if quick else BENCH_CASE_SECONDS)
         rows.append({k: v for k, v in row.items() if k != "curve"})
     return {"table": bench.table(rows), "rows": rows}
 
 
+BENCH_CASE_SECONDS = 25   # the most an iterative bench case may take (most finish sooner on one GPU)
 QUICK_CASES = ("dlg-lenet-b1", "ig-resnet18-b1", "fc-bias-mlp-224-b1")   # the dry run: one of each kind, 2 iterations
 CHECKS = ("agreement", "seed003", "resnet18-224", "gradinversion", "bench")
 

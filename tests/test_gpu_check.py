@@ -21,6 +21,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_writes_one_json(tmp_path):
         spec.loader.exec_module(module)
         out = tmp_path / "gpu-check.json"
         report = module.main(["--device", "cpu", "--quick", "--out", str(out)])
+        fitted = _fit_lenet(module)
     finally:
         sys.modules.pop(spec.name, None)
         for name in ("bench", "gradinversion"):   # imported from benchmarks/ by the script
@@ -38,3 +39,19 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_writes_one_json(tmp_path):
     rows = checks["bench"]["rows"]
     assert [r["name"] for r in rows] == list(module.QUICK_CASES)
     assert [r["iterations_run"] for r in rows] == [2, 2, None] and rows[-1]["psnr"] >= 60   # fc-bias is exact
+    # a share of the run: the iterations are cut to what 10 timed iterations say fits in it
+    assert fitted["fitted_from"] == 4800 and 1 <= fitted["iterations"] < 4800 and fitted["time_budget"] == 0.5
+    assert fitted["iterations"] <= 0.95 * 0.5 / fitted["seconds_per_iteration"] + 1
+
+
+def _fit_lenet(module) -> dict:
+    import torch
+
+    import gradleak as gl
+    from gradleak.data import load_builtin
+    from gradleak.models import build_model
+
+    model, photo = build_model("lenet", (3, 32, 32), 10), load_builtin("photos", size=32, n=1)
+    update = gl.fedsgd_update(model, photo.images, photo.labels)
+    return module._fitted("inverting-gradients", {"iterations": 4800}, model, gl.ThreatModel(), update,
+                          torch.device("cpu"), 0.5)
