@@ -114,8 +114,9 @@ def _first(curve: list[dict], level: float) -> dict | None:
     return next((point for point in curve if point["psnr"] >= level), None)
 
 
-def run_case(case: Case, quick: bool, device: str, threads: int, start: int) -> dict:
-    """Run one case in this process; returns its figures (JSON-able)."""
+def run_case(case: Case, quick: bool, device: str, threads: int, start: int, time_budget: float | None = None) -> dict:
+    """Run one case in this process; returns its figures (JSON-able). ``time_budget``: stop an
+    iterative attack after this many seconds (``benchmarks/gpu_check.py`` keeps its run bounded)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -139,6 +140,8 @@ def run_case(case: Case, quick: bool, device: str, threads: int, start: int) -> 
     iterations = case.quick if quick and case.quick else case.iterations
     options = {} if iterations is None else {"iterations": iterations,
                                              "record_every": max(1, min(50, iterations // 20))}
+    if time_budget is not None and iterations is not None:
+        options["time_budget"] = time_budget
     attack = gl.get_attack(case.attack)(built.module, gl.ThreatModel(labels_known=case.labels_known), **options)
     cuda = built.device.type == "cuda"
     if cuda:
@@ -162,7 +165,7 @@ def run_case(case: Case, quick: bool, device: str, threads: int, start: int) -> 
     target = _first(curve, case.target_db)
     settled = _first(curve, final_psnr - SETTLED_DB) if final_psnr is not None else None
     return {
-        **asdict(case), "quick_run": quick, "device": str(built.device), "threads": threads, "images_from": start,
+        **asdict(case), "quick_run": quick, "time_budget": time_budget, "device": str(built.device), "threads": threads, "images_from": start,
         "iterations_run": len(clock.steps) or None,
         "seconds_per_iteration": statistics.median(steps) if steps else None,
         "seconds": seconds, "psnr": final_psnr, "ssim": final_ssim,

@@ -103,6 +103,19 @@ def test_vmapped_restarts_equal_looped_restarts(lenet, photos):
     assert "vmap" in " ".join(runs["vmap"].notes) and set(runs["loop"].history) == {"loss[0]", "loss[1]", "loss[2]"}
 
 
+def test_eval_mode_batch_norm_restarts_run_under_vmap_and_equal_the_loop(photos):
+    """Eval-mode BatchNorm is a fixed affine map: restarts batch under vmap (train mode refuses)."""
+    model = build_model("convnet", (3, 32, 32), 10, width=4).eval()
+    update = fedsgd_update(model, photos.images[:1], photos.labels[:1])
+    runs = {mode: GradientMatching(model, iterations=20, restarts=2, batched_restarts=mode, tv=1e-2).reconstruct(update)
+            for mode in ("vmap", "loop")}
+    assert torch.allclose(runs["vmap"].images, runs["loop"].images, atol=1e-4)
+    assert "vmap" in " ".join(runs["vmap"].notes) and "vmap" not in " ".join(runs["loop"].notes)
+    train_update = fedsgd_update(model.train(), photos.images[:1], photos.labels[:1])
+    with pytest.raises(ConfigError, match="without BatchNorm in train mode"):
+        GradientMatching(model, iterations=2, restarts=2, batched_restarts="vmap").reconstruct(train_update)
+
+
 def test_same_seed_same_result_and_different_seed_differs(lenet, photos):
     update = fedsgd_update(lenet, photos.images[:1], photos.labels[:1])
     a, b, c = (GradientMatching(lenet, iterations=10, seed=s).reconstruct(update).images for s in (1, 1, 2))
@@ -223,3 +236,45 @@ def test_the_cosine_distance_is_one_minus_the_weighted_cosine_over_all_layers(le
         assert float(gradient_distance(a, b, names, weights.double(), "cosine")) == pytest.approx(expected, abs=1e-12)
         assert float(gradient_distance(a, a, names, weights.double(), "cosine")) == pytest.approx(0.0, abs=1e-12)
         assert 0.05 < expected < 1.95  # two different images: neither parallel nor opposite
+
+
+def test_observed_output_gradient_reproduces_the_update_exactly_at_the_true_image(photos):
+    """output_gradient='observed': the candidate's gradient is J(x')^T delta with delta the
+    classifier's bias gradient, so at the client's image it is the client's gradient itself."""
+    model = build_model("convnet", (3, 32, 32), 10, width=4).double().eval()
+    with torch.no_grad():   # a confident network, as training leaves it: softmax close to one-hot
+        model.fc.weight.mul_(40)
+    x, y = photos.images[3:4].double(), photos.labels[3:4]
+    update = fedsgd_update(model, x, y)
+    attack = GradientMatching(model, ThreatModel(), output_gradient="observed", tv=0.0, iterations=1)
+    problem = attack._problem(update)
+    assert problem.data["output_gradient"].shape == (10,) and "output gradient observed" in problem.label_note
+    assert float(problem.objective(x, None, functional=False).detach()) < 1e-12
+    assert float(problem.objective(photos.images[4:5].double(), None, functional=False).detach()) > 1e-6
+    # the gradient it matches is the client's: J(x)^T delta with delta = softmax - onehot
+    from gradleak.attacks.matching import output_functional
+
+    simulated = torch.func.grad(output_functional(model, dict(model.named_buffers()), x, problem.data["output_gradient"]))(
+        {n: p.detach() for n, p in model.named_parameters()})
+    assert max(float((simulated[n] - update.tensors[n]).abs().max()) for n in simulated) < 1e-12
+
+
+def test_observed_output_gradient_refuses_batches_and_deltas_and_auto_falls_back(lenet, photos):
+    batch = fedsgd_update(lenet, photos.images[:2], photos.labels[:2])
+    with pytest.raises(AttackNotApplicable, match="the batch holds 2 images"):
+        GradientMatching(lenet, output_gradient="observed", iterations=1).reconstruct(batch)
+    delta = fedavg_update(lenet, photos.images[:1], photos.labels[:1], lr=0.1, local_steps=2)
+    with pytest.raises(AttackNotApplicable, match="not a gradient"):
+        get_attack("fedavg")(lenet, output_gradient="observed", iterations=1).reconstruct(delta)
+    auto = GradientMatching(lenet, output_gradient="auto", iterations=2).reconstruct(batch)
+    assert not any("output gradient observed" in note for note in auto.notes)
+
+
+def test_observed_output_gradient_travels_with_batched_targets(lenet, photos):
+    updates = [fedsgd_update(lenet, photos.images[k:k + 1], photos.labels[k:k + 1]) for k in (5, 6)]
+    attack = get_attack("inverting-gradients")(lenet, output_gradient="observed", iterations=15)
+    together = list(attack.reconstruct_many(updates))
+    alone = [attack.reconstruct(u) for u in updates]
+    assert "attacked together" in together[0].notes[-1]
+    for a, b in zip(together, alone):
+        assert torch.allclose(a.images, b.images, atol=1e-4)

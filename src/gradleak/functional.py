@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["forward", "task_loss", "buffers_after_forward", "has_batch_norm"]
+__all__ = ["forward", "task_loss", "buffers_after_forward", "has_batch_norm", "batch_norm_in_train_mode"]
 
 
 def forward(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
@@ -45,3 +45,11 @@ def buffers_after_forward(model: nn.Module, params: Mapping[str, torch.Tensor], 
 
 def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def batch_norm_in_train_mode(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalises with the batch's own statistics (train mode, or no
+    running statistics): then the samples of a batch are coupled. In eval mode a BatchNorm is
+    a fixed per-channel affine map and every sample is independent (``vmap`` can batch them)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in model.modules())

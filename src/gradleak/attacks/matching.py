@@ -26,10 +26,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AttackNotApplicable, ConfigError
+from ..functional import forward
 
 __all__ = ["OBJECTIVES", "LAYER_WEIGHTS", "select_layers", "layer_weights", "gradient_distance",
-           "total_variation", "BatchNormStatistics", "batch_norm_targets", "consensus", "group_consistency"]
+           "total_variation", "BatchNormStatistics", "batch_norm_targets", "consensus", "group_consistency",
+           "observed_output_gradient", "output_functional"]
 
 OBJECTIVES = ("l2", "l1", "max", "cosine", "layer-cosine", "l2+l1")
 TAG_L1 = 0.01   # the weight of the L1 term of "l2+l1" (TAG, Deng et al. 2021)
@@ -188,3 +190,43 @@ class BatchNormStatistics:
                 x.var(dims, unbiased=True) - var)
         self._seen.clear()
         return total if isinstance(total, torch.Tensor) else torch.tensor(math.nan)
+
+
+def observed_output_gradient(update, head, batch: int, mode: str) -> tuple[torch.Tensor | None, str]:
+    """The gradient of the client's loss with respect to the model output, read off the update.
+
+    For a classifier layer ``z = W h + b`` and one image, ``dL/db = dL/dz = delta`` (Geiping
+    et al. 2020, §4: the bias gradient of a fully connected layer is its output gradient), so
+    the client's whole gradient is ``J(x)^T delta`` with ``J`` the Jacobian of the output with
+    respect to the weights. Matching ``J(x')^T delta`` (:func:`output_functional`) instead of the
+    candidate's own ``J(x')^T (softmax(z(x')) - y)`` keeps the candidate's confidence out of
+    the objective: on a trained network the softmax saturates and its direction flips between
+    runner-up classes as the candidate moves, and the client's float32 ``1 - p`` of a confident
+    image is rounded (``docs/models.md``, "Do trained networks leak?"). Valid for a gradient of
+    one image with a biased classifier layer; ``mode``: ``model`` (never), ``observed`` (refuse
+    where invalid), ``auto`` (where valid). Returns ``(delta or None, note)``."""
+    if mode == "model":
+        return None, ""
+    reason = None
+    if update.kind != "gradient":
+        reason = "the update is not a gradient"
+    elif batch != 1:
+        reason = f"the batch holds {batch} images (the bias gradient is their mean)"
+    elif head is None or not head.has_bias or head.param("bias") not in update.tensors:
+        reason = "no biased classifier layer's gradient in the update"
+    if reason is not None:
+        if mode == "observed":
+            raise AttackNotApplicable(f"output_gradient='observed': {reason}",
+                                      condition="a gradient of one image with a biased classifier layer")
+        return None, ""
+    return update.tensors[head.param("bias")].detach(), "output gradient observed (classifier bias gradient)"
+
+
+def output_functional(model: nn.Module, buffers: Mapping[str, torch.Tensor], x: torch.Tensor, delta: torch.Tensor):
+    """``params -> <delta, model(x)>``: its weight gradient is ``J(x)^T delta``, the client's
+    gradient when ``delta`` is the client's output gradient (:func:`observed_output_gradient`)."""
+
+    def value(params):
+        return (forward(model, params, buffers, x).reshape(-1) * delta.reshape(-1)).sum()
+
+    return value

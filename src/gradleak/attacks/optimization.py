@@ -11,7 +11,9 @@ The candidate lives in the model's input space (normalized with the data spec); 
 constraint keeps it inside the image of [0, 1]. FedAvg deltas are matched by unrolling
 the client's K local SGD steps differentiably (Geiping et al. §5): step k trains on the
 dummy minibatch ``k * b mod B``. Restarts run batched with ``torch.func.vmap`` where the
-optimiser is element-wise (Adam, SGD) and the model has no BatchNorm, looped otherwise.
+optimiser is element-wise (Adam, SGD) and no BatchNorm is in train mode (eval-mode BatchNorm
+is a fixed affine map per channel: ``auto`` batches it on CUDA, ``batched_restarts="vmap"``
+anywhere), looped otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.func import grad
 
 from ..data.spec import DataSpec
 from ..errors import AttackNotApplicable, ConfigError
-from ..functional import forward, has_batch_norm, task_loss
+from ..functional import batch_norm_in_train_mode, forward, has_batch_norm, task_loss
 from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_bool, check_float, check_int, check_seed,
                       short_repr)
 from ..losses import get_loss
@@ -36,7 +38,7 @@ from ._layers import classifier_layer, trace_linear_layers
 from .base import Attack, Reconstruction, register_attack
 from .labels import count_labels, distinct_labels, idlg_label
 from .matching import (LAYER_WEIGHTS, OBJECTIVES, BatchNormStatistics, batch_norm_targets, gradient_distance,
-                       layer_weights, select_layers, total_variation)
+                       layer_weights, observed_output_gradient, output_functional, select_layers, total_variation)
 
 __all__ = ["MatchingConfig", "GradientMatching", "DLG", "IDLG", "InvertingGradients", "FedAvgInversion"]
 
@@ -45,7 +47,7 @@ _CHOICES = {
     "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine"), "init": ("randn", "rand", "zeros"),
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
-    "line_search": (None, "strong_wolfe"),
+    "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto"),
 }
 
 
@@ -75,6 +77,8 @@ class MatchingConfig:
     init: str = "randn"
     restarts: int = 1
     labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
+    output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
+                                    # of a batch-1 gradient (observed) | observed where valid (auto); matching.py
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     lbfgs_history: int = 100
     lbfgs_inner: int = 20
@@ -214,10 +218,13 @@ class GradientMatching(Attack):
 
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
 
-        def inner_gradient(local, x, y, functional):
+        def inner_gradient(local, x, y, functional, delta=None):
+            # delta: the observed output gradient (output_gradient='observed'), else the loss at labels y
+            inner = task_loss(self.model, buffers, loss_fn, x, y) if delta is None else \
+                output_functional(self.model, buffers, x, delta)
             if functional:  # inside torch.func transforms (vmap over restarts)
-                return grad(task_loss(self.model, buffers, loss_fn, x, y))(local)
-            value = task_loss(self.model, buffers, loss_fn, x, y)(local)
+                return grad(inner)(local)
+            value = inner(local)
             # materialize_grads: a parameter the candidate does not reach (a text model's token table, when the
             # candidate is the embeddings themselves) has gradient zero, as under torch.func.grad
             return dict(zip(local, torch.autograd.grad(value, list(local.values()), create_graph=True,
@@ -230,7 +237,7 @@ class GradientMatching(Attack):
             y = data.get("labels") if y_soft is None else (torch.sigmoid(y_soft) if binary else y_soft.softmax(-1))
             start = params if functional else leaves
             if update.kind == "gradient":
-                sim = inner_gradient(start, x, y, functional)
+                sim = inner_gradient(start, x, y, functional, data.get("output_gradient"))
             else:
                 batch = min(update.local_batch_size or x.shape[0], x.shape[0])
                 local = dict(start)
@@ -259,12 +266,13 @@ class GradientMatching(Attack):
         """Whether the restarts run batched under ``vmap``, and which run together: all in one
         group when batched or when the group-consistency term ties them, else one by one."""
         cfg = self.config
-        vmappable = cfg.optimizer != "lbfgs" and not has_batch_norm(self.model) and bn is None
+        vmappable = cfg.optimizer != "lbfgs" and not batch_norm_in_train_mode(self.model) and bn is None
+        cuda = next(iter(params.values())).is_cuda
         batched = cfg.batched_restarts == "vmap" or (
-            cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1
-            and sum(p.numel() for p in params.values()) < 1_000_000)  # benchmarks/restarts.py
-        if batched and not vmappable:
-            raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm")
+            cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1 and (cuda or (
+                not has_batch_norm(self.model) and sum(p.numel() for p in params.values()) < 1_000_000)))
+        if batched and not vmappable:  # auto on the CPU: benchmarks/restarts.py; on CUDA vmap fills the device
+            raise ConfigError("batched_restarts='vmap' needs Adam or SGD and a model without BatchNorm in train mode")
         together = batched or cfg.group > 0
         if cfg.compile:
             self._check_compilable(lockstep=together and not batched and cfg.restarts > 1, bn=bn)
@@ -329,6 +337,10 @@ class GradientMatching(Attack):
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
         data = _target_data(update, names, weights.dtype, labels)
+        delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
+        if delta is not None:
+            data["output_gradient"] = delta.to(weights.dtype)
+            label_note = f"{label_note}; {delta_note}"
         objective = self._objective(update, params, buffers, data, names, weights, bn)
         head = classifier_layer(traces)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
