@@ -185,6 +185,8 @@ def test_layer_selection_weights_and_tv():
         (dict(restarts=100000), "restarts must be an integer in 1..256"),
         (dict(tv=10**400), "tv must be a finite number"),
     (dict(lr=0.0), "lr must be"),
+    (dict(screen=10, restarts=1), "screen=10 picks one of several independent restarts: it needs restarts >= 2"),
+    (dict(screen=100, iterations=100, restarts=2), "screen must be an integer in 1..99, got 100"),
     (dict(stepsize=1), "unknown option"),
 ])
 def test_bad_configuration_is_named(lenet, option, message):
@@ -278,3 +280,19 @@ def test_observed_output_gradient_travels_with_batched_targets(lenet, photos):
     assert "attacked together" in together[0].notes[-1]
     for a, b in zip(together, alone):
         assert torch.allclose(a.images, b.images, atol=1e-4)
+
+
+def test_screening_runs_on_the_restart_with_the_lowest_early_loss_along_its_own_trajectory(lenet, photos):
+    """screen=k: the restart whose loss was lowest within the first k iterations (of the full
+    schedule, all restarts run to the end for comparison) is the one kept, and it ends where that
+    restart ends when every restart runs to the end (same start, same trajectory)."""
+    update = fedsgd_update(lenet, photos.images[2:3], photos.labels[2:3])
+    options = dict(iterations=60, restarts=3, tv=1e-2, record_every=1, batched_restarts="loop")
+    full = GradientMatching(lenet, **options).reconstruct(update)
+    screened = GradientMatching(lenet, screen=15, **options).reconstruct(update)
+    early = {r: min(full.history[f"loss[{r}]"]["y"][:15]) for r in range(3)}
+    chosen = min(early, key=early.__getitem__)
+    assert f"restart {chosen} ran to the end" in " ".join(screened.notes)
+    assert set(screened.history) == {f"loss[{chosen}]"}
+    assert screened.history[f"loss[{chosen}]"]["y"] == full.history[f"loss[{chosen}]"]["y"]
+    assert len({round(min(v["y"]), 6) for v in full.history.values()}) == 3   # the restarts differ

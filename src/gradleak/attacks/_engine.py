@@ -357,7 +357,7 @@ def _final_evaluation(cfg, evaluate: Callable[[], Evaluation], X: torch.Tensor, 
 # ---------------------------------------------------------------------------- the loop
 def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, ...], classes: int,
               optimize_labels: bool, bounds, spec, loss_name: str, vectorized: bool = True, data: Any = None,
-              monitors: list[Callable | None] | None = None) -> list[RestartResult]:
+              monitors: list[Callable | None] | None = None, stop_after: int | None = None) -> list[RestartResult]:
     """Optimise the slots ``group`` (their restart numbers, which seed their initial candidates)
     together; one :class:`RestartResult` per slot, and one more for the group's consensus when
     the group-consistency term is on (``group > 0``).
@@ -366,7 +366,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     independent updates attacked at once; ``objective(x, y_soft, data_of_the_slot)``), with
     ``monitors`` one monitor per slot; None: every slot matches the objective's own update and
     the attack's monitor watches them all. Stopping rules (``tol``, ``patience``, divergence,
-    ``time_budget``) act on the whole group: callers batch targets only without them."""
+    ``time_budget``) act on the whole group: callers batch targets only without them.
+    ``stop_after``: stop after that many iterations of the full schedule (restart screening)."""
     cfg, hooks = attack.config, attack._hooks
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
@@ -396,6 +397,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
             if hooks.progress is not None:
                 hooks.progress(iteration + 1, cfg.iterations)
             stop = _stop_reason(cfg, X, best, iteration, group, deadline)
+            if stop is None and stop_after is not None and iteration + 1 >= stop_after:
+                break
             if stop is not None:
                 notes.append(stop)
                 break

@@ -34,6 +34,7 @@ from ..limits import (MAX_ITERATIONS, MAX_RESTARTS, check_batch, check_bool, che
 from ..losses import get_loss
 from ..update import SharedUpdate
 from ._engine import run_group
+from ._screening import screen_restarts
 from ._layers import classifier_layer, trace_linear_layers
 from .base import Attack, Reconstruction, register_attack
 from .labels import count_labels, distinct_labels, idlg_label
@@ -76,6 +77,7 @@ class MatchingConfig:
     iterations: int = 4800
     init: str = "randn"
     restarts: int = 1
+    screen: int | None = None    # restarts > 1: each runs this many iterations; the lowest matching loss runs to the end
     labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
     output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
                                     # of a batch-1 gradient (observed) | observed where valid (auto); matching.py
@@ -117,6 +119,11 @@ class MatchingConfig:
         check_float("time_budget", self.time_budget, low_open=True, optional=True)
         if self.patience is not None:
             check_int("patience", self.patience, 1, MAX_ITERATIONS)
+        if self.screen is not None:
+            check_int("screen", self.screen, 1, self.iterations - 1 if self.iterations > 1 else 1)
+            if self.restarts < 2 or self.group > 0:
+                raise ConfigError(f"screen={self.screen} picks one of several independent restarts: it needs restarts >= 2"
+                                  f" and group=0, got restarts={self.restarts}, group={self.group:g}")
         if self.batch_size is not None:
             check_batch("batch_size", self.batch_size, None)
         check_seed("seed", self.seed)
@@ -296,12 +303,19 @@ class GradientMatching(Attack):
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
         problem = self._problem(update)
         runs: list = []
-        for group in problem.groups:
+        groups, screened = problem.groups, None
+        if self.config.screen is not None:
+            screened = screen_restarts(self, problem)
+            groups = [[screened.chosen]]
+        for group in groups:
             runs += run_group(self, problem.objective, group, problem.shape, problem.classes, problem.labels is None,
                               problem.bounds, problem.spec, update.loss, vectorized=problem.batched)
             if runs[-1].interrupted:  # Ctrl-C: keep the best so far, run no further restart
                 break
-        return self._result(problem, runs)
+        result = self._result(problem, runs)
+        if screened is not None:
+            result.notes.append(screened.note)
+        return result
 
     def reconstruct_many(self, updates, *, monitors=None, progress=None):
         """Reconstruct independent updates (the images of an audit, the clients of a round),
