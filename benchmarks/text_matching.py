@@ -4,8 +4,10 @@ BERT-base and GPT-2-small sizes (classification heads: the embedding is trained 
 the untied GPT-2 language model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/text_matching.py [--iterations 500]
+        [--attacks dager,tag,lamp,bag-of-words] [--dtype float32]
 
-Prints two markdown tables (docs/text.md).
+Prints two markdown tables (docs/text.md); ``--attacks`` picks rows (the bag of words is the second
+table), ``--dtype float64`` builds the BERT classifier in float64.
 """
 
 from __future__ import annotations
@@ -33,17 +35,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--swaps", type=int, default=50)
+    parser.add_argument("--attacks", default="dager,tag,lamp,bag-of-words")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     args = parser.parse_args()
+    chosen = set(args.attacks.split(","))
     torch.set_num_threads(1)
     tokenizer = load_tokenizer()
     print("| batch | attack | ROUGE-1 | ROUGE-2 | token accuracy | exact seq. | s / update |\n|---|---|---|---|---|---|---|")
-    spec = ModelSpec("bert", {"width": 256, "layers": 4, "heads": 4, "positions": 64})
+    spec = ModelSpec("bert", {"width": 256, "layers": 4, "heads": 4, "positions": 64}, dtype=args.dtype)
     built = spec.build((16,), 2)
     for batch in (1, 4):
         data = load_text(n=batch, length=16)
         (served,) = text_updates(built, data.ids, data.labels, ClientSetup(batch_size=batch), None, tokenizer)
         for name, options in (("dager", {}), ("tag", {"iterations": args.iterations}),
                               ("lamp", {"iterations": args.iterations, "swaps": args.swaps})):
+            if name not in chosen:
+                continue
             attack = make_attack(name, built.module, ThreatModel(), options)
             started = time.perf_counter()
             try:
@@ -53,9 +60,12 @@ def main() -> None:
                 continue
             seconds = time.perf_counter() - started
             s = score_text(result.tokens, data.ids, tokenizer).summary
-            print(f"| {batch} | {name}{' ' + str(options) if options else ''} | {100 * s['rouge1']:.1f} | "
+            dtype = "" if args.dtype == "float32" else f" ({args.dtype})"
+            print(f"| {batch} | {name}{' ' + str(options) if options else ''}{dtype} | {100 * s['rouge1']:.1f} | "
                   f"{100 * s['rouge2']:.1f} | {100 * s['token_accuracy']:.1f} | {100 * s['exact_rate']:.0f} % | "
                   f"{seconds:.1f} |", flush=True)
+    if "bag-of-words" not in chosen:
+        return
     print("\n| model | batch x length | tokens in the batch | found | precision | recall | s / update |\n"
           "|---|---|---|---|---|---|---|")
     data = load_text(n=64, length=32)

@@ -17,7 +17,14 @@ Gradient Inversion for Large Language Models", NeurIPS 2024, arXiv 2405.15586).
 Condition: the number of input positions (B x n, or B x (n - 1) for a causal LM) is below the
 width of the space the gradient lives in (d for full weights; for LoRA adapters of rank r the
 span has rank <= r, so B x n <= r). Past it the span is the whole space: the attack refuses.
-Encoders (BERT) recover the tokens of each position; sequences are assembled when B = 1.
+
+**Encoders** (BERT): block 1's input at a position depends on the whole sequence (bidirectional
+attention), so sequences are not grown by prefixes: at B > 1 whole candidate sequences over the
+tokens each position admits are tested at block 1 (:mod:`._dager_encoder`: every combination
+when there are few, else a bounded coordinate descent). A sequence is returned as one only when
+block 1 confirms it at float precision; the rest come back unassembled (-1 where the position's
+token is not known), said so in the notes. Float64 updates; in float32 a random-init classifier's
+gradient reaches the positions other than the pooled one too weakly for the tests to stay exact.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 from ..errors import AttackNotApplicable
 from ..limits import check_bool, check_float, check_int
 from ..text.arch import TransformerView, decoder_extend, decoder_prefix_cache
+from ._dager_encoder import DEFAULT_BUDGET, ENCODER_MARGIN, assemble_encoder
 from ._span import default_tolerance, span_basis, span_residuals
 from .base import Attack, Reconstruction, register_attack
 
@@ -74,22 +82,25 @@ def position_candidates(view: TransformerView, tensors, basis: torch.Tensor, lor
 class SpanAttack(Attack):
     """DAGER-style exact recovery of token sequences from a transformer's gradient (GPT-2, BERT;
     full fine-tuning or LoRA): token candidates by the span of block 0's attention-projection
-    gradient, sequences assembled position by position with block 1's span (decoders)."""
+    gradient, sequences assembled with block 1's span (decoders position by position; encoders by a
+    bounded search over whole sequences)."""
 
     name = "dager"
     paper = "Petrov et al., DAGER: Exact Gradient Inversion for Large Language Models, NeurIPS 2024 (arXiv 2405.15586)"
     conditions = ("a gradient (or one-step delta) of a GPT-2/BERT text model; B x n input positions below the "
-                  "width the gradient spans (d, or the LoRA rank r); no dropout; sequences assembled for decoders "
-                  "(encoders: B = 1)")
+                  "width the gradient spans (d, or the LoRA rank r); no dropout; encoders at B > 1: the sequences a bounded "
+                  "search confirms (search_budget), the rest unassembled")
 
     def __init__(self, model, threat=None, *, tolerance: float | None = None, ratio: float = 0.5,
-                 rank_tol: float | None = None, max_candidates: int | None = None, last_token: bool = True):
+                 rank_tol: float | None = None, max_candidates: int | None = None, last_token: bool = True,
+                 search_budget: int = DEFAULT_BUDGET):
         """``tolerance``: relative distance to the span below which a candidate is in it (default
         1e-3 in float32, 1e-7 in float64); ``ratio``: where no candidate is within tolerance (noise),
         those closer than ``ratio`` x the median distance are kept; ``rank_tol``: singular values
         below this fraction of the largest are not part of the span; ``max_candidates``: tokens
         kept per position (default: all that pass); ``last_token``: recover a causal LM's last
-        tokens from the final LayerNorm's gradient."""
+        tokens from the final LayerNorm's gradient; ``search_budget``: whole sequences an encoder's
+        search may test at block 1 (B > 1), past which the rest is returned unassembled."""
         super().__init__(model, threat)
         self.tolerance = None if tolerance is None else check_float("tolerance", tolerance, low_open=True)
         self.ratio = check_float("ratio", ratio, low_open=True)
@@ -97,10 +108,12 @@ class SpanAttack(Attack):
         self.max_candidates = None if max_candidates is None else check_int("max_candidates", max_candidates, 1,
                                                                             1_000_000)
         self.last_token = check_bool("last_token", last_token)
+        self.search_budget = check_int("search_budget", search_budget, 1, 2**24)
 
     def options(self):
         return {**super().options(), "tolerance": self.tolerance, "ratio": self.ratio, "rank_tol": self.rank_tol,
-                "max_candidates": self.max_candidates, "last_token": self.last_token}
+                "max_candidates": self.max_candidates, "last_token": self.last_token,
+                "search_budget": self.search_budget}
 
     # ------------------------------------------------------------------ the attack
     def _basis(self, view, gradient, tensors, k, inputs):
@@ -155,22 +168,24 @@ class SpanAttack(Attack):
             if not exact:
                 notes.append(f"APPROXIMATE: some positions have no token within tolerance {tolerance:g} (a noisy "
                              f"update): tokens closer than {self.ratio:g} x the median distance kept")
-            if view.decoder and view.layers > 1:
+            several = any(c.numel() > 1 for c in candidates)
+            if view.layers > 1 and (view.decoder or (several and batch != 1)):
                 basis2, lora_a2 = self._basis(view, gradient, tensors, 1, inputs)
-                limit = tolerance
-                if not exact:   # chance level of block 1: the distance of every token's block-1 input at position 0
-                    every = torch.arange(view.vocab, device=basis2.device)[:, None]
-                    chance = span_residuals(basis2, _test_space(basis2, lora_a2, view.layer_inputs(tensors, every, 1)))
-                    limit = self.ratio * float(chance.median())
-                tokens, more = self._assemble(view, tensors, candidates, basis2, lora_a2, limit, batch)
+                limit = tolerance if exact else self._chance_limit(view, tensors, basis2, lora_a2)
+                if view.decoder:
+                    tokens, more = self._assemble(view, tensors, candidates, basis2, lora_a2, limit, batch)
+                else:
+                    limit = limit * ENCODER_MARGIN if exact else limit
+                    tokens, more = assemble_encoder(view, tensors, candidates, basis2, lora_a2, limit, exact, batch,
+                                                    self.search_budget)
                 notes += more
-            elif batch == 1 or all(c.numel() == 1 for c in candidates):
-                tokens = torch.stack([c[:1] for c in candidates], dim=1)
+            elif batch == 1 or not several:
+                tokens = torch.stack([c[:1] for c in candidates], dim=1).expand(batch or 1, -1).clone()
             else:
                 tokens = torch.stack([c[0] if c.numel() == 1 else torch.tensor(-1) for c in candidates])[None]
                 tokens = tokens.expand(batch or 1, -1).clone()
-                notes.append("encoder with B > 1: tokens of each position recovered as a set; positions with "
-                             "several tokens are not assembled into sequences (-1)")
+                notes.append("NOT ASSEMBLED: a one-block encoder has no block 1 to test whole sequences: tokens of "
+                             "each position recovered as a set; positions with several tokens are -1")
             if causal:
                 last = torch.full((tokens.shape[0], 1), -1, dtype=tokens.dtype, device=tokens.device)
                 if self.last_token and bool((tokens >= 0).all()):
@@ -184,6 +199,13 @@ class SpanAttack(Attack):
                    "largest kept distance per position": worst}
         notes.append(f"{tokens.shape[0]} sequence(s) of {length} tokens in {time.perf_counter() - started:.2f} s")
         return Reconstruction(images=None, tokens=tokens.cpu(), history=history, notes=notes)
+
+    def _chance_limit(self, view, tensors, basis, lora_a) -> float:
+        """A noisy update's limit at block 1: ``ratio`` x the median distance of every token's
+        block-1 input at position 0 (chance level)."""
+        every = torch.arange(view.vocab, device=basis.device)[:, None]
+        chance = span_residuals(basis, _test_space(basis, lora_a, view.layer_inputs(tensors, every, 1)))
+        return self.ratio * float(chance.median())
 
     def _assemble(self, view, tensors, candidates, basis, lora_a, limit, batch):
         """Grow prefixes position by position; keep an extension when block 1's input at the new

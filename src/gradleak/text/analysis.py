@@ -57,8 +57,9 @@ def text_report(model: nn.Module, batch: int, length: int, loss: str) -> list[di
     rows = []
     span = span_condition(model, batch, length, loss)
     if not view.decoder and batch > 1:
-        span = {**span, "exact": False, "why": span["why"] + "; but an encoder's sequences are assembled only at "
-                "batch 1: at batch > 1 the tokens of each position are found, not which sequence holds them"}
+        span = {**span, "exact": False, "why": span["why"] + "; but an encoder's sequences at batch > 1 come from a "
+                "bounded search over the tokens found at each position (every combination when few, else coordinate "
+                "descent): the sequences it confirms at block 1 are exact, the others are returned unassembled"}
     rows.append({"attack": "dager", "applies": True, "exact": span["exact"], "why": span["why"]})
     tied = view.decoder and view.task == "causal-lm" and bool(view.hf.config.tie_word_embeddings)
     if is_lora(model):
