@@ -118,6 +118,8 @@ def targets(args, record) -> list[tuple[str, list[int]]]:
     channels = record["input_shape"][0]
     if args.photos and record["num_classes"] == 10 and len(held) >= 1:
         sets.append((f"photos{'-gray' if channels == 1 else ''}", list(PHOTOS)))
+    if args.sets:   # only these image sets (e.g. photos-gray)
+        sets = [s for s in sets if s[0] in args.sets]
     return sets
 
 
@@ -308,6 +310,7 @@ def main():
     parser.add_argument("--n", type=int, default=16, help="held-out images attacked per cell")
     parser.add_argument("--tune", type=int, default=2, help="held-out images reserved for tuning (skipped)")
     parser.add_argument("--tuning", action="store_true", help="attack the tuning images instead (sweeps)")
+    parser.add_argument("--sets", nargs="+", default=None, help="attack only these image sets (held-out, photos-gray)")
     parser.add_argument("--no-photos", dest="photos", action="store_false", help="skip photos 8 and 9")
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")

@@ -60,6 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.n_data, args.size, args.seed, args.test_fraction, args.epochs, args.photos = None, 32, 0, 0.2, None, False
+    args.sets = None
     options = {"iterations": args.iterations, "record_every": 50, **json.loads(args.attack_options)}
     log = tg._folder(args) / f"restarts-{args.tag}.jsonl"
     done = tg._done(log)

@@ -210,12 +210,17 @@ def test_cli_attacks_simulated_text_clients_and_a_captured_text_update(tmp_path)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["summary"]["exact_rate"] == 1.0 and metrics["summary"]["n_sequences"] == 4
+    # truth-free: the recovered tokens re-simulate both clients' updates to float64 precision
+    assert metrics["residual"]["updates"] == 2 and metrics["residual"]["certified"] == 2
+    assert metrics["residual"]["max"] < 1e-10 and "2 recovered sequence(s)" in metrics["residual"]["per_update"][0]["reason"]
     page = (tmp_path / "run" / "report.html").read_text()
+    assert "update residual (median; truth-free)" in page and "2 of 2 update(s)" in page
     # every token marked recovered (+1: the legend), none wrong or missing beyond the legend's own example
     assert page.count('class="ok"') == 4 * 12 + 1 and page.count('class="bad"') == page.count('class="miss"') == 1
     (tmp_path / "run" / "report.html").unlink()                        # gradleak report rebuilds a text run's page
     assert runner.invoke(app, ["report", str(tmp_path / "run")], catch_exceptions=False).exit_code == 0
-    assert (tmp_path / "run" / "report.html").read_text().count('class="ok"') == 4 * 12 + 1
+    rebuilt = (tmp_path / "run" / "report.html").read_text()
+    assert rebuilt.count('class="ok"') == 4 * 12 + 1 and "2 of 2 update(s)" in rebuilt
     from safetensors.torch import save_file
 
     save_file({"tokens": torch.full((1, 12), 10**6)}, str(tmp_path / "run" / "reconstruction.safetensors"))
@@ -231,6 +236,12 @@ def test_cli_attacks_simulated_text_clients_and_a_captured_text_update(tmp_path)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "file" / "metrics.json").read_text())["summary"]
     assert summary["exact_rate"] == 1.0 and summary["n_sequences"] == 3
+    result = runner.invoke(app, ["attack", str(update), "-a", "dager", "--out", str(tmp_path / "blind")],  # no truth
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and "certified exact (truth-free)" in result.output
+    blind = json.loads((tmp_path / "blind" / "metrics.json").read_text())
+    assert "summary" not in blind and blind["residual"]["certified"] == 1 and blind["residual"]["median"] < 1e-5
+    assert "Without ground truth" in (tmp_path / "blind" / "report.html").read_text()
     refused = runner.invoke(app, ["attack", "-a", "dager", "--n", "16", "-c", "batch_size=16", "--out",
                                   str(tmp_path / "no"), *model])                 # 16 x 11 = 176 >= d = 96
     assert refused.exit_code == 2 and ("176 input positions" in refused.output or "lie in the span" in refused.output)

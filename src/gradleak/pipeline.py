@@ -270,12 +270,12 @@ def _attack_text_update(update, update_path, attack: str, out, *, model=None, tr
     update = update.validate_for(built.module).to(dtype=built.dtype, device=built.device)
     threat = threat or ThreatModel()
     attacker = make_attack(attack, built.module, threat, dict(options or {}))
-    reconstruction = attack_updates(attacker, [update], quiet=quiet)
+    reconstruction, residuals = attack_with_residuals(attacker, [update], quiet=quiet)
     config = {"update_file": str(update_path), "model": built.description(),
               "update": {k: v for k, v in update.metadata().items() if k not in ("parameters", "model")},
               "threat": threat.to_json(), "threat_model": threat.sok(attacker)}
     return write_text_run(out, reconstruction, truth=None if truth is None else load_text_truth(truth),
-                          tokenizer=load_tokenizer(), config=config)
+                          tokenizer=load_tokenizer(), config=config, residuals=residuals)
 
 
 def attack_file(update_path: str | Path, attack: str, out: str | Path, *, model: ModelSpec | str | None = None,

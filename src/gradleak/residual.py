@@ -294,16 +294,17 @@ def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor
         return Residual(None, images=n, batch_size=batch, reason=one_line(error, 200))
     dtype = next(iter(simulated.values())).dtype
     value, tolerance = relative_distance(simulated, update.tensors), certify_tolerance(dtype)
+    kind = "image(s)" if images.is_floating_point() else "sequence(s)"
     used = tuple(int(v) for v in y.reshape(-1).tolist())
     if batch is None:
-        why = f"the batch size is not known to the server: {n} image(s) re-simulated"
+        why = f"the batch size is not known to the server: {n} {kind} re-simulated"
     elif n != batch:
-        why = f"{n} image(s) recovered of a batch of {batch}: a partial recovery is never certified"
+        why = f"{n} {kind} recovered of a batch of {batch}: a partial recovery is never certified"
     elif not value <= tolerance:
         why = f"above the {tolerance:.2g} that certifies a {str(dtype).replace('torch.', '')} re-simulation"
     else:
         return Residual(value, True, tolerance, n, batch, source,
-                        f"the {n} recovered image(s) and their {source} labels reproduce the update to {value:.1g}",
+                        f"the {n} recovered {kind} and their {source} labels reproduce the update to {value:.1g}",
                         used)
     return Residual(value, False, tolerance, n, batch, source, why, used)
 

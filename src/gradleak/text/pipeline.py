@@ -115,7 +115,7 @@ def attack_text(attack: str, out: str | Path, *, data: str = "corpus", n: int = 
     topics of the built-in corpus, or a text file) split into clients by ``client`` (FedSGD,
     batch 1 by default), each trained on ``model`` and defended by ``defenses``; each update
     attacked with ``attack`` under ``threat``; scored and written to ``out``."""
-    from ..pipeline import attack_updates, make_attack
+    from ..pipeline import attack_with_residuals, make_attack
     from ..threat import ThreatModel
     from ..update_file import save_update
 
@@ -146,10 +146,11 @@ def attack_text(attack: str, out: str | Path, *, data: str = "corpus", n: int = 
     if save_updates:
         for k, update in enumerate(updates):
             save_update(update, out / "updates" / f"client-{k:02d}.safetensors")
-    reconstruction = attack_updates(attacker, updates, quiet=quiet)
+    reconstruction, residuals = attack_with_residuals(attacker, updates, quiet=quiet)
     kept = [i for d in served[: reconstruction.updates] for i in d.indices]
     config = {"data": {"name": text.name, "n": n, "length": length, "start": start, "vocab_size": vocab},
               "model": built.description(), "model_spec": spec.to_json(), "client": setup.to_json(),
               "threat": threat.to_json(), "threat_model": threat.sok(attacker),
               "defenses": [str(d) for d in (defenses or [])], "updates": len(updates)}
-    return write_text_run(out, reconstruction, truth=text.ids[kept], tokenizer=tokenizer, config=config)
+    return write_text_run(out, reconstruction, truth=text.ids[kept], tokenizer=tokenizer, config=config,
+                          residuals=residuals)

@@ -4,7 +4,9 @@
 
     RUN_DIR/
       config.json                 what was run (attack, options, model, data, client, threat model)
-      metrics.json                ROUGE-1/2/L, token accuracy, exact-sequence rate, per sequence; notes
+      metrics.json                ROUGE-1/2/L, token accuracy, exact-sequence rate, per sequence; the
+                                  update residual (truth-free: the recovered tokens' update against the
+                                  observed one, gradleak.residual); notes
       history.json                the attack's curves (e.g. candidates per position)
       reconstruction.safetensors  recovered token ids (-1: not recovered) and the true ones
       report.html                 each true sequence beside its recovered one, tokens marked
@@ -14,6 +16,7 @@ The true tokens are stored for evaluation only; they never reach an attack.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -24,6 +27,7 @@ from safetensors.torch import save as safetensors_save
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..attacks.base import Reconstruction
+from ..residual import Residual, residual_summary
 from .metrics import TextScores, match_sequences, score_text
 
 __all__ = ["TextRunResult", "write_text_run", "render_text_report", "load_text_truth", "TEXT_RUN_TENSORS",
@@ -45,6 +49,7 @@ class TextRunResult:
     run_dir: Path
     reconstruction: Reconstruction
     scores: TextScores | None
+    residuals: list[Residual] | None = None
 
     @property
     def report(self) -> Path:
@@ -65,14 +70,20 @@ def _marked(tokenizer, recovered: list[int], truth: list[int]) -> str:
 
 
 def render_text_report(title: str, scores: TextScores | None, recovered: torch.Tensor | None, truth: torch.Tensor | None,
-                       tokenizer, config: dict[str, Any], notes: list[str]) -> str:
-    from ..report.html import _table, html_page
+                       tokenizer, config: dict[str, Any], notes: list[str], residual: Mapping | None = None) -> str:
+    """The run's page: scores and the update residual (truth-free), each recovered sequence
+    beside the truth with its tokens marked, notes and configuration."""
+    from ..report.html import _residual_rows, _table, html_page
 
     sections = [f"<style>{_CSS}</style>"]
+    rows = []
     if scores is not None:
         s = scores.summary
         rows = [[escape(k), escape(f"{v:.4f}" if isinstance(v, float) else str(v))] for k, v in s.items()]
-        sections.append("<h2>Scores (after matching sequences)</h2>" + _table(None, rows, "kv"))
+    rows += [list(row) for row in _residual_rows({"residual": residual})]
+    if rows:
+        heading = "Scores (after matching sequences)" if scores is not None else "Without ground truth"
+        sections.append(f"<h2>{heading}</h2>" + _table(None, rows, "kv"))
     if recovered is not None and truth is not None:
         pairs = match_sequences(recovered, truth)
         blocks = ['<p class="legend"><span class="ok">recovered</span><span class="bad">wrong</span>'
@@ -95,8 +106,9 @@ def render_text_report(title: str, scores: TextScores | None, recovered: torch.T
 
 
 def write_text_run(run_dir: str | Path, reconstruction: Reconstruction, *, truth: torch.Tensor | None,
-                   tokenizer, config: dict[str, Any]) -> TextRunResult:
-    """Score ``reconstruction.tokens`` against ``truth`` (B, n) and write the run folder."""
+                   tokenizer, config: dict[str, Any], residuals: list[Residual] | None = None) -> TextRunResult:
+    """Score ``reconstruction.tokens`` against ``truth`` (B, n) and write the run folder;
+    ``residuals``: each attacked update's residual (:func:`gradleak.residual.reconstruction_residual`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recovered = reconstruction.tokens
@@ -111,11 +123,14 @@ def write_text_run(run_dir: str | Path, reconstruction: Reconstruction, *, truth
         atomic_write_bytes(run_dir / "reconstruction.safetensors", safetensors_save(tensors))
     atomic_write_json(run_dir / "config.json", config)
     atomic_write_json(run_dir / "history.json", reconstruction.history)
+    residual = None if residuals is None else residual_summary(residuals)
     atomic_write_json(run_dir / "metrics.json", {**(scores.to_json() if scores else {}), "notes": reconstruction.notes,
-                                                 "interrupted": reconstruction.interrupted})
+                                                 "interrupted": reconstruction.interrupted,
+                                                 **({"residual": residual} if residual is not None else {})})
     atomic_write_text(run_dir / "report.html", render_text_report(
-        f"gradleak text run: {reconstruction.attack}", scores, recovered, truth, tokenizer, config, reconstruction.notes))
-    return TextRunResult(run_dir, reconstruction, scores)
+        f"gradleak text run: {reconstruction.attack}", scores, recovered, truth, tokenizer, config, reconstruction.notes,
+        residual))
+    return TextRunResult(run_dir, reconstruction, scores, residuals)
 
 
 def load_text_truth(path: str | Path) -> torch.Tensor:
@@ -177,6 +192,7 @@ def rebuild_text_report(run_dir: str | Path) -> Path:
         raise DataError(f"run file {quote(run_dir / 'metrics.json')}: entry 'notes' must be a list of strings")
     scores = None if truth is None or recovered is None else score_text(recovered, truth, tokenizer)
     config = documents["config.json"]
+    residual = documents["metrics.json"].get("residual")
     page = render_text_report(f"gradleak text run: {config.get('attack', '')}", scores, recovered, truth, tokenizer,
-                              config, notes)
+                              config, notes, residual if isinstance(residual, Mapping) else None)
     return atomic_write_text(run_dir / "report.html", page)
