@@ -35,6 +35,12 @@ __all__ = ["TextRunResult", "write_text_run", "render_text_report", "load_text_t
 
 TEXT_RUN_TENSORS = ("tokens", "true_tokens")
 
+# the score table's rows, in words; rates shown as percentages
+_LABELS = {"n_sequences": "sequences", "n_recovered": "sequences recovered", "rouge1": "ROUGE-1 (F)",
+           "rouge2": "ROUGE-2 (F)", "rougeL": "ROUGE-L (F)", "token_accuracy": "token accuracy",
+           "exact_rate": "exact sequences", "token_set_precision": "token-set precision",
+           "token_set_recall": "token-set recall"}
+
 _CSS = """
 .seq { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .86rem;
        white-space: pre-wrap; margin: .15rem 0; }
@@ -79,7 +85,9 @@ def render_text_report(title: str, scores: TextScores | None, recovered: torch.T
     rows = []
     if scores is not None:
         s = scores.summary
-        rows = [[escape(k), escape(f"{v:.4f}" if isinstance(v, float) else str(v))] for k, v in s.items()]
+        rows = [[escape(_LABELS.get(k, k.replace("_", " "))),
+                 escape(f"{100 * v:.1f} %" if isinstance(v, float) and k in _LABELS else
+                        f"{v:.4g}" if isinstance(v, float) else str(v))] for k, v in s.items()]
     rows += [list(row) for row in _residual_rows({"residual": residual})]
     if rows:
         heading = "Scores (after matching sequences)" if scores is not None else "Without ground truth"
@@ -102,7 +110,12 @@ def render_text_report(title: str, scores: TextScores | None, recovered: torch.T
         sections.append("<h2>Notes</h2><ul class=\"notes\">" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>")
     flat = [[escape(str(k)), f"<code>{escape(str(v))[:400]}</code>"] for k, v in config.items()]
     sections.append("<h2>Configuration</h2>" + _table(None, flat, "kv"))
-    return html_page(title, escape(str(config.get("attack", ""))), sections)
+    model, data = config.get("model"), config.get("data")
+    subtitle = " · ".join(str(part) for part in (
+        model.get("name") if isinstance(model, Mapping) else None,
+        f"{data.get('n')} sequence(s) of {data.get('length')} tokens from {data.get('name')}" if isinstance(data, Mapping)
+        else config.get("update_file")) if part)
+    return html_page(title, escape(subtitle), sections)
 
 
 def write_text_run(run_dir: str | Path, reconstruction: Reconstruction, *, truth: torch.Tensor | None,
