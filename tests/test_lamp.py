@@ -112,3 +112,20 @@ def test_lamp_options_are_refused_in_one_line():
     with pytest.raises(AttackNotApplicable, match="3223-token vocabulary") as error:
         LAMP(small.module, iterations=2, init_candidates=1).reconstruct(update)
     assert "\n" not in str(error.value)
+
+
+def test_the_exponential_schedule_ends_at_a_hundredth_of_the_rate():
+    from gradleak.attacks._engine import _scheduler
+    from gradleak.attacks.optimization import MatchingConfig
+
+    x = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([x], lr=0.01)
+    scheduler = _scheduler(MatchingConfig(schedule="exponential", iterations=200), optimizer)
+    rates = []
+    for _ in range(200):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[99] == pytest.approx(0.001, rel=1e-6) and rates[-1] == pytest.approx(1e-4, rel=1e-6)
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        MatchingConfig(schedule="exp")
