@@ -379,8 +379,6 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     cfg, hooks = attack.config, attack._hooks
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
     start, between = getattr(attack, "initial_candidates", None), getattr(attack, "candidate_step", None)
-    if start is not None:
-        start(group, objective, data, X, Y)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
     evaluate = _evaluator(objective, X, Y, data, vectorized, compiled=cfg.compile)
     consistent = cfg.group > 0 and len(group) > 1
@@ -394,6 +392,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     iteration, interrupted = 0, False
     deadline = None if cfg.time_budget is None else time.perf_counter() + cfg.time_budget
     try:
+        if start is not None:
+            start(group, objective, data, X, Y)
         for iteration in range(cfg.iterations):
             if consistent:
                 evaluate.iteration = iteration
