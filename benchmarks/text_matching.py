@@ -5,7 +5,7 @@ the untied GPT-2 language model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/text_matching.py [--iterations 500]
         [--attacks dager,tag,lamp] [--batches 1,4] [--ablation] [--no-bag]
-        [--discrete-every 75] [--proposals 200] [--init-candidates 500]
+        [--discrete-every 75] [--proposals 200] [--init-candidates 500] [--lm-weight 0.2]
 
 TAG and LAMP get the same iteration budget. LAMP runs as in the paper (a start chosen among
 ``--init-candidates`` random embeddings and orders; a discrete step every ``--discrete-every``
@@ -13,6 +13,10 @@ continuous ones after the first tenth, ``--proposals`` transformations per seque
 matching loss + 0.2 x the prior's NLL); ``--ablation`` adds LAMP without discrete steps
 (``discrete_every=0``, the same start), which shows what the alternation adds. Prints markdown
 tables (docs/text.md) and the load average before and after.
+
+Measured (docs/text.md, load ~4 on 2 cores, 500 iterations): ROUGE-1 at batch 1 / 4: TAG 10.0 / 6.1,
+LAMP 84.2 / 57.4, LAMP without discrete steps 100.0 / 68.5 (on this random-init model the
+discrete steps lower the result).
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ def main() -> None:
     parser.add_argument("--discrete-every", type=int, default=75)
     parser.add_argument("--proposals", type=int, default=200)
     parser.add_argument("--init-candidates", type=int, default=500)
+    parser.add_argument("--lm-weight", type=float, default=None, help="LAMP's prior weight (default: the paper's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     tokenizer = load_tokenizer()
     lamp = {"iterations": args.iterations, "discrete_every": args.discrete_every, "proposals": args.proposals,
-            "init_candidates": args.init_candidates}
+            "init_candidates": args.init_candidates, **({} if args.lm_weight is None else {"lm_weight": args.lm_weight})}
     rows = {"dager": ("dager", {}), "tag": ("tag", {"iterations": args.iterations}), "lamp": ("lamp", lamp)}
     chosen = [rows[name] for name in args.attacks.split(",")]
     if args.ablation:

@@ -76,7 +76,7 @@ def test_alternation_changes_the_trajectory_from_the_first_discrete_step_on():
     built = bert()
     data = load_text(n=1, length=10)
     update = update_of(built, data)
-    options = dict(iterations=40, record_every=1, proposals=8, init_candidates=3, lr=0.05)
+    options = {"iterations": 40, "record_every": 1, "proposals": 8, "init_candidates": 3, "lr": 0.05}
 
     class Plain(LAMP):                       # the engine without the discrete hook
         candidate_step = None

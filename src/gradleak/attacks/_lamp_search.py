@@ -11,7 +11,7 @@ a time, so memory does not grow with their number.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

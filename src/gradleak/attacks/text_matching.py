@@ -94,10 +94,9 @@ class _TextMatching(GradientMatching):
         finally:
             self.config = config
         tokens = nearest_tokens(view, tensors, result.images.to(tensors[view.embedding_name].dtype))
+        projected = f"continuous embeddings projected to the nearest of {view.vocab} tokens (cosine of the first-layer inputs)"
         return Reconstruction(images=None, tokens=tokens.cpu(), labels=result.labels, history=result.history,
-                              notes=result.notes + notes + [f"continuous embeddings projected to the nearest of "
-                                                            f"{view.vocab} tokens (cosine of the first-layer inputs)"],
-                              interrupted=result.interrupted)
+                              notes=result.notes + notes + [projected], interrupted=result.interrupted)
 
     def _begin(self, view, tensors, update) -> None:
         """Before the engine runs on ``update``: what the attack's hooks need for this run."""
