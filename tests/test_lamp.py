@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradleak.attacks import LAMP
-from gradleak.attacks._lamp_search import TRANSFORMATIONS, discrete_step, transformation
+from gradleak.attacks._lamp_search import TRANSFORMATIONS, choose_start, discrete_step, transformation
 from gradleak.attacks.text_matching import nearest_tokens
 from gradleak.client import fedsgd_update
 from gradleak.errors import AttackNotApplicable, ConfigError
@@ -129,3 +129,17 @@ def test_the_exponential_schedule_ends_at_a_hundredth_of_the_rate():
     assert rates[99] == pytest.approx(0.001, rel=1e-6) and rates[-1] == pytest.approx(1e-4, rel=1e-6)
     with pytest.raises(ConfigError, match="schedule must be one of"):
         MatchingConfig(schedule="exp")
+
+
+def test_the_start_is_the_lowest_scored_of_the_random_embeddings_at_the_table_norm():
+    built = bert()
+    data = load_text(n=1, length=10)
+    attack = LAMP(built.module)
+    score, view, tensors = scorer(attack, update_of(built, data), with_prior=False)
+    norm = tensors[view.embedding_name].norm(dim=1).mean()
+    def scale(x):
+        return torch.nn.functional.normalize(x, dim=-1) * norm
+    first = torch.randn(1, 10, view.width, generator=torch.Generator().manual_seed(3))
+    start, value = choose_start(score, first, 12, torch.Generator().manual_seed(4), scale)
+    assert value == pytest.approx(score(start)) and value < score(scale(first))   # 22 draws beat the first one
+    assert torch.allclose(start.norm(dim=-1), norm.expand(1, 10))
