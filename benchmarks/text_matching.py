@@ -4,15 +4,26 @@ BERT-base and GPT-2-small sizes (classification heads: the embedding is trained 
 the untied GPT-2 language model.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/text_matching.py [--iterations 500]
-        [--attacks dager,tag,lamp,bag-of-words] [--dtype float32]
+        [--attacks dager,tag,lamp] [--batches 1,4] [--ablation] [--no-bag] [--dtype float32]
+        [--discrete-every 75] [--proposals 200] [--init-candidates 500] [--lm-weight 0.2]
 
-Prints two markdown tables (docs/text.md); ``--attacks`` picks rows (the bag of words is the second
-table), ``--dtype float64`` builds the BERT classifier in float64.
+TAG and LAMP get the same iteration budget. LAMP runs as in the paper (a start chosen among
+``--init-candidates`` random embeddings and orders; a discrete step every ``--discrete-every``
+continuous ones after the first tenth, ``--proposals`` transformations per sequence scored by the
+matching loss + 0.2 x the prior's NLL); ``--ablation`` adds LAMP without discrete steps
+(``discrete_every=0``, the same start), which shows what the alternation adds. Prints markdown
+tables (docs/text.md) and the load average before and after. ``--dtype float64`` builds the BERT
+classifier in float64.
+
+Measured (docs/text.md, load ~4 on 2 cores, 500 iterations): ROUGE-1 at batch 1 / 4: TAG 10.0 / 6.1,
+LAMP 84.2 / 57.4, LAMP without discrete steps 100.0 / 68.5 (on this random-init model the
+discrete steps lower the result).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,23 +45,32 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=500)
-    parser.add_argument("--swaps", type=int, default=50)
-    parser.add_argument("--attacks", default="dager,tag,lamp,bag-of-words")
+    parser.add_argument("--attacks", default="dager,tag,lamp")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--ablation", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--no-bag", action="store_true")
+    parser.add_argument("--discrete-every", type=int, default=75)
+    parser.add_argument("--proposals", type=int, default=200)
+    parser.add_argument("--init-candidates", type=int, default=500)
+    parser.add_argument("--lm-weight", type=float, default=None, help="LAMP's prior weight (default: the paper's)")
     args = parser.parse_args()
-    chosen = set(args.attacks.split(","))
     torch.set_num_threads(1)
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
     tokenizer = load_tokenizer()
+    lamp = {"iterations": args.iterations, "discrete_every": args.discrete_every, "proposals": args.proposals,
+            "init_candidates": args.init_candidates, **({} if args.lm_weight is None else {"lm_weight": args.lm_weight})}
+    rows = {"dager": ("dager", {}), "tag": ("tag", {"iterations": args.iterations}), "lamp": ("lamp", lamp)}
+    chosen = [rows[name] for name in args.attacks.split(",")]
+    if args.ablation:
+        chosen.append(("lamp", {**lamp, "discrete_every": 0}))
     print("| batch | attack | ROUGE-1 | ROUGE-2 | token accuracy | exact seq. | s / update |\n|---|---|---|---|---|---|---|")
     spec = ModelSpec("bert", {"width": 256, "layers": 4, "heads": 4, "positions": 64}, dtype=args.dtype)
     built = spec.build((16,), 2)
-    for batch in (1, 4):
+    for batch in (int(b) for b in args.batches.split(",")):
         data = load_text(n=batch, length=16)
         (served,) = text_updates(built, data.ids, data.labels, ClientSetup(batch_size=batch), None, tokenizer)
-        for name, options in (("dager", {}), ("tag", {"iterations": args.iterations}),
-                              ("lamp", {"iterations": args.iterations, "swaps": args.swaps})):
-            if name not in chosen:
-                continue
+        for name, options in chosen:
             attack = make_attack(name, built.module, ThreatModel(), options)
             started = time.perf_counter()
             try:
@@ -60,11 +80,11 @@ def main() -> None:
                 continue
             seconds = time.perf_counter() - started
             s = score_text(result.tokens, data.ids, tokenizer).summary
-            dtype = "" if args.dtype == "float32" else f" ({args.dtype})"
-            print(f"| {batch} | {name}{' ' + str(options) if options else ''}{dtype} | {100 * s['rouge1']:.1f} | "
+            print(f"| {batch} | {name}{' ' + str(options) if options else ''} | {100 * s['rouge1']:.1f} | "
                   f"{100 * s['rouge2']:.1f} | {100 * s['token_accuracy']:.1f} | {100 * s['exact_rate']:.0f} % | "
                   f"{seconds:.1f} |", flush=True)
-    if "bag-of-words" not in chosen:
+    print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
+    if args.no_bag:
         return
     print("\n| model | batch x length | tokens in the batch | found | precision | recall | s / update |\n"
           "|---|---|---|---|---|---|---|")

@@ -15,7 +15,14 @@ results are marked ``interrupted`` so that the callers stop too (no further rest
 or audit cell runs, and nothing interrupted is stored as finished).
 
 The engine depends on nothing of :mod:`.optimization` (which imports :func:`run_group`): it
-reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``.
+reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``. Two methods of
+the attack may act on the candidates of the slots ``group`` (their restart numbers), in place:
+``attack.initial_candidates(group, objective, data, X, Y)`` once before the first step (LAMP's
+choice among random starts) and ``attack.candidate_step(iteration, group, objective, data, X, Y)``
+after every step (LAMP's discrete
+step, which alternates with the continuous one), writing them under ``torch.no_grad()``; an
+attack without them, or whose methods leave the candidates alone, runs exactly as before. The
+optimiser's state is kept across a replacement.
 """
 
 from __future__ import annotations
@@ -251,6 +258,8 @@ def _scheduler(cfg, optimizer):
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [n * 3 // 8, n * 5 // 8, n * 7 // 8], gamma=0.1)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n)
+    if cfg.schedule == "exponential":  # lr x 0.01 over the run (LAMP: x0.89 every 50 of 2,000 steps)
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.01 ** (1 / n))
     return None
 
 
@@ -370,6 +379,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     ``stop_after``: stop after that many iterations of the full schedule (restart screening)."""
     cfg, hooks = attack.config, attack._hooks
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
+    start, between = getattr(attack, "initial_candidates", None), getattr(attack, "candidate_step", None)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
     evaluate = _evaluator(objective, X, Y, data, vectorized, compiled=cfg.compile)
     consistent = cfg.group > 0 and len(group) > 1
@@ -383,6 +393,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     iteration, interrupted = 0, False
     deadline = None if cfg.time_budget is None else time.perf_counter() + cfg.time_budget
     try:
+        if start is not None:
+            start(group, objective, data, X, Y)
         for iteration in range(cfg.iterations):
             if consistent:
                 evaluate.iteration = iteration
@@ -394,6 +406,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
             best.keep(values, x_seen, y_seen, iteration)
             if _recording_due(cfg, iteration):
                 _record_iteration(histories, iteration, values, best, monitors, spec)
+            if between is not None:
+                between(iteration, group, objective, data, X, Y)
             if hooks.progress is not None:
                 hooks.progress(iteration + 1, cfg.iterations)
             stop = _stop_reason(cfg, X, best, iteration, group, deadline)

@@ -45,7 +45,7 @@ __all__ = ["MatchingConfig", "GradientMatching", "DLG", "IDLG", "InvertingGradie
 
 _CHOICES = {
     "objective": OBJECTIVES, "layer_weights": LAYER_WEIGHTS, "optimizer": ("adam", "lbfgs", "sgd"),
-    "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine"), "init": ("randn", "rand", "zeros"),
+    "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine", "exponential"), "init": ("randn", "rand", "zeros"),
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
     "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto"),
@@ -73,7 +73,8 @@ class MatchingConfig:
     lr: float = 0.1
     signed: str | None = "sign"  # Adam/SGD on sign(grad) or tanh(grad / mean|grad|)
     boxed: bool = True           # project onto the valid pixel range after each step
-    schedule: str = "step"       # step decay x0.1 at 3/8, 5/8, 7/8 of the iterations, or cosine
+    schedule: str = "step"       # step decay x0.1 at 3/8, 5/8, 7/8 of the iterations, cosine, or exponential
+                                 # (x0.01 over the run, LAMP's x0.89 every 50 of 2,000)
     iterations: int = 4800
     init: str = "randn"
     restarts: int = 1

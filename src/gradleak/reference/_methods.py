@@ -65,6 +65,12 @@ def attack_options(cls: type) -> list[tuple[str, str, str]]:
     return rows
 
 
+def own_options(cls: type) -> list[tuple[str, str, str]]:
+    """(option, type, default) of an engine preset's own keyword options (LAMP's), beyond the
+    engine's fields."""
+    return [row for row in attack_options(cls) if row[0] not in (code("config"), code("**overrides"))]
+
+
 def option_lines() -> list[str]:
     """Every attack's ``-o key=value`` options as plain text, one line per attack (the engine's
     presets share one line): for ``gradleak attack --help``."""
@@ -74,6 +80,8 @@ def option_lines() -> list[str]:
 
     engine = sorted(name for name, cls in ATTACKS.items() if issubclass(cls, GradientMatching))
     lines = [f"{', '.join(engine)}: " + ", ".join(f.name for f in dc.fields(MatchingConfig))]
+    lines += [f"{name} also: {', '.join(row[0].strip('`') for row in own_options(ATTACKS[name]))}"
+              for name in engine if own_options(ATTACKS[name])]
     for name, cls in sorted(ATTACKS.items()):
         if name in engine:
             continue
@@ -148,6 +156,9 @@ def attack_sections() -> list[str]:
             sets = ", ".join(f"`{key}={value!r}`" for key, value in preset_overrides(cls).items())
             lines.append(f"Options: every [gradient-matching option](#gradient-matching-options); "
                          f"this preset sets {sets or 'none (the defaults)'}.")
+            own = own_options(cls)
+            if own:
+                lines += ["", "Its own options:", ""] + table(["option", "type", "default"], own)
             continue
         options = attack_options(cls)
         lines += table(["option", "type", "default"], options) if options else ["Options: none."]

@@ -10,7 +10,7 @@ from importlib import resources
 
 import torch
 
-__all__ = ["PRIOR_OPTIONS", "language_prior", "sequence_nll"]
+__all__ = ["PRIOR_OPTIONS", "language_prior", "prior_vocab", "sequence_nll"]
 
 PRIOR_OPTIONS = {"width": 64, "layers": 2, "heads": 2, "positions": 256}
 
@@ -33,6 +33,11 @@ def _prior_module():
 def language_prior(dtype=torch.float32, device="cpu"):
     """The prior model (built once), in ``dtype`` on ``device``."""
     return _prior_module().to(dtype=dtype, device=device)
+
+
+def prior_vocab() -> int:
+    """The size of the prior's vocabulary (the built-in tokenizer's)."""
+    return _prior_module().net.transformer.wte.num_embeddings
 
 
 @torch.no_grad()
