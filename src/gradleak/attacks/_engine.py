@@ -15,7 +15,8 @@ results are marked ``interrupted`` so that the callers stop too (no further rest
 or audit cell runs, and nothing interrupted is stored as finished).
 
 The engine depends on nothing of :mod:`.optimization` (which imports :func:`run_group`): it
-reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``. Two methods of
+reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``; a group is
+evaluated by :mod:`._evaluators`. Two methods of
 the attack may act on the candidates of the slots ``group`` (their restart numbers), in place:
 ``attack.initial_candidates(group, objective, data, X, Y)`` once before the first step (LAMP's
 choice among random starts) and ``attack.candidate_step(iteration, group, objective, data, X, Y)``
@@ -33,16 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.func import grad_and_value, vmap
 
+from ._evaluators import Evaluation, evaluator
 from .matching import consensus, group_consistency
 
 __all__ = ["RestartResult", "run_group"]
-
-# What one evaluation of the group returns: the input gradient, the soft-label gradient
-# (or None) and the matching loss, each stacked over the restarts.
-Evaluation = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
-
 
 @dataclass
 class RestartResult:
@@ -88,96 +84,6 @@ def _candidates(cfg, group: list[int], shape, classes: int, optimize_labels: boo
 
 def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     return X.detach().clone(), None if Y is None else Y.detach().clone()
-
-
-# ------------------------------------------------------------------------- evaluator
-def _evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any, vectorized: bool = True,
-               compiled: bool = False) -> Callable[[], Evaluation]:
-    """The matching loss of the current candidates and its gradients: one ``vmap`` over the
-    slots when there are several (``vectorized``) or a loop over them, plain autograd
-    (cheaper) for one. ``data``: each slot's target data, stacked (None: the objective's own).
-    ``compiled``: the functional evaluation through ``torch.compile`` (``vmap`` of
-    ``grad_and_value`` for several slots, ``grad_and_value`` alone for one); the callers refuse
-    it for the loop."""
-    if compiled:
-        return _vmap_evaluator(objective, X, Y, data, compiled=True) if X.shape[0] > 1 else \
-            _compiled_single(objective, X, Y, data)
-    if X.shape[0] > 1:
-        return _vmap_evaluator(objective, X, Y, data) if vectorized else _loop_evaluator(objective, X, Y, data)
-    return _autograd_evaluator(objective, X, Y, data)
-
-
-def _slot(data: Any, k: int) -> Any:
-    """Slot ``k`` of stacked target data (a dict of tensors, nested), or None."""
-    if data is None:
-        return None
-    if isinstance(data, dict):
-        return {key: _slot(value, k) for key, value in data.items()}
-    return data[k]
-
-
-def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any, compiled: bool = False
-                    ) -> Callable[[], Evaluation]:
-    single = grad_and_value(objective, argnums=(0, 1) if Y is not None else 0)
-    dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
-    stacked = vmap(single, in_dims=dims)
-    if compiled:  # Inductor; autograd.grad inside a compiled graph is not safe (benchmarks/compile_step.py)
-        stacked = torch.compile(stacked, dynamic=False)
-
-    def evaluate() -> Evaluation:
-        x, y = X.detach(), None if Y is None else Y.detach()
-        grads, values = stacked(x, y, data)
-        gx, gy = grads if isinstance(grads, tuple) else (grads, None)
-        return gx, gy, values.detach()
-
-    return evaluate
-
-
-def _autograd_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
-                        ) -> Callable[[], Evaluation]:
-    own = _slot(data, 0)
-
-    def evaluate() -> Evaluation:
-        x, y = X.detach(), None if Y is None else Y.detach()
-        inputs = [x[0].requires_grad_(True)] + ([] if y is None else [y[0].requires_grad_(True)])
-        value = objective(inputs[0], None if y is None else inputs[1], own, functional=False)
-        grads = torch.autograd.grad(value, inputs)
-        return grads[0][None], None if y is None else grads[1][None], value.detach()[None]
-
-    return evaluate
-
-
-def _compiled_single(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
-                     ) -> Callable[[], Evaluation]:
-    """One slot through ``torch.compile(grad_and_value(objective))`` without ``vmap``: torch
-    2.13 has no vmap batching rule for eval-mode batch norm, and its fallback is slow
-    (``benchmarks/compile_run.py``)."""
-    single = torch.compile(grad_and_value(objective, argnums=(0, 1) if Y is not None else 0), dynamic=False)
-
-    def evaluate() -> Evaluation:
-        grads, value = single(X[0].detach(), None if Y is None else Y[0].detach(), _slot(data, 0))
-        gx, gy = grads if isinstance(grads, tuple) else (grads, None)
-        return gx.unsqueeze(0), None if gy is None else gy.unsqueeze(0), value.detach().unsqueeze(0)
-
-    return evaluate
-
-
-def _loop_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any
-                    ) -> Callable[[], Evaluation]:
-    """The slots evaluated one after the other with plain autograd, stacked (BatchNorm
-    models: each restart's batch statistics stay its own)."""
-    def evaluate() -> Evaluation:
-        gx, gy, values = [], [], []
-        for r in range(X.shape[0]):
-            inputs = [X[r].detach().requires_grad_(True)] + ([] if Y is None else [Y[r].detach().requires_grad_(True)])
-            value = objective(inputs[0], None if Y is None else inputs[1], _slot(data, r), functional=False)
-            grads = torch.autograd.grad(value, inputs)
-            gx.append(grads[0])
-            gy.append(None if Y is None else grads[1])
-            values.append(value.detach())
-        return torch.stack(gx), None if Y is None else torch.stack(gy), torch.stack(values)
-
-    return evaluate
 
 
 # ------------------------------------------------------------------ group consistency
@@ -381,7 +287,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
     start, between = getattr(attack, "initial_candidates", None), getattr(attack, "candidate_step", None)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
-    evaluate = _evaluator(objective, X, Y, data, vectorized, compiled=cfg.compile)
+    evaluate = evaluator(objective, X, Y, data, vectorized, compiled=cfg.compile)
     consistent = cfg.group > 0 and len(group) > 1
     if consistent:
         evaluate = _GroupConsistency(cfg, evaluate, X)

@@ -36,7 +36,7 @@ import torch
 from ..errors import AttackNotApplicable
 from ..limits import MAX_ITERATIONS, check_float, check_int
 from ..text.arch import TransformerView
-from ._engine import _slot
+from ._evaluators import slot as _slot
 from ._lamp_search import choose_start, discrete_step
 from .base import Attack, Reconstruction, register_attack
 from .optimization import GradientMatching, MatchingConfig
