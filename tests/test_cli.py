@@ -151,3 +151,24 @@ def test_attack_with_defenses_records_them_and_their_effect(tmp_path):
 def test_bad_defenses_get_one_clear_line(tmp_path, args, needle):
     result = invoke("attack", "--model", "mlp", "--n", 2, "--size", 16, *args, "--out", tmp_path / "r", "--quiet")
     assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
+
+
+def test_attack_start_picks_the_images_and_is_refused_for_an_update_file(tmp_path):
+    """--start N attacks the built-in set's images N.. (e.g. a trained model's held-out ones)."""
+    from safetensors.torch import load_file
+
+    from gradleak.data import load_builtin
+
+    result = invoke("attack", "-a", "fc-bias", "--data", "digits", "--start", 5, "--n", 1, "--model", "mlp",
+                    "--out", tmp_path / "r", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["start"] == 5
+    stored = load_file(str(tmp_path / "r" / "reconstruction.safetensors"))
+    truth = next(v for k, v in stored.items() if "orig" in k or "truth" in k)
+    digits = load_builtin("digits", size=32, n=6)
+    assert torch.allclose(truth[0], digits.images[5], atol=1e-6)
+    assert not torch.allclose(truth[0], digits.images[0], atol=1e-2)
+    update = tmp_path / "u.safetensors"
+    assert invoke("capture", "--out", update, "--model", "mlp", "-q").exit_code == 0
+    refused = runner.invoke(app, ["attack", str(update), "--start", "3", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "--start apply to simulated clients" in refused.output

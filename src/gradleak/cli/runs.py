@@ -133,6 +133,8 @@ def attack(
     labels_known: bool = typer.Option(False, help="Threat model: the attacker is granted the shared labels."),
     data: str = typer.Option("photos", help="Without UPDATE: built-in data name or path."),
     n: int = limited("images", 8, help="Without UPDATE: number of images."),
+    start: int = limited("start", 0, help="Without UPDATE: index of the first image (or text sequence), e.g. a "
+                         "held-out image of a trained model (training.json's held_out_indices)."),
     size: Optional[int] = limited("side", 32, help="Without UPDATE: image side."),
     client: Optional[list[str]] = ClientOpt,
     model: Optional[str] = typer.Option(None, help="Zoo name or package.module:factory (default mlp; with UPDATE: "
@@ -171,9 +173,9 @@ def attack(
     server = "malicious" if attack_name != AUTO and issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
     threat = ThreatModel(labels_known=labels_known, server=server)
     if update is not None:
-        if defense or client:
-            raise ConfigError("--defense and --client apply to simulated clients; an update file was made (and "
-                              "defended, or not) by its client")
+        if defense or client or start:
+            raise ConfigError("--defense, --client and --start apply to simulated clients; an update file was made "
+                              "(and defended, or not) by its client")
         spec = None
         if model is not None or weights is not None:
             spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
@@ -189,13 +191,13 @@ def attack(
             from ..text.pipeline import attack_text
 
             with replacing(out, overwrite):
-                result = attack_text(attack_name, out, data=_text_data(data), n=n, length=length, model=spec,
+                result = attack_text(attack_name, out, data=_text_data(data), n=n, length=length, start=start, model=spec,
                                      client=setup, threat=threat, options=options, defenses=defense, quiet=quiet)
             summary(result, quiet)
             stop_if_interrupted(result)
             return
         with replacing(out, overwrite):
-            result = attack_simulated(attack_name, out, data=DataRequest(data, n, size), model=spec, client=setup,
+            result = attack_simulated(attack_name, out, data=DataRequest(data, n, size, start), model=spec, client=setup,
                                       threat=threat, options=options, defenses=defense, quiet=quiet)
     summary(result, quiet)
     stop_if_interrupted(result)
