@@ -134,6 +134,12 @@ def test_interrupt_keeps_the_best_iterate(lenet, photos):
     result = GradientMatching(lenet, iterations=500, record_every=5).reconstruct(update, monitor=monitor)
     assert any("interrupted at iteration 15 of 500" in note for note in result.notes)
     assert result.images is not None and torch.isfinite(result.images).all()
+    # Ctrl-C while screening restarts: the best screened iterate, marked interrupted, no restart run on
+    calls = []
+    screened = GradientMatching(lenet, iterations=500, restarts=3, screen=50, record_every=5,
+                                batched_restarts="loop").reconstruct(update, monitor=lambda images: monitor(images, calls))
+    assert screened.interrupted and screened.images is not None and torch.isfinite(screened.images).all()
+    assert not any("ran to the end" in note for note in screened.notes)
 
 
 def test_batchnorm_statistics_are_recovered_exactly_from_running_stats(photos):

@@ -27,21 +27,25 @@ class Screening:
     chosen: int                 # the restart that runs to the end
     losses: dict[int, float]    # each restart's lowest matching loss within the screen
     note: str
+    runs: list                  # the screened runs (their results, when Ctrl-C cut the screen short)
+    interrupted: bool = False
 
 
 def screen_restarts(attack, problem) -> Screening:
     """Run every restart of ``problem`` for ``attack.config.screen`` iterations; the lowest loss wins."""
     cfg, update = attack.config, problem.update
     losses: dict[int, float] = {}
+    screened: list = []
     for group in problem.groups:
         runs = run_group(attack, problem.objective, group, problem.shape, problem.classes, problem.labels is None,
                          problem.bounds, problem.spec, update.loss, vectorized=problem.batched,
                          stop_after=cfg.screen)
+        screened += runs
         losses.update({run.restart: run.loss for run in runs if not run.consensus})
-        if runs[-1].interrupted:
-            raise KeyboardInterrupt
+        if runs[-1].interrupted:   # Ctrl-C: the caller keeps the best screened iterate
+            return Screening(-1, losses, "interrupted while screening the restarts", screened, True)
     finite = {r: v for r, v in losses.items() if v == v and abs(v) != float("inf")}
     chosen = min(finite, key=finite.__getitem__) if finite else min(losses)
     shown = ", ".join(f"{r}: {v:.4g}" for r, v in sorted(losses.items()))
     return Screening(chosen, losses, f"restarts screened for {cfg.screen} iterations (lowest matching loss: "
-                                     f"{shown}); restart {chosen} ran to the end")
+                                     f"{shown}); restart {chosen} ran to the end", screened)

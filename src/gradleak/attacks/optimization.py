@@ -218,6 +218,8 @@ class GradientMatching(Attack):
         groups, screened = problem.groups, None
         if self.config.screen is not None:
             screened = screen_restarts(self, problem)
+            if screened.interrupted:   # Ctrl-C while screening: the best screened iterate, marked interrupted
+                return self._result(problem, screened.runs)
             groups = [[screened.chosen]]
         for group in groups:
             runs += run_group(self, problem.objective, group, problem.shape, problem.classes, problem.labels is None,
