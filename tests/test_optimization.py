@@ -299,6 +299,7 @@ def test_screening_runs_on_the_restart_with_the_lowest_early_loss_along_its_own_
     early = {r: min(full.history[f"loss[{r}]"]["y"][:15]) for r in range(3)}
     chosen = min(early, key=early.__getitem__)
     assert f"restart {chosen} ran to the end" in " ".join(screened.notes)
+    assert f"restart {chosen} (the lowest loss of 3 after 15 iterations)" in " ".join(screened.notes)
     assert set(screened.history) == {f"loss[{chosen}]"}
     assert screened.history[f"loss[{chosen}]"]["y"] == full.history[f"loss[{chosen}]"]["y"]
     assert len({round(min(v["y"]), 6) for v in full.history.values()}) == 3   # the restarts differ

@@ -332,6 +332,9 @@ def _choice_note(cfg, runs, best, batched: bool) -> str:
     """Which candidate the attack returns and why (the lowest matching loss wins)."""
     how = " (batched with vmap)" if batched else ""
     if not any(run.consensus for run in runs):
+        if cfg.screen is not None and len(runs) == 1 and cfg.restarts > 1:   # the others stopped at the screen
+            return (f"restart {best.restart} (the lowest loss of {cfg.restarts} after {cfg.screen} iterations): "
+                    f"matching loss {best.loss:.4g} after {best.iterations} iteration(s){how}")
         return (f"best of {cfg.restarts} restart(s): restart {best.restart}, matching loss {best.loss:.4g}"
                 f" after {best.iterations} iteration(s){how}")
     restarts = [run for run in runs if not run.consensus]
