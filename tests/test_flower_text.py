@@ -14,24 +14,17 @@ pytest.importorskip("flwr")
 import gradleak as gl  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from gradleak.flower import LeakageAuditStrategy, training_metrics, write_report  # noqa: E402
 from gradleak.flower.explain import APPROXIMATE, EXACT  # noqa: E402
 from gradleak.models import ModelSpec  # noqa: E402
 from gradleak.text import load_text  # noqa: E402
 
+from flower_support import flower_identity  # noqa: E402,F401 (a module-wide fixture)
+
 LENGTH = 12
 TINY = {"width": 96, "layers": 2, "heads": 2, "positions": 64}
 # node id -> (first sequence, sequences, minibatch): 3 sequences in one step, 4 in two steps of 2
 PLAN = {11: (0, 3, 3), 22: (3, 4, 2)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _flower_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="module")
