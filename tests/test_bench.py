@@ -3,25 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_support import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).parents[1] / "benchmarks" / "bench.py"
-    spec = importlib.util.spec_from_file_location("gradleak_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("bench") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_iterative_case_records_a_timed_curve(bench):
@@ -51,15 +42,8 @@ def test_scaling_tiles_and_per_iteration_median():
 
     from gradleak.data import load_builtin
 
-    path = Path(__file__).parents[1] / "benchmarks" / "scaling.py"
-    spec = importlib.util.spec_from_file_location("gradleak_scaling", path)
-    scaling = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = scaling
-    try:
-        spec.loader.exec_module(scaling)
+    with benchmark_module("scaling") as scaling:
         images, labels = scaling.tiles(64, 32)
-    finally:
-        sys.modules.pop(spec.name, None)
     assert images.shape == (64, 3, 32, 32) and labels.tolist() == [p % 8 for p in range(64)]
     assert len({tuple(t.flatten()[::97].tolist()) for t in images}) == 64
     photos = load_builtin("photos", size=96, n=8).images      # 64 images: 3 x 3 tiles of 8 photos

@@ -3,29 +3,18 @@ check runs end to end at a few iterations and the one JSON holds each check's fi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_support import benchmark_module
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_dry_on_the_cpu_and_writes_one_json(tmp_path):
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gradleak_gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        out = tmp_path / "gpu-check.json"
+    out = tmp_path / "gpu-check.json"
+    with benchmark_module("gpu_check", also_imports=("bench", "gradinversion")) as module:
         report = module.main(["--device", "cpu", "--quick", "--out", str(out)])
         fitted = _fit_lenet(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-        for name in ("bench", "gradinversion"):   # imported from benchmarks/ by the script
-            sys.modules.pop(name, None)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     checks = report["checks"]
     assert list(checks) == list(module.CHECKS)
