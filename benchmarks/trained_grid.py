@@ -20,6 +20,8 @@ Clients normalise with the training set's statistics (recorded in the weights fi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import statistics
@@ -113,6 +115,9 @@ def targets(args, record) -> list[tuple[str, list[int]]]:
     """(image set, indices) attacked: the held-out split from ``--tune`` on, then photos 8 and 9."""
     if args.tuning:   # the images reserved for tuning attack settings, never reported as results
         return [("tune", record["held_out_indices"][:args.tune])]
+    if args.images:   # diagnosis on chosen images (training images: never reported as held-out results)
+        held = set(record["held_out_indices"])
+        return [("chosen-held-out" if set(args.images) <= held else "chosen", list(args.images))]
     held = record["held_out_indices"][args.tune:args.tune + args.n]
     sets = [("held-out", held)]
     channels = record["input_shape"][0]
@@ -145,15 +150,61 @@ def _load_average() -> float:
     return os.getloadavg()[0]
 
 
-def attack_one(module, record, images, labels, mode: str, options: dict):
-    """One FedSGD update of ``images`` (the training set's normalization), attacked; per-image scores."""
+@contextlib.contextmanager
+def flat_starts(how: str | None, images):
+    """Diagnosis only: every restart starts from a flat image instead of the attack's ``randn``.
+    ``oracle``: at the true batch's mean brightness (uses the truth: never an attack result);
+    ``spread``: odd restarts flat at 0.5, 0.25, 0.75, 0.125, ... (van der Corput), even ones ``randn``;
+    ``truth+S``: the true images plus Gaussian noise of standard deviation S (pixel scale; uses the
+    truth): how wide the true image's basin is."""
+    if how is None:
+        yield
+        return
+    import gradleak.attacks._engine as engine
+
+    original = engine._initial
+
+    def level(k: int) -> float:
+        value, step = 0.0, 0.5
+        while k:
+            value, k, step = value + step * (k & 1), k >> 1, step / 2
+        return value
+
+    def start(cfg, restart, shape, spec, dtype, device):
+        if how == "spread" and restart % 2 == 0:
+            return original(cfg, restart, shape, spec, dtype, device)
+        if how.startswith("truth+"):
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(restart), dtype=dtype)
+            return spec.normalize((images.to(dtype) + float(how[6:]) * noise).clamp(0, 1)).to(device)
+        v = float(images.mean()) if how == "oracle" else level((restart + 1) // 2)
+        return spec.normalize(torch.full(shape, v, dtype=dtype)).to(device)
+
+    engine._initial = start
+    try:
+        yield
+    finally:
+        engine._initial = original
+
+
+def attack_one(module, record, images, labels, mode: str, options: dict, *, attacker_dtype=None, bn_prior=False,
+               flat=None):
+    """One FedSGD update of ``images`` (the training set's normalization), attacked; per-image scores.
+    ``attacker_dtype``: the attacker computes in this precision (the client's update stays float32);
+    ``bn_prior``: the attacker uses the model's BatchNorm running statistics as a prior (``bn`` option);
+    ``flat``: diagnosis-only flat starts (:func:`flat_starts`)."""
     module.train(mode == "train")
     data_spec = gl.DataSpec(tuple(record["data_spec"]["mean"]), tuple(record["data_spec"]["std"]))
     update = gl.fedsgd_update(module, images, labels, spec=data_spec)
+    attacked = module
+    if attacker_dtype is not None:
+        attacked = copy.deepcopy(module).to(attacker_dtype).train(mode == "train")
+        update = update.to(attacker_dtype)
     attack = gl.get_attack(options.get("attack", "inverting-gradients"))(
-        module, gl.ThreatModel(), **{k: v for k, v in options.items() if k != "attack"})
+        attacked, gl.ThreatModel(bn_statistics=bn_prior), **{k: v for k, v in options.items() if k != "attack"})
     started = time.perf_counter()
-    rec = attack.reconstruct(update)
+    with flat_starts(flat, images):
+        rec = attack.reconstruct(update)
+    rec.images = rec.images.float()
     seconds = time.perf_counter() - started
     scores = score(rec.images, images, predicted_labels=rec.labels, true_labels=labels, use_lpips=False)
     rows = sorted(scores.per_image, key=lambda r: r["index"])
@@ -189,8 +240,10 @@ def attack(args):
                         if key in _done(log):
                             continue
                         load = _load_average()
+                        dtype = getattr(torch, args.attacker_dtype) if args.attacker_dtype else None
                         row, rec = attack_one(module, record, images_all[start:start + batch],
-                                              labels_all[start:start + batch], mode, options)
+                                              labels_all[start:start + batch], mode, options, flat=args.flat,
+                                              attacker_dtype=dtype, bn_prior=args.bn_prior)
                         row.update(key=key, net=net, mode=mode, batch=batch, set=which,
                                    indices=indices[start:start + batch], tag=args.tag, options=options,
                                    load_before=load, load_after=_load_average(), data=str(args.data), model=args.model,
@@ -311,6 +364,14 @@ def main():
     parser.add_argument("--tune", type=int, default=2, help="held-out images reserved for tuning (skipped)")
     parser.add_argument("--tuning", action="store_true", help="attack the tuning images instead (sweeps)")
     parser.add_argument("--sets", nargs="+", default=None, help="attack only these image sets (held-out, photos-gray)")
+    parser.add_argument("--images", type=lambda v: [int(i) for i in v.split(",")], default=None,
+                        help="diagnosis: attack these data set indices (e.g. training images) instead")
+    parser.add_argument("--attacker-dtype", choices=("float32", "float64"), default=None,
+                        help="the attacker's precision (the client's update stays float32)")
+    parser.add_argument("--bn-prior", action="store_true", help="the attacker's BatchNorm running-statistics prior "
+                        "(give the weight with --attack-options '{\"bn\": 0.1}')")
+    parser.add_argument("--flat", default=None, help="diagnosis: flat starts (oracle: at the true mean brightness; "
+                        "spread: half of the restarts flat at spread levels; truth+S: the truth plus noise S)")
     parser.add_argument("--no-photos", dest="photos", action="store_false", help="skip photos 8 and 9")
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")

@@ -52,6 +52,8 @@ class MatchingConfig:
     optimizer: str = "adam"
     lr: float = 0.1
     signed: str | None = "sign"  # Adam/SGD on sign(grad) or tanh(grad / mean|grad|)
+    precondition: float = 0.0    # spectral preconditioning: the image gradient's spatial spectrum x |f|^(-2a)
+                                 # before the (signed) step; 0 = none, 0.5 = what helps trained networks (_engine.py)
     boxed: bool = True           # project onto the valid pixel range after each step
     schedule: str = "step"       # step decay x0.1 at 3/8, 5/8, 7/8 of the iterations, cosine, or exponential
                                  # (x0.01 over the run, LAMP's x0.89 every 50 of 2,000)
@@ -96,6 +98,12 @@ class MatchingConfig:
             raise ConfigError(f"group={self.group:g} needs restarts >= 2 (the group's consensus is their mean), "
                               f"got restarts={self.restarts}")
         check_float("lr", self.lr, low_open=True)
+        check_float("precondition", self.precondition)
+        if self.precondition > 2:
+            raise ConfigError(f"precondition is the exponent a of |f|^(-2a), in [0, 2], got {short_repr(self.precondition)}")
+        if self.precondition and self.optimizer == "lbfgs":
+            raise ConfigError(f"precondition={self.precondition:g} shapes a first-order step: it needs optimizer adam or "
+                              "sgd, got lbfgs")
         check_float("tol", self.tol, optional=True)
         check_float("time_budget", self.time_budget, low_open=True, optional=True)
         if self.patience is not None:

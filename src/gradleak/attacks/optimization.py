@@ -293,6 +293,8 @@ class GradientMatching(Attack):
             labels = best.y_soft.argmax(-1) if update.loss != "binary_cross_entropy" else (best.y_soft > 0).long().reshape(-1)
         notes = [problem.label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
                  _choice_note(cfg, runs, best, batched)]
+        if cfg.precondition:
+            notes.append(f"spectral preconditioning: image gradient spectrum x |f|^-{2 * cfg.precondition:g}")
         notes += [note for run in runs for note in run.notes]
         interrupted = runs[-1].interrupted
         if interrupted and len(runs) < cfg.restarts:
