@@ -108,6 +108,23 @@ def _show_image(ax: Any, image: np.ndarray) -> None:
 MAX_GRID_IMAGES = 256  # images drawn in one grid (32 row pairs of 8); the rest are in the tables
 
 
+def _grid_inputs(reconstructions: Any, originals: Any | None, psnr: Sequence[Any] | None):
+    """The grid's images as arrays and its PSNR titles, refused where their counts or channels differ."""
+    recon = _images_to_numpy(reconstructions, "reconstructions")
+    orig = None if originals is None else _images_to_numpy(originals, "originals")
+    n = recon.shape[0]
+    if orig is not None and orig.shape[0] != n:
+        raise ConfigError(f"originals has {orig.shape[0]} images but reconstructions has {n}")
+    if orig is not None and orig.shape[1] != recon.shape[1]:
+        raise ConfigError(
+            f"originals has {orig.shape[1]} channels but reconstructions has {recon.shape[1]}"
+        )
+    labels = [None] * n if psnr is None else [_format_psnr(v) for v in psnr]
+    if len(labels) != n:
+        raise ConfigError(f"psnr has {len(labels)} values but there are {n} reconstructions")
+    return recon, orig, labels
+
+
 def reconstruction_grid(
     reconstructions: Any,
     path: str | os.PathLike,
@@ -135,18 +152,8 @@ def reconstruction_grid(
     """
     if max_columns < 1:
         raise ConfigError(f"max_columns must be >= 1; got {max_columns}")
-    recon = _images_to_numpy(reconstructions, "reconstructions")
-    orig = None if originals is None else _images_to_numpy(originals, "originals")
+    recon, orig, labels = _grid_inputs(reconstructions, originals, psnr)
     n = recon.shape[0]
-    if orig is not None and orig.shape[0] != n:
-        raise ConfigError(f"originals has {orig.shape[0]} images but reconstructions has {n}")
-    if orig is not None and orig.shape[1] != recon.shape[1]:
-        raise ConfigError(
-            f"originals has {orig.shape[1]} channels but reconstructions has {recon.shape[1]}"
-        )
-    labels = [None] * n if psnr is None else [_format_psnr(v) for v in psnr]
-    if len(labels) != n:
-        raise ConfigError(f"psnr has {len(labels)} values but there are {n} reconstructions")
     if n == 0:
         return _message_figure("no reconstruction", path, title)
     if n > MAX_GRID_IMAGES:  # matplotlib cannot draw a figure thousands of cells tall; the page says so
