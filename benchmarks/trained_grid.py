@@ -257,14 +257,17 @@ def attack(args):
 
 
 def rows_of(folder: Path, tag: str) -> list[dict]:
-    """The attacks logged under ``tag``; ``A+B`` is the attacker's own choice per attack between the variants
-    A and B: the one with the lower matching loss (no ground truth), kept only where every variant ran."""
-    if "+" in tag and not tag.startswith("diag"):
-        variants = [{row["key"]: row for row in rows_of(folder, t)} for t in tag.split("+")]
-        shared = [k for k in variants[0] if all(k in v for v in variants[1:])]
-        return [min((v[k] for v in variants), key=lambda row: row["matching_loss"]) for k in shared]
+    """The attacks logged under ``tag``; where no log has that name, ``A+B`` is the attacker's own choice per
+    attack between the variants A and B: the one with the lower matching loss (no ground truth), kept only
+    where every variant ran."""
     log = folder / f"attacks-{tag}.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    if log.exists():
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if "+" not in tag:
+        return []
+    variants = [{row["key"]: row for row in rows_of(folder, t)} for t in tag.split("+")]
+    shared = [k for k in variants[0] if all(k in v for v in variants[1:])]
+    return [min((v[k] for v in variants), key=lambda row: row["matching_loss"]) for k in shared]
 
 
 def cells(rows: list[dict]) -> dict[tuple, dict]:
@@ -381,7 +384,8 @@ def main():
     parser.add_argument("--no-photos", dest="photos", action="store_false", help="skip photos 8 and 9")
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")
-    parser.add_argument("--tag", default="default", help="names the attack variant in the results (table/figure: A+B = per attack the variant with the lower matching loss)")
+    parser.add_argument("--tag", default="default", help="names the attack variant in the results (table/figure: A+B = per attack the variant "
+                        "with the lower matching loss)")
     parser.add_argument("--rows", nargs="+", default=["untrained:default", "sgd:default"], help="figure: NET:TAG rows")
     parser.add_argument("--columns", type=int, default=16, help="figure: images shown")
     parser.add_argument("--out", default="trained-grid.png", help="figure: the PNG written")
