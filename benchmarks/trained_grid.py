@@ -384,8 +384,8 @@ def main():
     parser.add_argument("--no-photos", dest="photos", action="store_false", help="skip photos 8 and 9")
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")
-    parser.add_argument("--tag", default="default", help="names the attack variant in the results (table/figure: A+B = per attack the variant "
-                        "with the lower matching loss)")
+    parser.add_argument("--tag", default="default", help="names the attack variant in the results (table/figure: "
+                        "A+B = per attack the variant with the lower matching loss)")
     parser.add_argument("--rows", nargs="+", default=["untrained:default", "sgd:default"], help="figure: NET:TAG rows")
     parser.add_argument("--columns", type=int, default=16, help="figure: images shown")
     parser.add_argument("--out", default="trained-grid.png", help="figure: the PNG written")
