@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError
-from ._evaluators import Evaluation, evaluator
+from ._evaluators import Evaluation, evaluator, slot
+from ._flat_start import flat_start
 from .matching import consensus, group_consistency
 
 __all__ = ["RestartResult", "run_group"]
@@ -57,7 +58,7 @@ class RestartResult:
 # ------------------------------------------------------------------ initial candidates
 def _initial(cfg, restart: int, shape, spec, dtype, device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + restart)
-    if cfg.init == "randn":
+    if cfg.init in ("randn", "randn+flat", "flat"):   # flat: replaced by the scan in run_group
         x = torch.randn(shape, generator=generator, dtype=dtype)
     elif cfg.init == "rand":
         x = spec.normalize(torch.rand(shape, generator=generator, dtype=dtype))
@@ -81,6 +82,28 @@ def _candidates(cfg, group: list[int], shape, classes: int, optimize_labels: boo
     label_shape = (shape[0],) if loss_name == "binary_cross_entropy" else (shape[0], classes)
     Y = torch.stack([_initial_labels(cfg, r, label_shape, dtype) for r in group]).to(device).requires_grad_(True)
     return X, Y
+
+
+def _flat_starts(cfg, objective: Callable, group: list[int], data: Any, X: torch.Tensor, Y: torch.Tensor | None,
+                 bounds) -> list[str]:
+    """``init="flat"`` (every slot) or ``"randn+flat"`` (the last restart): the slot starts at the
+    uniform image with the lowest matching loss (:func:`._flat_start.flat_start`), in place."""
+    low, high = (bound.expand(X.shape[1:]) for bound in bounds)
+    notes = []
+    for k, restart in enumerate(group):
+        if cfg.init != "flat" and restart != cfg.restarts - 1:
+            continue
+        y = None if Y is None else Y[k].detach()
+
+        def score(x, y=y, target=slot(data, k)):
+            return float(objective(x, y, target, functional=False).detach())
+
+        x, levels, value = flat_start(score, low, high)
+        with torch.no_grad():
+            X[k].copy_(x)
+        shown = ", ".join(f"{v:.2f}" for v in levels.reshape(-1)[:8].tolist()) + (" ..." if levels.numel() > 8 else "")
+        notes.append(f"restart {restart}: flat start at pixel level(s) {shown} (matching loss {value:.4g})")
+    return notes
 
 
 def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -307,6 +330,9 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     if cfg.precondition and len(shape) != 4:
         raise ConfigError(f"precondition={cfg.precondition:g} filters images: it needs candidates of shape (B, C, H, W), "
                           f"got {tuple(shape)}")
+    if cfg.init in ("flat", "randn+flat") and len(shape) != 4:
+        raise ConfigError(f"init={cfg.init!r} starts from uniform images: it needs candidates of shape (B, C, H, W), "
+                          f"got {tuple(shape)}")
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
     start, between = getattr(attack, "initial_candidates", None), getattr(attack, "candidate_step", None)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
@@ -324,6 +350,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     try:
         if start is not None:
             start(group, objective, data, X, Y)
+        if cfg.init in ("flat", "randn+flat"):
+            notes.extend(_flat_starts(cfg, objective, group, data, X, Y, bounds))
         for iteration in range(cfg.iterations):
             if consistent:
                 evaluate.iteration = iteration

@@ -25,7 +25,7 @@ __all__ = ["MatchingConfig"]
 
 _CHOICES = {
     "objective": OBJECTIVES, "layer_weights": LAYER_WEIGHTS, "optimizer": ("adam", "lbfgs", "sgd"),
-    "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine", "exponential"), "init": ("randn", "rand", "zeros"),
+    "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine", "exponential"), "init": ("randn", "rand", "zeros", "flat", "randn+flat"),
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
     "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto"),
@@ -58,7 +58,8 @@ class MatchingConfig:
     schedule: str = "step"       # step decay x0.1 at 3/8, 5/8, 7/8 of the iterations, cosine, or exponential
                                  # (x0.01 over the run, LAMP's x0.89 every 50 of 2,000)
     iterations: int = 4800
-    init: str = "randn"
+    init: str = "randn"          # randn | rand | zeros | flat (the uniform image of lowest matching loss) |
+                                 # randn+flat (restarts - 1 random starts and one flat one; _flat_start.py)
     restarts: int = 1
     screen: int | None = None    # restarts > 1: each runs this many iterations; the lowest matching loss runs to the end
     labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
@@ -104,6 +105,12 @@ class MatchingConfig:
         if self.precondition and self.optimizer == "lbfgs":
             raise ConfigError(f"precondition={self.precondition:g} shapes a first-order step: it needs optimizer adam or "
                               "sgd, got lbfgs")
+        if self.init == "flat" and self.restarts > 1:
+            raise ConfigError(f"init='flat' starts every restart at the same image: use restarts=1 or init='randn+flat', "
+                              f"got restarts={self.restarts}")
+        if self.init == "randn+flat" and self.restarts < 2:
+            raise ConfigError(f"init='randn+flat' runs random starts and one flat start: it needs restarts >= 2, "
+                              f"got restarts={self.restarts}")
         check_float("tol", self.tol, optional=True)
         check_float("time_budget", self.time_budget, low_open=True, optional=True)
         if self.patience is not None:
