@@ -349,7 +349,7 @@ def figure(args):
         ax.set_yticks([])
     fig.suptitle(f"{args.data}, {args.model} {args.options}, {args.modes[0]}-mode BatchNorm, batch {args.batches[0]} "
                  "(held-out images; PSNR dB)", fontsize=7)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.22 / fig.get_figheight()))   # room for the title
     fig.savefig(args.out)
     print(f"wrote {args.out}")
 

@@ -246,6 +246,25 @@ def test_the_cosine_distance_is_one_minus_the_weighted_cosine_over_all_layers(le
         assert 0.05 < expected < 1.95  # two different images: neither parallel nor opposite
 
 
+@pytest.mark.parametrize("objective", ["cosine", "layer-cosine"])
+def test_cosine_distance_stays_in_range_for_a_confident_candidates_tiny_gradient(lenet, photos, objective):
+    """A candidate the network classifies with near certainty has a gradient ~1e-25 per entry:
+    its squared norm underflows in float32 while its dot product with the observed gradient does
+    not. The distance must still be that of the direction (0 for a parallel gradient, the same
+    value as at full scale otherwise), never outside [0, 2] (-95 was once recorded)."""
+    from gradleak.attacks.matching import gradient_distance
+
+    first = fedsgd_update(lenet, photos.images[:1], photos.labels[:1]).tensors
+    second = fedsgd_update(lenet, photos.images[1:2], photos.labels[1:2]).tensors
+    names, weights = list(first), torch.ones(len(first))
+    for scale in (1e-25, 1e-40):
+        tiny = {n: first[n] * scale for n in names}
+        assert float(gradient_distance(tiny, first, names, weights, objective)) == pytest.approx(0.0, abs=1e-5)
+        full = float(gradient_distance(second, first, names, weights, objective))
+        small = float(gradient_distance({n: second[n] * scale for n in names}, first, names, weights, objective))
+        assert small == pytest.approx(full, abs=1e-5) and 0.0 < small < 2.0
+
+
 def test_observed_output_gradient_reproduces_the_update_exactly_at_the_true_image(photos):
     """output_gradient='observed': the candidate's gradient is J(x')^T delta with delta the
     classifier's bias gradient, so at the client's image it is the client's gradient itself."""

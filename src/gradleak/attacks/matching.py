@@ -80,6 +80,15 @@ def layer_weights(count: int, scheme: str, *, dtype=torch.float32, device=None) 
     raise ConfigError(f"layer_weights must be one of {LAYER_WEIGHTS}, got {scheme!r}")
 
 
+def _unit_scaled(v: torch.Tensor) -> torch.Tensor:
+    """``v`` divided by its largest magnitude (a constant: no gradient flows through it), so that
+    the squares of a cosine never underflow. A confidently classified candidate's gradient can be
+    ~1e-20 per entry: its squared norm then underflows in float32 while its dot product with the
+    observed gradient does not, and the "cosine" came out far outside [-1, 1] (a matching loss of
+    -95 was recorded). Cosines are scale-invariant, so the value and its gradient are unchanged."""
+    return v / v.detach().abs().amax().clamp_min(torch.finfo(v.dtype).tiny)
+
+
 def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], names: Sequence[str],
                       weights: torch.Tensor, objective: str, uniform: bool | None = None) -> torch.Tensor:
     """The distance between the candidate's and the observed gradients over ``names``.
@@ -97,8 +106,8 @@ def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str
     if objective == "cosine":
         # the layers as one flat vector per side: three reductions instead of three per layer
         # (fewer kernels per iteration, which is most of what a small model's iteration costs)
-        cand = torch.cat([candidate[n].reshape(-1) for n in names])
-        targ = torch.cat([target[n].reshape(-1) for n in names])
+        cand = _unit_scaled(torch.cat([candidate[n].reshape(-1) for n in names]))
+        targ = _unit_scaled(torch.cat([target[n].reshape(-1) for n in names]))
         if bool((weights == 1).all()) if uniform is None else uniform:
             dot, cc, tt = (cand * targ).sum(), (cand * cand).sum(), (targ * targ).sum()
         else:
@@ -106,8 +115,9 @@ def gradient_distance(candidate: Mapping[str, torch.Tensor], target: Mapping[str
             dot, cc, tt = (w * cand * targ).sum(), (w * cand * cand).sum(), (w * targ * targ).sum()
         return 1 - dot / (cc.sqrt() * tt.sqrt()).clamp_min(1e-30)
     if objective == "layer-cosine":
-        terms = [w * (1 - torch.nn.functional.cosine_similarity(candidate[n].flatten(), target[n].flatten(), dim=0,
-                                                                   eps=1e-30)) for n, w in zip(names, weights)]
+        terms = [w * (1 - torch.nn.functional.cosine_similarity(_unit_scaled(candidate[n].flatten()),
+                                                                   _unit_scaled(target[n].flatten()), dim=0, eps=1e-30))
+                 for n, w in zip(names, weights)]
         return sum(terms) / weights.sum()
     raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
