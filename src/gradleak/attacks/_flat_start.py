@@ -5,7 +5,7 @@ image: the objective is sharp around the truth (noise of 30 dB costs 1 - cos ~0.
 trained faces networks, ~1e-4 on the untrained one), and a signed step from noise builds
 texture the image does not have. A uniform image at the right brightness starts much nearer,
 and the objective itself finds that brightness: scanned over flat images, the matching loss is
-lowest at the true mean level of a plain crop (within 0.01-0.06 of it on the held-out faces;
+lowest at the true mean level of a plain crop (within 0.003-0.063 of it on the held-out faces;
 docs/models.md). The scan needs no ground truth, costs a few dozen gradient evaluations, and a
 start that does not suit the image (a face) ends with a higher matching loss than a random one,
 so with ``randn+flat`` the attacker keeps whichever explains the update better.
@@ -62,7 +62,7 @@ def flat_start(score: Callable[[torch.Tensor], float], low: torch.Tensor, high: 
     coarse = torch.linspace(0, 1, COARSE, dtype=low.dtype)
     steps = torch.arange(-5, 6, dtype=low.dtype) * FINE
     full = torch.full((batch, channels), 0.5, dtype=low.dtype, device=low.device)
-    state = _best(score, [full * 0 + v for v in coarse], low, high, (full, math.inf))
+    state = _best(score, [torch.full_like(full, float(v)) for v in coarse], low, high, (full, math.inf))
     coordinates = [(b, c) for b in range(batch) for c in range(channels)] if batch * channels > 1 else []
 
     def coarse_pass(state):
