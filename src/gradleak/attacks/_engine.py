@@ -37,7 +37,7 @@ import torch
 
 from ..errors import ConfigError
 from ._evaluators import Evaluation, evaluator, slot
-from ._flat_start import flat_start
+from ._flat_start import FLAT_INITS, flat_start
 from .matching import consensus, group_consistency
 
 __all__ = ["RestartResult", "run_group"]
@@ -58,7 +58,7 @@ class RestartResult:
 # ------------------------------------------------------------------ initial candidates
 def _initial(cfg, restart: int, shape, spec, dtype, device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + restart)
-    if cfg.init in ("randn", "randn+flat", "flat"):   # flat: replaced by the scan in run_group
+    if cfg.init == "randn" or cfg.init in FLAT_INITS:   # flat: replaced by the scan in run_group
         x = torch.randn(shape, generator=generator, dtype=dtype)
     elif cfg.init == "rand":
         x = spec.normalize(torch.rand(shape, generator=generator, dtype=dtype))
@@ -313,6 +313,18 @@ def _final_evaluation(cfg, evaluate: Callable[[], Evaluation], X: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------- the loop
+def _check_image_options(cfg, shape: tuple[int, ...]) -> None:
+    """Options that only make sense for image candidates (B, C, H, W), refused before any work."""
+    if len(shape) == 4:
+        return
+    if cfg.precondition:
+        raise ConfigError(f"precondition={cfg.precondition:g} filters images: it needs candidates of shape (B, C, H, W), "
+                          f"got {tuple(shape)}")
+    if cfg.init in FLAT_INITS:
+        raise ConfigError(f"init={cfg.init!r} starts from uniform images: it needs candidates of shape (B, C, H, W), "
+                          f"got {tuple(shape)}")
+
+
 def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, ...], classes: int,
               optimize_labels: bool, bounds, spec, loss_name: str, vectorized: bool = True, data: Any = None,
               monitors: list[Callable | None] | None = None, stop_after: int | None = None) -> list[RestartResult]:
@@ -327,12 +339,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     ``time_budget``) act on the whole group: callers batch targets only without them.
     ``stop_after``: stop after that many iterations of the full schedule (restart screening)."""
     cfg, hooks = attack.config, attack._hooks
-    if cfg.precondition and len(shape) != 4:
-        raise ConfigError(f"precondition={cfg.precondition:g} filters images: it needs candidates of shape (B, C, H, W), "
-                          f"got {tuple(shape)}")
-    if cfg.init in ("flat", "randn+flat") and len(shape) != 4:
-        raise ConfigError(f"init={cfg.init!r} starts from uniform images: it needs candidates of shape (B, C, H, W), "
-                          f"got {tuple(shape)}")
+    _check_image_options(cfg, shape)
     X, Y = _candidates(cfg, group, shape, classes, optimize_labels, loss_name, spec, bounds[0].dtype, bounds[0].device)
     start, between = getattr(attack, "initial_candidates", None), getattr(attack, "candidate_step", None)
     monitors = [hooks.monitor] * len(group) if monitors is None else monitors
@@ -350,7 +357,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     try:
         if start is not None:
             start(group, objective, data, X, Y)
-        if cfg.init in ("flat", "randn+flat"):
+        if cfg.init in FLAT_INITS:
             notes.extend(_flat_starts(cfg, objective, group, data, X, Y, bounds))
         for iteration in range(cfg.iterations):
             if consistent:

@@ -18,7 +18,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["flat_start"]
+__all__ = ["FLAT_INITS", "flat_start"]
+
+FLAT_INITS = ("flat", "randn+flat")   # the values of ``init`` that start (some) restarts flat
 
 COARSE = 21   # levels 0, 0.05, ..., 1 (pixel scale)
 FINE = 0.01   # then +-0.05 around the best in steps of 0.01
