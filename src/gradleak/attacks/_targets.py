@@ -49,6 +49,8 @@ def batching_refused(attack) -> str | None:
         return "group consistency ties the restarts of one update"
     if cfg.tol is not None or cfg.patience is not None or cfg.time_budget is not None:
         return "a stopping rule (tol, patience, time_budget) acts on the whole group"
+    if cfg.smooth_relu:
+        return f"smooth_relu={cfg.smooth_relu:g} (two passes per update)"
     if cfg.screen is not None:
         return "restart screening (screen=...)"
     if cfg.restarts > 1 and cfg.batched_restarts == "loop":

@@ -54,6 +54,8 @@ class MatchingConfig:
     signed: str | None = "sign"  # Adam/SGD on sign(grad) or tanh(grad / mean|grad|)
     precondition: float = 0.0    # spectral preconditioning: the image gradient's spatial spectrum x |f|^(-2a)
                                  # before the (signed) step; 0 = none, 0.5 = what helps trained networks (_engine.py)
+    smooth_relu: float = 0.0    # > 0: a first pass through softplus(beta = this) for every ReLU, then a second pass
+                                 # through the exact model at lr/10 from its result (2x the iterations; _continuation.py)
     boxed: bool = True           # project onto the valid pixel range after each step
     schedule: str = "step"       # step decay x0.1 at 3/8, 5/8, 7/8 of the iterations, cosine, or exponential
                                  # (x0.01 over the run, LAMP's x0.89 every 50 of 2,000)
@@ -111,6 +113,10 @@ class MatchingConfig:
         if self.init == "randn+flat" and self.restarts < 2:
             raise ConfigError(f"init='randn+flat' runs random starts and one flat start: it needs restarts >= 2, "
                               f"got restarts={self.restarts}")
+        check_float("smooth_relu", self.smooth_relu)
+        if self.smooth_relu and self.labels == "optimize":
+            raise ConfigError(f"smooth_relu={self.smooth_relu:g}'s exact pass restarts from the smooth pass's images, not its "
+                              "soft labels: use labels='given', 'infer' or 'distinct'")
         check_float("tol", self.tol, optional=True)
         check_float("time_budget", self.time_budget, low_open=True, optional=True)
         if self.patience is not None:

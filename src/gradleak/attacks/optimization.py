@@ -32,6 +32,7 @@ from ..functional import batch_norm_in_train_mode, forward, has_batch_norm, task
 from ..limits import check_batch
 from ..losses import get_loss
 from ..update import SharedUpdate
+from ._continuation import relu_continuation
 from ._engine import run_group
 from ._layers import classifier_layer, trace_linear_layers
 from ._screening import screen_restarts
@@ -213,6 +214,8 @@ class GradientMatching(Attack):
 
     # ------------------------------------------------------------------ main
     def _reconstruct(self, update: SharedUpdate) -> Reconstruction:
+        if self.config.smooth_relu:   # two passes: softplus stand-in, then the exact model (_continuation.py)
+            return relu_continuation(self, update)
         problem = self._problem(update)
         runs: list = []
         groups, screened = problem.groups, None

@@ -37,22 +37,39 @@ def torchvision_model(name: str, num_classes: int = 1000, in_channels: int = 3) 
     return getattr(tvm, name)(weights=None, num_classes=num_classes)
 
 
-def swap_activations(model: nn.Module, activation: str = "sigmoid") -> nn.Module:
+def swap_activations(model: nn.Module, activation: str = "sigmoid", *, beta: float = 1.0,
+                     require_relu: bool = False) -> nn.Module:
     """Return a copy of ``model`` with every ReLU (module or function) replaced.
 
-    The result is a ``torch.fx.GraphModule`` with the same parameter names.
+    ``activation``: ``sigmoid``, ``tanh``, ``relu`` or ``softplus`` (``log(1 + exp(beta z)) / beta``,
+    which tends to ReLU as ``beta`` grows). The result is a ``torch.fx.GraphModule`` with the
+    same parameter names; the parameters and buffers are the model's own (shared, not copied).
+    A model that ``torch.fx`` cannot trace is refused naming the condition; so is one without any
+    ReLU when ``require_relu``.
     """
-    if activation not in _FUNCTIONAL or activation not in ACTIVATIONS:
-        raise ConfigError(f"cannot swap ReLU for {activation!r}; choose one of {sorted(_FUNCTIONAL)}")
-    graph_module = fx.symbolic_trace(model)
-    replacement = ACTIVATIONS[activation]
+    if activation not in _FUNCTIONAL and activation != "softplus":
+        raise ConfigError(f"cannot swap ReLU for {activation!r}; choose one of {sorted([*_FUNCTIONAL, 'softplus'])}")
+    if activation == "softplus" and not (isinstance(beta, (int, float)) and 0 < beta < float("inf")):
+        raise ConfigError(f"softplus beta must be a positive finite number, got {beta!r}")
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception as error:   # fx refuses data-dependent control flow and untraceable calls
+        raise ConfigError(f"swapping activations needs a model torch.fx can trace; {type(model).__name__} cannot: "
+                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    swapped = 0
     for node in graph_module.graph.nodes:
         if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-            node.target = _FUNCTIONAL[activation]
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+            node.target = F.softplus if activation == "softplus" else _FUNCTIONAL[activation]
+            node.kwargs = {"beta": float(beta)} if activation == "softplus" else {}
             node.args = node.args[:1]
+            swapped += 1
         elif node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), nn.ReLU):
             parent, _, child = node.target.rpartition(".")
-            setattr(graph_module.get_submodule(parent) if parent else graph_module, child, replacement())
+            replacement = nn.Softplus(beta=float(beta)) if activation == "softplus" else ACTIVATIONS[activation]()
+            setattr(graph_module.get_submodule(parent) if parent else graph_module, child, replacement)
+            swapped += 1
+    if require_relu and not swapped:
+        raise ConfigError(f"{type(model).__name__} has no ReLU (module or F.relu call) to swap for {activation}")
     graph_module.recompile()
+    graph_module.train(model.training)
     return graph_module
