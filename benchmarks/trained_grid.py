@@ -342,7 +342,7 @@ def figure(args):
                                   interpolation="nearest")
                 axes[r][c].set_title(f"{row['psnr'][j]:.1f}", fontsize=6, pad=1)
                 c += 1
-        axes[r][0].set_ylabel(name, fontsize=6)
+        axes[r][0].set_ylabel(name.replace("+", "+\n"), fontsize=5)   # long choices (A+B+C) wrap at each +
     axes[0][0].set_ylabel("original", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
