@@ -1,7 +1,7 @@
-"""ReLU smoothing by continuation (``smooth_relu``): the softplus stand-in is the model with
-its ReLUs swapped and nothing else, pass 2 starts exactly where pass 1 ended and never returns
-a worse exact matching loss than that start, Ctrl-C in pass 1 keeps its result, and what
-cannot be smoothed is refused naming the condition."""
+"""ReLU smoothing by continuation (``smooth_relu``): pass 2 starts exactly where pass 1 ended
+and never returns a worse exact matching loss than that start, Ctrl-C in pass 1 keeps its
+result, and bad options are refused naming them. The softplus stand-in itself
+(``swap_activations(..., "softplus")``) is tested in tests/test_models.py."""
 
 from __future__ import annotations
 
@@ -9,56 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gradleak import fedsgd_update
 from gradleak.attacks import InvertingGradients, MatchingConfig
 from gradleak.errors import ConfigError
 from gradleak.models import build_model, swap_activations
-
-
-class _Inline(nn.Module):
-    """A ReLU module and an ``F.relu`` call: both must be swapped."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.ReLU()
-        self.fc = nn.Linear(4 * 30 * 30, 10)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.act(self.conv(x))).flatten(1))
-
-
-def test_softplus_swap_is_the_model_with_smooth_relus(photos):
-    torch.manual_seed(0)
-    model = _Inline()
-    x = photos.images[:2]
-    for beta in (1.0, 3.0):
-        swapped = swap_activations(model, "softplus", beta=beta)
-        expected = model.fc(F.softplus(F.softplus(model.conv(x), beta=beta), beta=beta).flatten(1))
-        torch.testing.assert_close(swapped(x), expected)
-    sharp = swap_activations(model, "softplus", beta=1e4)   # softplus -> ReLU as beta grows
-    assert (sharp(x) - model(x)).abs().max() < 1e-3 < (swapped(x) - model(x)).abs().max()
-    assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in model.named_parameters()]
-    assert all(a is b for a, b in zip(swapped.parameters(), model.parameters()))   # shared, not copied
-    assert isinstance(model.act, nn.ReLU)   # the original is untouched
-
-
-def test_swap_refusals_name_the_condition():
-    with pytest.raises(ConfigError, match="beta must be a positive"):
-        swap_activations(_Inline(), "softplus", beta=0.0)
-    sigmoid = build_model("mlp", (1, 8, 8), 10, activation="sigmoid")
-    with pytest.raises(ConfigError, match="has no ReLU"):
-        swap_activations(sigmoid, "softplus", beta=3.0, require_relu=True)
-
-    class Branchy(nn.Module):
-        def forward(self, x):
-            return torch.relu(x) if x.sum() > 0 else x   # data-dependent control flow: fx cannot trace it
-
-    with pytest.raises(ConfigError, match="torch.fx can trace"):
-        swap_activations(Branchy(), "softplus", beta=3.0)
 
 
 def test_config_refuses_a_bad_beta_and_optimised_labels():
