@@ -46,6 +46,7 @@ def test_pass_two_starts_at_pass_one_and_never_ends_worse(photos):
     assert result.history["smooth loss"]["x"][-1] < cfg.iterations
     assert not torch.equal(result.images, pass_one)                # pass 2 moved
     assert any(note.startswith("pass 2 (the exact model") for note in result.notes)
+    assert sum("label from" in note for note in result.notes) == 1   # pass 2's repeated label note shown once
 
 
 def test_ctrl_c_in_pass_one_keeps_its_best_iterate(photos):

@@ -46,6 +46,7 @@ def relu_continuation(attack, update) -> Reconstruction:
     first = type(attack)(smooth, attack.threat, config=replace(cfg, smooth_relu=0.0))
     first._hooks = attack._hooks
     guide = first._reconstruct(update)
+    repeated = set(guide.notes)   # pass 2 repeats the label and layer notes: shown once
     guide.notes = [f"pass 1 (every ReLU as softplus, beta {cfg.smooth_relu:g}): {note}" for note in guide.notes]
     guide.history = {(f"smooth {key}" if key.startswith("loss") else key): series for key, series in guide.history.items()}
     if guide.interrupted:   # Ctrl-C in pass 1: its best iterate, marked interrupted
@@ -69,10 +70,5 @@ def relu_continuation(attack, update) -> Reconstruction:
         merged["y"] = [*merged["y"], *series["y"]]
     result.history = history
     result.notes = guide.notes + [f"pass 2 (the exact model, from pass 1's result, lr {cfg.lr / 10:g}): {note}"
-                                  for note in result.notes if note not in exact_notes_of(guide)]
+                                  for note in result.notes if note not in repeated]
     return result
-
-
-def exact_notes_of(guide: Reconstruction) -> set[str]:
-    """Pass 1's notes without their prefix (pass 2 repeats the label and layer notes)."""
-    return {note.split("): ", 1)[1] for note in guide.notes if "): " in note}
