@@ -56,17 +56,18 @@ def swap_activations(model: nn.Module, activation: str = "sigmoid", *, beta: flo
     except Exception as error:   # fx refuses data-dependent control flow and untraceable calls
         raise ConfigError(f"swapping activations needs a model torch.fx can trace; {type(model).__name__} cannot: "
                           f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+    if activation == "softplus":   # the function, its keyword arguments and the module that replace a ReLU
+        function, kwargs, module = F.softplus, {"beta": float(beta)}, lambda: nn.Softplus(beta=float(beta))
+    else:
+        function, kwargs, module = _FUNCTIONAL[activation], {}, ACTIVATIONS[activation]
     swapped = 0
     for node in graph_module.graph.nodes:
         if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-            node.target = F.softplus if activation == "softplus" else _FUNCTIONAL[activation]
-            node.kwargs = {"beta": float(beta)} if activation == "softplus" else {}
-            node.args = node.args[:1]
+            node.target, node.kwargs, node.args = function, dict(kwargs), node.args[:1]
             swapped += 1
         elif node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), nn.ReLU):
             parent, _, child = node.target.rpartition(".")
-            replacement = nn.Softplus(beta=float(beta)) if activation == "softplus" else ACTIVATIONS[activation]()
-            setattr(graph_module.get_submodule(parent) if parent else graph_module, child, replacement)
+            setattr(graph_module.get_submodule(parent) if parent else graph_module, child, module())
             swapped += 1
     if require_relu and not swapped:
         raise ConfigError(f"{type(model).__name__} has no ReLU (module or F.relu call) to swap for {activation}")
