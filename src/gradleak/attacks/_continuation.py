@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import torch
 
+from ..data.spec import DataSpec
 from ..models.adapters import swap_activations
 from .base import Reconstruction
 
@@ -51,8 +52,7 @@ def relu_continuation(attack, update) -> Reconstruction:
     guide.history = {(f"smooth {key}" if key.startswith("loss") else key): series for key, series in guide.history.items()}
     if guide.interrupted:   # Ctrl-C in pass 1: its best iterate, marked interrupted
         return guide
-    spec = update.data_spec
-    start = guide.images if spec is None else spec.normalize(guide.images)
+    start = (update.data_spec or DataSpec()).normalize(guide.images)   # the candidate space, as _problem defines it
     exact = type(attack)(attack.model, attack.threat, config=replace(
         cfg, smooth_relu=0.0, lr=cfg.lr / 10, restarts=1, screen=None, group=0.0, init="randn"))
     exact._hooks = attack._hooks
