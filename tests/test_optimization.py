@@ -322,3 +322,65 @@ def test_screening_runs_on_the_restart_with_the_lowest_early_loss_along_its_own_
     assert set(screened.history) == {f"loss[{chosen}]"}
     assert screened.history[f"loss[{chosen}]"]["y"] == full.history[f"loss[{chosen}]"]["y"]
     assert len({round(min(v["y"]), 6) for v in full.history.values()}) == 3   # the restarts differ
+
+
+def _objective_and_input_gradient(model, update, x, **options):
+    attack = GradientMatching(model, ThreatModel(), tv=0.0, iterations=1, **options)
+    problem = attack._problem(update)
+    x = x.clone().requires_grad_(True)
+    value = problem.objective(x, None, functional=False)
+    return float(value.detach()), torch.autograd.grad(value, x)[0]
+
+
+def _confident_linear_classifier(x, y, margin):
+    model = nn.Linear(x.shape[1], 10)
+    with torch.no_grad():   # the true class's logit ahead of every other by `margin`
+        z = model(x)
+        model.bias[y] += margin + (z.max() - z[0, y])
+    return model
+
+
+@pytest.mark.parametrize("margin", [0.0, 86.0])
+def test_loss_scaled_to_one_is_an_exact_power_of_two_that_keeps_gradients_normal(photos, margin):
+    """The engine multiplies the candidate's loss by the power of two that brings it into [1, 2)
+    (2^23 where float32 rounds it to 0): bit for bit the gradient times that power, so a cosine
+    matches the same direction; at a logit margin of 86 the float32 gradient of a photo
+    (entries ~4e-38 x pixel) is mostly subnormal (slow on CPUs) and with the factor none is."""
+    from torch.func import functional_call, grad
+
+    from gradleak.attacks.optimization import loss_scaled_to_one
+
+    x, y = photos.images[3:4].flatten(1), photos.labels[3:4]
+    model = _confident_linear_classifier(x, y, margin)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(p):
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    value, scaled_value = float(loss(params)), float(loss_scaled_to_one(loss)(params))
+    plain, scaled = grad(loss)(params)["weight"], grad(loss_scaled_to_one(loss))(params)["weight"]
+    factor = 2.0 ** 23 if value < torch.finfo(torch.float32).eps else scaled_value / value
+    assert factor == 2.0 ** round(torch.log2(torch.tensor(factor)).item())
+    subnormal = [int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in (plain, scaled)]
+    if margin == 0.0:
+        assert 1.0 <= scaled_value < 2.0 and torch.equal(scaled, plain * factor) and subnormal == [0, 0]
+    else:
+        assert value == 0.0 and subnormal[0] > plain.numel() // 4 and subnormal[1] == 0
+        truth = grad(lambda p: nn.functional.cross_entropy(functional_call(model.double(), p, (x.double(),)), y))(
+            {n: p.double() for n, p in params.items()})["weight"]
+        nonzero = truth != 0
+        assert float(((scaled.double() / factor - truth)[nonzero] / truth[nonzero]).abs().max()) < 1e-4
+
+
+def test_the_loss_scaling_leaves_scale_dependent_objectives_alone(lenet, photos):
+    """l2 compares magnitudes: its candidate gradient is the client's loss's, unscaled, so the
+    objective at another image is the squared distance of the two updates."""
+    from gradleak.attacks.matching import gradient_distance
+
+    # the candidate is scored with the label inferred from the observed update: image 0's
+    first, second = fedsgd_update(lenet, photos.images[:1], photos.labels[:1]), fedsgd_update(
+        lenet, photos.images[1:2], photos.labels[:1])
+    value, _ = _objective_and_input_gradient(lenet, first, photos.images[1:2], objective="l2")
+    names = list(first.tensors)
+    expected = float(gradient_distance(second.tensors, first.tensors, names, torch.ones(len(names)), "l2"))
+    assert value == pytest.approx(expected, rel=1e-4) and expected > 1e-6
