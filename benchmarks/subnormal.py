@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import gradleak as gl  # noqa: E402
-import gradleak.attacks.optimization as optimization  # noqa: E402
-import trained_grid  # noqa: E402
+import trained_grid
+
+import gradleak as gl
+from gradleak.attacks import optimization
 
 
 def seconds_per_iteration(module, record, image, label, iterations: int, scaled: bool) -> tuple[float, float]:

@@ -52,6 +52,9 @@ RECIPES = {
 EPOCHS = {"faces": 30, "digits": 10}
 ROUNDS = {"faces": 40, "digits": 20}
 PHOTOS = (8, 9)   # held out everywhere in the project (docs/performance.md)
+# The engine's note on the iterate it returns ("... restart 0, matching loss 0.01234 after 1500 iteration(s)"):
+# its loss, where the history's minimum is sampled every record_every iterations only.
+RETURNED_LOSS = re.compile(r"(?:restart \d+, |iterations\): )matching loss ([0-9.e+-]+) after")
 
 
 def _folder(args) -> Path:
@@ -211,7 +214,7 @@ def attack_one(module, record, images, labels, mode: str, options: dict, *, atta
     rows = sorted(scores.per_image, key=lambda r: r["index"])
     losses = [v for k, v in rec.history.items() if k.startswith("loss")]
     final_loss = min(min(s["y"]) for s in losses) if losses else None
-    returned = [float(m.group(1)) for note in rec.notes for m in [RETURNED_LOSS.search(note)] if m]
+    returned = [float(m.group(1)) for m in map(RETURNED_LOSS.search, rec.notes) if m]
     with torch.no_grad():
         module.eval()
         probs = torch.softmax(module(data_spec.normalize(images)), -1)
@@ -272,10 +275,6 @@ def rows_of(folder: Path, tag: str) -> list[dict]:
     shared = [k for k in variants[0] if all(k in v for v in variants[1:])]
     return [min(rows, key=lambda row: row[_loss_key(rows)]) for rows in ([v[k] for v in variants] for k in shared)]
 
-
-# The engine's note on the iterate it returns ("... restart 0, matching loss 0.01234 after 1500 iteration(s)"):
-# its loss, where the history's minimum is sampled every record_every iterations only.
-RETURNED_LOSS = re.compile(r"(?:restart \d+, |iterations\): )matching loss ([0-9.e+-]+) after")
 
 
 def _loss_key(rows: list[dict]) -> str:
