@@ -27,19 +27,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import trained_grid
 
-import gradleak as gl
 from gradleak.attacks import optimization
 
 
-def seconds_per_iteration(module, record, image, label, iterations: int, scaled: bool) -> tuple[float, float]:
-    """(seconds per iteration, the returned iterate's matching loss) of one attack."""
+def seconds_per_iteration(module, record, image, label, iterations: int, scaled: bool) -> tuple[float, dict]:
+    """(seconds per iteration, trained_grid's row: the returned iterate's loss, the update's norm) of one attack."""
     kept = optimization.SCALE_FREE_OBJECTIVES
     optimization.SCALE_FREE_OBJECTIVES = kept if scaled else ()
     try:
         started = time.perf_counter()
         row, _ = trained_grid.attack_one(module, record, image, label, "eval", {"iterations": iterations,
                                                                                "record_every": iterations})
-        return (time.perf_counter() - started) / iterations, row["returned_loss"]
+        return (time.perf_counter() - started) / iterations, row
     finally:
         optimization.SCALE_FREE_OBJECTIVES = kept
 
@@ -65,18 +64,16 @@ def main():
           f"{args.threads} thread(s)")
     for i, index in enumerate(indices):
         x, y = images[i:i + 1], labels[i:i + 1]
-        spec = gl.DataSpec(tuple(record["data_spec"]["mean"]), tuple(record["data_spec"]["std"]))
-        update = gl.fedsgd_update(module.eval(), x, y, spec=spec)
-        norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in update.tensors.values())))
         times = {True: [], False: []}
-        losses = {}
+        rows = {}
         for _ in range(args.repeats):
             for scaled in (True, False):
-                t, losses[scaled] = seconds_per_iteration(module, record, x, y, args.iterations, scaled)
+                t, rows[scaled] = seconds_per_iteration(module, record, x, y, args.iterations, scaled)
                 times[scaled].append(t)
         on, off = min(times[True]), min(times[False])
-        print(f"image {index}: update norm {norm:.3g}; s/iteration scaled {on:.3f}, unscaled {off:.3f} "
-              f"(x{off / on:.1f}); matching loss {losses[True]:.4g} / {losses[False]:.4g}", flush=True)
+        print(f"image {index}: update norm {rows[True]['update_norm']:.3g}; s/iteration scaled {on:.3f}, unscaled "
+              f"{off:.3f} (x{off / on:.1f}); matching loss {rows[True]['returned_loss']:.4g} / "
+              f"{rows[False]['returned_loss']:.4g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -276,7 +276,6 @@ def rows_of(folder: Path, tag: str) -> list[dict]:
     return [min(rows, key=lambda row: row[_loss_key(rows)]) for rows in ([v[k] for v in variants] for k in shared)]
 
 
-
 def _loss_key(rows: list[dict]) -> str:
     """Compare the returned iterates' losses where every variant logged one (runs from 2026-12-03 on),
     otherwise the recorded histories' minima (every 50 iterations), so that one rule judges all variants."""
