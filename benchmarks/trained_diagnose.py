@@ -9,6 +9,8 @@ images, eval-mode BatchNorm, batch 1, the training set's normalization) and each
   it to 1 (then the client's ``softmax - onehot`` has a true-class entry of exactly 0);
 - ``norm``: the norm of the client's gradient; ``bias_share``: the classifier bias gradient's
   share of its squared norm; ``top``: the entry holding the largest share;
+- ``modules``: each module's share of that squared norm (the stem, each residual stage, the
+  classifier; a ConvNet's numbered layers): where the client's gradient lives, layer by layer;
 - ``cos32``: the cosine between the client's float32 gradient and the same gradient in float64
   (what float32 rounding of a confident softmax does to the direction the attack matches);
 - ``contrast``: the Inverting Gradients matching loss (1 - cosine, no TV) of a random candidate
@@ -59,8 +61,14 @@ def measure(module, record, x, y, other) -> dict:
     shares = {n: float(update.tensors[n].double().pow(2).sum() / g32.pow(2).sum().clamp_min(1e-300)) for n in names}
     with torch.no_grad():
         p = torch.softmax(module(spec.normalize(x)), -1)[0, y[0]]
+    modules: dict[str, float] = {}
+    for name, share in shares.items():   # "stages.1.0.conv1.weight" -> "stages.1", "fc.bias" -> "fc"
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+        modules[key] = modules.get(key, 0.0) + share
     row = {"p": float(p), "exact_one": bool(p == 1), "norm": float(g32.norm()),
            "bias_share": shares.get("fc.bias", float("nan")), "top": max(shares, key=shares.get),
+           "modules": {k: round(v, 4) for k, v in modules.items()},
            "cos32": float(g32 @ g64 / (g32.norm() * g64.norm()).clamp_min(1e-300))}
     start = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))   # the engine's restart-0 start
     for tag, option in (("", "model"), ("_obs", "observed")):
@@ -88,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, value in (("n_data", None), ("size", 32), ("seed", 0), ("test_fraction", 0.2), ("epochs", None),
-                        ("photos", False), ("tuning", False)):
+                        ("photos", False), ("tuning", False), ("images", None), ("sets", None)):
         setattr(args, name, value)
     out: dict = {}
     for net in args.nets:

@@ -194,6 +194,8 @@ def test_layer_selection_weights_and_tv():
     (dict(screen=10, restarts=1), "screen=10 picks one of several independent restarts: it needs restarts >= 2"),
     (dict(screen=100, iterations=100, restarts=2), "screen must be an integer in 1..99, got 100"),
     (dict(stepsize=1), "unknown option"),
+    (dict(rewind=True, schedule="cosine"), "rewind=True goes back .* needs schedule='step'"),
+    (dict(rewind=True, optimizer="lbfgs"), "optimizer adam or sgd, got schedule='step', optimizer='lbfgs'"),
 ])
 def test_bad_configuration_is_named(lenet, option, message):
     with pytest.raises(ConfigError, match=message):
@@ -322,6 +324,24 @@ def test_screening_runs_on_the_restart_with_the_lowest_early_loss_along_its_own_
     assert set(screened.history) == {f"loss[{chosen}]"}
     assert screened.history[f"loss[{chosen}]"]["y"] == full.history[f"loss[{chosen}]"]["y"]
     assert len({round(min(v["y"]), 6) for v in full.history.values()}) == 3   # the restarts differ
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_rewind_resumes_each_decay_from_the_best_iterate_so_far(lenet, photos, restarts):
+    """rewind=True: after each decay of the step schedule (iterations 15, 25, 35 of 40) every restart's
+    candidate is its best iterate so far, so the loss recorded there is that iterate's loss; without it
+    the candidate goes on from where the long step left it."""
+    update = fedsgd_update(lenet, photos.images[2:3], photos.labels[2:3])
+    options = dict(iterations=40, restarts=restarts, tv=1e-2, record_every=1, lr=0.3)
+    rewound = GradientMatching(lenet, rewind=True, **options).reconstruct(update)
+    plain = GradientMatching(lenet, **options).reconstruct(update)
+    keys = ["loss"] if restarts == 1 else [f"loss[{r}]" for r in range(restarts)]
+    for key in keys:
+        losses, free = _losses(rewound, key), _losses(plain, key)
+        assert losses[:15] == free[:15]   # the same trajectory up to the first decay
+        for milestone in (15, 25, 35):
+            assert losses[milestone] == pytest.approx(min(losses[:milestone]), rel=1e-6, abs=1e-9)
+        assert free[15] != pytest.approx(min(free[:15]), rel=1e-6, abs=1e-9)
 
 
 def _objective_value(model, update, x, **options):

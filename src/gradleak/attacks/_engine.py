@@ -261,6 +261,19 @@ def _first_order_step(cfg, optimizer, evaluate: Callable[[], Evaluation], X: tor
     return values, x_seen, y_seen
 
 
+def _rewind(optimizer, X: torch.Tensor, Y: torch.Tensor | None, best: _Best) -> None:
+    """``rewind``: every restart with a finite best loss goes back to its best iterate so far, and the
+    optimiser's moments are cleared (they belong to the trajectory left behind). On trained networks the
+    matching loss bottoms out after 150-300 iterations at the step schedule's first learning rate and
+    then rises (docs/models.md); rewinding makes each shorter step start from the best point found."""
+    found = torch.isfinite(best.loss).to(X.device)
+    with torch.no_grad():
+        X[found] = best.x[found]
+        if Y is not None:
+            Y[found] = best.y[found]
+    optimizer.state.clear()
+
+
 def _project(X: torch.Tensor, bounds) -> None:
     """The box constraint: clamp the candidates into the image of [0, 1] under the data spec."""
     with torch.no_grad():
@@ -362,12 +375,15 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
         for iteration in range(cfg.iterations):
             if consistent:
                 evaluate.iteration = iteration
+            lr = optimizer.param_groups[0]["lr"]
             values, x_seen, y_seen = _step(cfg, optimizer, evaluate, X, Y)
             if scheduler is not None:
                 scheduler.step()
             if cfg.boxed:
                 _project(X, bounds)
             best.keep(values, x_seen, y_seen, iteration)
+            if cfg.rewind and optimizer.param_groups[0]["lr"] < lr:
+                _rewind(optimizer, X, Y, best)
             if _recording_due(cfg, iteration):
                 _record_iteration(histories, iteration, values, best, monitors, spec)
             if between is not None:

@@ -59,6 +59,8 @@ class MatchingConfig:
     boxed: bool = True           # project onto the valid pixel range after each step
     schedule: str = "step"       # step decay x0.1 at 3/8, 5/8, 7/8 of the iterations, cosine, or exponential
                                  # (x0.01 over the run, LAMP's x0.89 every 50 of 2,000)
+    rewind: bool = False         # at each decay of the step schedule, go back to each restart's best iterate so far
+                                 # (the optimiser's moments cleared): trained networks' losses rise at lr 0.1 (_engine.py)
     iterations: int = 4800
     init: str = "randn"          # randn | rand | zeros | flat (the uniform image of lowest matching loss) |
                                  # randn+flat (restarts - 1 random starts and one flat one; _flat_start.py)
@@ -131,6 +133,11 @@ class MatchingConfig:
         check_seed("seed", self.seed)
         check_bool("boxed", self.boxed)
         check_bool("compile", self.compile)
+        check_bool("rewind", self.rewind)
+        if self.rewind and (self.schedule != "step" or self.optimizer == "lbfgs"):
+            raise ConfigError(f"rewind=True goes back to the best iterate at each decay of a first-order step schedule: it "
+                              f"needs schedule='step' and optimizer adam or sgd, got schedule={self.schedule!r}, "
+                              f"optimizer={self.optimizer!r}")
         layers = self.layers
         if not (isinstance(layers, str) and len(layers) <= 200 or isinstance(layers, tuple) and len(layers) <= 10_000
                 and all(isinstance(name, str) for name in layers)):
