@@ -23,7 +23,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu_and_writes_one_json(tmp_path):
     assert agreement["agree"] and agreement["psnr_difference"] == 0 and max(agreement["updates"].values()) == 0
     seed = checks["seed003"]["runs"]["auto"]
     assert seed["iterations_run"] == 3 and any("batched with vmap" in note for note in seed["notes"])
-    assert any("output gradient observed" in note for note in seed["notes"])
+    assert any("output gradient observed" in note for note in seed["notes"]) and seed["options"]["rewind"] is True
     assert checks["resnet18-224"]["iterations_run"] == 2 and len(checks["gradinversion"]["gradinversion"]["psnr"]) == 8
     rows = checks["bench"]["rows"]
     assert [r["name"] for r in rows] == list(module.QUICK_CASES)
