@@ -194,6 +194,7 @@ def test_layer_selection_weights_and_tv():
     (dict(screen=10, restarts=1), "screen=10 picks one of several independent restarts: it needs restarts >= 2"),
     (dict(screen=100, iterations=100, restarts=2), "screen must be an integer in 1..99, got 100"),
     (dict(stepsize=1), "unknown option"),
+    (dict(rewind="yes"), "rewind must be true or false, got 'yes'"),
     (dict(rewind=True, schedule="cosine"), "rewind=True goes back .* needs schedule='step'"),
     (dict(rewind=True, optimizer="lbfgs"), "optimizer adam or sgd, got schedule='step', optimizer='lbfgs'"),
 ])
