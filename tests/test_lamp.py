@@ -115,7 +115,7 @@ def test_lamp_options_are_refused_in_one_line():
 
 
 def test_the_exponential_schedule_ends_at_a_hundredth_of_the_rate():
-    from gradleak.attacks._engine import _scheduler
+    from gradleak.attacks._steps import _scheduler
     from gradleak.attacks.optimization import MatchingConfig
 
     x = torch.zeros(1, requires_grad=True)

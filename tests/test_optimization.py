@@ -343,6 +343,10 @@ def test_rewind_resumes_each_decay_from_the_best_iterate_so_far(lenet, photos, r
         for milestone in (15, 25, 35):
             assert losses[milestone] == pytest.approx(min(losses[:milestone]), rel=1e-6, abs=1e-9)
         assert free[15] != pytest.approx(min(free[:15]), rel=1e-6, abs=1e-9)
+    group = list(range(restarts))
+    assert f"rewind: restarts {group} went back to their best iterate after the learning-rate decay(s) at " \
+           "iteration(s) 15, 25, 35" in rewound.notes
+    assert not any(note.startswith("rewind") for note in plain.notes)
 
 
 def _objective_value(model, update, x, **options):

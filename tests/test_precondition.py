@@ -11,7 +11,8 @@ import torch
 
 from gradleak import fedsgd_update
 from gradleak.attacks import GradientMatching, MatchingConfig
-from gradleak.attacks._engine import run_group, spectral_precondition
+from gradleak.attacks._engine import run_group
+from gradleak.attacks._steps import spectral_precondition
 from gradleak.errors import ConfigError
 from gradleak.models import build_model
 

@@ -16,7 +16,7 @@ or audit cell runs, and nothing interrupted is stored as finished).
 
 The engine depends on nothing of :mod:`.optimization` (which imports :func:`run_group`): it
 reads the configuration as ``attack.config`` and the hooks as ``attack._hooks``; a group is
-evaluated by :mod:`._evaluators`. Two methods of
+evaluated by :mod:`._evaluators` and stepped by :mod:`._steps`. Two methods of
 the attack may act on the candidates of the slots ``group`` (their restart numbers), in place:
 ``attack.initial_candidates(group, objective, data, X, Y)`` once before the first step (LAMP's
 choice among random starts) and ``attack.candidate_step(iteration, group, objective, data, X, Y)``
@@ -38,6 +38,7 @@ import torch
 from ..errors import ConfigError
 from ._evaluators import Evaluation, evaluator, slot
 from ._flat_start import FLAT_INITS, flat_start
+from ._steps import _optimizer, _scheduler, _snapshot, _step
 from .matching import consensus, group_consistency
 
 __all__ = ["RestartResult", "run_group"]
@@ -106,10 +107,6 @@ def _flat_starts(cfg, objective: Callable, group: list[int], data: Any, X: torch
     return notes
 
 
-def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return X.detach().clone(), None if Y is None else Y.detach().clone()
-
-
 # ------------------------------------------------------------------ group consistency
 def group_weight(cfg, iteration: int) -> float:
     """The weight of the group-consistency term at ``iteration``: 0 before ``group_start``
@@ -173,94 +170,6 @@ class _Best:
 
 
 # ----------------------------------------------------------------- one optimisation step
-def _optimizer(cfg, tensors):
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(tensors, lr=cfg.lr)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(tensors, lr=cfg.lr)
-    return torch.optim.LBFGS(tensors, lr=cfg.lr, history_size=cfg.lbfgs_history, max_iter=cfg.lbfgs_inner,
-                             line_search_fn=cfg.line_search)
-
-
-def _scheduler(cfg, optimizer):
-    n = cfg.iterations
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [n * 3 // 8, n * 5 // 8, n * 7 // 8], gamma=0.1)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n)
-    if cfg.schedule == "exponential":  # lr x 0.01 over the run (LAMP: x0.89 every 50 of 2,000 steps)
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.01 ** (1 / n))
-    return None
-
-
-def _signed(g: torch.Tensor, mode: str | None) -> torch.Tensor:
-    """The input gradient as the first-order step sees it: ``sign(g)`` (Inverting Gradients),
-    ``tanh(g / mean|g|)`` (the mean over each slot's own gradient), or ``g`` itself."""
-    if mode == "sign":
-        return g.sign()
-    if mode == "tanh":
-        scale = g.abs().flatten(1).mean(1).clamp_min(1e-30).reshape(-1, *[1] * (g.dim() - 1))
-        return torch.tanh(g / scale)
-    return g
-
-
-def spectral_precondition(g: torch.Tensor, exponent: float) -> torch.Tensor:
-    """The image gradient ``g`` (..., H, W) with its spatial spectrum scaled by ``|f|^(-2a)``
-    (``a = exponent``; ``|f|`` in cycles per pixel, floored at one cycle per image; the weights
-    normalised to mean 1): the step that gradient descent takes when the image is parametrised
-    in a Fourier basis scaled by ``|f|^(-a)`` (Mordvintsev, Pezzotti, Schubert, Olah 2018,
-    "Differentiable Image Parameterizations", Distill; Olah et al. 2017 "Feature Visualization").
-    Low frequencies move faster than high ones. Why here: a trained network's matching objective
-    responds most to high-frequency texture (its first-layer filters are edge detectors), and the
-    raw signed step builds texture that a plain image does not have (docs/models.md).
-    Valid for image candidates; linear, so ``exponent = 0`` returns ``g`` unchanged."""
-    if not exponent:
-        return g
-    height, width = g.shape[-2:]
-    fy = torch.fft.fftfreq(height, dtype=g.dtype, device=g.device).abs()[:, None]
-    fx = torch.fft.rfftfreq(width, dtype=g.dtype, device=g.device)[None, :]
-    weight = (fy.square() + fx.square()).sqrt().clamp_min(1.0 / max(height, width)).pow(-2 * exponent)
-    return torch.fft.irfft2(torch.fft.rfft2(g) * (weight / weight.mean()), s=(height, width))
-
-
-def _step(cfg, optimizer, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None):
-    """One step of the optimiser; returns the losses it saw and the candidates they belong to."""
-    if cfg.optimizer == "lbfgs":
-        return _lbfgs_step(optimizer, evaluate, X, Y)
-    return _first_order_step(cfg, optimizer, evaluate, X, Y)
-
-
-def _lbfgs_step(optimizer, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None):
-    """One L-BFGS step (its inner iterations and line search re-evaluate through the closure);
-    the loss reported is that of the closure's first evaluation, at the candidates before the step."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def closure():
-        optimizer.zero_grad()
-        gx, gy, values = evaluate()
-        X.grad = gx
-        if Y is not None:
-            Y.grad = gy
-        if not seen:
-            x_seen, y_seen = _snapshot(X, Y)
-            seen.update(values=values, x=x_seen, y=y_seen)
-        return values.sum()
-
-    optimizer.step(closure)
-    return seen["values"], seen["x"], seen["y"]
-
-
-def _first_order_step(cfg, optimizer, evaluate: Callable[[], Evaluation], X: torch.Tensor, Y: torch.Tensor | None):
-    """One Adam/SGD step on the (signed) input gradient and the plain soft-label gradient."""
-    gx, gy, values = evaluate()
-    x_seen, y_seen = _snapshot(X, Y)
-    X.grad = _signed(spectral_precondition(gx, cfg.precondition), cfg.signed)
-    if Y is not None:
-        Y.grad = gy
-    optimizer.step()
-    return values, x_seen, y_seen
-
-
 def _rewind(optimizer, X: torch.Tensor, Y: torch.Tensor | None, best: _Best) -> None:
     """``rewind``: every restart with a finite best loss goes back to its best iterate so far, and the
     optimiser's moments are cleared (they belong to the trajectory left behind). On trained networks the
@@ -272,6 +181,12 @@ def _rewind(optimizer, X: torch.Tensor, Y: torch.Tensor | None, best: _Best) -> 
         if Y is not None:
             Y[found] = best.y[found]
     optimizer.state.clear()
+
+
+def _rewind_note(group: list[int], rewound: list[int]) -> str:
+    """Says where ``rewind`` sent the restarts back (the iterations after each decay)."""
+    return (f"rewind: restarts {group} went back to their best iterate after the learning-rate decay(s) at "
+            f"iteration(s) {', '.join(map(str, rewound))}")
 
 
 def _project(X: torch.Tensor, bounds) -> None:
@@ -365,6 +280,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     best = _Best(X, Y)
     histories: list[dict[str, Any]] = [{} for _ in group]
     notes: list[str] = []
+    rewound: list[int] = []
     iteration, interrupted = 0, False
     deadline = None if cfg.time_budget is None else time.perf_counter() + cfg.time_budget
     try:
@@ -384,6 +300,7 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
             best.keep(values, x_seen, y_seen, iteration)
             if cfg.rewind and optimizer.param_groups[0]["lr"] < lr:
                 _rewind(optimizer, X, Y, best)
+                rewound.append(iteration + 1)
             if _recording_due(cfg, iteration):
                 _record_iteration(histories, iteration, values, best, monitors, spec)
             if between is not None:
@@ -401,6 +318,8 @@ def run_group(attack, objective: Callable, group: list[int], shape: tuple[int, .
     except KeyboardInterrupt:  # Ctrl-C anywhere in the loop: stop here, keep the best iterate
         interrupted = True
         notes.append(f"interrupted at iteration {iteration} of {cfg.iterations}: kept the best iterate so far")
+    if rewound:
+        notes.append(_rewind_note(group, rewound))
     results = [RestartResult(restart=r, x=best.x[k], y_soft=None if best.y is None else best.y[k],
                              loss=float(best.loss[k]), iterations=iteration + 1, history=histories[k],
                              notes=notes if k == 0 else [], interrupted=interrupted) for k, r in enumerate(group)]

@@ -53,7 +53,7 @@ class MatchingConfig:
     lr: float = 0.1
     signed: str | None = "sign"  # Adam/SGD on sign(grad) or tanh(grad / mean|grad|)
     precondition: float = 0.0    # spectral preconditioning: the image gradient's spatial spectrum x |f|^(-2a)
-                                 # before the (signed) step; 0 = none, 0.5 = what helps trained networks (_engine.py)
+                                 # before the (signed) step; 0 = none, 0.5 = what helps trained networks (_steps.py)
     smooth_relu: float = 0.0    # > 0: a first pass through softplus(beta = this) for every ReLU, then a second pass
                                  # through the exact model at lr/10 from its result (2x the iterations; _continuation.py)
     boxed: bool = True           # project onto the valid pixel range after each step
