@@ -169,7 +169,7 @@ class _Best:
                 self.y[mask] = y_seen[mask]
 
 
-# ----------------------------------------------------------------- one optimisation step
+# ------------------------------------------------- between steps: rewind, the box constraint
 def _rewind(optimizer, X: torch.Tensor, Y: torch.Tensor | None, best: _Best) -> None:
     """``rewind``: every restart with a finite best loss goes back to its best iterate so far, and the
     optimiser's moments are cleared (they belong to the trajectory left behind). On trained networks the

@@ -17,7 +17,6 @@ def _snapshot(X: torch.Tensor, Y: torch.Tensor | None) -> tuple[torch.Tensor, to
     return X.detach().clone(), None if Y is None else Y.detach().clone()
 
 
-
 def _optimizer(cfg, tensors):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(tensors, lr=cfg.lr)
