@@ -265,15 +265,27 @@ def attack(args):
 def rows_of(folder: Path, tag: str) -> list[dict]:
     """The attacks logged under ``tag``; where no log has that name, ``A+B`` is the attacker's own choice per
     attack between the variants A and B: the one with the lower matching loss (no ground truth), kept only
-    where every variant ran."""
-    log = folder / f"attacks-{tag}.jsonl"
+    where every variant ran. ``A+B+C?``: C is a rerun of chosen attacks (``--images``): compared where it ran.
+    Chosen held-out images count as the held-out images they are."""
+    log = folder / f"attacks-{tag.rstrip('?')}.jsonl"
     if log.exists():
-        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return [_as_held_out(json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
     if "+" not in tag:
         return []
-    variants = [{row["key"]: row for row in rows_of(folder, t)} for t in tag.split("+")]
-    shared = [k for k in variants[0] if all(k in v for v in variants[1:])]
-    return [min(rows, key=lambda row: row[_loss_key(rows)]) for rows in ([v[k] for v in variants] for k in shared)]
+    parts = tag.split("+")
+    variants = [{row["key"]: row for row in rows_of(folder, t)} for t in parts]
+    needed = [v for v, t in zip(variants, parts) if not t.endswith("?")]
+    shared = [k for k in needed[0] if all(k in v for v in needed[1:])]
+    return [min(rows, key=lambda row: row[_loss_key(rows)])
+            for rows in ([v[k] for v in variants if k in v] for k in shared)]
+
+
+def _as_held_out(row: dict) -> dict:
+    """A row of ``--images`` on held-out images, keyed as the held-out attack it repeats (its file keeps
+    the key it was saved under)."""
+    if row.get("set") == "chosen-held-out":
+        row = {**row, "file": row["key"], "set": "held-out", "key": row["key"].replace("|chosen-held-out|", "|held-out|")}
+    return row
 
 
 def _loss_key(rows: list[dict]) -> str:
@@ -348,7 +360,7 @@ def figure(args):
         c = 0
         for k in order:
             row = found[k]
-            rec = torch.load(folder / "reconstructions" / f"{row['tag']}-{row['key'].replace('|', '_')}.pt")
+            rec = torch.load(folder / "reconstructions" / f"{row['tag']}-{row.get('file', row['key']).replace('|', '_')}.pt")
             for j in range(rec.shape[0]):
                 axes[r][c].imshow(rec[row["matched_to"][j], 0].clamp(0, 1), cmap="gray", vmin=0, vmax=1,
                                   interpolation="nearest")

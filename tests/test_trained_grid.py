@@ -25,3 +25,21 @@ def test_choice_by_matching_loss_keeps_only_shared_attacks(tmp_path):
     assert chosen["a"]["tag"] == "spec" and chosen["a"]["psnr"] == [12.0]  # lower loss, though lower PSNR
     assert chosen["b"]["tag"] == "default"
     assert len(plain) == 3
+
+
+def test_a_rerun_of_chosen_held_out_images_is_compared_where_it_ran(tmp_path):
+    def row(key, tag, loss, **extra):
+        return {"key": key, "tag": tag, "matching_loss": loss, "psnr": [loss], **extra}
+
+    held = "adam|eval|b1|held-out|{}"
+    _log(tmp_path, "base", [row(held.format(1), "base", 0.02, set="held-out"),
+                            row(held.format(2), "base", 0.01, set="held-out")])
+    _log(tmp_path, "rerun", [row("adam|eval|b1|chosen-held-out|1", "rerun", 0.005, set="chosen-held-out")])
+    with benchmark_module("trained_grid") as grid:
+        strict = grid.rows_of(tmp_path, "base+rerun")
+        chosen = {r["key"]: r for r in grid.rows_of(tmp_path, "base+rerun?")}
+    assert [r["key"] for r in strict] == [held.format(1)]   # the rerun counts as the held-out attack it repeats
+    assert set(chosen) == {held.format(1), held.format(2)}   # "?": image 2 keeps its only variant
+    assert chosen[held.format(1)]["tag"] == "rerun" and chosen[held.format(1)]["set"] == "held-out"
+    assert chosen[held.format(1)]["file"] == "adam|eval|b1|chosen-held-out|1"   # its saved reconstruction
+    assert chosen[held.format(2)]["tag"] == "base"
