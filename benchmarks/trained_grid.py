@@ -275,6 +275,8 @@ def rows_of(folder: Path, tag: str) -> list[dict]:
     parts = tag.split("+")
     variants = [{row["key"]: row for row in rows_of(folder, t)} for t in parts]
     needed = [v for v, t in zip(variants, parts) if not t.endswith("?")]
+    if not needed:
+        raise SystemExit(f"--tag {tag}: every variant is marked '?'; name at least one that ran on every attack")
     shared = [k for k in needed[0] if all(k in v for v in needed[1:])]
     return [min(rows, key=lambda row: row[_loss_key(rows)])
             for rows in ([v[k] for v in variants if k in v] for k in shared)]
@@ -409,7 +411,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--attack-options", default="{}", help="attack options as JSON (key 'attack': its name)")
     parser.add_argument("--tag", default="default", help="names the attack variant in the results (table/figure: "
-                        "A+B = per attack the variant with the lower matching loss)")
+                        "A+B = per attack the variant with the lower matching loss; C?: a rerun compared where it ran)")
     parser.add_argument("--rows", nargs="+", default=["untrained:default", "sgd:default"], help="figure: NET:TAG rows")
     parser.add_argument("--columns", type=int, default=16, help="figure: images shown")
     parser.add_argument("--out", default="trained-grid.png", help="figure: the PNG written")
