@@ -286,7 +286,8 @@ def _as_held_out(row: dict) -> dict:
     """A row of ``--images`` on held-out images, keyed as the held-out attack it repeats (its file keeps
     the key it was saved under)."""
     if row.get("set") == "chosen-held-out":
-        row = {**row, "file": row["key"], "set": "held-out", "key": row["key"].replace("|chosen-held-out|", "|held-out|")}
+        key = row["key"].replace("|chosen-held-out|", "|held-out|")
+        row = {**row, "file": row["key"], "set": "held-out", "key": key}
     return row
 
 
@@ -362,7 +363,8 @@ def figure(args):
         c = 0
         for k in order:
             row = found[k]
-            rec = torch.load(folder / "reconstructions" / f"{row['tag']}-{row.get('file', row['key']).replace('|', '_')}.pt")
+            saved = row.get("file", row["key"]).replace("|", "_")
+            rec = torch.load(folder / "reconstructions" / f"{row['tag']}-{saved}.pt")
             for j in range(rec.shape[0]):
                 axes[r][c].imshow(rec[row["matched_to"][j], 0].clamp(0, 1), cmap="gray", vmin=0, vmax=1,
                                   interpolation="nearest")
