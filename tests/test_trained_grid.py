@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmark_support import benchmark_module
 
 
@@ -38,6 +40,8 @@ def test_a_rerun_of_chosen_held_out_images_is_compared_where_it_ran(tmp_path):
     with benchmark_module("trained_grid") as grid:
         strict = grid.rows_of(tmp_path, "base+rerun")
         chosen = {r["key"]: r for r in grid.rows_of(tmp_path, "base+rerun?")}
+        with pytest.raises(SystemExit, match="every variant is marked"):
+            grid.rows_of(tmp_path, "base?+rerun?")
     assert [r["key"] for r in strict] == [held.format(1)]   # the rerun counts as the held-out attack it repeats
     assert set(chosen) == {held.format(1), held.format(2)}   # "?": image 2 keeps its only variant
     assert chosen[held.format(1)]["tag"] == "rerun" and chosen[held.format(1)]["set"] == "held-out"
