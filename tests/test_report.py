@@ -167,6 +167,22 @@ def test_curves_log_scale_single_point_and_sparse_x(tmp_path, monkeypatch):
     assert axes["loss"].get_xlabel() == "iteration"
 
 
+def test_curves_legend_names_runs_below_the_axes_not_over_the_curves(tmp_path, monkeypatch):
+    captured = _capture_figures(monkeypatch)
+    steps = np.arange(150)
+    history = {f"unit_deviation[{k}]": (1.2 + 0.05 * k + 0.01 * np.sin(steps / (3.0 + k))).tolist() for k in range(8)}
+    curves_figure(history, tmp_path / "curves.png")
+    figure = captured[0]
+    figure.canvas.draw()
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [f"[{k}]" for k in range(8)]
+    renderer = figure.canvas.get_renderer()
+    box, plot = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert box.y1 <= plot.y0, "the legend overlaps the plotting area"
+    assert box.y0 >= 0 and box.x0 >= 0 and box.x1 <= figure.bbox.x1, "the legend is cut off by the figure's edge"
+
+
 def test_curves_empty_and_invalid(tmp_path, monkeypatch):
     captured = _capture_figures(monkeypatch)
     _png(curves_figure({}, tmp_path / "empty.png"))

@@ -203,6 +203,11 @@ def reconstruction_grid(
     return save_figure(figure, path)
 
 
+def _member_label(panel: str, name: str) -> str:
+    """``loss[3]`` under the panel ``loss`` is labelled ``[3]``: the panel's title already names it."""
+    return name[len(panel):] if name.startswith(panel + "[") else name
+
+
 def _series_xy(name: str, series: Any) -> tuple[np.ndarray, np.ndarray]:
     """The x and y values of one history entry (a list of floats or {"x": [...], "y": [...]})."""
     if isinstance(series, Mapping):
@@ -291,9 +296,11 @@ def curves_figure(
         ax.grid(True, color="0.9", linewidth=0.6)
         for k, (name, x, y) in enumerate(members):
             style = dict(marker="o", linestyle="none") if len(y) == 1 else dict(linewidth=1.2 if len(members) == 1 else 0.9)
-            ax.plot(x, y, color=f"C{k % 10}", label=name if 1 < len(members) <= 10 else None, **style)
-        if 1 < len(members) <= 10:
-            ax.legend(fontsize=7, ncol=2)
+            ax.plot(x, y, color=f"C{k % 10}", label=_member_label(panel, name) if 1 < len(members) <= 10 else None,
+                    **style)
+        if 1 < len(members) <= 10:   # below the axes: inside, it covers the curves it names
+            ax.legend(fontsize=7, ncol=min(len(members), 4), loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                      frameon=False, handlelength=1.2, columnspacing=0.8)
         if _wants_log_scale(all_y[finite]):
             ax.set_yscale("log")
     for index in range(len(panels), rows * columns):
