@@ -52,6 +52,7 @@ RECIPES = {
 EPOCHS = {"faces": 30, "digits": 10}
 ROUNDS = {"faces": 40, "digits": 20}
 PHOTOS = (8, 9)   # held out everywhere in the project (docs/performance.md)
+CHOSEN_HELD_OUT = "chosen-held-out"   # the image set of ``--images`` that are all held-out images
 # The engine's note on the iterate it returns ("... restart 0, matching loss 0.01234 after 1500 iteration(s)"):
 # its loss, where the history's minimum is sampled every record_every iterations only.
 RETURNED_LOSS = re.compile(r"(?:restart \d+, |iterations\): )matching loss ([0-9.e+-]+) after")
@@ -121,7 +122,7 @@ def targets(args, record) -> list[tuple[str, list[int]]]:
         return [("tune", record["held_out_indices"][:args.tune])]
     if args.images:   # diagnosis on chosen images (training images: never reported as held-out results)
         held = set(record["held_out_indices"])
-        return [("chosen-held-out" if set(args.images) <= held else "chosen", list(args.images))]
+        return [(CHOSEN_HELD_OUT if set(args.images) <= held else "chosen", list(args.images))]
     held = record["held_out_indices"][args.tune:args.tune + args.n]
     sets = [("held-out", held)]
     channels = record["input_shape"][0]
@@ -285,8 +286,8 @@ def rows_of(folder: Path, tag: str) -> list[dict]:
 def _as_held_out(row: dict) -> dict:
     """A row of ``--images`` on held-out images, keyed as the held-out attack it repeats (its file keeps
     the key it was saved under)."""
-    if row.get("set") == "chosen-held-out":
-        key = row["key"].replace("|chosen-held-out|", "|held-out|")
+    if row.get("set") == CHOSEN_HELD_OUT:
+        key = row["key"].replace(f"|{CHOSEN_HELD_OUT}|", "|held-out|")
         row = {**row, "file": row["key"], "set": "held-out", "key": key}
     return row
 
