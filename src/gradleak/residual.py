@@ -58,9 +58,10 @@ from .data.spec import DataSpec
 from .errors import AttackNotApplicable, GradleakError, one_line
 from .functional import forward, task_loss
 from .losses import get_loss
+from .shares import per_image_shares
 from .update import SharedUpdate
 
-__all__ = ["Residual", "update_residual", "reconstruction_residual", "simulate_update", "solve_labels",
+__all__ = ["Residual", "update_residual", "reconstruction_residual", "simulate_update", "solve_labels", "update_shares",
            "certify_tolerance", "relative_distance", "CERTIFY_EPS", "residual_summary", "summary_text"]
 
 CERTIFY_EPS = 1e4     # a residual of at most 1e4 machine epsilons certifies (see the module's notes)
@@ -80,7 +81,9 @@ class Residual:
     why). ``certified``: at most ``tolerance`` with the whole batch recovered. ``images``:
     images re-simulated; ``batch_size``: the update's (None: not known to the server).
     ``labels``: where the labels came from (``reconstruction``, ``shared``, ``solved``);
-    ``label_values``: the labels re-simulated, one per image in the reconstruction's order."""
+    ``label_values``: the labels re-simulated, one per image in the reconstruction's order.
+    ``shares``: each image's share of the re-simulated update (:mod:`gradleak.shares`; None where
+    the protocol couples the images or the batch holds one image)."""
 
     value: float | None
     certified: bool = False
@@ -90,22 +93,25 @@ class Residual:
     labels: str = ""
     reason: str = ""
     label_values: tuple[int, ...] | None = None
+    shares: tuple[float, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"value": self.value, "certified": self.certified, "tolerance": self.tolerance, "images": self.images,
                 "batch_size": self.batch_size, "labels": self.labels, "reason": self.reason,
-                "label_values": None if self.label_values is None else list(self.label_values)}
+                "label_values": None if self.label_values is None else list(self.label_values),
+                "shares": None if self.shares is None else list(self.shares)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> "Residual | None":
         if not isinstance(data, Mapping):
             return None
         value = data.get("value")
-        labels = data.get("label_values")
+        labels, shares = data.get("label_values"), data.get("shares")
         return cls(None if value is None else float(value), bool(data.get("certified")),
                    float(data.get("tolerance") or 0.0), int(data.get("images") or 0), data.get("batch_size"),
                    str(data.get("labels") or ""), str(data.get("reason") or ""),
-                   None if not isinstance(labels, list) else tuple(int(v) for v in labels))
+                   None if not isinstance(labels, list) else tuple(int(v) for v in labels),
+                   None if not isinstance(shares, list) else tuple(float(v) for v in shares))
 
     def describe(self) -> str:
         """One line: ``residual 3.1e-08: CERTIFIED EXACT (...)`` or why it is not."""
@@ -268,6 +274,33 @@ def _labels(model, update, images, labels) -> tuple[torch.Tensor, str]:
     return solve_labels(model, update, images), "solved"
 
 
+def update_shares(model: nn.Module, update: SharedUpdate, images: torch.Tensor,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's share of the FedSGD update that ``images`` (with ``labels``, else the shared or
+    solved ones) produce under ``update``'s protocol: ``||g_i||^2 / sum_j ||g_j||^2``, float64, one per
+    image (:mod:`gradleak.shares`: which images an update carries). Raises AttackNotApplicable for a
+    FedAvg delta and for train-mode BatchNorm, where the images have no gradient of their own."""
+    if update.kind != "gradient":
+        raise AttackNotApplicable("per-image shares: a FedAvg delta of local steps is not a sum of per-image "
+                                  "gradients", condition="a FedSGD gradient")
+    y, _ = _labels(model, update, images, labels)
+    params, buffers = _state(model, update)
+    ref = next(iter(params.values()))
+    with _Mode(model, update.mode):
+        return per_image_shares(model, params, buffers, get_loss(update.loss), _inputs(update, images, ref),
+                                y.to(ref.device))
+
+
+def _shares_or_none(model, update, images, labels) -> tuple[float, ...] | None:
+    """:func:`update_shares` where the protocol allows it and the batch holds 2 or more images; else None."""
+    if update.kind != "gradient" or images.shape[0] < 2:
+        return None
+    try:
+        return tuple(float(v) for v in update_shares(model, update, images, labels))
+    except AttackNotApplicable:
+        return None
+
+
 def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor | None,
                     labels: torch.Tensor | None = None) -> Residual:
     """The residual of ``images`` (with ``labels``, else the shared or solved ones) against
@@ -296,6 +329,7 @@ def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor
     value, tolerance = relative_distance(simulated, update.tensors), certify_tolerance(dtype)
     kind = "image(s)" if images.is_floating_point() else "sequence(s)"
     used = tuple(int(v) for v in y.reshape(-1).tolist())
+    shares = _shares_or_none(model, update, images, y) if math.isfinite(value) else None
     if batch is None:
         why = f"the batch size is not known to the server: {n} {kind} re-simulated"
     elif n != batch:
@@ -305,8 +339,8 @@ def update_residual(model: nn.Module, update: SharedUpdate, images: torch.Tensor
     else:
         return Residual(value, True, tolerance, n, batch, source,
                         f"the {n} recovered {kind} and their {source} labels reproduce the update to {value:.1g}",
-                        used)
-    return Residual(value, False, tolerance, n, batch, source, why, used)
+                        used, shares)
+    return Residual(value, False, tolerance, n, batch, source, why, used, shares)
 
 
 def reconstruction_residual(model: nn.Module, update: SharedUpdate, reconstruction: Any,

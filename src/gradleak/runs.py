@@ -44,7 +44,7 @@ from ._runfiles import (_IMAGE_DTYPES, _LABEL_DTYPES, MAX_RUN_JSON_BYTES, MAX_RU
 from .errors import DataError
 from .metrics import Scores, score
 from .residual import Residual, residual_summary
-from .report import curves_figure, reconstruction_grid, write_html_report
+from .report import curves_figure, reconstruction_grid, share_notes, write_html_report
 
 __all__ = ["RunResult", "write_run", "load_run", "rebuild_report", "save_truth", "load_truth"]
 
@@ -92,26 +92,39 @@ def _tensors(reconstruction: Reconstruction, originals, true_labels) -> dict[str
         tensors["originals"] = originals
     if true_labels is not None:
         tensors["true_labels"] = true_labels.to(torch.int64)
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # copies: safetensors refuses two entries that share memory (labels passed again as the truth)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def _matched_pairs(images: torch.Tensor, originals: torch.Tensor, rows: list[dict[str, Any]]):
-    """Each original's reconstruction (a grey square where none was recovered) and its label."""
+def _matched_pairs(images: torch.Tensor, originals: torch.Tensor, rows: list[dict[str, Any]],
+                   notes: list[str | None] | None):
+    """Each original's reconstruction (a grey square where none was recovered), its label and its note."""
     matched = {row["index"]: row for row in rows if row.get("matched_to") is not None}
     grey = torch.full_like(originals[0], 0.5)
-    pairs = [images[matched[i]["matched_to"]].to(originals.dtype) if i in matched else grey
-             for i in range(originals.shape[0])]
+    order = [matched[i]["matched_to"] if i in matched else None for i in range(originals.shape[0])]
+    pairs = [grey if k is None else images[k].to(originals.dtype) for k in order]
     labels = [from_json_float(matched[i]["psnr"]) if i in matched else "not recovered"
               for i in range(originals.shape[0])]
-    return torch.stack(pairs), labels
+    return torch.stack(pairs), labels, None if notes is None else [None if k is None else notes[k] for k in order]
 
 
-def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scores | None) -> None:
+def _shares(residuals: list[Residual] | None, n: int) -> list[float] | None:
+    """The reconstruction's per-image shares of its updates (each update's, in order), when every update has them."""
+    if not residuals or any(r.shares is None for r in residuals):
+        return None
+    shares = [v for r in residuals for v in r.shares]
+    return shares if len(shares) == n else None
+
+
+def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scores | None,
+          residuals: list[Residual] | None = None) -> None:
     if reconstruction.images is not None:
         images, psnrs = reconstruction.images, None
+        n = images.shape[0]
+        notes = share_notes(_shares(residuals, n), n)
         if originals is not None and scores is not None and scores.per_image:
-            images, psnrs = _matched_pairs(reconstruction.images, originals, scores.per_image)
-        reconstruction_grid(images, run_dir / "grid.png", originals=originals, psnr=psnrs,
+            images, psnrs, notes = _matched_pairs(reconstruction.images, originals, scores.per_image, notes)
+        reconstruction_grid(images, run_dir / "grid.png", originals=originals, psnr=psnrs, notes=notes,
                             title=f"{reconstruction.attack}: originals (top) and reconstructions")
     per_unit = all(k.startswith("unit_deviation") for k in reconstruction.history)
     x_label = "unit (by |dL/db|)" if per_unit else "iteration"
@@ -154,7 +167,7 @@ def write_run(run_dir: str | Path, reconstruction: Reconstruction, *, originals:
         if scores is not None:  # the per-image scores for a spreadsheet (gradleak compare puts runs side by side)
             atomic_write_text(stage / "per_image.csv", csv_text(PER_IMAGE_COLUMNS, (
                 [row.get(k) for k in PER_IMAGE_COLUMNS] for row in scores.per_image)))
-        _draw(stage, reconstruction, originals, scores)
+        _draw(stage, reconstruction, originals, scores, residuals)
         write_html_report(stage, name=run_dir.resolve().name)
     return RunResult(run_dir, reconstruction, scores, residuals)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .._io import atomic_write_json, atomic_write_text, output_dir, save_figure, to_jsonable
-from ..report import reconstruction_grid
+from ..report import reconstruction_grid, share_notes
 from ..report.page import html_page, image_tag
 from .records import AuditRecord
 
@@ -210,7 +210,9 @@ def _grids(records: Sequence[AuditRecord], out: Path, names: Mapping[int, str]) 
             title = f"round {r.server_round}, {_who(r, names)}: {o.attack}" + "".join(
                 f", {m}" for m in (measure, _num(o.psnr_mean, unit=" dB") if scored else "") if m)
             reconstruction_grid(o.images.clamp(0, 1), path, originals=r.truth[0] if scored else None,
-                                psnr=o.psnr if scored else None, title=title)
+                                psnr=o.psnr if scored else None, title=title,
+                                notes=share_notes(None if o.residual is None else o.residual.shares,
+                                                  o.images.shape[0]))
             grids.setdefault(index, []).append(path)
     return grids
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from gradleak._io import save_figure
 from gradleak.errors import ConfigError
 
-__all__ = ["reconstruction_grid", "curves_figure"]
+__all__ = ["reconstruction_grid", "curves_figure", "share_notes"]
 
 _CELL_INCHES = 1.35  # width and height of one image cell (larger for images above 162 px: shown at full size)
 _DPI = 120
@@ -105,11 +105,20 @@ def _show_image(ax: Any, image: np.ndarray) -> None:
         spine.set_visible(False)
 
 
+def share_notes(shares: Sequence[float] | None, n: int) -> list[str | None] | None:
+    """``share 99.9 %`` under each image: its share of the re-simulated update (:mod:`gradleak.shares`),
+    truth-free; below 0.1 % in powers of ten (``share 3e-06``). None when no shares are known for the ``n`` images."""
+    if shares is None or len(shares) != n:
+        return None
+    return [f"share {100 * v:.3g} %" if v >= 1e-3 else f"share {v:.0e}" for v in shares]
+
+
 MAX_GRID_IMAGES = 256  # images drawn in one grid (32 row pairs of 8); the rest are in the tables
 
 
-def _grid_inputs(reconstructions: Any, originals: Any | None, psnr: Sequence[Any] | None):
-    """The grid's images as arrays and its PSNR titles, refused where their counts or channels differ."""
+def _grid_inputs(reconstructions: Any, originals: Any | None, psnr: Sequence[Any] | None,
+                 notes: Sequence[str | None] | None = None):
+    """The grid's images as arrays and their titles (PSNR, then the note), refused where counts or channels differ."""
     recon = _images_to_numpy(reconstructions, "reconstructions")
     orig = None if originals is None else _images_to_numpy(originals, "originals")
     n = recon.shape[0]
@@ -122,6 +131,10 @@ def _grid_inputs(reconstructions: Any, originals: Any | None, psnr: Sequence[Any
     labels = [None] * n if psnr is None else [_format_psnr(v) for v in psnr]
     if len(labels) != n:
         raise ConfigError(f"psnr has {len(labels)} values but there are {n} reconstructions")
+    if notes is not None:
+        if len(notes) != n:
+            raise ConfigError(f"notes has {len(notes)} values but there are {n} reconstructions")
+        labels = ["\n".join(t for t in (label, note) if t) or None for label, note in zip(labels, notes)]
     return recon, orig, labels
 
 
@@ -131,6 +144,7 @@ def reconstruction_grid(
     *,
     originals: Any | None = None,
     psnr: Sequence[Any] | None = None,
+    notes: Sequence[str | None] | None = None,
     title: str | None = None,
     max_columns: int = 8,
 ) -> Path:
@@ -143,6 +157,8 @@ def reconstruction_grid(
         originals: the true images, in the same order as ``reconstructions`` (i.e. already
             matched); shown in an ``original`` row above each ``reconstruction`` row.
         psnr: one PSNR per reconstruction (float, ``"inf"`` or None), shown as its title.
+        notes: one short line per reconstruction shown under its PSNR (e.g. its share of the
+            update, :func:`share_notes`), or None.
         title: a title over the whole figure.
         max_columns: images per row; more images wrap into further row pairs. At most
             :data:`MAX_GRID_IMAGES` images are drawn (the title says so when there are more).
@@ -152,7 +168,7 @@ def reconstruction_grid(
     """
     if max_columns < 1:
         raise ConfigError(f"max_columns must be >= 1; got {max_columns}")
-    recon, orig, labels = _grid_inputs(reconstructions, originals, psnr)
+    recon, orig, labels = _grid_inputs(reconstructions, originals, psnr, notes)
     n = recon.shape[0]
     if n == 0:
         return _message_figure("no reconstruction", path, title)
@@ -170,7 +186,8 @@ def reconstruction_grid(
     width = columns * cell + label_space
     title = fit_title(title, width, 11) if title else title
     title_space = 0.45 + 0.2 * title.count("\n") if title else 0.1
-    height = rows * (cell + 0.25) + title_space
+    lines = max([label.count("\n") + 1 for label in labels if label] or [1])   # caption lines over a cell
+    height = rows * (cell + 0.12 + 0.13 * lines) + title_space
     figure = _new_figure(width, height)
     if title:
         figure.suptitle(title, fontsize=11)
@@ -181,7 +198,7 @@ def reconstruction_grid(
         bottom=0.02,
         top=1.0 - title_space / height,
         wspace=0.08,
-        hspace=0.3,
+        hspace=0.05 + 0.25 * lines,
     )
     for group in range(groups):
         recon_row = group * rows_per_group + rows_per_group - 1

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gradleak._io import atomic_write_text
+from gradleak.shares import CARRIED_SHARE
 
 from .page import _MAX_EMBED_BYTES, _NA, _Num, _fmt, _number, _png_data_uri, _table, _text, html_page, image_tag
 
@@ -128,12 +129,27 @@ def _residual_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
             f" ({int(certified)} of {int(updates)} update(s) <strong>certified exact</strong>)" if certified
             else f" (none of {int(updates)} update(s) certified exact)")
         rows.append(("update residual (median; truth-free)", _fmt(residual.get("median"), ".3g") + verdict))
+        rows += _share_rows(residual.get("per_update"))
     if isinstance(auto, Mapping) and isinstance(auto.get("attempts"), list):
         tried = [f"{_text(a.get('attack'))}: {_text(a.get('status'))}" + (
                  f", residual {_fmt(a['residual'].get('value'), '.3g')}" if isinstance(a.get("residual"), Mapping)
                  else "") for a in auto["attempts"] if isinstance(a, Mapping)]
         rows.append(("attacks='auto' tried", "; ".join(tried) or _NA))
     return rows
+
+
+def _share_rows(per_update: Any) -> list[tuple[str, str]]:
+    """How many reconstructed images carry their update (``gradleak.shares``), when every update recorded shares."""
+    if not isinstance(per_update, list) or not per_update:
+        return []
+    shares = [r.get("shares") if isinstance(r, Mapping) else None for r in per_update]
+    if not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) for v in shares):
+        return []
+    values = [float(x) for v in shares for x in v]
+    held = sum(x >= CARRIED_SHARE for x in values)
+    return [(f"images carrying their update (share >= {100 * CARRIED_SHARE:g} %; truth-free)",
+             f"{held} of {len(values)} (smallest share {_fmt(min(values), '.2g')}: an image below the threshold "
+             f"moves its update, and the matching loss, by little)")]
 
 
 _PER_IMAGE_COLUMNS = {
