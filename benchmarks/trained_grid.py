@@ -36,6 +36,7 @@ from gradleak.data import load_builtin
 from gradleak.data.request import DataRequest
 from gradleak.metrics import score
 from gradleak.models import ModelSpec
+from gradleak.residual import update_shares
 from gradleak.training import TrainPlan, train_model
 
 RESULTS = Path(__file__).parent / "results" / "trained-grid"
@@ -199,13 +200,16 @@ def attack_one(module, record, images, labels, mode: str, options: dict, *, atta
     ``flat``: diagnosis-only flat starts (:func:`flat_starts`)."""
     module.train(mode == "train")
     data_spec = gl.DataSpec(tuple(record["data_spec"]["mean"]), tuple(record["data_spec"]["std"]))
-    update = gl.fedsgd_update(module, images, labels, spec=data_spec)
+    client = update = gl.fedsgd_update(module, images, labels, spec=data_spec)
     attacked = module
     if attacker_dtype is not None:
         attacked = copy.deepcopy(module).to(attacker_dtype).train(mode == "train")
         update = update.to(attacker_dtype)
+    kwargs = {k: v for k, v in options.items() if k not in ("attack", "as_batch")}
+    if options.get("as_batch"):   # reconstruct fewer images than the batch (e.g. the one that carries the update)
+        update, kwargs["batch_size"] = gl.SharedUpdate(**{**vars(update), "batch_size": None}), options["as_batch"]
     attack = gl.get_attack(options.get("attack", "inverting-gradients"))(
-        attacked, gl.ThreatModel(bn_statistics=bn_prior), **{k: v for k, v in options.items() if k != "attack"})
+        attacked, gl.ThreatModel(bn_statistics=bn_prior), **kwargs)
     started = time.perf_counter()
     with flat_starts(flat, images):
         rec = attack.reconstruct(update)
@@ -225,7 +229,18 @@ def attack_one(module, record, images, labels, mode: str, options: dict, *, atta
             "loss_curve": {k: v for k, v in rec.history.items() if "loss" in k and isinstance(v, dict)},
             "true_class_probability": probs[torch.arange(len(labels)), labels].tolist(),
             "update_norm": float(torch.sqrt(sum(t.pow(2).sum() for t in update.tensors.values()))),
+            **batch_shares(module.train(mode == "train"), client, images, labels, rec, rows),
             "notes": rec.notes}, rec.images
+
+
+def batch_shares(module, update, images, labels, rec, rows) -> dict:
+    """Eval mode, batches of 2 or more: each original's share of the client's update and the share of the
+    reconstruction matched to it in the update its reconstructed batch produces (truth-free; gradleak.shares)."""
+    if module.training or len(labels) < 2:
+        return {}
+    own = update_shares(module, update, rec.images.to(images.dtype), rec.labels).tolist()
+    return {"true_shares": update_shares(module, update, images, labels).tolist(),
+            "reconstruction_shares": [None if r["matched_to"] is None else own[r["matched_to"]] for r in rows]}
 
 
 def attack(args):

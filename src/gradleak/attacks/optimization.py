@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -34,6 +34,7 @@ from ..losses import get_loss
 from ..update import SharedUpdate
 from ._continuation import relu_continuation
 from ._engine import run_group
+from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
@@ -247,7 +248,7 @@ class GradientMatching(Attack):
 
         yield from reconstruct_targets(self, list(updates), monitors, progress)
 
-    def _problem(self, update: SharedUpdate) -> "_Problem":
+    def _problem(self, update: SharedUpdate) -> Problem:
         """Everything the loop needs to attack ``update`` (labels, matched entries, objective, shapes)."""
         cfg = self.config
         if update.input_shape is None:
@@ -270,7 +271,7 @@ class GradientMatching(Attack):
                 raise AttackNotApplicable("bn > 0 needs the client's BatchNorm statistics",
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
-        data = _target_data(update, names, weights.dtype, labels)
+        data = target_data(update, names, weights.dtype, labels)
         delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
         if delta is not None:
             data["output_gradient"] = delta.to(weights.dtype)
@@ -279,11 +280,11 @@ class GradientMatching(Attack):
         head = classifier_layer(traces)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
         batched, groups = self._restart_groups(params, bn)
-        return _Problem(update, objective, data, labels, label_note,
+        return Problem(update, objective, data, labels, label_note,
                         names, params, bn, (batch, *update.input_shape), head.out_features if head is not None else 1,
                         (spec.normalize(zeros), spec.normalize(zeros + 1)), spec, batched, groups)
 
-    def _result(self, problem: "_Problem", runs: list) -> Reconstruction:
+    def _result(self, problem: Problem, runs: list) -> Reconstruction:
         """The reconstruction of one update from its restarts' results: the lowest matching loss wins."""
         cfg, update, names, labels, spec = self.config, problem.update, problem.names, problem.labels, problem.spec
         batched = problem.batched
@@ -298,7 +299,7 @@ class GradientMatching(Attack):
         if best.y_soft is not None:
             labels = best.y_soft.argmax(-1) if update.loss != "binary_cross_entropy" else (best.y_soft > 0).long().reshape(-1)
         notes = [problem.label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
-                 _choice_note(cfg, runs, best, batched)]
+                 choice_note(cfg, runs, best, batched)]
         if cfg.precondition:
             notes.append(f"spectral preconditioning: image gradient spectrum x |f|^-{2 * cfg.precondition:g}")
         notes += [note for run in runs for note in run.notes]
@@ -307,26 +308,6 @@ class GradientMatching(Attack):
             notes.append(f"interrupted: {len(runs)} of {cfg.restarts} restarts run")
         return Reconstruction(images=spec.denormalize(best.x).detach(), labels=None if labels is None else labels.detach(),
                               history=history, notes=notes, interrupted=interrupted)
-
-
-@dataclass
-class _Problem:
-    """One update prepared for the loop (see ``GradientMatching._problem``)."""
-
-    update: SharedUpdate
-    objective: Callable
-    data: dict[str, Any]              # what the objective matches: {"target": entries, "labels": labels}
-    labels: torch.Tensor | None       # None: soft labels optimised
-    label_note: str
-    names: list[str]
-    params: dict[str, torch.Tensor]
-    bn: Any
-    shape: tuple[int, ...]
-    classes: int
-    bounds: tuple[torch.Tensor, torch.Tensor]
-    spec: DataSpec
-    batched: bool                     # restarts under vmap
-    groups: list[list[int]]
 
 
 # distances that a positive factor on the candidate's gradient leaves unchanged
@@ -352,31 +333,6 @@ def loss_scaled_to_one(loss: Callable) -> Callable:
         size = value.detach().abs().clamp_min(torch.finfo(value.dtype).eps)
         return value * torch.exp2(-torch.floor(torch.log2(size)))
     return scaled
-
-
-def _target_data(update: SharedUpdate, names: list[str], dtype, labels) -> dict[str, Any]:
-    data: dict[str, Any] = {"target": {n: update.tensors[n].to(dtype) for n in names}}
-    if labels is not None:
-        data["labels"] = labels
-    return data
-
-
-def _choice_note(cfg, runs, best, batched: bool) -> str:
-    """Which candidate the attack returns and why (the lowest matching loss wins)."""
-    how = " (batched with vmap)" if batched else ""
-    if not any(run.consensus for run in runs):
-        if cfg.screen is not None and len(runs) == 1 and cfg.restarts > 1:   # the others stopped at the screen
-            return (f"restart {best.restart} (the lowest loss of {cfg.restarts} after {cfg.screen} iterations): "
-                    f"matching loss {best.loss:.4g} after {best.iterations} iteration(s){how}")
-        return (f"best of {cfg.restarts} restart(s): restart {best.restart}, matching loss {best.loss:.4g}"
-                f" after {best.iterations} iteration(s){how}")
-    restarts = [run for run in runs if not run.consensus]
-    top = min(run.loss for run in restarts)
-    mean = next(run for run in runs if run.consensus)
-    chosen = "the group's consensus" if best.consensus else f"restart {best.restart}"
-    return (f"group consistency over {len(restarts)} restarts (weight {cfg.group:g}, {cfg.group_schedule} from "
-            f"{cfg.group_start:g} of the iterations): returned {chosen}, the lowest matching loss "
-            f"(consensus {mean.loss:.4g}, best restart {top:.4g}) after {best.iterations} iteration(s){how}")
 
 
 @register_attack
