@@ -158,49 +158,57 @@ def attack(
     reproduces the update, without ground truth (certified exact at most 1e4 machine epsilons)."""
     from ..auto import AUTO
     from ..errors import ConfigError
-    from ..pipeline import attack_file, attack_simulated
-    from ..threat import ThreatModel
 
     setup_logging(quiet, verbose)
     options = parse_options(option)
     attack_name = attack_name or (AUTO if update is not None else "fc-bias")
     if attack_name == AUTO and update is None:
         raise ConfigError("--attack auto attacks an update file (UPDATE); name an attack for simulated clients")
+    if update is not None and (defense or client or start):
+        raise ConfigError("--defense, --client and --start apply to simulated clients; an update file was made "
+                          "(and defended, or not) by its client")
     out = new_run_dir("attack", out, overwrite=overwrite)
-    from ..attacks import MaliciousAttack, get_attack
+    threat = _threat(attack_name, labels_known)
+    spec = None
+    if update is None or model is not None or weights is not None:
+        spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
+    with replacing(out, overwrite):
+        if update is not None:
+            from ..pipeline import attack_file
 
-    # choosing a malicious-server attack is choosing that threat model (recorded in the run's config)
-    server = "malicious" if attack_name != AUTO and issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
-    threat = ThreatModel(labels_known=labels_known, server=server)
-    if update is not None:
-        if defense or client or start:
-            raise ConfigError("--defense, --client and --start apply to simulated clients; an update file was made "
-                              "(and defended, or not) by its client")
-        spec = None
-        if model is not None or weights is not None:
-            spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
-        with replacing(out, overwrite):
             result = attack_file(update, attack_name, out, model=spec, truth=truth, threat=threat, options=options,
                                  quiet=quiet, device=device, dtype=dtype.value)
-    else:
-        from ..data.request import DataRequest
-
-        setup = client_setup(client, lr=0.05, seed=seed, share_labels=labels_known)
-        spec = model_spec(model or "mlp", model_option, weights, device, mode, dtype, seed)
-        if spec.modality == "text":   # token sequences of real text (gradleak.text), docs/text.md
-            from ..text.pipeline import attack_text
-
-            with replacing(out, overwrite):
-                result = attack_text(attack_name, out, data=_text_data(data), n=n, length=length, start=start, model=spec,
-                                     client=setup, threat=threat, options=options, defenses=defense, quiet=quiet)
-            summary(result, quiet)
-            stop_if_interrupted(result)
-            return
-        with replacing(out, overwrite):
-            result = attack_simulated(attack_name, out, data=DataRequest(data, n, size, start), model=spec, client=setup,
-                                      threat=threat, options=options, defenses=defense, quiet=quiet)
+        else:
+            setup = client_setup(client, lr=0.05, seed=seed, share_labels=labels_known)
+            result = _attack_clients(attack_name, out, spec, setup, threat, options, defense, quiet,
+                                     data=data, n=n, size=size, start=start, length=length)
     summary(result, quiet)
     stop_if_interrupted(result)
+
+
+def _threat(attack_name: str, labels_known: bool):
+    """The threat model of ``gradleak attack``: choosing a malicious-server attack is choosing that server
+    (recorded in the run's config)."""
+    from ..attacks import MaliciousAttack, get_attack
+    from ..auto import AUTO
+    from ..threat import ThreatModel
+
+    server = "malicious" if attack_name != AUTO and issubclass(get_attack(attack_name), MaliciousAttack) else "honest"
+    return ThreatModel(labels_known=labels_known, server=server)
+
+
+def _attack_clients(attack_name, out, spec, setup, threat, options, defenses, quiet, *, data, n, size, start, length):
+    """``gradleak attack`` without an update file: fresh clients on images, or on text for a text model."""
+    if spec.modality == "text":   # token sequences of real text (gradleak.text), docs/text.md
+        from ..text.pipeline import attack_text
+
+        return attack_text(attack_name, out, data=_text_data(data), n=n, length=length, start=start, model=spec,
+                           client=setup, threat=threat, options=options, defenses=defenses, quiet=quiet)
+    from ..data.request import DataRequest
+    from ..pipeline import attack_simulated
+
+    return attack_simulated(attack_name, out, data=DataRequest(data, n, size, start), model=spec, client=setup,
+                            threat=threat, options=options, defenses=defenses, quiet=quiet)
 
 
 def _text_data(data: str) -> str:
