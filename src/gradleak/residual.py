@@ -58,7 +58,7 @@ from .data.spec import DataSpec
 from .errors import AttackNotApplicable, GradleakError, one_line
 from .functional import forward, task_loss
 from .losses import get_loss
-from .shares import per_image_shares
+from .shares import CARRIED_SHARE, carried, per_image_shares
 from .update import SharedUpdate
 
 __all__ = ["Residual", "update_residual", "reconstruction_residual", "simulate_update", "solve_labels", "update_shares",
@@ -373,5 +373,14 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         return "residual n/a"
     value = "n/a" if not isinstance(median, (int, float)) else f"{median:.2g}"
     if count == 1:
-        return f"residual {value}" + (", certified exact" if certified else "")
-    return f"residual median {value} ({certified} of {count} updates certified exact)"
+        return f"residual {value}" + (", certified exact" if certified else "") + _carried_text(summary)
+    return f"residual median {value} ({certified} of {count} updates certified exact)" + _carried_text(summary)
+
+
+def _carried_text(summary: Mapping[str, Any]) -> str:
+    """``; 1 of 4 images carry their update`` where every update recorded its images' shares."""
+    shares = [u.get("shares") if isinstance(u, Mapping) else None for u in summary.get("per_update") or []]
+    if not shares or not all(isinstance(v, list) and v for v in shares):
+        return ""
+    values = [float(x) for v in shares for x in v]
+    return f"; {carried(values)} of {len(values)} images carry their update (share >= {100 * CARRIED_SHARE:g} %)"
