@@ -274,7 +274,7 @@ def attack(args):
                         torch.save(rec.detach().clone(), store / f"{args.tag}-{key.replace('|', '_')}.pt")
                         with log.open("a") as f:
                             f.write(json.dumps(row) + "\n")
-                        print(f"{key:48s} PSNR {', '.join(f'{p:.1f}' for p in row['psnr'])}  loss "
+                        print(f"{key:48s} PSNR {', '.join('-' if p is None else f'{p:.1f}' for p in row['psnr'])}  loss "
                               f"{row['matching_loss']:.4f}  {row['seconds']:.0f} s  load {load:.1f}", flush=True)
 
 
