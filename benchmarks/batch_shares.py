@@ -18,9 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "trained-grid"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from trained_grid import RESULTS, rows_of  # noqa: E402  (a sibling script)
+
 CARRIED = 0.01   # gradleak.shares.CARRIED_SHARE
 ORDER = ("untrained", "sgd", "sgd-nowd", "adam", "adam-wd", "fedavg")
 
@@ -67,11 +71,9 @@ def summarise(rows: list[dict], fewer: list[dict] | None = None) -> dict:
 
 
 def _rows(folder: Path, tag: str) -> list[dict]:
-    log = folder / f"attacks-{tag}.jsonl"
-    if not log.exists():
-        return []
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["mode"] == "eval" and r["batch"] > 1 and r.get("true_shares") is not None]
+    """Eval-mode batches logged under ``tag`` (``A+B``: per batch the variant of lower matching loss, as
+    ``trained_grid table`` chooses) that recorded their shares."""
+    return [r for r in rows_of(folder, tag) if r["mode"] == "eval" and r["batch"] > 1 and r.get("true_shares")]
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--options", default='{"width": 16}')
     parser.add_argument("--tags", nargs="+", default=["default", "as1"], help="a full reconstruction's tag, then "
-                        "optionally one that reconstructs fewer images than the batch")
+                        "optionally one that reconstructs fewer images than the batch (A+B: the lower matching loss)")
     args = parser.parse_args()
     options = "-".join(f"{k}{v}" for k, v in json.loads(args.options).items())
     folder = RESULTS / f"{args.data}-{args.model}{'-' + options if options else ''}"

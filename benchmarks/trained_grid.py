@@ -206,8 +206,8 @@ def attack_one(module, record, images, labels, mode: str, options: dict, *, atta
         attacked = copy.deepcopy(module).to(attacker_dtype).train(mode == "train")
         update = update.to(attacker_dtype)
     kwargs = {k: v for k, v in options.items() if k not in ("attack", "as_batch")}
-    if options.get("as_batch"):   # reconstruct fewer images than the batch (e.g. the one that carries the update)
-        update, kwargs["batch_size"] = gl.SharedUpdate(**{**vars(update), "batch_size": None}), options["as_batch"]
+    if options.get("as_batch"):   # reconstruct fewer images than the batch: those that carry the update
+        kwargs["carried"] = options["as_batch"]
     attack = gl.get_attack(options.get("attack", "inverting-gradients"))(
         attacked, gl.ThreatModel(bn_statistics=bn_prior), **kwargs)
     started = time.perf_counter()

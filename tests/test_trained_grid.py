@@ -85,7 +85,7 @@ def test_batch_shares_summary_counts_carried_images_and_the_dominant_one(tmp_pat
                  [0, None, None, None]),
              row("b", [0.001, 0.997, 0.001, 0.001], [None, None, 6.0, None], [None, None, 1.0, None],
                  [None, None, 0, None])]
-    with benchmark_module("batch_shares") as shares:
+    with benchmark_module("batch_shares", also_imports=("trained_grid",)) as shares:
         s = shares.summarise(full, fewer)
     assert s["carried"] == 5 and s["psnr_carried"] == pytest.approx((20 + 10 + 8 + 6 + 12) / 5)
     assert s["dominant_psnr"] == pytest.approx(16.0) and s["dominant_recognisable"] == 1

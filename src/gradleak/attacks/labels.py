@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import AttackNotApplicable
+from ..functional import forward
 
-__all__ = ["idlg_label", "distinct_labels", "count_labels"]
+__all__ = ["idlg_label", "distinct_labels", "count_labels", "infer_labels"]
 
 
 def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -92,3 +93,43 @@ def count_labels(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, batc
     estimate = batch_size * (mean_probabilities.to(signal.dtype) - signal)
     counts = _round_counts(estimate, batch_size, signal < 0)
     return torch.repeat_interleave(torch.arange(counts.numel()), counts.cpu())
+
+
+def infer_labels(model, update, params, buffers, batch: int, head, mode: str, seed: int) -> tuple[torch.Tensor, str]:
+    """The labels of ``batch`` images read off the classifier layer ``head`` of ``update`` (a
+    ``LinearTrace``): assumed distinct (``mode='distinct'``, Yin et al. 2021), iDLG's sign for one
+    image, else :func:`count_labels` with the mean softmax of 64 random probes (seeded by ``seed``)
+    as the expected per-image output. Deltas of several local steps are read as ``-delta / (lr K)``.
+    Returns the labels and a note saying how they were found."""
+    if head is None:
+        raise AttackNotApplicable("no linear classifier layer produces the output: labels cannot be inferred",
+                                  condition="a linear classifier layer")
+    approx = update.as_gradient() if update.kind == "gradient" or update.local_steps == 1 else {
+        n: -t / (update.local_lr * update.local_steps) for n, t in update.tensors.items()}
+    w_grad = approx[head.param("weight")]
+    b_grad = approx.get(head.param("bias")) if head.has_bias else None
+    if mode == "distinct" and update.loss == "cross_entropy":
+        labels = distinct_labels(w_grad, batch)
+        return labels.to(w_grad.device), (f"labels from the classifier weight rows' minima, assumed distinct "
+                                          f"(Yin et al. 2021): {labels.tolist()}")
+    if batch == 1:
+        return idlg_label(w_grad, b_grad, update.loss), "label from the sign of the classifier gradient (iDLG)"
+    probe = torch.randn((64, *update.input_shape), generator=torch.Generator().manual_seed(seed),
+                        dtype=w_grad.dtype).to(w_grad.device)
+    features = {}
+    modules = dict(model.named_modules())
+    def keep_input(module, inputs, output):
+        features["h"] = inputs[0]
+
+    handle = modules[head.name].register_forward_hook(keep_input)
+    try:
+        with torch.no_grad():
+            logits = forward(model, params, buffers, probe)
+    finally:
+        handle.remove()
+    probs = torch.sigmoid(logits).mean(0) if update.loss == "binary_cross_entropy" else logits.softmax(-1).mean(0)
+    labels = count_labels(w_grad, b_grad, batch, probs, features["h"].abs().sum(1).mean(), update.loss)
+    how = "bias gradient" if b_grad is not None else "weight-row sums (LLG)"
+    if update.kind == "delta" and update.local_steps > 1:
+        how += f" (approximated by -delta / (lr * {update.local_steps}) for the local steps)"
+    return labels.to(w_grad.device), f"labels counted from the classifier {how}: {labels.tolist()}"

@@ -70,6 +70,8 @@ class MatchingConfig:
     output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
                                     # of a batch-1 gradient (observed) | observed where valid (auto); matching.py
     batch_size: int | None = None  # needed only when the threat model hides the batch size
+    carried: int | None = None   # reconstruct only this many of the batch's images: those that carry the update
+                                 # (gradleak.shares; 1 with output_gradient="observed" on a trained network's batch)
     lbfgs_history: int = 100
     lbfgs_inner: int = 20
     line_search: str | None = "strong_wolfe"  # L-BFGS line search; None = fixed step lr (DLG's code)
@@ -130,6 +132,8 @@ class MatchingConfig:
                                   f" and group=0, got restarts={self.restarts}, group={self.group:g}")
         if self.batch_size is not None:
             check_batch("batch_size", self.batch_size, None)
+        if self.carried is not None:
+            check_batch("carried", self.carried, None)
         check_seed("seed", self.seed)
         check_bool("boxed", self.boxed)
         check_bool("compile", self.compile)

@@ -38,7 +38,7 @@ from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
-from .labels import count_labels, distinct_labels, idlg_label
+from .labels import infer_labels
 from .matching import (
     BatchNormStatistics,
     batch_norm_targets,
@@ -79,50 +79,24 @@ class GradientMatching(Attack):
         return None
 
     # ------------------------------------------------------------------ labels
-    def _labels(self, update, params, buffers, batch, traces, spec) -> tuple[torch.Tensor | None, str]:
+    def _labels(self, update, params, buffers, batch, traces, spec, partial=False) -> tuple[torch.Tensor | None, str]:
+        """The candidate's labels and how they were found; ``partial``: ``batch`` is fewer than the update's
+        images (``carried``), so granted labels cannot be assigned to them and are inferred instead."""
         mode = self.config.labels
         if mode == "given":
             if update.labels is None:
                 raise AttackNotApplicable("labels='given' but the threat model grants no labels",
                                           condition="labels known (ThreatModel(labels_known=True))")
+            if partial:
+                raise ConfigError(f"labels='given' with carried={batch}: which of the batch's granted labels belong to "
+                                  f"the carried images is not known; use labels='infer'")
             return update.labels, "labels given by the threat model"
         if mode == "optimize":
             return None, "labels optimised jointly as soft labels (DLG)"
-        if update.labels is not None:
+        if update.labels is not None and not partial:
             return update.labels, "labels given by the threat model"
-        head = classifier_layer(traces)
-        if head is None:
-            raise AttackNotApplicable("no linear classifier layer produces the output: labels cannot be inferred",
-                                      condition="a linear classifier layer")
-        approx = update.as_gradient() if update.kind == "gradient" or update.local_steps == 1 else {
-            n: -t / (update.local_lr * update.local_steps) for n, t in update.tensors.items()}
-        w_grad = approx[head.param("weight")]
-        b_grad = approx.get(head.param("bias")) if head.has_bias else None
-        if mode == "distinct" and update.loss == "cross_entropy":
-            labels = distinct_labels(w_grad, batch)
-            return labels.to(w_grad.device), (f"labels from the classifier weight rows' minima, assumed distinct "
-                                              f"(Yin et al. 2021): {labels.tolist()}")
-        if batch == 1:
-            return idlg_label(w_grad, b_grad, update.loss), "label from the sign of the classifier gradient (iDLG)"
-        probe = torch.randn((64, *update.input_shape), generator=torch.Generator().manual_seed(self.config.seed),
-                            dtype=w_grad.dtype).to(w_grad.device)
-        features = {}
-        modules = dict(self.model.named_modules())
-        def keep_input(module, inputs, output):
-            features["h"] = inputs[0]
-
-        handle = modules[head.name].register_forward_hook(keep_input)
-        try:
-            with torch.no_grad():
-                logits = forward(self.model, params, buffers, probe)
-        finally:
-            handle.remove()
-        probs = torch.sigmoid(logits).mean(0) if update.loss == "binary_cross_entropy" else logits.softmax(-1).mean(0)
-        labels = count_labels(w_grad, b_grad, batch, probs, features["h"].abs().sum(1).mean(), update.loss)
-        how = "bias gradient" if b_grad is not None else "weight-row sums (LLG)"
-        if update.kind == "delta" and update.local_steps > 1:
-            how += f" (approximated by -delta / (lr * {update.local_steps}) for the local steps)"
-        return labels.to(w_grad.device), f"labels counted from the classifier {how}: {labels.tolist()}"
+        return infer_labels(self.model, update, params, buffers, batch, classifier_layer(traces), mode,
+                            self.config.seed)
 
     # -------------------------------------------------------------- objective
     def _objective(self, update, params, buffers, own, names, weights, bn) -> Callable:
@@ -257,12 +231,15 @@ class GradientMatching(Attack):
         if batch is None:
             raise ConfigError("the batch size is hidden by the threat model: give the option batch_size=B")
         check_batch("batch size", batch, update.input_shape)
+        whole, batch = batch, self._carried(batch)
         check_batch(f"{cfg.restarts} restarts x batch size", cfg.restarts * batch, update.input_shape)
         params, buffers = self.parameters_at_round(update)
         ref = next(iter(params.values()))
         spec = update.data_spec or DataSpec()
         traces = trace_linear_layers(self.model, update.input_shape, params, buffers)
-        labels, label_note = self._labels(update, params, buffers, batch, traces, spec)
+        labels, label_note = self._labels(update, params, buffers, batch, traces, spec, partial=batch < whole)
+        if batch < whole:
+            label_note = f"{batch} of the batch's {whole} images reconstructed (carried={batch}); {label_note}"
         names = select_layers(list(params), update.tensors, cfg.layers)
         weights = layer_weights(len(names), cfg.layer_weights, dtype=ref.dtype, device=ref.device)
         bn = None
@@ -275,7 +252,8 @@ class GradientMatching(Attack):
         delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
         if delta is not None:
             data["output_gradient"] = delta.to(weights.dtype)
-            label_note = f"{label_note}; {delta_note}"
+            approximate = "" if batch == whole else f" of a batch of {whole}: exact where one image carries the update"
+            label_note = f"{label_note}; {delta_note}{approximate}"
         objective = self._objective(update, params, buffers, data, names, weights, bn)
         head = classifier_layer(traces)
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
@@ -283,6 +261,15 @@ class GradientMatching(Attack):
         return Problem(update, objective, data, labels, label_note,
                         names, params, bn, (batch, *update.input_shape), head.out_features if head is not None else 1,
                         (spec.normalize(zeros), spec.normalize(zeros + 1)), spec, batched, groups)
+
+    def _carried(self, batch: int) -> int:
+        """The images reconstructed: the batch's, or ``carried`` of them (at most the batch)."""
+        carried = self.config.carried
+        if carried is None:
+            return batch
+        if carried > batch:
+            raise ConfigError(f"carried={carried} is more than the batch's {batch} images")
+        return carried
 
     def _result(self, problem: Problem, runs: list) -> Reconstruction:
         """The reconstruction of one update from its restarts' results: the lowest matching loss wins."""
