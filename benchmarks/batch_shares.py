@@ -51,6 +51,7 @@ def summarise(rows: list[dict], fewer: list[dict] | None = None) -> dict:
         top_share.append(shares[top])
         identified += _argmax(row["reconstruction_shares"]) == top
     out = {"batches": len(rows), "images": len(carried) + len(rest), "mean": _mean(carried + rest),
+           "recognisable": sum(p >= 18 for p in carried + rest),
            "carried": len(carried), "psnr_carried": _mean(carried), "psnr_rest": _mean(rest),
            "dominant_psnr": _mean(dominant), "dominant_recognisable": sum(p >= 18 for p in dominant),
            "dominant_share_median": statistics.median(top_share) if top_share else None,
@@ -66,14 +67,40 @@ def summarise(rows: list[dict], fewer: list[dict] | None = None) -> dict:
             hit += _argmax(full["true_shares"]) in matched
             psnr += [row["psnr"][i] for i in matched]
         out.update(fewer_batches=len(fewer), fewer_matched_dominant=hit, fewer_psnr=_mean(psnr),
-                   fewer_recognisable=sum(p >= 18 for p in psnr))
+                   fewer_images=len(psnr), fewer_recognisable=sum(p >= 18 for p in psnr))
     return out
 
 
-def _rows(folder: Path, tag: str) -> list[dict]:
+SHARE_NAMED = 0.1   # an image of a reconstruction holding >= 10 % of its re-simulated update is attacked alone
+
+
+def named_by_shares(row: dict) -> int:
+    """How many images the full reconstruction's own shares (truth-free) put at >= 10 % of the update: the ``k`` of
+    ``carried=k`` (at least 1)."""
+    return max(1, sum(v is not None and v >= SHARE_NAMED for v in row["reconstruction_shares"]))
+
+
+def fewer_rows(folder: Path, full: list[dict], template: str) -> list[dict]:
+    """Per full batch, the row of ``template`` with ``{k}`` = :func:`named_by_shares` (``as{k}+as{k}-flat``)."""
+    cache: dict[int, dict] = {}
+    out = []
+    for row in full:
+        k = named_by_shares(row)
+        if k >= row["batch"]:   # every image carries the update: the full reconstruction is the attack
+            out.append(row)
+            continue
+        if k not in cache:
+            cache[k] = {r["key"]: r for r in _rows(folder, template.format(k=k), batches_only=False)}
+        if row["key"] in cache[k]:
+            out.append(cache[k][row["key"]])
+    return out
+
+
+def _rows(folder: Path, tag: str, batches_only: bool = True) -> list[dict]:
     """Eval-mode batches logged under ``tag`` (``A+B``: per batch the variant of lower matching loss, as
     ``trained_grid table`` chooses) that recorded their shares."""
-    return [r for r in rows_of(folder, tag) if r["mode"] == "eval" and r["batch"] > 1 and r.get("true_shares")]
+    return [r for r in rows_of(folder, tag) if r["mode"] == "eval" and r["batch"] > 1
+            and (r.get("true_shares") or not batches_only)]
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -86,22 +113,24 @@ def main() -> None:
     parser.add_argument("--model", default="convnet")
     parser.add_argument("--options", default='{"width": 16}')
     parser.add_argument("--tags", nargs="+", default=["default", "as1"], help="a full reconstruction's tag, then "
-                        "optionally one that reconstructs fewer images than the batch (A+B: the lower matching loss)")
+                        "optionally one that reconstructs fewer images than the batch (A+B: the lower matching loss; {k}: per batch "
+                        "the number of images the full reconstruction's shares put at >= 10 %%)")
     args = parser.parse_args()
     options = "-".join(f"{k}{v}" for k, v in json.loads(args.options).items())
     folder = RESULTS / f"{args.data}-{args.model}{'-' + options if options else ''}"
     full = _rows(folder, args.tags[0])
-    fewer = _rows(folder, args.tags[1]) if len(args.tags) > 1 else []
+    fewer = [] if len(args.tags) < 2 else fewer_rows(folder, full, args.tags[1]) if "{k}" in args.tags[1] else \
+        _rows(folder, args.tags[1])
     nets = [n for n in ORDER if any(r["net"] == n for r in full)]
     result = {n: summarise([r for r in full if r["net"] == n], [r for r in fewer if r["net"] == n]) for n in nets}
-    print("| network | images | mean PSNR | carried (share >= 1 %) | PSNR carried / rest | the dominant image: "
-          "PSNR, >= 18 dB, median share | found by the reconstruction's shares | one image (as_batch): PSNR, "
-          ">= 18 dB, matched the dominant |")
+    print("| network | images | mean PSNR, >= 18 dB | carried (share >= 1 %) | PSNR carried / rest | the dominant image: "
+          "PSNR, >= 18 dB, median share | found by the reconstruction's shares | fewer images (carried): PSNR, "
+          ">= 18 dB of the images returned, batches where they include the dominant |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for net, s in result.items():
-        one = (f"{_fmt(s.get('fewer_psnr'))}, {s.get('fewer_recognisable')}/{s.get('fewer_batches')}, "
+        one = (f"{_fmt(s.get('fewer_psnr'))}, {s.get('fewer_recognisable')} of {s.get('fewer_images')}, "
                f"{s.get('fewer_matched_dominant')}/{s.get('fewer_batches')}") if s.get("fewer_batches") else ""
-        print(f"| {net} | {s['images']} | {_fmt(s['mean'])} | {s['carried']} | {_fmt(s['psnr_carried'])} / "
+        print(f"| {net} | {s['images']} | {_fmt(s['mean'])}, {s['recognisable']} | {s['carried']} | {_fmt(s['psnr_carried'])} / "
               f"{_fmt(s['psnr_rest'])} | {_fmt(s['dominant_psnr'])}, {s['dominant_recognisable']}/{s['batches']}, "
               f"{_fmt(s['dominant_share_median'], '.4f')} | {s['identified_truth_free']}/{s['batches']} | {one} |")
     out = folder / f"batch-shares-{'+'.join(args.tags)}.json"

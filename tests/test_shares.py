@@ -82,6 +82,7 @@ def test_the_residual_records_a_reconstructions_shares_through_json(photos):
     assert residual.shares is not None and len(residual.shares) == 4
     assert torch.allclose(torch.tensor(residual.shares, dtype=torch.float64), update_shares(model, update, x, y))
     assert Residual.from_json(residual.to_json()) == residual
+    assert Residual.from_json({**residual.to_json(), "shares": ["0.5", None]}).shares is None   # a tampered file
     one = update_residual(model, gl.fedsgd_update(model, x[:1], y[:1]), x[:1], y[:1])
     assert one.shares is None and one.value is not None
 

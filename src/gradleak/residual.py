@@ -111,7 +111,8 @@ class Residual:
                    float(data.get("tolerance") or 0.0), int(data.get("images") or 0), data.get("batch_size"),
                    str(data.get("labels") or ""), str(data.get("reason") or ""),
                    None if not isinstance(labels, list) else tuple(int(v) for v in labels),
-                   None if not isinstance(shares, list) else tuple(float(v) for v in shares))
+                   tuple(float(v) for v in shares) if isinstance(shares, list) and all(
+                       isinstance(v, (int, float)) and not isinstance(v, bool) for v in shares) else None)
 
     def describe(self) -> str:
         """One line: ``residual 3.1e-08: CERTIFIED EXACT (...)`` or why it is not."""
