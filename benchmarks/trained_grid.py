@@ -381,10 +381,10 @@ def figure(args):
             row = found[k]
             saved = row.get("file", row["key"]).replace("|", "_")
             rec = torch.load(folder / "reconstructions" / f"{row['tag']}-{saved}.pt")
-            for j in range(rec.shape[0]):
-                axes[r][c].imshow(rec[row["matched_to"][j], 0].clamp(0, 1), cmap="gray", vmin=0, vmax=1,
-                                  interpolation="nearest")
-                axes[r][c].set_title(f"{row['psnr'][j]:.1f}", fontsize=6, pad=1)
+            for j, m in enumerate(row["matched_to"]):   # per original; None: not reconstructed (carried)
+                if m is not None:
+                    axes[r][c].imshow(rec[m, 0].clamp(0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                axes[r][c].set_title("-" if m is None else f"{row['psnr'][j]:.1f}", fontsize=6, pad=1)
                 c += 1
         axes[r][0].set_ylabel(name.replace("+", "+\n"), fontsize=5)   # long choices (A+B+C) wrap at each +
     axes[0][0].set_ylabel("original", fontsize=6)
