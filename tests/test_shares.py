@@ -13,7 +13,7 @@ from torch import nn
 
 import gradleak as gl
 from gradleak.errors import AttackNotApplicable
-from gradleak.residual import Residual, summary_text, update_residual, update_shares
+from gradleak.residual import Residual, carried_text, summary_text, update_residual, update_shares
 from gradleak.shares import carried
 
 
@@ -110,7 +110,8 @@ def test_a_run_folder_shows_each_images_share_without_the_truth(digits, tmp_path
     assert len(shares) == 4 and shares[0] < 1e-6 and carried(shares) == 3
     page = (run.run_dir / "report.html").read_text()
     assert "images carrying their update" in page and "3 of 4" in page
-    assert summary_text(metrics["residual"]).endswith("; 3 of 4 images carry their update (share >= 1 %)")
+    assert carried_text(metrics["residual"]) == "3 of 4 images carry their update (share >= 1 %)"
+    assert "carry" not in summary_text(metrics["residual"])
     notes = share_notes(shares, 4)
     assert notes[0].startswith("share ") and "e-" in notes[0] and notes[1].endswith(" %")
     plain = write_run(tmp_path / "plain", rec, use_lpips=False)

@@ -239,6 +239,7 @@ def test_cli_attacks_simulated_text_clients_and_a_captured_text_update(tmp_path)
     result = runner.invoke(app, ["attack", str(update), "-a", "dager", "--out", str(tmp_path / "blind")],  # no truth
                            catch_exceptions=False)
     assert result.exit_code == 0 and "certified exact (truth-free)" in result.output
+    assert "3 of 3 sequences carry their update" in result.output     # each sequence's share (gradleak.shares)
     blind = json.loads((tmp_path / "blind" / "metrics.json").read_text())
     assert "summary" not in blind and blind["residual"]["certified"] == 1 and blind["residual"]["median"] < 1e-5
     assert "Without ground truth" in (tmp_path / "blind" / "report.html").read_text()

@@ -62,7 +62,8 @@ from .shares import CARRIED_SHARE, carried, per_image_shares
 from .update import SharedUpdate
 
 __all__ = ["Residual", "update_residual", "reconstruction_residual", "simulate_update", "solve_labels", "update_shares",
-           "certify_tolerance", "relative_distance", "CERTIFY_EPS", "residual_summary", "summary_text"]
+           "certify_tolerance", "relative_distance", "CERTIFY_EPS", "residual_summary", "summary_text",
+           "carried_text"]
 
 CERTIFY_EPS = 1e4     # a residual of at most 1e4 machine epsilons certifies (see the module's notes)
 
@@ -374,14 +375,17 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         return "residual n/a"
     value = "n/a" if not isinstance(median, (int, float)) else f"{median:.2g}"
     if count == 1:
-        return f"residual {value}" + (", certified exact" if certified else "") + _carried_text(summary)
-    return f"residual median {value} ({certified} of {count} updates certified exact)" + _carried_text(summary)
+        return f"residual {value}" + (", certified exact" if certified else "")
+    return f"residual median {value} ({certified} of {count} updates certified exact)"
 
 
-def _carried_text(summary: Mapping[str, Any]) -> str:
-    """``; 1 of 4 images carry their update`` where every update recorded its images' shares."""
-    shares = [u.get("shares") if isinstance(u, Mapping) else None for u in summary.get("per_update") or []]
+def carried_text(summary: Mapping[str, Any]) -> str:
+    """``1 of 4 images carry their update (share >= 1 %)`` from :func:`residual_summary`'s dict, where
+    every update recorded its inputs' shares (sequences for a language model's own tokens); else ``""``."""
+    updates = [u for u in summary.get("per_update") or [] if isinstance(u, Mapping)]
+    shares = [u.get("shares") for u in updates]
     if not shares or not all(isinstance(v, list) and v for v in shares):
         return ""
     values = [float(x) for v in shares for x in v]
-    return f"; {carried(values)} of {len(values)} images carry their update (share >= {100 * CARRIED_SHARE:g} %)"
+    kind = "sequences" if all(u.get("labels") == "own-token" for u in updates) else "images"
+    return f"{carried(values)} of {len(values)} {kind} carry their update (share >= {100 * CARRIED_SHARE:g} %)"

@@ -212,9 +212,11 @@ def summary(result, quiet: bool) -> None:
             counted = f"mean of the {got} recovered; {recovery_counts(s)}"
         line += f"  |  PSNR {psnr:.1f} dB ({counted})"
     if getattr(result, "residuals", None):
-        from ..residual import residual_summary, summary_text
+        from ..residual import carried_text, residual_summary, summary_text
 
-        line += f"  |  {summary_text(residual_summary(result.residuals))} (truth-free)"
+        recorded = residual_summary(result.residuals)
+        line += f"  |  {summary_text(recorded)} (truth-free)"
+        line += f"  |  {carried_text(recorded)}" if carried_text(recorded) else ""
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
     say(line)
