@@ -109,9 +109,11 @@ def test_a_run_folder_shows_each_images_share_without_the_truth(digits, tmp_path
     shares = metrics["residual"]["per_update"][0]["shares"]
     assert len(shares) == 4 and shares[0] < 1e-6 and carried(shares) == 3
     page = (run.run_dir / "report.html").read_text()
-    assert "images carrying their update" in page and "3 of 4" in page
+    assert "carrying their update" in page and "3 of 4 images carry their update" in page
     assert carried_text(metrics["residual"]) == "3 of 4 images carry their update (share >= 1 %)"
     assert "carry" not in summary_text(metrics["residual"])
+    tampered = {"per_update": [{**metrics["residual"]["per_update"][0], "shares": [0.5, "x"]}]}
+    assert carried_text(tampered) == ""                      # a hand-edited metrics.json: no row, no crash
     notes = share_notes(shares, 4)
     assert notes[0].startswith("share ") and "e-" in notes[0] and notes[1].endswith(" %")
     plain = write_run(tmp_path / "plain", rec, use_lpips=False)

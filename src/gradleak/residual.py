@@ -384,7 +384,8 @@ def carried_text(summary: Mapping[str, Any]) -> str:
     every update recorded its inputs' shares (sequences for a language model's own tokens); else ``""``."""
     updates = [u for u in summary.get("per_update") or [] if isinstance(u, Mapping)]
     shares = [u.get("shares") for u in updates]
-    if not shares or not all(isinstance(v, list) and v for v in shares):
+    if not shares or not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                              for x in v) for v in shares):
         return ""
     values = [float(x) for v in shares for x in v]
     kind = "sequences" if all(u.get("labels") == "own-token" for u in updates) else "images"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gradleak._io import atomic_write_text
-from gradleak.shares import CARRIED_SHARE
+from gradleak.residual import carried_text
 
 from .page import _MAX_EMBED_BYTES, _NA, _Num, _fmt, _number, _png_data_uri, _table, _text, html_page, image_tag
 
@@ -139,17 +139,14 @@ def _residual_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def _share_rows(per_update: Any) -> list[tuple[str, str]]:
-    """How many reconstructed images carry their update (``gradleak.shares``), when every update recorded shares."""
-    if not isinstance(per_update, list) or not per_update:
+    """How many reconstructed inputs carry their update (``gradleak.shares``), when every update recorded shares."""
+    text = carried_text({"per_update": per_update}) if isinstance(per_update, list) else ""
+    if not text:
         return []
-    shares = [r.get("shares") if isinstance(r, Mapping) else None for r in per_update]
-    if not all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) for v in shares):
-        return []
-    values = [float(x) for v in shares for x in v]
-    held = sum(x >= CARRIED_SHARE for x in values)
-    return [(f"images carrying their update (share >= {100 * CARRIED_SHARE:g} %; truth-free)",
-             f"{held} of {len(values)} (smallest share {_fmt(min(values), '.2g')}: an image below the threshold "
-             f"moves its update, and the matching loss, by little)")]
+    values = [float(x) for u in per_update for x in u["shares"]]   # carried_text checked every entry
+    return [("carrying their update (truth-free)",
+             f"{text}; smallest share {_fmt(min(values), '.2g')}: an input below the threshold moves its update, and "
+             f"the matching loss, by little")]
 
 
 _PER_IMAGE_COLUMNS = {
