@@ -295,7 +295,7 @@ def update_shares(model: nn.Module, update: SharedUpdate, images: torch.Tensor,
 
 def _shares_or_none(model, update, images, labels) -> tuple[float, ...] | None:
     """:func:`update_shares` where the protocol allows it and the batch holds 2 or more images; else None."""
-    if update.kind != "gradient" or images.shape[0] < 2:
+    if images.shape[0] < 2:
         return None
     try:
         return tuple(float(v) for v in update_shares(model, update, images, labels))

@@ -215,8 +215,8 @@ def summary(result, quiet: bool) -> None:
         from ..residual import carried_text, residual_summary, summary_text
 
         recorded = residual_summary(result.residuals)
-        line += f"  |  {summary_text(recorded)} (truth-free)"
-        line += f"  |  {carried_text(recorded)}" if carried_text(recorded) else ""
+        carried = carried_text(recorded)
+        line += f"  |  {summary_text(recorded)} (truth-free)" + (f"  |  {carried}" if carried else "")
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"
     say(line)
