@@ -53,6 +53,8 @@ def batching_refused(attack) -> str | None:
         return f"smooth_relu={cfg.smooth_relu:g} (two passes per update)"
     if cfg.screen is not None:
         return "restart screening (screen=...)"
+    if cfg.mixture != "mean":
+        return f"mixture={cfg.mixture!r} (weights fitted with plain autograd)"
     if cfg.restarts > 1 and cfg.batched_restarts == "loop":
         return "batched_restarts='loop'"
     if sum(p.numel() for p in model.parameters()) >= 1_000_000:

@@ -29,6 +29,7 @@ _CHOICES = {
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
     "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto"),
+    "mixture": ("mean", "fitted"),
 }
 
 
@@ -72,6 +73,9 @@ class MatchingConfig:
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     carried: int | None = None   # reconstruct only this many of the batch's images: those that carry the update
                                  # (gradleak.shares; 1 with output_gradient="observed" on a trained network's batch)
+    mixture: str = "mean"        # the candidates' gradients enter as the client's mean (mean) or with nonnegative
+                                 # weights fitted to the update at every evaluation (fitted; _mixture.py): batches
+                                 # of a trained network, whose update one image dominates
     lbfgs_history: int = 100
     lbfgs_inner: int = 20
     line_search: str | None = "strong_wolfe"  # L-BFGS line search; None = fixed step lr (DLG's code)
@@ -134,6 +138,9 @@ class MatchingConfig:
             check_batch("batch_size", self.batch_size, None)
         if self.carried is not None:
             check_batch("carried", self.carried, None)
+        if self.mixture == "fitted" and (self.compile or self.batched_restarts == "vmap"):
+            raise ConfigError("mixture='fitted' fits its weights with plain autograd outside torch.func transforms: "
+                              "it cannot run with compile=True or batched_restarts='vmap'")
         check_seed("seed", self.seed)
         check_bool("boxed", self.boxed)
         check_bool("compile", self.compile)

@@ -36,6 +36,7 @@ from ._continuation import relu_continuation
 from ._engine import run_group
 from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
+from ._mixture import check_mixture, fitted_weights, mixture_loss, per_image_gradients
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
 from .labels import infer_labels
@@ -113,11 +114,25 @@ class GradientMatching(Attack):
 
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         scale_free = update.kind == "gradient" and cfg.objective in SCALE_FREE_OBJECTIVES
+        fitted = cfg.mixture == "fitted"
 
-        def inner_gradient(local, x, y, functional, delta=None):
-            # delta: the observed output gradient (output_gradient='observed'), else the loss at labels y
-            inner = task_loss(self.model, buffers, loss_fn, x, y) if delta is None else \
-                output_functional(self.model, buffers, x, delta)
+        def mixture_weights(x, y, data, parts=False):
+            """The candidates' fitted mixture weights against ``data``'s target (_mixture.py), held fixed;
+            ``parts``: each candidate's part of the fitted mixture instead."""
+            target = torch.cat([data["target"][n].reshape(-1) for n in names]).double()
+            weights, explained = fitted_weights(per_image_gradients(self.model, params, buffers, loss_fn, x, y, names),
+                                                target)
+            return explained if parts else weights
+
+        def inner_gradient(local, x, y, functional, delta=None, mixture=None):
+            # delta: the observed output gradient (output_gradient='observed'), else the loss at labels y, the batch's
+            # mean or (mixture) its fitted mixture
+            if delta is not None:
+                inner = output_functional(self.model, buffers, x, delta)
+            elif mixture is not None:
+                inner = mixture_loss(self.model, buffers, loss_fn, x, y, mixture)
+            else:
+                inner = task_loss(self.model, buffers, loss_fn, x, y)
             if scale_free:
                 inner = loss_scaled_to_one(inner)
             if functional:  # inside torch.func transforms (vmap over restarts)
@@ -135,7 +150,8 @@ class GradientMatching(Attack):
             y = data.get("labels") if y_soft is None else (torch.sigmoid(y_soft) if binary else y_soft.softmax(-1))
             start = params if functional else leaves
             if update.kind == "gradient":
-                sim = inner_gradient(start, x, y, functional, data.get("output_gradient"))
+                mix = mixture_weights(x, y, data) if fitted and x.shape[0] > 1 else None
+                sim = inner_gradient(start, x, y, functional, data.get("output_gradient"), mix)
             else:
                 batch = min(update.local_batch_size or x.shape[0], x.shape[0])
                 local = dict(start)
@@ -158,13 +174,15 @@ class GradientMatching(Attack):
                 value = value + cfg.bn * bn.penalty()
             return value
 
+        objective.mixture_weights = mixture_weights if fitted else None
         return objective
 
     def _restart_groups(self, params, bn) -> tuple[bool, list[list[int]]]:
         """Whether the restarts run batched under ``vmap``, and which run together: all in one
         group when batched or when the group-consistency term ties them, else one by one."""
         cfg = self.config
-        vmappable = cfg.optimizer != "lbfgs" and not batch_norm_in_train_mode(self.model) and bn is None
+        vmappable = (cfg.optimizer != "lbfgs" and not batch_norm_in_train_mode(self.model) and bn is None
+                     and cfg.mixture == "mean")
         cuda = next(iter(params.values())).is_cuda
         batched = cfg.batched_restarts == "vmap" or (
             cfg.batched_restarts == "auto" and vmappable and cfg.restarts > 1 and (cuda or (
@@ -242,6 +260,8 @@ class GradientMatching(Attack):
             label_note = f"{batch} of the batch's {whole} images reconstructed (carried={batch}); {label_note}"
         names = select_layers(list(params), update.tensors, cfg.layers)
         weights = layer_weights(len(names), cfg.layer_weights, dtype=ref.dtype, device=ref.device)
+        if cfg.mixture == "fitted":
+            check_mixture(self.model, update)
         bn = None
         if cfg.bn > 0:
             if update.buffers is None:
@@ -287,6 +307,11 @@ class GradientMatching(Attack):
             labels = best.y_soft.argmax(-1) if update.loss != "binary_cross_entropy" else (best.y_soft > 0).long().reshape(-1)
         notes = [problem.label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
                  choice_note(cfg, runs, best, batched)]
+        if cfg.mixture == "fitted" and best.x.shape[0] > 1:
+            y = labels if best.y_soft is None else best.y_soft.softmax(-1)
+            w = problem.objective.mixture_weights(best.x, y, problem.data, parts=True)
+            notes.append("mixture fitted to the update (mixture='fitted'), each reconstructed image's part: "
+                         + ", ".join(f"{v:.3f}" for v in w.tolist()))
         if cfg.precondition:
             notes.append(f"spectral preconditioning: image gradient spectrum x |f|^-{2 * cfg.precondition:g}")
         notes += [note for run in runs for note in run.notes]
