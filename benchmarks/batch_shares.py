@@ -38,10 +38,23 @@ def _argmax(values: list[float | None]) -> int | None:
     return max(known)[1] if known else None
 
 
+MIXTURE_NOTE = "each reconstructed image's part: "
+
+
+def mixture_parts(row: dict) -> list[float | None] | None:
+    """Per original, the part of the fitted mixture (``mixture="fitted"``'s note; truth-free) of the
+    reconstruction matched to it; None for a row without that note."""
+    note = next((n for n in row.get("notes", []) if MIXTURE_NOTE in n), None)
+    if note is None:
+        return None
+    parts = [float(v) for v in note.split(MIXTURE_NOTE)[1].split(", ")]
+    return [None if m is None else parts[m] for m in row["matched_to"]]
+
+
 def summarise(rows: list[dict], fewer: list[dict] | None = None) -> dict:
     """One network's batches (``rows``: a full reconstruction per batch; ``fewer``: the same batches
     reconstructed with fewer images), as the module's notes describe."""
-    carried, rest, dominant, identified, top_share = [], [], [], 0, []
+    carried, rest, dominant, identified, top_share, by_parts = [], [], [], 0, [], []
     for row in rows:
         shares, psnr = row["true_shares"], row["psnr"]
         for s, p in zip(shares, psnr):
@@ -50,12 +63,16 @@ def summarise(rows: list[dict], fewer: list[dict] | None = None) -> dict:
         dominant.append(psnr[top])
         top_share.append(shares[top])
         identified += _argmax(row["reconstruction_shares"]) == top
+        parts = mixture_parts(row)
+        if parts is not None:
+            by_parts.append(_argmax(parts) == top)
     out = {"batches": len(rows), "images": len(carried) + len(rest), "mean": _mean(carried + rest),
            "recognisable": sum(p >= 18 for p in carried + rest),
            "carried": len(carried), "psnr_carried": _mean(carried), "psnr_rest": _mean(rest),
            "dominant_psnr": _mean(dominant), "dominant_recognisable": sum(p >= 18 for p in dominant),
            "dominant_share_median": statistics.median(top_share) if top_share else None,
-           "identified_truth_free": identified}
+           "identified_truth_free": identified,
+           "identified_by_mixture_parts": sum(by_parts) if by_parts else None}
     if fewer:
         by_key = {row["key"]: row for row in rows}
         hit, psnr = 0, []
@@ -125,14 +142,16 @@ def main() -> None:
     result = {n: summarise([r for r in full if r["net"] == n], [r for r in fewer if r["net"] == n]) for n in nets}
     print("| network | images | mean PSNR, >= 18 dB | carried (share >= 1 %) | PSNR carried / rest | the dominant image: "
           "PSNR, >= 18 dB, median share | found by the reconstruction's shares | fewer images (carried): PSNR, "
-          ">= 18 dB of the images returned, batches where they include the dominant |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          ">= 18 dB of the images returned, batches where they include the dominant | found by the mixture's parts |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for net, s in result.items():
+        by_parts = s["identified_by_mixture_parts"]
+        parts = "" if by_parts is None else f"{by_parts}/{s['batches']}"
         one = (f"{_fmt(s.get('fewer_psnr'))}, {s.get('fewer_recognisable')} of {s.get('fewer_images')}, "
                f"{s.get('fewer_matched_dominant')}/{s.get('fewer_batches')}") if s.get("fewer_batches") else ""
         print(f"| {net} | {s['images']} | {_fmt(s['mean'])}, {s['recognisable']} | {s['carried']} | {_fmt(s['psnr_carried'])} / "
               f"{_fmt(s['psnr_rest'])} | {_fmt(s['dominant_psnr'])}, {s['dominant_recognisable']}/{s['batches']}, "
-              f"{_fmt(s['dominant_share_median'], '.4f')} | {s['identified_truth_free']}/{s['batches']} | {one} |")
+              f"{_fmt(s['dominant_share_median'], '.4f')} | {s['identified_truth_free']}/{s['batches']} | {one} | {parts} |")
     out = folder / f"batch-shares-{'+'.join(args.tags)}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten: {out}")
