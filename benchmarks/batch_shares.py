@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import gradleak.shares  # noqa: E402
 from trained_grid import RESULTS, rows_of  # noqa: E402  (a sibling script)
 
 CARRIED = 0.01   # gradleak.shares.CARRIED_SHARE
@@ -38,16 +39,12 @@ def _argmax(values: list[float | None]) -> int | None:
     return max(known)[1] if known else None
 
 
-MIXTURE_NOTE = "each reconstructed image's part: "
-
-
 def mixture_parts(row: dict) -> list[float | None] | None:
     """Per original, the part of the fitted mixture (``mixture="fitted"``'s note; truth-free) of the
     reconstruction matched to it; None for a row without that note."""
-    note = next((n for n in row.get("notes", []) if MIXTURE_NOTE in n), None)
-    if note is None:
+    parts = gradleak.shares.mixture_parts(row.get("notes", []), len(row["matched_to"]))
+    if parts is None:
         return None
-    parts = [float(v) for v in note.split(MIXTURE_NOTE)[1].split(", ")]
     return [None if m is None else parts[m] for m in row["matched_to"]]
 
 

@@ -126,3 +126,30 @@ def test_protocols_without_per_image_gradients_are_refused_by_name(digits, photo
         gl.get_attack("inverting-gradients")(mlp, gl.ThreatModel(), mixture="median")
     attack = gl.get_attack("inverting-gradients")(mlp, gl.ThreatModel(), mixture="fitted")
     assert "mixture='fitted'" in batching_refused(attack)
+
+
+def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp_path):
+    """Notes of two updates give four parts, in order; a hand-edited note gives none; a run whose notes hold
+    the parts captions its grid with them instead of the equal-weight shares."""
+    from PIL import Image
+
+    from gradleak.attacks.base import Reconstruction
+    from gradleak.residual import update_residual
+    from gradleak.runs import write_run
+    from gradleak.shares import MIXTURE_PARTS_NOTE, mixture_parts
+
+    notes = ["update 0: matched 4 of 4 entries", f"update 0: {MIXTURE_PARTS_NOTE}0.900, 0.100",
+             f"update 1: {MIXTURE_PARTS_NOTE}0.000, 1.000"]
+    assert mixture_parts(notes, 4) == [0.9, 0.1, 0.0, 1.0]
+    assert mixture_parts(notes, 3) is None
+    assert mixture_parts([f"{MIXTURE_PARTS_NOTE}0.5, x"], 2) is None
+    assert mixture_parts([f"{MIXTURE_PARTS_NOTE}0.5, 7"], 2) is None
+    model, x, y = _two_images_carry()
+    residual = update_residual(model, gl.fedsgd_update(model, x, y), x, y)
+    grids = []
+    for name, extra in (("shares", []), ("parts", [f"{MIXTURE_PARTS_NOTE}0.465, 0.535, 0.000, 0.000"])):
+        rec = Reconstruction(images=x.clone(), labels=y.clone(), attack="truth", notes=extra)
+        run = write_run(tmp_path / name, rec, residuals=[residual], use_lpips=False)
+        with Image.open(run.run_dir / "grid.png") as grid:
+            grids.append(grid.tobytes())
+    assert grids[0] != grids[1]

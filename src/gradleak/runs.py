@@ -44,6 +44,7 @@ from ._runfiles import (_IMAGE_DTYPES, _LABEL_DTYPES, MAX_RUN_JSON_BYTES, MAX_RU
 from .errors import DataError
 from .metrics import Scores, score
 from .residual import Residual, residual_summary
+from .shares import mixture_parts
 from .report import curves_figure, reconstruction_grid, share_notes, write_html_report
 
 __all__ = ["RunResult", "write_run", "load_run", "rebuild_report", "save_truth", "load_truth"]
@@ -121,7 +122,8 @@ def _draw(run_dir: Path, reconstruction: Reconstruction, originals, scores: Scor
     if reconstruction.images is not None:
         images, psnrs = reconstruction.images, None
         n = images.shape[0]
-        notes = share_notes(_shares(residuals, n), n)
+        parts = mixture_parts(reconstruction.notes, n)    # a fitted mixture's parts say more than equal-weight shares
+        notes = share_notes(parts, n, "part") if parts is not None else share_notes(_shares(residuals, n), n)
         if originals is not None and scores is not None and scores.per_image:
             images, psnrs, notes = _matched_pairs(reconstruction.images, originals, scores.per_image, notes)
         reconstruction_grid(images, run_dir / "grid.png", originals=originals, psnr=psnrs, notes=notes,

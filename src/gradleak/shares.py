@@ -34,10 +34,12 @@ from torch.func import grad
 from .errors import AttackNotApplicable
 from .functional import batch_norm_in_train_mode, task_loss
 
-__all__ = ["per_image_shares", "carried", "CARRIED_SHARE", "MAX_SHARE_IMAGES"]
+__all__ = ["per_image_shares", "carried", "mixture_parts", "CARRIED_SHARE", "MAX_SHARE_IMAGES", "MIXTURE_PARTS_NOTE"]
 
 CARRIED_SHARE = 0.01      # an image holding at least 1 % of the per-image gradient energy is "carried"
 MAX_SHARE_IMAGES = 256    # one backward pass per image: larger batches are not split (the call refuses)
+# how a gradient-matching run with mixture="fitted" notes each reconstructed image's part of the fitted update
+MIXTURE_PARTS_NOTE = "mixture fitted to the update (mixture='fitted'), each reconstructed image's part: "
 
 
 def per_image_shares(model: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
@@ -68,3 +70,19 @@ def per_image_shares(model: nn.Module, params: Mapping[str, torch.Tensor], buffe
 def carried(shares: torch.Tensor | tuple[float, ...], threshold: float = CARRIED_SHARE) -> int:
     """How many images hold at least ``threshold`` of the per-image gradient energy."""
     return int((torch.as_tensor(shares, dtype=torch.float64) >= threshold).sum())
+
+
+def mixture_parts(notes: list[str], n: int) -> list[float] | None:
+    """Each of ``n`` reconstructed images' part of its update's fitted mixture, read from a reconstruction's
+    notes (one note per update, in order; ``MatchingConfig(mixture="fitted")``); None unless the notes give
+    exactly ``n`` finite parts in [0, 1] (a hand-edited or partial record gives none)."""
+    parts: list[float] = []
+    for note in notes:
+        if isinstance(note, str) and MIXTURE_PARTS_NOTE in note:
+            try:
+                parts += [float(v) for v in note.split(MIXTURE_PARTS_NOTE, 1)[1].split(", ")]
+            except ValueError:
+                return None
+    if len(parts) != n or not all(0.0 <= v <= 1.0 for v in parts):
+        return None
+    return parts

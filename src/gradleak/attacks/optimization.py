@@ -31,6 +31,7 @@ from ..errors import AttackNotApplicable, ConfigError
 from ..functional import batch_norm_in_train_mode, forward, has_batch_norm, task_loss
 from ..limits import check_batch
 from ..losses import get_loss
+from ..shares import MIXTURE_PARTS_NOTE
 from ..update import SharedUpdate
 from ._continuation import relu_continuation
 from ._engine import run_group
@@ -310,8 +311,7 @@ class GradientMatching(Attack):
         if cfg.mixture == "fitted" and best.x.shape[0] > 1:
             y = labels if best.y_soft is None else best.y_soft.softmax(-1)
             w = problem.objective.mixture_weights(best.x, y, problem.data, parts=True)
-            notes.append("mixture fitted to the update (mixture='fitted'), each reconstructed image's part: "
-                         + ", ".join(f"{v:.3f}" for v in w.tolist()))
+            notes.append(MIXTURE_PARTS_NOTE + ", ".join(f"{v:.3f}" for v in w.tolist()))
         if cfg.precondition:
             notes.append(f"spectral preconditioning: image gradient spectrum x |f|^-{2 * cfg.precondition:g}")
         notes += [note for run in runs for note in run.notes]

@@ -105,12 +105,13 @@ def _show_image(ax: Any, image: np.ndarray) -> None:
         spine.set_visible(False)
 
 
-def share_notes(shares: Sequence[float] | None, n: int) -> list[str | None] | None:
+def share_notes(shares: Sequence[float] | None, n: int, name: str = "share") -> list[str | None] | None:
     """``share 99.9 %`` under each image: its share of the re-simulated update (:mod:`gradleak.shares`),
-    truth-free; below 0.1 % in powers of ten (``share 3e-06``). None when no shares are known for the ``n`` images."""
+    truth-free; below 0.1 % in powers of ten (``share 3e-06``); ``name="part"``: its part of a fitted
+    mixture (``mixture="fitted"``). None when no values are known for the ``n`` images."""
     if shares is None or len(shares) != n:
         return None
-    return [f"share {100 * v:.3g} %" if v >= 1e-3 else f"share {v:.0e}" for v in shares]
+    return [f"{name} {100 * v:.3g} %" if v >= 1e-3 else f"{name} {v:.0e}" for v in shares]
 
 
 MAX_GRID_IMAGES = 256  # images drawn in one grid (32 row pairs of 8); the rest are in the tables
