@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.optimize import nnls
-from torch import nn
 
 import gradleak as gl
 from gradleak.attacks._mixture import fitted_weights, mixture_loss, nonnegative_least_squares, per_image_gradients
@@ -19,6 +18,8 @@ from gradleak.attacks._targets import batching_refused
 from gradleak.errors import AttackNotApplicable, ConfigError
 from gradleak.losses import get_loss
 from gradleak.residual import update_shares
+
+from carry_support import batch_carried_by
 
 
 def test_nonnegative_least_squares_agrees_with_scipy():
@@ -72,27 +73,10 @@ def test_no_positive_mixture_falls_back_to_the_mean():
     assert weights.tolist() == [1 / 3] * 3 and parts.tolist() == [1 / 3] * 3
 
 
-def _two_images_carry(size=16):
-    """Four digits, two of one class the classifier is pushed to with certainty: images 0 and 1 carry the update."""
-    from gradleak.data import load_builtin
-
-    d = load_builtin("digits", n=64, size=size)
-    a = int(d.labels[0])
-    c = next(int(v) for v in d.labels if int(v) != a)
-    b = next(int(v) for v in d.labels if int(v) not in (a, c))
-    idx = [0, next(i for i in range(64) if int(d.labels[i]) == c)] + [i for i in range(64) if int(d.labels[i]) == b][:2]
-    torch.manual_seed(0)
-    model = gl.build_model("mlp", (1, size, size), 10, hidden=[64]).eval()
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    with torch.no_grad():
-        head.bias[b] += 30.0
-    return model, d.images[idx], d.labels[idx]
-
-
 def test_a_fitted_mixture_recovers_the_carried_images_and_says_which_explain_the_update():
     from gradleak.metrics import score
 
-    model, x, y = _two_images_carry()
+    model, x, y = batch_carried_by(2)
     update = gl.fedsgd_update(model, x, y, share_labels=True)
     rec = gl.get_attack("inverting-gradients")(model, gl.ThreatModel(labels_known=True), labels="given",
                                                mixture="fitted", iterations=500, tv=0).reconstruct(update)
@@ -144,7 +128,7 @@ def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp
     assert mixture_parts(notes, 3) is None
     assert mixture_parts([f"{MIXTURE_PARTS_NOTE}0.5, x"], 2) is None
     assert mixture_parts([f"{MIXTURE_PARTS_NOTE}0.5, 7"], 2) is None
-    model, x, y = _two_images_carry()
+    model, x, y = batch_carried_by(2)
     residual = update_residual(model, gl.fedsgd_update(model, x, y), x, y)
     grids = []
     for name, extra in (("shares", []), ("parts", [f"{MIXTURE_PARTS_NOTE}0.465, 0.535, 0.000, 0.000"])):

@@ -16,6 +16,8 @@ from gradleak.errors import AttackNotApplicable
 from gradleak.residual import Residual, carried_text, summary_text, update_residual, update_shares
 from gradleak.shares import carried
 
+from carry_support import batch_carried_by
+
 
 def _softmax_regression(digits, seed=0):
     torch.manual_seed(seed)
@@ -136,28 +138,12 @@ def test_a_run_whose_labels_are_the_truths_tensor_is_written(digits, tmp_path):
     assert metrics["summary"]["label_accuracy"] == 1.0
 
 
-def _one_image_carries(size=16):
-    """Four digits, three of one class that the classifier is pushed to with certainty: image 0 carries the update."""
-    from gradleak.data import load_builtin
-
-    d = load_builtin("digits", n=64, size=size)
-    a = int(d.labels[0])
-    b = next(int(v) for v in d.labels if int(v) != a)
-    idx = [0] + [i for i in range(64) if int(d.labels[i]) == b][:3]
-    torch.manual_seed(0)
-    model = gl.build_model("mlp", (1, size, size), 10, hidden=[64]).eval()
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    with torch.no_grad():
-        head.bias[b] += 30.0
-    return model, d.images[idx], d.labels[idx]
-
-
 def test_carried_reconstructs_the_image_that_carries_a_batchs_update():
     """carried=1 with the observed output gradient: the one image holding all of the update comes back
     (to > 40 dB), with its label; the notes say it is 1 of 4 and the residual never certifies a part."""
     from gradleak.metrics import score
 
-    model, x, y = _one_image_carries()
+    model, x, y = batch_carried_by(1)
     update = gl.fedsgd_update(model, x, y)
     shares = update_shares(model, update, x, y)
     assert shares[0] > 1 - 1e-12
@@ -174,7 +160,7 @@ def test_carried_reconstructs_the_image_that_carries_a_batchs_update():
 def test_carried_is_refused_above_the_batch_and_with_granted_labels():
     from gradleak.errors import ConfigError
 
-    model, x, y = _one_image_carries()
+    model, x, y = batch_carried_by(1)
     update = gl.fedsgd_update(model, x, y, share_labels=True)
     with pytest.raises(ConfigError, match="carried=5 is more than the batch's 4 images"):
         gl.get_attack("inverting-gradients")(model, gl.ThreatModel(), carried=5, iterations=2).reconstruct(update)
