@@ -117,10 +117,15 @@ class GradientMatching(Attack):
         scale_free = update.kind == "gradient" and cfg.objective in SCALE_FREE_OBJECTIVES
         fitted = cfg.mixture == "fitted"
 
+        def flat_target(data):
+            return torch.cat([data["target"][n].reshape(-1) for n in names]).double()
+
+        own_target = flat_target(own) if fitted else None   # this update's, flattened once (the hot path's data)
+
         def mixture_weights(x, y, data, parts=False):
             """The candidates' fitted mixture weights against ``data``'s target (_mixture.py), held fixed;
             ``parts``: each candidate's part of the fitted mixture instead."""
-            target = torch.cat([data["target"][n].reshape(-1) for n in names]).double()
+            target = own_target if data is own else flat_target(data)
             weights, explained = fitted_weights(per_image_gradients(self.model, params, buffers, loss_fn, x, y, names),
                                                 target)
             return explained if parts else weights
@@ -309,7 +314,8 @@ class GradientMatching(Attack):
         notes = [problem.label_note, f"matched {len(names)} of {len(update.tensors)} entries ({cfg.objective}, {cfg.layer_weights} weights)",
                  choice_note(cfg, runs, best, batched)]
         if cfg.mixture == "fitted" and best.x.shape[0] > 1:
-            y = labels if best.y_soft is None else best.y_soft.softmax(-1)
+            binary = update.loss == "binary_cross_entropy"     # the objective's soft labels, as it maps them
+            y = labels if best.y_soft is None else torch.sigmoid(best.y_soft) if binary else best.y_soft.softmax(-1)
             w = problem.objective.mixture_weights(best.x, y, problem.data, parts=True)
             notes.append(MIXTURE_PARTS_NOTE + ", ".join(f"{v:.3f}" for v in w.tolist()))
         if cfg.precondition:
