@@ -136,4 +136,7 @@ def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp
         run = write_run(tmp_path / name, rec, residuals=[residual], use_lpips=False)
         with Image.open(run.run_dir / "grid.png") as grid:
             grids.append(grid.tobytes())
+        page = (run.run_dir / "report.html").read_text()
+        assert ("2 of 4 images hold at least 1 % of the fitted mixture" in page) == (name == "parts")
     assert grids[0] != grids[1]
+    assert mixture_parts(["nothing"], None) is None

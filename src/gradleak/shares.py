@@ -72,10 +72,10 @@ def carried(shares: torch.Tensor | tuple[float, ...], threshold: float = CARRIED
     return int((torch.as_tensor(shares, dtype=torch.float64) >= threshold).sum())
 
 
-def mixture_parts(notes: list[str], n: int) -> list[float] | None:
+def mixture_parts(notes: list[str], n: int | None) -> list[float] | None:
     """Each of ``n`` reconstructed images' part of its update's fitted mixture, read from a reconstruction's
     notes (one note per update, in order; ``MatchingConfig(mixture="fitted")``); None unless the notes give
-    exactly ``n`` finite parts in [0, 1] (a hand-edited or partial record gives none)."""
+    exactly ``n`` (None: one or more) finite parts in [0, 1] (a hand-edited or partial record gives none)."""
     parts: list[float] = []
     for note in notes:
         if isinstance(note, str) and MIXTURE_PARTS_NOTE in note:
@@ -83,6 +83,6 @@ def mixture_parts(notes: list[str], n: int) -> list[float] | None:
                 parts += [float(v) for v in note.split(MIXTURE_PARTS_NOTE, 1)[1].split(", ")]
             except ValueError:
                 return None
-    if len(parts) != n or not all(0.0 <= v <= 1.0 for v in parts):
+    if not parts or (n is not None and len(parts) != n) or not all(0.0 <= v <= 1.0 for v in parts):
         return None
     return parts
