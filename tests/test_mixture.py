@@ -112,12 +112,13 @@ def test_protocols_without_per_image_gradients_are_refused_by_name(digits, photo
     assert "mixture='fitted'" in batching_refused(attack)
 
 
-def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp_path):
+def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp_path, capsys):
     """Notes of two updates give four parts, in order; a hand-edited note gives none; a run whose notes hold
     the parts captions its grid with them instead of the equal-weight shares."""
     from PIL import Image
 
     from gradleak.attacks.base import Reconstruction
+    from gradleak.cli._common import summary
     from gradleak.residual import update_residual
     from gradleak.runs import write_run
     from gradleak.shares import MIXTURE_PARTS_NOTE, mixture_parts
@@ -138,5 +139,9 @@ def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp
             grids.append(grid.tobytes())
         page = (run.run_dir / "report.html").read_text()
         assert ("2 of 4 images hold at least 1 % of the fitted mixture" in page) == (name == "parts")
+        summary(run, quiet=False)       # the CLI's line: the parts where the run fitted a mixture, else the shares
+        line = capsys.readouterr().out
+        assert ("2 of 4 images hold at least 1 %" in line) == (name == "parts")
+        assert ("2 of 4 images carry their update" in line) == (name == "shares")
     assert grids[0] != grids[1]
     assert mixture_parts(["nothing"], None) is None

@@ -34,7 +34,7 @@ from torch.func import grad
 from .errors import AttackNotApplicable
 from .functional import batch_norm_in_train_mode, task_loss
 
-__all__ = ["per_image_shares", "carried", "mixture_parts", "CARRIED_SHARE", "MAX_SHARE_IMAGES", "MIXTURE_PARTS_NOTE"]
+__all__ = ["per_image_shares", "carried", "mixture_parts", "parts_text", "CARRIED_SHARE", "MAX_SHARE_IMAGES", "MIXTURE_PARTS_NOTE"]
 
 CARRIED_SHARE = 0.01      # an image holding at least 1 % of the per-image gradient energy is "carried"
 MAX_SHARE_IMAGES = 256    # one backward pass per image: larger batches are not split (the call refuses)
@@ -86,3 +86,9 @@ def mixture_parts(notes: list[str], n: int | None) -> list[float] | None:
     if not parts or (n is not None and len(parts) != n) or not all(0.0 <= v <= 1.0 for v in parts):
         return None
     return parts
+
+
+def parts_text(parts: list[float]) -> str:
+    """``3 of 4 images hold at least 1 % of the fitted mixture``: how many reconstructed images explain the update."""
+    return (f"{carried(parts)} of {len(parts)} images hold at least {100 * CARRIED_SHARE:g} % of the fitted mixture "
+            f"(mixture='fitted')")

@@ -213,9 +213,11 @@ def summary(result, quiet: bool) -> None:
         line += f"  |  PSNR {psnr:.1f} dB ({counted})"
     if getattr(result, "residuals", None):
         from ..residual import carried_text, residual_summary, summary_text
+        from ..shares import mixture_parts, parts_text
 
         recorded = residual_summary(result.residuals)
-        carried = carried_text(recorded)
+        parts = mixture_parts(getattr(getattr(result, "reconstruction", None), "notes", None) or [], None)
+        carried = parts_text(parts) if parts is not None else carried_text(recorded)   # a fitted mixture: its parts
         line += f"  |  {summary_text(recorded)} (truth-free)" + (f"  |  {carried}" if carried else "")
     if s.get("label_accuracy") is not None:
         line += f"  |  label accuracy {100 * s['label_accuracy']:.0f} %"

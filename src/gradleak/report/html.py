@@ -19,7 +19,7 @@ from typing import Any
 
 from gradleak._io import atomic_write_text
 from gradleak.residual import carried_text
-from gradleak.shares import CARRIED_SHARE, mixture_parts
+from gradleak.shares import mixture_parts, parts_text
 
 from .page import _MAX_EMBED_BYTES, _NA, _Num, _fmt, _number, _png_data_uri, _table, _text, html_page, image_tag
 
@@ -135,9 +135,7 @@ def _residual_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
     parts = mixture_parts([n for n in notes if isinstance(n, str)], None) if isinstance(notes, list) else None
     if parts is not None:
         rows.append(("explaining the fitted update (truth-free)",
-                     f"{sum(v >= CARRIED_SHARE for v in parts)} of {len(parts)} images hold at least "
-                     f"{100 * CARRIED_SHARE:g} % of the fitted mixture (mixture='fitted'; largest part "
-                     f"{100 * max(parts):.3g} %; the grid gives each image's part)"))
+                     f"{parts_text(parts)}; largest part {100 * max(parts):.3g} %; the grid gives each image's part"))
     if isinstance(auto, Mapping) and isinstance(auto.get("attempts"), list):
         tried = [f"{_text(a.get('attack'))}: {_text(a.get('status'))}" + (
                  f", residual {_fmt(a['residual'].get('value'), '.3g')}" if isinstance(a.get("residual"), Mapping)
