@@ -145,3 +145,4 @@ def test_a_runs_grid_captions_each_image_with_its_part_of_the_fitted_mixture(tmp
         assert ("2 of 4 images carry their update" in line) == (name == "shares")
     assert grids[0] != grids[1]
     assert mixture_parts(["nothing"], None) is None
+    assert mixture_parts([123, None, f"{MIXTURE_PARTS_NOTE}0.5, 0.5"], None) == [0.5, 0.5]   # a hand-edited list

@@ -132,7 +132,7 @@ def _residual_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("update residual (median; truth-free)", _fmt(residual.get("median"), ".3g") + verdict))
         rows += _share_rows(residual.get("per_update"))
     notes = metrics.get("notes")
-    parts = mixture_parts([n for n in notes if isinstance(n, str)], None) if isinstance(notes, list) else None
+    parts = mixture_parts(notes, None) if isinstance(notes, list) else None   # skips entries that are not text
     if parts is not None:
         rows.append(("explaining the fitted update (truth-free)",
                      f"{parts_text(parts)}; largest part {100 * max(parts):.3g} %; the grid gives each image's part"))
