@@ -104,7 +104,7 @@ def _stack(datas: list[dict[str, Any]], restarts: int) -> dict[str, Any]:
         return torch.stack([v for v in values for _ in range(restarts)])
 
     out: dict[str, Any] = {"target": {n: stacked([d["target"][n] for d in datas]) for n in datas[0]["target"]}}
-    for key in ("labels", "output_gradient"):
+    for key in ("labels", "output_gradient", "features", "feature_map"):
         if key in datas[0]:
             out[key] = stacked([d[key] for d in datas])
     return out

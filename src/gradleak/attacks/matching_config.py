@@ -28,7 +28,7 @@ _CHOICES = {
     "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine", "exponential"), "init": ("randn", "rand", "zeros", "flat", "randn+flat"),
     "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
-    "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto"),
+    "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto", "separated"),
     "mixture": ("mean", "fitted"),
 }
 
@@ -69,7 +69,11 @@ class MatchingConfig:
     screen: int | None = None    # restarts > 1: each runs this many iterations; the lowest matching loss runs to the end
     labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
     output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
-                                    # of a batch-1 gradient (observed) | observed where valid (auto); matching.py
+                                    # of a batch-1 gradient (observed) | observed where valid (auto); matching.py |
+                                    # each image's own, separated out of the classifier gradient (separated;
+                                    # _output_separation.py): batches of B < C images
+    features: float = 0.0        # output_gradient="separated": weight of each candidate's relative distance to its
+                                 # image's separated classifier features (scale-free per image; _output_separation.py)
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     carried: int | None = None   # reconstruct only this many of the batch's images: those that carry the update
                                  # (gradleak.shares; 1 with output_gradient="observed" on a trained network's batch)
@@ -105,6 +109,16 @@ class MatchingConfig:
         check_float("group_start", self.group_start)
         if self.group_start >= 1:
             raise ConfigError(f"group_start must be a fraction of the iterations in [0, 1), got {short_repr(self.group_start)}")
+        if self.mixture == "fitted" and self.output_gradient == "separated":
+            raise ConfigError("mixture='fitted' with output_gradient='separated': the separated output gradients fix "
+                              "each image's part of the update already; choose one")
+        if self.output_gradient == "separated" and self.labels == "optimize":
+            raise ConfigError("output_gradient='separated' finds the labels with the output gradients; "
+                              "labels='optimize' has none to give it (use labels='infer' or 'given')")
+        check_float("features", self.features)
+        if self.features > 0 and self.output_gradient != "separated":
+            raise ConfigError(f"features={self.features:g} needs output_gradient='separated' (the features are "
+                              f"separated out of the classifier gradient), got output_gradient={self.output_gradient!r}")
         if self.group > 0 and self.restarts < 2:
             raise ConfigError(f"group={self.group:g} needs restarts >= 2 (the group's consensus is their mean), "
                               f"got restarts={self.restarts}")

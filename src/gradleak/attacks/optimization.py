@@ -37,6 +37,7 @@ from ._continuation import relu_continuation
 from ._engine import run_group
 from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
+from ._output_separation import feature_mismatch, separated_output_gradient
 from ._mixture import check_mixture, fitted_weights, mixture_loss, per_image_gradients
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
@@ -97,11 +98,13 @@ class GradientMatching(Attack):
             return None, "labels optimised jointly as soft labels (DLG)"
         if update.labels is not None and not partial:
             return update.labels, "labels given by the threat model"
+        if self.config.output_gradient == "separated" and mode == "infer":
+            return None, ""   # found with the output gradients (_output_separation.py)
         return infer_labels(self.model, update, params, buffers, batch, classifier_layer(traces), mode,
                             self.config.seed)
 
     # -------------------------------------------------------------- objective
-    def _objective(self, update, params, buffers, own, names, weights, bn) -> Callable:
+    def _objective(self, update, params, buffers, own, names, weights, bn, feature_layer=None) -> Callable:
         """``objective(x, y_soft, data=None)``: the matching loss of candidate ``x`` against this
         update, or against ``data`` = {"target": matched entries, "labels": labels} of another
         update of the same shapes (several targets attacked in one ``vmap``)."""
@@ -167,6 +170,8 @@ class GradientMatching(Attack):
                     local = {n: local[n] - lr * g[n] for n in local}
                 sim = {n: local[n] - start[n] for n in names}
             value = gradient_distance(sim, target, names, weights, cfg.objective, uniform=cfg.layer_weights == "equal")
+            if "features" in data:   # each candidate against its image's separated features (_output_separation.py)
+                value = value + cfg.features * feature_mismatch(sim[feature_layer], data)
             if cfg.tv:
                 value = value + cfg.tv * total_variation(x)
             if cfg.l2:
@@ -274,14 +279,22 @@ class GradientMatching(Attack):
                 raise AttackNotApplicable("bn > 0 needs the client's BatchNorm statistics",
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
+        if cfg.output_gradient == "separated":   # every image's own output gradient (_output_separation.py)
+            separated, found, note = separated_output_gradient(update, classifier_layer(traces), params, labels, whole,
+                                                               batch, weights.dtype, cfg.features)
+            labels, label_note = found, note if labels is None else f"{label_note}; {note}"
         data = target_data(update, names, weights.dtype, labels)
-        delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
+        if cfg.output_gradient == "separated":
+            data.update(separated)
+            delta, delta_note = separated["output_gradient"], ""
+        else:
+            delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
         if delta is not None:
             data["output_gradient"] = delta.to(weights.dtype)
             approximate = "" if batch == whole else f" of a batch of {whole}: exact where one image carries the update"
-            label_note = f"{label_note}; {delta_note}{approximate}"
-        objective = self._objective(update, params, buffers, data, names, weights, bn)
+            label_note = f"{label_note}; {delta_note}{approximate}" if delta_note else label_note
         head = classifier_layer(traces)
+        objective = self._objective(update, params, buffers, data, names, weights, bn, head and head.param("weight"))
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
         batched, groups = self._restart_groups(params, bn)
         return Problem(update, objective, data, labels, label_note,

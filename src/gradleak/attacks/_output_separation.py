@@ -1,0 +1,326 @@
+"""Each image's output gradient and classifier features, separated out of a batch's classifier gradient.
+
+A softmax cross-entropy classifier layer ``z = W h + b`` receives, from a FedSGD gradient of a
+batch of ``B`` images (mean loss), the gradients
+
+    dL/dW = sum_i u_i h_i^T,     dL/db = sum_i u_i,     u_i = (softmax(W h_i + b) - e_{y_i}) / B,
+
+a rank-``B`` matrix whose factors are each image's output gradient ``u_i`` and its features
+``h_i`` (the input to the classifier layer). Instance-wise label restoration (Ma et al. 2023,
+"Instance-wise Batch Label Restoration via Gradients in Federated Learning", ICLR) reads the
+batch's per-instance probabilities off this structure; here the factors are recovered whole by
+nonlinear least squares. Where the ``u_i`` are linearly independent, the features lie in the row
+space of ``dL/dW``: ``h_i = V a_i`` with ``V`` its top ``B`` right singular vectors, which leaves
+``B x B`` unknowns ``a``; each ``a_i`` fixes ``u_i`` through the model's own softmax, and
+``(a, u(a))`` must reproduce ``dL/dW V`` and ``dL/db`` (``C (B + 1)`` equations). A
+Levenberg-Marquardt solve from the rank-one estimate of each label's row (iDLG's ratio
+``dW[y] / db[y]``, exact for one image) and perturbed restarts returns the factors to the
+rounding of the update when the fit's relative residual is at that level; the order of images
+with equal labels is arbitrary (their factors are exchangeable).
+
+Valid for a FedSGD gradient (not a delta of several local steps) of a mean softmax cross-entropy
+loss with known labels (given or inferred), a biased linear classifier layer whose output is the
+model output, and ``B < C`` images whose output gradients are linearly independent (an image
+classified with ``1 - p`` below the update's float precision has ``u_i = 0`` and leaves the rank
+short). Refused, naming the condition, otherwise. With the ``u_i`` known, the gradient-matching
+engine matches ``sum_i J_i(x'_i)^T u_i`` (``output_gradient="separated"``): every candidate gets its
+own image's exact output gradient, which the observed bias gradient gives only for batches of one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch.func import jacrev
+
+from ..errors import AttackNotApplicable
+
+__all__ = ["OutputSeparation", "separate_output_gradients", "separated_output_gradient", "feature_mismatch"]
+
+
+@dataclass(frozen=True)
+class OutputSeparation:
+    """The per-image factors of a classifier layer's batch gradient (float64)."""
+
+    output_gradients: torch.Tensor   # (B, C): u_i at the update's scale; their sum is the bias gradient
+    features: torch.Tensor           # (B, d): h_i, each image's input to the classifier layer
+    labels: torch.Tensor             # (B,): the labels the fit used, in the order of the rows above
+    residual: float                  # relative residual of the fit over [dW V, db]
+    singular_ratio: float            # s_B / s_1 of dW: how far from rank-deficient the batch is
+
+    def shares(self) -> torch.Tensor:
+        """Each image's part of the classifier layer's gradient: ``|u_i| |[h_i, 1]|`` over their sum."""
+        sizes = self.output_gradients.norm(dim=1) * (self.features.square().sum(1) + 1).sqrt()
+        return sizes / sizes.sum()
+
+
+def _factors(x, WV, bias, Y, batch):
+    """``u`` (B, C): the output gradients of features ``V a``, ``a = x[:, :B]``; a further column of
+    ``x`` scales each label entry ``p_y - 1`` by ``1 + x[:, B]``: a float32 client rounds ``p_y`` near 1
+    to a multiple of 2^-24, so that entry of a confident image is known only to ~6e-8 absolutely
+    (``docs/models.md``: 1 - p below float32's epsilon), while the others keep their relative precision."""
+    B = WV.shape[1]
+    u = ((x[:, :B] @ WV.T + bias).softmax(-1) - Y) / batch
+    return u * (1 + x[:, B:] * Y) if x.shape[1] > B else u
+
+
+def _residual(x, WV, bias, Y, M, db):
+    u = _factors(x, WV, bias, Y, x.shape[0])
+    return torch.cat([(u.T @ x[:, :WV.shape[1]] - M).reshape(-1), u.sum(0) - db])
+
+
+def _label_residual(a, WV, bias, complement, label):
+    """One image's condition: its output gradient ``softmax(WV a + b) - e_y`` lies in the span of the
+    batch's output gradients (the column space of ``dW``), as a direction (scale-free: confident
+    images weigh as much as the others) and with its label entry free (a float32 client's ``p_y - 1``
+    is rounded, :func:`_factors`). ``complement``: an orthonormal basis of that span's complement;
+    ``a``: one coefficient vector or a stack of them (leading dimensions)."""
+    q = (a @ WV.T + bias).softmax(-1)
+    is_label = torch.arange(q.shape[-1], device=q.device) == label
+    wrong = torch.where(is_label, 0.0, q)
+    off = wrong.sum(-1, keepdim=True)                                  # 1 - q_y, kept exact
+    residual = (wrong @ complement) / off.clamp_min(1e-300)
+    free = complement[label]                                           # the label entry's direction, projected out
+    residual = residual - (residual @ free)[..., None] * free / (free @ free).clamp_min(1e-300)
+    return torch.where(off > 1e-250, residual, 1.0)                  # a softmax saturated to 1 has no direction
+
+
+def _levenberg_marquardt(residual, a, args, scale, iterations: int, tol: float):
+    """Minimise ``|residual(a, *args)|`` from ``a``; returns (a, relative residual)."""
+    r = residual(a, *args)
+    cost = float(r.square().sum())
+    mu = 1e-3
+    for _ in range(iterations):
+        if cost ** 0.5 <= tol * scale:
+            break
+        J = jacrev(residual)(a, *args).reshape(r.numel(), -1)
+        JtJ, g = J.T @ J, J.T @ r
+        step = torch.linalg.solve(JtJ + mu * torch.diag(JtJ.diagonal().clamp_min(1e-300)), -g)
+        trial = a + step.reshape(a.shape)
+        r_trial = residual(trial, *args)
+        trial_cost = float(r_trial.square().sum())
+        if trial_cost < cost:
+            a, r, cost, mu = trial, r_trial, trial_cost, max(mu / 10, 1e-15)
+        else:
+            mu *= 10
+            if mu > 1e12:
+                break
+    return a, cost ** 0.5 / scale
+
+
+def _label_roots(label: int, count: int, scale: float, WV, bias, complement, starts: int, generator,
+                 samples: int = 1 << 16) -> list[torch.Tensor]:
+    """``count`` distinct feature coefficients ``a`` whose output gradient, under ``label``, lies in
+    the batch's span (:func:`_label_residual`): the residual on ``samples`` random points (directions
+    uniform, norms log-uniform over ``scale`` x [0.03, 30]), then Levenberg-Marquardt from the best
+    ``starts`` of them that lie apart; the best ``count`` found."""
+    B = WV.shape[1]
+    directions = torch.randn((samples, B), generator=generator, dtype=WV.dtype).to(WV.device)
+    norms = scale * 10 ** (3 * torch.rand((samples, 1), generator=generator, dtype=WV.dtype).to(WV.device) - 1.5)
+    points = directions / directions.norm(dim=1, keepdim=True) * norms
+    order = _label_residual(points, WV, bias, complement, label).norm(dim=1).argsort()
+    roots: list[tuple[float, torch.Tensor]] = []
+    tried: list[torch.Tensor] = []
+    for index in order[:64 * starts]:
+        a0 = points[index]
+        if any(float((a0 - t).norm()) < 0.1 * float(t.norm()) for t in tried):
+            continue
+        tried.append(a0)
+        a, rel = _levenberg_marquardt(_label_residual, a0, (WV, bias, complement, label), 1.0, 60, 1e-14)
+        if all(float((a - b).norm()) > 1e-4 * float(b.norm()) for _, b in roots):
+            roots.append((rel, a))
+        if len(tried) >= starts:
+            break
+    return [a for _, a in sorted(roots, key=lambda item: item[0])[:count]]
+
+
+LABEL_TOLERANCE = 1e-3   # a label is present where some output gradient in the span fits it this well (direction)
+SPARE_ROOTS = 3          # roots kept per label beyond its images: spurious ones fit as well as the update's rounding
+
+
+def _joint_fit(initial, args, scale, starts: int, iterations: int, tol: float, generator):
+    """The factors ``a`` of all images together (:func:`_residual`) from ``initial`` and perturbations
+    of it; returns (a, relative residual) of the best start."""
+    best = None
+    for k in range(starts):
+        noise = torch.randn(initial.shape, generator=generator, dtype=initial.dtype).to(initial.device)
+        start = initial if k == 0 else initial * (1 + 0.3 * noise) + 0.1 * noise * initial.norm(dim=1, keepdim=True)
+        start = torch.cat([start, torch.zeros_like(start[:, :1])], dim=1)   # the label entries' rounding: none yet
+        a, rel = _levenberg_marquardt(_residual, start, args, scale, iterations, 1e-14)
+        if best is None or rel < best[1]:
+            best = (a, rel)
+        if rel <= min(tol * 1e-3, 1e-10):   # at the update's rounding: no start can do better
+            break
+    return best
+
+
+def _peel(a, args, missing: list[int], sweeps: int = 3):
+    """Gauss-Seidel over the ``missing`` images: image ``k``'s coefficients from what the others
+    leave of ``[dW V, db]`` (one image's exact ratio, iDLG's, on that remainder): exact for one
+    missing image when the others are. Starts the images no root was found for (a second image of
+    a label, whose root's basin the first one's swallows)."""
+    WV, bias, Y, M, db = args
+    B = a.shape[0]
+    target = torch.cat([M, db[:, None]], dim=1)
+    a = a.clone()
+    for _ in range(sweeps if len(missing) > 1 else 1):
+        for k in missing:
+            u = _factors(a, WV, bias, Y, B)
+            rest = [j for j in range(B) if j != k]
+            remainder = target - u[rest].T @ torch.cat([a[rest], torch.ones(B - 1, 1, dtype=a.dtype,
+                                                                              device=a.device)], dim=1)
+            row = remainder[int(Y[k].argmax())]
+            if row[B].abs() > 0:
+                a[k] = row[:B] / row[B]
+    return a
+
+
+def _label_sets(present: list[int], batch: int, given: torch.Tensor | None) -> list[list[int]]:
+    """The label multisets to try: the given labels, else every way to give the ``batch`` images the
+    ``present`` labels, each at least once (C(B-1, k-1) of them)."""
+    if given is not None:
+        return [given.long().tolist()]
+    if not 1 <= len(present) <= batch:
+        return []
+    return [sorted(present + list(extra)) for extra in itertools.combinations_with_replacement(present,
+                                                                                              batch - len(present))]
+
+
+def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
+                              bias: torch.Tensor, labels: torch.Tensor | None = None, *, batch: int | None = None,
+                              starts: int = 16, iterations: int = 200, tol: float = 1e-3,
+                              seed: int = 0) -> OutputSeparation:
+    """Separate a batch's classifier gradient ``(weight_grad (C, d), bias_grad (C,))`` of the layer
+    ``(weight, bias)`` into each image's output gradient and features (module docstring: Ma et al.
+    2023's instance-wise factorisation, solved by Levenberg-Marquardt). ``labels``: the batch's
+    ``B`` labels where known; else (``batch=B``) they are found too: a label is present where an
+    output gradient in the batch's span fits it (a scale-free condition, :func:`_label_residual`),
+    and the multiplicities are the ones whose joint fit is best. ``tol``: the largest relative
+    residual accepted (1e-3 suits a float32 update; a float64 one fits to ~1e-12). Raises
+    :class:`AttackNotApplicable` naming the failed condition."""
+    C, d = weight_grad.shape
+    B = int(labels.numel()) if labels is not None else int(batch or 0)
+    if weight.shape != (C, d) or bias.shape != (C,) or bias_grad.shape != (C,):
+        raise AttackNotApplicable(f"output separation: the classifier gradient {tuple(weight_grad.shape)} / "
+                                  f"{tuple(bias_grad.shape)} does not fit its layer {tuple(weight.shape)} / "
+                                  f"{tuple(bias.shape)}", condition="a biased linear classifier layer")
+    if not 1 <= B < C:
+        raise AttackNotApplicable(f"output separation needs fewer images than classes: {B} images, {C} classes "
+                                  "(the output gradients of B >= C images are linearly dependent)",
+                                  condition="batch size < number of classes")
+    dW, db = weight_grad.detach().double(), bias_grad.detach().double()
+    W, b = weight.detach().double(), bias.detach().double()
+    U, s, Vh = torch.linalg.svd(dW, full_matrices=True)
+    ratio = float(s[B - 1] / s[0]) if s[0] > 0 else 0.0
+    if ratio < 1e-12:
+        raise AttackNotApplicable(f"output separation: the classifier weight gradient has rank < {B} (s_{B}/s_1 = "
+                                  f"{ratio:.1e}): some image's output gradient vanished (a confident image's "
+                                  "1 - p below the update's precision) or the images' are dependent",
+                                  condition="linearly independent per-image output gradients")
+    V, complement = Vh[:B].T, U[:, B:]                                # features' span; output gradients' complement
+    M, WV = dW @ V, W @ V
+    scale = float(torch.cat([M.reshape(-1), db]).norm())
+    typical = float((M / db[:, None]).norm(dim=1).median())          # iDLG's ratio: a feature coefficients' size
+    generator = torch.Generator().manual_seed(seed)
+    candidates = labels.long().unique().tolist() if labels is not None else list(range(C))
+    roots = {}
+    for label in candidates:                                          # each label's own condition first
+        count = int((labels.long() == label).sum()) if labels is not None else B
+        roots[label] = _label_roots(label, count + SPARE_ROOTS, typical, WV, b, complement, starts, generator)
+    present = [label for label, found in roots.items()
+               if found and float(_label_residual(found[0], WV, b, complement, label).norm()) <= LABEL_TOLERANCE]
+    best = None
+    for label_set in _label_sets(present, B, labels):                 # then all of them together
+        Y = torch.nn.functional.one_hot(torch.tensor(label_set), C).double().to(dW.device)
+        args = (WV, b, Y, M, db)
+        for initial in _root_choices(roots, label_set, (*args, complement), scale)[:3]:
+            a, rel = _joint_fit(initial, args, scale, max(1, starts // 3), iterations, tol, generator)
+            if best is None or rel < best[1]:
+                best = (a, rel, label_set, args)
+            if rel <= tol:
+                break
+    if best is None or not best[1] <= tol:
+        found = "no label fits" if best is None else f"relative residual {best[1]:.1e} > {tol:.0e}"
+        raise AttackNotApplicable(f"output separation: no per-image factors explain the classifier gradient "
+                                  f"({found}; labels present: {present}): the labels or the batch size are wrong, "
+                                  "or the update is not a plain mean softmax gradient",
+                                  condition="a FedSGD softmax cross-entropy gradient with the right labels")
+    a, rel, label_set, args = best
+    return OutputSeparation(_factors(a, *args[:3], B), a[:, :B] @ V.T, torch.tensor(label_set, device=dW.device), rel,
+                            ratio)
+
+
+def _root_choices(roots: dict, label_set: list[int], args, scale: float,
+                  limit: int = 4096) -> list[torch.Tensor]:
+    """Starting coefficients ``(B, B)`` for the joint fit, best first by its residual: each label's
+    images take distinct roots of that label that fit its condition (:data:`LABEL_TOLERANCE`), best
+    combinations first; the images left without one are peeled off the remainder (:func:`_peel`)."""
+    unique = sorted(set(label_set))
+    per_label = []
+    for label in unique:
+        good = [a for a in roots.get(label, []) if float(_label_residual(a, *args[:2], args[5], label).norm())
+                <= LABEL_TOLERANCE]
+        per_label.append(list(itertools.combinations(good, min(len(good), label_set.count(label)))))
+    choices = []
+    for combo in itertools.islice(itertools.product(*per_label), limit):
+        chosen = {label: list(picked) for label, picked in zip(unique, combo)}
+        rows, missing = [], []
+        for k, label in enumerate(label_set):
+            if chosen[label]:
+                rows.append(chosen[label].pop(0))
+            else:
+                rows.append(torch.zeros_like(args[3][0]))
+                missing.append(k)
+        initial = torch.stack(rows)
+        if missing:
+            initial = _peel(initial, args[:5], missing)
+        choices.append((float(_residual(initial, *args[:5]).norm()) / scale, initial))
+    return [initial for _, initial in sorted(choices, key=lambda item: item[0])]
+
+
+def separated_output_gradient(update, head, params, labels: torch.Tensor | None, whole: int, batch: int,
+                              dtype: torch.dtype, features: float = 0.0
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
+    """``output_gradient="separated"`` for the engine: the problem's data entries (``output_gradient``:
+    u (B, C); with ``features > 0`` also ``features`` (B, d) and ``feature_map`` (B, C), for
+    :func:`feature_mismatch`), the labels in their order and a note, from ``update``'s classifier
+    layer ``head`` (a ``LinearTrace``) at the weights ``params``; ``labels``: the granted ones, or
+    None to find them with the factors. Refuses, naming the condition, updates and settings where
+    the factorisation does not hold."""
+    reason = None
+    if update.kind != "gradient":
+        reason = "the update is a delta of local steps, not a gradient"
+    elif update.loss != "cross_entropy":
+        reason = f"the loss is {update.loss!r}, not softmax cross-entropy"
+    elif head is None or not head.has_bias or head.param("bias") not in update.tensors \
+            or head.param("weight") not in update.tensors:
+        reason = "no biased classifier layer's gradient in the update"
+    elif batch != whole:
+        reason = f"carried={batch} reconstructs part of the batch; the separation needs all {whole} images"
+    if reason is not None:
+        raise AttackNotApplicable(f"output_gradient='separated': {reason}",
+                                  condition="a FedSGD softmax cross-entropy gradient with a biased classifier layer")
+    w, b = head.param("weight"), head.param("bias")
+    tol = 1e-3 if update.tensors[w].dtype != torch.float64 else 1e-9
+    sep = separate_output_gradients(update.tensors[w], update.tensors[b], params[w], params[b], labels, batch=whole,
+                                    tol=tol, starts=8)
+    data = {"output_gradient": sep.output_gradients.to(dtype)}
+    if features > 0:
+        data.update(features=sep.features.to(dtype), feature_map=torch.linalg.pinv(sep.output_gradients.T).to(dtype))
+    parts = ", ".join(f"{100 * float(s):.0f} %" for s in sep.shares())
+    found = "" if labels is not None else f"labels found with the output gradients: {sep.labels.tolist()}; "
+    return data, sep.labels.to(update.tensors[w].device), (
+        f"{found}output gradients separated per image from the classifier layer (relative residual "
+        f"{sep.residual:.1e}; classifier parts {parts})")
+
+
+def feature_mismatch(weight_gradient: torch.Tensor, data: dict) -> torch.Tensor:
+    """The candidates' mean relative distance to their images' classifier features, read off the
+    simulated classifier weight gradient ``sum_i u_i h(x'_i)^T`` (``(B, d)`` rows by the pseudo-inverse
+    of the separated ``u``, no hook needed): ``mean_i |h(x'_i) - h_i|^2 / |h_i|^2``. Scale-free per
+    image, so an image holding 1 % of the update weighs as much as one holding 90 %."""
+    candidates = data["feature_map"] @ weight_gradient.reshape(weight_gradient.shape[0], -1)
+    target = data["features"]
+    return ((candidates - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-30)).mean(-1)

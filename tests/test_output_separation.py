@@ -1,0 +1,117 @@
+"""Each image's output gradient and features, separated out of a batch's classifier gradient
+(gradleak.attacks._output_separation, ``output_gradient="separated"``).
+
+The classifier layer's batch gradient is ``sum_i u_i h_i^T`` with ``u_i`` fixed by the model's
+softmax at ``h_i``: on real photos the factors come back to float64 precision (float32: its
+rounding), the engine's simulated update at the client's own images is the client's update to
+1e-13, and the settings where the factorisation does not hold are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradleak as gl
+from gradleak.attacks.matching import output_functional
+from gradleak.attacks.optimization import GradientMatching
+from gradleak.attacks._output_separation import separate_output_gradients
+from gradleak.errors import AttackNotApplicable, ConfigError
+
+
+def _client(photos, labels, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = gl.build_model("convnet", (3, 32, 32), 10, width=8).to(dtype).eval()
+    x, y = photos.images[:len(labels)].to(dtype), torch.tensor(labels)
+    return model, x, y, gl.fedsgd_update(model, x, y)
+
+
+def _truth(model, update, x, y):
+    """The client's own ``u_i`` and classifier features ``h_i``."""
+    seen = {}
+    handle = model.fc.register_forward_hook(lambda module, inputs, output: seen.__setitem__("h", inputs[0]))
+    with torch.no_grad():
+        z = model((update.data_spec or gl.DataSpec()).normalize(x))
+    handle.remove()
+    u = (z.softmax(-1) - torch.nn.functional.one_hot(y, z.shape[1])) / len(y)
+    return u.double(), seen["h"].double()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_the_factors_come_back_to_the_updates_precision(photos, dtype, tol):
+    model, x, y, update = _client(photos, [3, 1, 7, 0], dtype)
+    u, h = _truth(model, update, x, y)
+    sep = separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                    model.fc.bias, y)
+    assert sep.residual < (1e-12 if dtype == torch.float64 else 1e-6)
+    assert float((sep.output_gradients - u).abs().max()) <= tol * float(u.abs().max())
+    assert float((sep.features - h).abs().max()) <= tol * float(h.abs().max())
+    assert torch.allclose(sep.output_gradients.sum(0), update.tensors["fc.bias"].double(), atol=1e-6, rtol=0)
+
+
+def test_the_engine_matches_every_image_with_its_own_output_gradient(photos):
+    model, x, y, update = _client(photos, [3, 1, 7, 0])
+    attack = GradientMatching(model, gl.ThreatModel(), output_gradient="separated", tv=0.0, iterations=1)
+    problem = attack._problem(update)
+    delta = problem.data["output_gradient"]
+    assert delta.shape == (4, 10) and "output gradients separated per image" in problem.label_note
+    order = [int((y == label).nonzero()[0]) for label in problem.labels]   # candidates in the separation's order
+    z = (update.data_spec or gl.DataSpec()).normalize(x[order])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    simulated = torch.func.grad(output_functional(model, dict(model.named_buffers()), z, delta))(params)
+    for name, tensor in update.tensors.items():
+        assert torch.allclose(simulated[name], tensor, atol=1e-13 * float(tensor.abs().max()), rtol=0), name
+
+
+def test_wrong_labels_and_batches_it_cannot_hold_are_refused_by_name(photos, faces):
+    model, x, y, update = _client(photos, [3, 1, 7, 0])
+    with pytest.raises(AttackNotApplicable, match="relative residual .* the labels"):
+        separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                  model.fc.bias, torch.tensor([3, 1, 7, 5]), starts=4)
+    with pytest.raises(AttackNotApplicable, match="fewer images than classes: 10 images, 10 classes"):
+        separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                  model.fc.bias, torch.arange(10))
+    delta = gl.fedavg_update(model, x, y, lr=0.01, local_steps=2)
+    with pytest.raises(AttackNotApplicable, match="delta of local steps"):
+        gl.get_attack("fedavg")(model, output_gradient="separated", iterations=1).reconstruct(delta)
+    with pytest.raises(AttackNotApplicable, match="carried=1 reconstructs part of the batch"):
+        GradientMatching(model, output_gradient="separated", carried=1, iterations=1).reconstruct(update)
+    with pytest.raises(ConfigError, match="mixture='fitted' with output_gradient='separated'"):
+        GradientMatching(model, output_gradient="separated", mixture="fitted")
+
+
+def _confident_mlp(digits, dtype):
+    """An MLP trained on the built-in digits until it classifies them with 1 - p of 4e-3 to 6e-6 (median 2e-4):
+    the regime of trained networks, where one image's ratio dW[y] / db[y] no longer starts the fit."""
+    torch.manual_seed(0)
+    model = gl.build_model("mlp", (1, 8, 8), 10).to(dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = digits.images.to(dtype), digits.labels
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_a_confident_networks_batches_separate_too(digits, dtype, tol):
+    model, images, labels = _confident_mlp(digits, dtype)
+    head = model.layers.fc3
+    for start in (0, 4, 8, 12):
+        x, y = images[start:start + 4], labels[start:start + 4]
+        update = gl.fedsgd_update(model, x, y)
+        seen = {}
+        handle = head.register_forward_hook(lambda module, inputs, output: seen.__setitem__("h", inputs[0]))
+        with torch.no_grad():
+            p = model(x).softmax(-1).double()
+        handle.remove()
+        assert float((1 - p[torch.arange(4), y]).max()) < 1e-2            # the confident regime
+        given = y if start < 8 else None   # the last two batches: the labels are found with the factors
+        sep = separate_output_gradients(update.tensors["layers.fc3.weight"], update.tensors["layers.fc3.bias"],
+                                        head.weight, head.bias, given, batch=4, starts=8)
+        assert sorted(sep.labels.tolist()) == sorted(y.tolist())
+        u = (p - torch.nn.functional.one_hot(y, 10)) / 4
+        for i in range(4):   # images of equal labels come back in either order
+            error = min(float((sep.output_gradients[j] - u[i]).norm() / u[i].norm())
+                        for j in range(4) if sep.labels[j] == y[i])
+            assert error < tol, (start, i, error)
