@@ -115,3 +115,18 @@ def test_a_confident_networks_batches_separate_too(digits, dtype, tol):
             error = min(float((sep.output_gradients[j] - u[i]).norm() / u[i].norm())
                         for j in range(4) if sep.labels[j] == y[i])
             assert error < tol, (start, i, error)
+
+
+def test_the_feature_term_vanishes_at_the_clients_images_only(photos):
+    model, x, y, update = _client(photos, [3, 1, 7, 0])
+    attack = GradientMatching(model, gl.ThreatModel(), output_gradient="separated", features=1.0, tv=0.0,
+                              iterations=1)
+    problem = attack._problem(update)
+    assert problem.data["features"].shape == (4, 288) and problem.data["feature_map"].shape == (4, 10)
+    order = [int((y == label).nonzero()[0]) for label in problem.labels]
+    z = (update.data_spec or gl.DataSpec()).normalize(x[order])
+    assert float(problem.objective(z, None)) < 1e-10
+    others = (update.data_spec or gl.DataSpec()).normalize(photos.images[4:8].double())
+    assert float(problem.objective(others, None)) > 1e-6   # an untrained network: similar features for any photo
+    with pytest.raises(ConfigError, match="features=1 needs output_gradient='separated'"):
+        GradientMatching(model, features=1.0)

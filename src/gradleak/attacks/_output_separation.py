@@ -317,10 +317,10 @@ def separated_output_gradient(update, head, params, labels: torch.Tensor | None,
 
 
 def feature_mismatch(weight_gradient: torch.Tensor, data: dict) -> torch.Tensor:
-    """The candidates' mean relative distance to their images' classifier features, read off the
+    """The candidates' mean cosine distance to their images' classifier features, read off the
     simulated classifier weight gradient ``sum_i u_i h(x'_i)^T`` (``(B, d)`` rows by the pseudo-inverse
-    of the separated ``u``, no hook needed): ``mean_i |h(x'_i) - h_i|^2 / |h_i|^2``. Scale-free per
-    image, so an image holding 1 % of the update weighs as much as one holding 90 %."""
+    of the separated ``u``, no hook needed): ``mean_i 1 - cos(h(x'_i), h_i)``. Scale-free per image,
+    so an image holding 1 % of the update weighs as much as one holding 90 %, and free of the common
+    factor the engine applies to the candidate's loss (``loss_scaled_to_one``)."""
     candidates = data["feature_map"] @ weight_gradient.reshape(weight_gradient.shape[0], -1)
-    target = data["features"]
-    return ((candidates - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-30)).mean(-1)
+    return 1 - torch.nn.functional.cosine_similarity(candidates, data["features"], dim=-1, eps=1e-30).mean(-1)

@@ -72,7 +72,7 @@ class MatchingConfig:
                                     # of a batch-1 gradient (observed) | observed where valid (auto); matching.py |
                                     # each image's own, separated out of the classifier gradient (separated;
                                     # _output_separation.py): batches of B < C images
-    features: float = 0.0        # output_gradient="separated": weight of each candidate's relative distance to its
+    features: float = 0.0        # output_gradient="separated": weight of each candidate's cosine distance to its
                                  # image's separated classifier features (scale-free per image; _output_separation.py)
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     carried: int | None = None   # reconstruct only this many of the batch's images: those that carry the update
