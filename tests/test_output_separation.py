@@ -130,3 +130,20 @@ def test_the_feature_term_vanishes_at_the_clients_images_only(photos):
     assert float(problem.objective(others, None)) > 1e-6   # an untrained network: similar features for any photo
     with pytest.raises(ConfigError, match="features=1 needs output_gradient='separated'"):
         GradientMatching(model, features=1.0)
+
+
+def test_on_a_confident_network_the_separated_attack_recovers_the_batch_better(digits):
+    """A batch of 4 digits on a confidently trained MLP (float32 client, labels not given), 300
+    iterations of Inverting Gradients: matching each candidate along its own image's output gradient
+    and classifier features recovers the batch by more than 3 dB over matching the candidates' mean
+    (measured: 10.6 -> 16.9 dB; with the output gradients alone 15.6)."""
+    from gradleak.metrics import score
+
+    model, images, labels = _confident_mlp(digits, torch.float32)
+    x, y = images[16:20], labels[16:20]
+    update = gl.fedsgd_update(model, x, y)
+    psnr = {}
+    for name, options in (("mean", {}), ("separated", {"output_gradient": "separated", "features": 1.0})):
+        rec = gl.get_attack("inverting-gradients")(model, gl.ThreatModel(), iterations=300, **options).reconstruct(update)
+        psnr[name] = score(rec.images.float(), x, use_lpips=False).summary["psnr_mean"]
+    assert psnr["separated"] > psnr["mean"] + 3.0, psnr
