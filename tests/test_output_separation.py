@@ -147,3 +147,17 @@ def test_on_a_confident_network_the_separated_attack_recovers_the_batch_better(d
         rec = gl.get_attack("inverting-gradients")(model, gl.ThreatModel(), iterations=300, **options).reconstruct(update)
         psnr[name] = score(rec.images.float(), x, use_lpips=False).summary["psnr_mean"]
     assert psnr["separated"] > psnr["mean"] + 3.0, psnr
+
+
+def test_hostile_classifier_gradients_are_refused_in_one_line(photos):
+    model, x, y, update = _client(photos, [3, 1, 7, 0])
+    poisoned = update.tensors["fc.weight"].clone()
+    poisoned[0, 0] = float("nan")
+    with pytest.raises(AttackNotApplicable, match="NaN or infinite"):
+        separate_output_gradients(poisoned, update.tensors["fc.bias"], model.fc.weight, model.fc.bias, y)
+    with pytest.raises(AttackNotApplicable, match="does not fit its layer"):
+        separate_output_gradients(update.tensors["fc.weight"][:, :5], update.tensors["fc.bias"], model.fc.weight,
+                                  model.fc.bias, y)
+    with pytest.raises(ConfigError, match=r"labels must lie in \[0, 10\)"):
+        separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                  model.fc.bias, torch.tensor([3, 1, 7, 12]))
