@@ -105,7 +105,8 @@ def _values_edit(rng: random.Random, config: dict[str, Any]) -> None:
         config["models"] = [{"name": "mlp", "weights": value}]
     elif choice == 5:
         config["attacks"] = [{"name": rng.choice(["fc-bias", " fc-bias", "FC-BIAS", "nope", value]),
-                              "options": {rng.choice(["iterations", "restarts", "tv", "lr"]): value}}]
+                              "options": {rng.choice(["iterations", "restarts", "tv", "lr", "features",
+                                                      "output_gradient", "mixture"]): value}}]
     elif choice == 6:
         config["defenses"] = [rng.choice(["gaussian:variance=", "pruning:ratio=", "clipping:max_norm="]) + str(value)]
     elif choice == 7:
