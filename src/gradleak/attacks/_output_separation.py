@@ -47,7 +47,8 @@ from torch.func import jacrev
 
 from ..errors import AttackNotApplicable, ConfigError
 
-__all__ = ["OutputSeparation", "separate_output_gradients", "separated_output_gradient", "feature_mismatch"]
+__all__ = ["OutputSeparation", "separate_output_gradients", "separation_of", "separation_note",
+           "separated_output_gradient", "feature_mismatch"]
 
 
 @dataclass(frozen=True)
@@ -139,15 +140,16 @@ def _label_roots(label: int, count: int, scale: float, WV, bias, complement, sta
             continue
         tried.append(a0)
         a, rel = _levenberg_marquardt(_label_residual, a0, (WV, bias, complement, label), 1.0, 60, 1e-14)
-        if all(float((a - b).norm()) > 1e-4 * float(b.norm()) for _, b in roots):
+        if all(float((a - b).norm()) > 1e-2 * float(b.norm()) for _, b in roots):   # one root, reached twice
             roots.append((rel, a))
         if len(tried) >= starts:
             break
     return [a for _, a in sorted(roots, key=lambda item: item[0])[:count]]
 
 
-LABEL_TOLERANCE = 1e-3   # a label is present where some output gradient in the span fits it this well (direction)
+LABEL_TOLERANCE = 1e-2   # a label is present where some output gradient in the span fits it this well (direction)
 SPARE_ROOTS = 3          # roots kept per label beyond its images: spurious ones fit as well as the update's rounding
+LABEL_SETS_FITTED = 6    # label multisets fitted jointly, the best by their starting residual
 
 
 def _joint_fit(initial, args, scale, starts: int, iterations: int, tol: float, generator):
@@ -188,19 +190,17 @@ def _peel(a, args, missing: list[int], sweeps: int = 3):
 
 
 def _label_sets(present: list[int], batch: int, given: torch.Tensor | None) -> list[list[int]]:
-    """The label multisets to try: the given labels, else every way to give the ``batch`` images the
-    ``present`` labels, each at least once (C(B-1, k-1) of them)."""
+    """The label multisets to try: the given labels, else every multiset of ``batch`` labels drawn
+    from the ``present`` ones (a spurious root can make an absent label look present, so none is
+    required)."""
     if given is not None:
         return [given.long().tolist()]
-    if not 1 <= len(present) <= batch:
-        return []
-    return [sorted(present + list(extra)) for extra in itertools.combinations_with_replacement(present,
-                                                                                              batch - len(present))]
+    return [list(labels) for labels in itertools.combinations_with_replacement(sorted(present), batch)]
 
 
 def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
                               bias: torch.Tensor, labels: torch.Tensor | None = None, *, batch: int | None = None,
-                              starts: int = 16, iterations: int = 200, tol: float = 1e-3,
+                              starts: int = 16, iterations: int = 200, tol: float = 1e-5,
                               seed: int = 0) -> OutputSeparation:
     """Separate a batch's classifier gradient ``(weight_grad (C, d), bias_grad (C,))`` of the layer
     ``(weight, bias)`` into each image's output gradient and features (module docstring: Ma et al.
@@ -208,7 +208,7 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
     ``B`` labels where known; else (``batch=B``) they are found too: a label is present where an
     output gradient in the batch's span fits it (a scale-free condition, :func:`_label_residual`),
     and the multiplicities are the ones whose joint fit is best. ``tol``: the largest relative
-    residual accepted (1e-3 suits a float32 update; a float64 one fits to ~1e-12). Raises
+    residual accepted (1e-5 suits a float32 update, which fits to ~1e-7; a float64 one fits to ~1e-12). Raises
     :class:`AttackNotApplicable` naming the failed condition."""
     C, d = weight_grad.shape
     B = int(labels.numel()) if labels is not None else int(batch or 0)
@@ -246,16 +246,23 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
         roots[label] = _label_roots(label, count + SPARE_ROOTS, typical, WV, b, complement, starts, generator)
     present = [label for label, found in roots.items()
                if found and float(_label_residual(found[0], WV, b, complement, label).norm()) <= LABEL_TOLERANCE]
-    best = None
+    ranked = []
     for label_set in _label_sets(present, B, labels):                 # then all of them together
         Y = torch.nn.functional.one_hot(torch.tensor(label_set), C).double().to(dW.device)
         args = (WV, b, Y, M, db)
-        for initial in _root_choices(roots, label_set, (*args, complement), scale)[:3]:
+        choices = _root_choices(roots, label_set, (*args, complement), scale)
+        if choices:
+            ranked.append((choices[0][0], label_set, args, choices))
+    best = None
+    for _, label_set, args, choices in sorted(ranked, key=lambda item: item[0])[:LABEL_SETS_FITTED]:
+        for _, initial in choices[:3]:
             a, rel = _joint_fit(initial, args, scale, max(1, starts // 3), iterations, tol, generator)
             if best is None or rel < best[1]:
                 best = (a, rel, label_set, args)
             if rel <= tol:
                 break
+        if best is not None and best[1] <= tol * 1e-2:   # at the update's rounding: no other labels can do better
+            break
     if best is None or not best[1] <= tol:
         found = "no label fits" if best is None else f"relative residual {best[1]:.1e} > {tol:.0e}"
         raise AttackNotApplicable(f"output separation: no per-image factors explain the classifier gradient "
@@ -268,16 +275,19 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
 
 
 def _root_choices(roots: dict, label_set: list[int], args, scale: float,
-                  limit: int = 4096) -> list[torch.Tensor]:
-    """Starting coefficients ``(B, B)`` for the joint fit, best first by its residual: each label's
-    images take distinct roots of that label that fit its condition (:data:`LABEL_TOLERANCE`), best
-    combinations first; the images left without one are peeled off the remainder (:func:`_peel`)."""
+                  limit: int = 4096) -> list[tuple[float, torch.Tensor]]:
+    """Starting coefficients ``(B, B)`` for the joint fit with their residuals, best first: each label's
+    images take distinct roots of that label that fit its condition (:data:`LABEL_TOLERANCE`), or all
+    but one of them (a spurious root can fit as well as a true one); the images left without one are
+    peeled off the remainder (:func:`_peel`)."""
     unique = sorted(set(label_set))
     per_label = []
     for label in unique:
         good = [a for a in roots.get(label, []) if float(_label_residual(a, *args[:2], args[5], label).norm())
                 <= LABEL_TOLERANCE]
-        per_label.append(list(itertools.combinations(good, min(len(good), label_set.count(label)))))
+        need = label_set.count(label)
+        per_label.append([picked for size in range(min(len(good), need), max(0, need - 1) - 1, -1)
+                          for picked in itertools.combinations(good, size)])   # one image peeled instead
     choices = []
     for combo in itertools.islice(itertools.product(*per_label), limit):
         chosen = {label: list(picked) for label, picked in zip(unique, combo)}
@@ -292,18 +302,14 @@ def _root_choices(roots: dict, label_set: list[int], args, scale: float,
         if missing:
             initial = _peel(initial, args[:5], missing)
         choices.append((float(_residual(initial, *args[:5]).norm()) / scale, initial))
-    return [initial for _, initial in sorted(choices, key=lambda item: item[0])]
+    return sorted(choices, key=lambda item: item[0])
 
 
-def separated_output_gradient(update, head, params, labels: torch.Tensor | None, whole: int, batch: int,
-                              dtype: torch.dtype, features: float = 0.0
-                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
-    """``output_gradient="separated"`` for the engine: the problem's data entries (``output_gradient``:
-    u (B, C); with ``features > 0`` also ``features`` (B, d) and ``feature_map`` (B, C), for
-    :func:`feature_mismatch`), the labels in their order and a note, from ``update``'s classifier
-    layer ``head`` (a ``LinearTrace``) at the weights ``params``; ``labels``: the granted ones, or
-    None to find them with the factors. Refuses, naming the condition, updates and settings where
-    the factorisation does not hold."""
+def separation_of(update, head, params, labels: torch.Tensor | None, whole: int, batch: int,
+                  option: str = "output_gradient='separated'") -> OutputSeparation:
+    """:func:`separate_output_gradients` of ``update``'s classifier layer ``head`` (a ``LinearTrace``)
+    at the weights ``params``; ``labels``: the granted ones, or None to find them. Refuses, naming
+    ``option`` and the condition, updates and settings where the factorisation does not hold."""
     reason = None
     if update.kind != "gradient":
         reason = "the update is a delta of local steps, not a gradient"
@@ -315,20 +321,33 @@ def separated_output_gradient(update, head, params, labels: torch.Tensor | None,
     elif batch != whole:
         reason = f"carried={batch} reconstructs part of the batch; the separation needs all {whole} images"
     if reason is not None:
-        raise AttackNotApplicable(f"output_gradient='separated': {reason}",
+        raise AttackNotApplicable(f"{option}: {reason}",
                                   condition="a FedSGD softmax cross-entropy gradient with a biased classifier layer")
     w, b = head.param("weight"), head.param("bias")
-    tol = 1e-3 if update.tensors[w].dtype != torch.float64 else 1e-9
-    sep = separate_output_gradients(update.tensors[w], update.tensors[b], params[w], params[b], labels, batch=whole,
-                                    tol=tol, starts=8)
+    tol = 1e-5 if update.tensors[w].dtype != torch.float64 else 1e-9
+    return separate_output_gradients(update.tensors[w], update.tensors[b], params[w], params[b], labels, batch=whole,
+                                     tol=tol, starts=8)
+
+
+def separation_note(sep: OutputSeparation, found: bool) -> str:
+    """What the notes say of a separation; ``found``: its labels were found, not granted."""
+    parts = ", ".join(f"{100 * float(s):.0f} %" for s in sep.shares())
+    labels = f"labels found with the output gradients: {sep.labels.tolist()}; " if found else ""
+    return (f"{labels}output gradients separated per image from the classifier layer (relative residual "
+            f"{sep.residual:.1e}; classifier parts {parts})")
+
+
+def separated_output_gradient(update, head, params, labels: torch.Tensor | None, whole: int, batch: int,
+                              dtype: torch.dtype, features: float = 0.0
+                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
+    """``output_gradient="separated"`` for the engine: the problem's data entries (``output_gradient``:
+    u (B, C); with ``features > 0`` also ``features`` (B, d) and ``feature_map`` (B, C), for
+    :func:`feature_mismatch`), the labels in their order and a note (:func:`separation_of`)."""
+    sep = separation_of(update, head, params, labels, whole, batch)
     data = {"output_gradient": sep.output_gradients.to(dtype)}
     if features > 0:
         data.update(features=sep.features.to(dtype), feature_map=torch.linalg.pinv(sep.output_gradients.T).to(dtype))
-    parts = ", ".join(f"{100 * float(s):.0f} %" for s in sep.shares())
-    found = "" if labels is not None else f"labels found with the output gradients: {sep.labels.tolist()}; "
-    return data, sep.labels.to(update.tensors[w].device), (
-        f"{found}output gradients separated per image from the classifier layer (relative residual "
-        f"{sep.residual:.1e}; classifier parts {parts})")
+    return data, sep.labels.to(update.tensors[head.param("weight")].device), separation_note(sep, labels is None)
 
 
 def feature_mismatch(weight_gradient: torch.Tensor, data: dict) -> torch.Tensor:

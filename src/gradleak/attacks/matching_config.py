@@ -26,7 +26,7 @@ __all__ = ["MatchingConfig"]
 _CHOICES = {
     "objective": OBJECTIVES, "layer_weights": LAYER_WEIGHTS, "optimizer": ("adam", "lbfgs", "sgd"),
     "signed": (None, "sign", "tanh"), "schedule": ("none", "step", "cosine", "exponential"), "init": ("randn", "rand", "zeros", "flat", "randn+flat"),
-    "labels": ("given", "infer", "distinct", "optimize"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
+    "labels": ("given", "infer", "distinct", "optimize", "separated"), "group_schedule": ("constant", "linear"), "batched_restarts": ("auto", "vmap", "loop"),
     "batched_targets": ("auto", "loop"),
     "line_search": (None, "strong_wolfe"), "output_gradient": ("model", "observed", "auto", "separated"),
     "mixture": ("mean", "fitted"),
@@ -67,7 +67,8 @@ class MatchingConfig:
                                  # randn+flat (restarts - 1 random starts and one flat one; _flat_start.py)
     restarts: int = 1
     screen: int | None = None    # restarts > 1: each runs this many iterations; the lowest matching loss runs to the end
-    labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG)
+    labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG) |
+                                 # separated (found with each image's output gradient; _output_separation.py)
     output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
                                     # of a batch-1 gradient (observed) | observed where valid (auto); matching.py |
                                     # each image's own, separated out of the classifier gradient (separated;

@@ -37,7 +37,7 @@ from ._continuation import relu_continuation
 from ._engine import run_group
 from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
-from ._output_separation import feature_mismatch, separated_output_gradient
+from ._output_separation import feature_mismatch, separated_output_gradient, separation_note, separation_of
 from ._mixture import check_mixture, fitted_weights, mixture_loss, per_image_gradients
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
@@ -100,6 +100,10 @@ class GradientMatching(Attack):
             return update.labels, "labels given by the threat model"
         if self.config.output_gradient == "separated" and mode == "infer":
             return None, ""   # found with the output gradients (_output_separation.py)
+        if mode == "separated":   # found with the output gradients, for any objective
+            whole = update.batch_size or self.config.batch_size or batch
+            sep = separation_of(update, classifier_layer(traces), params, None, whole, batch, "labels='separated'")
+            return sep.labels, separation_note(sep, True)
         return infer_labels(self.model, update, params, buffers, batch, classifier_layer(traces), mode,
                             self.config.seed)
 
