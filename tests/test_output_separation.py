@@ -182,3 +182,17 @@ def test_labels_separated_give_any_attack_the_batchs_labels(digits):
     triple = gl.fedsgd_update(model, images[[0, 10, 20, 1]], labels[[0, 10, 20, 1]])
     with pytest.raises(AttackNotApplicable, match="no per-image factors explain"):
         GradientMatching(model, labels="separated", iterations=1)._problem(triple)
+
+
+def test_labels_and_output_gradients_separated_together_separate_once(photos, monkeypatch):
+    """``labels='separated'`` with ``output_gradient='separated'``: one separation gives both."""
+    import gradleak.attacks._output_separation as separation
+
+    model, x, y, update = _client(photos, [3, 1, 7, 0])
+    calls = []
+    original = separation.separate_output_gradients
+    monkeypatch.setattr(separation, "separate_output_gradients",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    problem = GradientMatching(model, gl.ThreatModel(), labels="separated", output_gradient="separated",
+                               iterations=1)._problem(update)
+    assert len(calls) == 1 and sorted(problem.labels.tolist()) == [0, 1, 3, 7]

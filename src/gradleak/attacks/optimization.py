@@ -98,8 +98,8 @@ class GradientMatching(Attack):
             return None, "labels optimised jointly as soft labels (DLG)"
         if update.labels is not None and not partial:
             return update.labels, "labels given by the threat model"
-        if self.config.output_gradient == "separated" and mode == "infer":
-            return None, ""   # found with the output gradients (_output_separation.py)
+        if self.config.output_gradient == "separated" and mode in ("infer", "separated"):
+            return None, ""   # found by the output gradients' separation in _problem, once
         if mode == "separated":   # found with the output gradients, for any objective
             whole = update.batch_size or self.config.batch_size or batch
             sep = separation_of(update, classifier_layer(traces), params, None, whole, batch, "labels='separated'")
@@ -111,7 +111,8 @@ class GradientMatching(Attack):
     def _objective(self, update, params, buffers, own, names, weights, bn, feature_layer=None) -> Callable:
         """``objective(x, y_soft, data=None)``: the matching loss of candidate ``x`` against this
         update, or against ``data`` = {"target": matched entries, "labels": labels} of another
-        update of the same shapes (several targets attacked in one ``vmap``)."""
+        update of the same shapes (several targets attacked in one ``vmap``); ``feature_layer``: the
+        classifier weight whose simulated gradient gives the separated features' term."""
         cfg, loss_fn = self.config, get_loss(update.loss)
         binary = update.loss == "binary_cross_entropy"
         if update.kind == "delta":
@@ -283,21 +284,21 @@ class GradientMatching(Attack):
                 raise AttackNotApplicable("bn > 0 needs the client's BatchNorm statistics",
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
+        head = classifier_layer(traces)
         if cfg.output_gradient == "separated":   # every image's own output gradient (_output_separation.py)
-            separated, found, note = separated_output_gradient(update, classifier_layer(traces), params, labels, whole,
-                                                               batch, weights.dtype, cfg.features)
+            separated, found, note = separated_output_gradient(update, head, params, labels, whole, batch,
+                                                               weights.dtype, cfg.features)
             labels, label_note = found, note if labels is None else f"{label_note}; {note}"
         data = target_data(update, names, weights.dtype, labels)
         if cfg.output_gradient == "separated":
             data.update(separated)
             delta, delta_note = separated["output_gradient"], ""
         else:
-            delta, delta_note = observed_output_gradient(update, classifier_layer(traces), batch, cfg.output_gradient)
+            delta, delta_note = observed_output_gradient(update, head, batch, cfg.output_gradient)
         if delta is not None:
             data["output_gradient"] = delta.to(weights.dtype)
             approximate = "" if batch == whole else f" of a batch of {whole}: exact where one image carries the update"
             label_note = f"{label_note}; {delta_note}{approximate}" if delta_note else label_note
-        head = classifier_layer(traces)
         objective = self._objective(update, params, buffers, data, names, weights, bn, head and head.param("weight"))
         zeros = torch.zeros((1, *update.input_shape), dtype=ref.dtype, device=ref.device)
         batched, groups = self._restart_groups(params, bn)
