@@ -67,8 +67,8 @@ class MatchingConfig:
                                  # randn+flat (restarts - 1 random starts and one flat one; _flat_start.py)
     restarts: int = 1
     screen: int | None = None    # restarts > 1: each runs this many iterations; the lowest matching loss runs to the end
-    labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize (DLG) |
-                                 # separated (found with each image's output gradient; _output_separation.py)
+    labels: str = "infer"        # given (threat model) | infer (counts) | distinct (Yin et al.) | optimize | separated
+                                 # (optimize: DLG's; separated: found with the output gradients, _output_separation.py)
     output_gradient: str = "model"  # dL/d(output) of the candidate: its own (model) | the classifier bias gradient
                                     # of a batch-1 gradient (observed) | observed where valid (auto); matching.py |
                                     # each image's own, separated out of the classifier gradient (separated;
