@@ -196,3 +196,21 @@ def test_labels_and_output_gradients_separated_together_separate_once(photos, mo
     problem = GradientMatching(model, gl.ThreatModel(), labels="separated", output_gradient="separated",
                                iterations=1)._problem(update)
     assert len(calls) == 1 and sorted(problem.labels.tolist()) == [0, 1, 3, 7]
+
+
+def test_a_class_whose_softmax_underflowed_leaves_a_zero_row_and_still_separates(photos):
+    """A class the network rules out for every image (p = exp(-10^4) = 0 in float64) has an
+    exactly zero bias gradient; iDLG's ratio for it is 0/0, and a median over it was NaN, which
+    sent every sampled start to NaN and refused a batch that separates."""
+    model, x, y, _ = _client(photos, [3, 1, 7, 0])
+    with torch.no_grad():
+        model.fc.bias[5] = -1e4
+    update = gl.fedsgd_update(model, x, y)
+    assert float(update.tensors["fc.bias"][5]) == 0 and float(update.tensors["fc.weight"][5].abs().max()) == 0
+    u, h = _truth(model, update, x, y)
+    sep = separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                    model.fc.bias, batch=4)
+    order = [int((y == label).nonzero()[0]) for label in sep.labels]
+    assert sorted(sep.labels.tolist()) == [0, 1, 3, 7] and sep.residual < 1e-12
+    assert float((sep.output_gradients - u[order]).abs().max()) <= 1e-9 * float(u.abs().max())
+    assert float((sep.features - h[order]).abs().max()) <= 1e-9 * float(h.abs().max())

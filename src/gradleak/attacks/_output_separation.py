@@ -122,11 +122,11 @@ def _levenberg_marquardt(residual, a, args, scale, iterations: int, tol: float):
 
 
 def _label_roots(label: int, count: int, scale: float, WV, bias, complement, starts: int, generator,
-                 samples: int = 1 << 16) -> list[torch.Tensor]:
+                 samples: int = 1 << 16) -> list[tuple[float, torch.Tensor]]:
     """``count`` distinct feature coefficients ``a`` whose output gradient, under ``label``, lies in
     the batch's span (:func:`_label_residual`): the residual on ``samples`` random points (directions
     uniform, norms log-uniform over ``scale`` x [0.03, 30]), then Levenberg-Marquardt from the best
-    ``starts`` of them that lie apart; the best ``count`` found."""
+    ``starts`` of them that lie apart; the best ``count`` found as ``(residual, a)``, best first."""
     B = WV.shape[1]
     directions = torch.randn((samples, B), generator=generator, dtype=WV.dtype).to(WV.device)
     norms = scale * 10 ** (3 * torch.rand((samples, 1), generator=generator, dtype=WV.dtype).to(WV.device) - 1.5)
@@ -144,12 +144,15 @@ def _label_roots(label: int, count: int, scale: float, WV, bias, complement, sta
             roots.append((rel, a))
         if len(tried) >= starts:
             break
-    return [a for _, a in sorted(roots, key=lambda item: item[0])[:count]]
+    return sorted(roots, key=lambda item: item[0])[:count]
 
 
 LABEL_TOLERANCE = 1e-2   # a label is present where some output gradient in the span fits it this well (direction)
 SPARE_ROOTS = 3          # roots kept per label beyond its images: spurious ones fit as well as the update's rounding
 LABEL_SETS_FITTED = 6    # label multisets fitted jointly, the best by their starting residual
+# early exits, as fractions of ``tol``: a fit this far under it is at the update's rounding
+START_EXIT = 1e-3        # no other start of the joint fit can do better (and at most 1e-10: float64 fits go further)
+LABELS_EXIT = 1e-2       # no other label multiset can do better (a wrong one fits ~1e-2 at best)
 
 
 def _joint_fit(initial, args, scale, starts: int, iterations: int, tol: float, generator):
@@ -163,7 +166,7 @@ def _joint_fit(initial, args, scale, starts: int, iterations: int, tol: float, g
         a, rel = _levenberg_marquardt(_residual, start, args, scale, iterations, 1e-14)
         if best is None or rel < best[1]:
             best = (a, rel)
-        if rel <= min(tol * 1e-3, 1e-10):   # at the update's rounding: no start can do better
+        if rel <= min(tol * START_EXIT, 1e-10):
             break
     return best
 
@@ -187,6 +190,17 @@ def _peel(a, args, missing: list[int], sweeps: int = 3):
             if row[B].abs() > 0:
                 a[k] = row[:B] / row[B]
     return a
+
+
+def _typical_size(M, db) -> float:
+    """The size of a feature coefficient vector, from iDLG's ratio ``|dW_c V| / |db_c|`` (one image's
+    features exactly) over the classes: its median over the classes whose bias gradient is nonzero
+    (a class whose softmax underflowed to 0 for every image, or a pruned entry, has none); 1 where
+    none is."""
+    nonzero = db != 0
+    if not bool(nonzero.any()):
+        return 1.0
+    return float((M[nonzero] / db[nonzero, None]).norm(dim=1).median())
 
 
 def _label_sets(present: list[int], batch: int, given: torch.Tensor | None) -> list[list[int]]:
@@ -237,20 +251,19 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
     V, complement = Vh[:B].T, U[:, B:]                                # features' span; output gradients' complement
     M, WV = dW @ V, W @ V
     scale = float(torch.cat([M.reshape(-1), db]).norm())
-    typical = float((M / db[:, None]).norm(dim=1).median())          # iDLG's ratio: a feature coefficients' size
+    typical = _typical_size(M, db)
     generator = torch.Generator().manual_seed(seed)
     candidates = labels.long().unique().tolist() if labels is not None else list(range(C))
     roots = {}
     for label in candidates:                                          # each label's own condition first
         count = int((labels.long() == label).sum()) if labels is not None else B
         roots[label] = _label_roots(label, count + SPARE_ROOTS, typical, WV, b, complement, starts, generator)
-    present = [label for label, found in roots.items()
-               if found and float(_label_residual(found[0], WV, b, complement, label).norm()) <= LABEL_TOLERANCE]
+    present = [label for label, found in roots.items() if found and found[0][0] <= LABEL_TOLERANCE]
     ranked = []
     for label_set in _label_sets(present, B, labels):                 # then all of them together
         Y = torch.nn.functional.one_hot(torch.tensor(label_set), C).double().to(dW.device)
         args = (WV, b, Y, M, db)
-        choices = _root_choices(roots, label_set, (*args, complement), scale)
+        choices = _root_choices(roots, label_set, args, scale)
         if choices:
             ranked.append((choices[0][0], label_set, args, choices))
     best = None
@@ -261,7 +274,7 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
                 best = (a, rel, label_set, args)
             if rel <= tol:
                 break
-        if best is not None and best[1] <= tol * 1e-2:   # at the update's rounding: no other labels can do better
+        if best is not None and best[1] <= tol * LABELS_EXIT:
             break
     if best is None or not best[1] <= tol:
         found = "no label fits" if best is None else f"relative residual {best[1]:.1e} > {tol:.0e}"
@@ -283,8 +296,7 @@ def _root_choices(roots: dict, label_set: list[int], args, scale: float,
     unique = sorted(set(label_set))
     per_label = []
     for label in unique:
-        good = [a for a in roots.get(label, []) if float(_label_residual(a, *args[:2], args[5], label).norm())
-                <= LABEL_TOLERANCE]
+        good = [a for residual, a in roots.get(label, []) if residual <= LABEL_TOLERANCE]
         need = label_set.count(label)
         per_label.append([picked for size in range(min(len(good), need), max(0, need - 1) - 1, -1)
                           for picked in itertools.combinations(good, size)])   # one image peeled instead
