@@ -7,17 +7,21 @@ only at the true class, so ``y = argmin_c dL/db_c``. Without a bias, the weight 
 negative sum. For one binary sigmoid output, ``dL/db = p - y`` is negative iff ``y = 1``.
 
 Valid for a single sample (batch size 1). Batches: :func:`distinct_labels` (Yin et al. 2021,
-non-repeating labels) and :func:`count_labels` (counts, repeated labels included).
+non-repeating labels) and :func:`count_labels` (counts, repeated labels included); exact ones
+with the separated output gradients (:mod:`._output_separation`). :func:`candidate_labels`
+chooses among them for the gradient-matching engine.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import AttackNotApplicable
+from ..errors import AttackNotApplicable, ConfigError
 from ..functional import forward
+from ._layers import classifier_layer
+from ._output_separation import separation_note, separation_of
 
-__all__ = ["idlg_label", "distinct_labels", "count_labels", "infer_labels"]
+__all__ = ["idlg_label", "distinct_labels", "count_labels", "infer_labels", "candidate_labels"]
 
 
 def idlg_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, loss: str) -> torch.Tensor:
@@ -133,3 +137,31 @@ def infer_labels(model, update, params, buffers, batch: int, head, mode: str, se
     if update.kind == "delta" and update.local_steps > 1:
         how += f" (approximated by -delta / (lr * {update.local_steps}) for the local steps)"
     return labels.to(w_grad.device), f"labels counted from the classifier {how}: {labels.tolist()}"
+
+
+def candidate_labels(config, model, update, params, buffers, batch: int, traces,
+                     partial: bool = False) -> tuple[torch.Tensor | None, str]:
+    """The gradient-matching candidate's labels under ``config.labels`` and how they were found
+    (``None``: optimised as soft labels, or found with the separated output gradients later, once).
+    ``partial``: ``batch`` is fewer than the update's images (``carried``), so granted labels
+    cannot be assigned to them and are inferred instead."""
+    mode = config.labels
+    if mode == "given":
+        if update.labels is None:
+            raise AttackNotApplicable("labels='given' but the threat model grants no labels",
+                                      condition="labels known (ThreatModel(labels_known=True))")
+        if partial:
+            raise ConfigError(f"labels='given' with carried={batch}: which of the batch's granted labels belong to "
+                              f"the carried images is not known; use labels='infer'")
+        return update.labels, "labels given by the threat model"
+    if mode == "optimize":
+        return None, "labels optimised jointly as soft labels (DLG)"
+    if update.labels is not None and not partial:
+        return update.labels, "labels given by the threat model"
+    if config.output_gradient == "separated" and mode in ("infer", "separated"):
+        return None, ""   # found by the output gradients' separation in the engine's problem, once
+    if mode == "separated":   # found with the output gradients, for any objective
+        whole = update.batch_size or config.batch_size or batch
+        sep = separation_of(update, classifier_layer(traces), params, None, whole, batch, "labels='separated'")
+        return sep.labels, separation_note(sep, True)
+    return infer_labels(model, update, params, buffers, batch, classifier_layer(traces), mode, config.seed)

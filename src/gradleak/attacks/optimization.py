@@ -37,11 +37,11 @@ from ._continuation import relu_continuation
 from ._engine import run_group
 from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
-from ._output_separation import feature_mismatch, separated_output_gradient, separation_note, separation_of
+from ._output_separation import feature_mismatch, separated_output_gradient
 from ._mixture import check_mixture, fitted_weights, mixture_loss, per_image_gradients
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
-from .labels import infer_labels
+from .labels import candidate_labels
 from .matching import (
     BatchNormStatistics,
     batch_norm_targets,
@@ -82,31 +82,6 @@ class GradientMatching(Attack):
         return None
 
     # ------------------------------------------------------------------ labels
-    def _labels(self, update, params, buffers, batch, traces, spec, partial=False) -> tuple[torch.Tensor | None, str]:
-        """The candidate's labels and how they were found; ``partial``: ``batch`` is fewer than the update's
-        images (``carried``), so granted labels cannot be assigned to them and are inferred instead."""
-        mode = self.config.labels
-        if mode == "given":
-            if update.labels is None:
-                raise AttackNotApplicable("labels='given' but the threat model grants no labels",
-                                          condition="labels known (ThreatModel(labels_known=True))")
-            if partial:
-                raise ConfigError(f"labels='given' with carried={batch}: which of the batch's granted labels belong to "
-                                  f"the carried images is not known; use labels='infer'")
-            return update.labels, "labels given by the threat model"
-        if mode == "optimize":
-            return None, "labels optimised jointly as soft labels (DLG)"
-        if update.labels is not None and not partial:
-            return update.labels, "labels given by the threat model"
-        if self.config.output_gradient == "separated" and mode in ("infer", "separated"):
-            return None, ""   # found by the output gradients' separation in _problem, once
-        if mode == "separated":   # found with the output gradients, for any objective
-            whole = update.batch_size or self.config.batch_size or batch
-            sep = separation_of(update, classifier_layer(traces), params, None, whole, batch, "labels='separated'")
-            return sep.labels, separation_note(sep, True)
-        return infer_labels(self.model, update, params, buffers, batch, classifier_layer(traces), mode,
-                            self.config.seed)
-
     # -------------------------------------------------------------- objective
     def _objective(self, update, params, buffers, own, names, weights, bn, feature_layer=None) -> Callable:
         """``objective(x, y_soft, data=None)``: the matching loss of candidate ``x`` against this
@@ -271,7 +246,8 @@ class GradientMatching(Attack):
         ref = next(iter(params.values()))
         spec = update.data_spec or DataSpec()
         traces = trace_linear_layers(self.model, update.input_shape, params, buffers)
-        labels, label_note = self._labels(update, params, buffers, batch, traces, spec, partial=batch < whole)
+        labels, label_note = candidate_labels(self.config, self.model, update, params, buffers, batch, traces,
+                                              partial=batch < whole)
         if batch < whole:
             label_note = f"{batch} of the batch's {whole} images reconstructed (carried={batch}); {label_note}"
         names = select_layers(list(params), update.tensors, cfg.layers)
