@@ -279,8 +279,10 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
     if best is None or not best[1] <= tol:
         found = "no label fits" if best is None else f"relative residual {best[1]:.1e} > {tol:.0e}"
         raise AttackNotApplicable(f"output separation: no per-image factors explain the classifier gradient "
-                                  f"({found}; labels present: {present}): the labels or the batch size are wrong, "
-                                  "or the update is not a plain mean softmax gradient",
+                                  f"({found}; labels present: {present}; s_{B}/s_1 = {ratio:.1e}): the labels or the "
+                                  "batch size are wrong, the update is not a plain mean softmax gradient, or an "
+                                  "image's output gradient is at the update's rounding (1 - p = 0 in float32: an "
+                                  "image the network has memorised)",
                                   condition="a FedSGD softmax cross-entropy gradient with the right labels")
     a, rel, label_set, args = best
     return OutputSeparation(_factors(a, *args[:3], B), a[:, :B] @ V.T, torch.tensor(label_set, device=dW.device), rel,
