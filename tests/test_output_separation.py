@@ -214,3 +214,21 @@ def test_a_class_whose_softmax_underflowed_leaves_a_zero_row_and_still_separates
     assert sorted(sep.labels.tolist()) == [0, 1, 3, 7] and sep.residual < 1e-12
     assert float((sep.output_gradients - u[order]).abs().max()) <= 1e-9 * float(u.abs().max())
     assert float((sep.features - h[order]).abs().max()) <= 1e-9 * float(h.abs().max())
+
+
+def test_the_note_names_the_images_the_update_barely_constrains():
+    """Each image's part of the classifier gradient is ``|u_i| |[h_i, 1]|`` over their sum; images
+    under SMALL_PART of it are named (their reconstructions are the weakest, docs/models.md)."""
+    from gradleak.attacks._output_separation import SMALL_PART, OutputSeparation, separation_note
+
+    features = torch.ones(3, 5, dtype=torch.float64)
+    sizes = torch.tensor([0.70, 0.25, 0.05], dtype=torch.float64)
+    u = torch.zeros(3, 10, dtype=torch.float64)
+    u[:, 0] = sizes
+    sep = OutputSeparation(u, features, torch.tensor([4, 9, 2]), 1e-8, 0.1)
+    assert torch.allclose(sep.shares(), sizes) and SMALL_PART == 0.2
+    note = separation_note(sep, found=True)
+    assert "classifier parts 70 %, 25 %, 5 %" in note
+    assert "images [2] (labels [2]) hold under 20 % each" in note
+    even = OutputSeparation(torch.ones(3, 10, dtype=torch.float64), features, torch.tensor([4, 9, 2]), 1e-8, 0.1)
+    assert "hold under" not in separation_note(even, found=False)
