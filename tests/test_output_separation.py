@@ -186,7 +186,7 @@ def test_labels_separated_give_any_attack_the_batchs_labels(digits):
 
 def test_labels_and_output_gradients_separated_together_separate_once(photos, monkeypatch):
     """``labels='separated'`` with ``output_gradient='separated'``: one separation gives both."""
-    import gradleak.attacks._output_separation as separation
+    import gradleak.attacks._separated as separation
 
     model, x, y, update = _client(photos, [3, 1, 7, 0])
     calls = []
@@ -219,7 +219,8 @@ def test_a_class_whose_softmax_underflowed_leaves_a_zero_row_and_still_separates
 def test_the_note_names_the_images_the_update_barely_constrains():
     """Each image's part of the classifier gradient is ``|u_i| |[h_i, 1]|`` over their sum; images
     under SMALL_PART of it are named (their reconstructions are the weakest, docs/models.md)."""
-    from gradleak.attacks._output_separation import SMALL_PART, OutputSeparation, separation_note
+    from gradleak.attacks._output_separation import OutputSeparation
+    from gradleak.attacks._separated import SMALL_PART, separation_note
 
     features = torch.ones(3, 5, dtype=torch.float64)
     sizes = torch.tensor([0.70, 0.25, 0.05], dtype=torch.float64)
@@ -232,3 +233,51 @@ def test_the_note_names_the_images_the_update_barely_constrains():
     assert "images [2] (labels [2]) hold under 20 % each" in note
     even = OutputSeparation(torch.ones(3, 10, dtype=torch.float64), features, torch.tensor([4, 9, 2]), 1e-8, 0.1)
     assert "hold under" not in separation_note(even, found=False)
+
+
+def test_repeated_labels_on_an_untrained_network_separate_in_float64_and_are_refused_in_float32(photos):
+    """Two images of one label on an untrained network have output gradients equal to ~1e-8 (its softmax is
+    nearly uniform): float32 rounding leaves s_4 within 2x of s_5, so their features cannot be told apart
+    and the separation refuses (it used to return a fit whose split between them was rounding);
+    float64 keeps them apart (s_4/s_5 ~ 3e7) and they separate."""
+    model, x, y, update = _client(photos, [3, 1, 3, 0], torch.float32)
+    with pytest.raises(AttackNotApplicable, match=r"no clear rank 4 \(s_4/s_1 = .*, s_4/s_5 = .* < 10\)"):
+        separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                  model.fc.bias, batch=4, starts=8)
+    model, x, y, update = _client(photos, [3, 1, 3, 0], torch.float64)
+    sep = separate_output_gradients(update.tensors["fc.weight"], update.tensors["fc.bias"], model.fc.weight,
+                                    model.fc.bias, batch=4, starts=8)
+    assert sep.labels.tolist() == [0, 1, 3, 3] and sep.residual < 1e-12
+
+
+def test_a_memorised_batch_is_refused_never_returned_with_wrong_labels(digits):
+    """An MLP trained until it classifies 55 of its 64 training digits with p = 1 exactly in float32:
+    those images' output gradients are at the update's rounding. Batches with three of them used to
+    come back with wrong labels and residuals inside the tolerance ([8, 9, 9, 9] for [1, 8, 9, 0]);
+    now the rank check (s_4 within 10x of s_5) or the fit (its residual above the tolerance or above a
+    tenth of the weakest image's part) refuses them."""
+    torch.manual_seed(0)
+    model = gl.build_model("mlp", (1, 8, 8), 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(digits.images), digits.labels).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        p = model(digits.images).softmax(-1)[torch.arange(64), digits.labels]
+    assert int((p == 1).sum()) >= 48                                      # memorised, in float32
+    head = model.layers.fc3
+    for start in (0, 4, 8, 20):
+        x, y = digits.images[start:start + 4], digits.labels[start:start + 4]
+        assert int((p[start:start + 4] == 1).sum()) >= 3
+        update = gl.fedsgd_update(model, x, y)
+        try:
+            sep = separate_output_gradients(update.tensors["layers.fc3.weight"], update.tensors["layers.fc3.bias"],
+                                            head.weight, head.bias, batch=4, starts=8)
+        except AttackNotApplicable as refusal:
+            assert len(str(refusal).splitlines()) == 1
+            if start != 8:
+                assert "no clear rank 4" in str(refusal)
+            continue
+        assert sorted(sep.labels.tolist()) == sorted(y.tolist()), (start, sep.labels.tolist(), y.tolist())

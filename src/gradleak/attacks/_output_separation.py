@@ -30,9 +30,12 @@ Recovered to ~1e-7 relative from float32 updates of a trained digit ConvNet (``1
 to 1e-3) and to ~1e-12 from float64 ones. Valid for a FedSGD gradient (not a delta of several
 local steps) of a mean softmax cross-entropy loss, a biased linear classifier layer whose output
 is the model output, and ``B < C`` images whose output gradients are linearly independent (an
-image classified with ``1 - p`` below the update's float precision has ``u_i = 0`` and leaves the
-rank short); refused, naming the condition, otherwise. With the ``u_i`` known, the
-gradient-matching engine matches ``sum_i J_i(x'_i)^T u_i`` (``output_gradient="separated"``): every
+image classified with ``1 - p`` near the update's float precision leaves ``s_B`` within 10x of
+``s_{B+1}``, the update's rounding, as do two images of one label on an untrained network, whose
+``u_i`` are nearly equal); refused, naming the condition, otherwise, and so is a fit whose residual
+exceeds a tenth of the weakest image's part (its factors and label are not determined: such fits
+returned wrong labels on memorised batches). With the ``u_i`` known, the gradient-matching engine
+matches ``sum_i J_i(x'_i)^T u_i`` (``output_gradient="separated"``, :mod:`._separated`): every
 candidate gets its own image's exact output gradient, which the observed bias gradient gives only
 for batches of one, and ``features > 0`` compares each candidate with its image's features.
 """
@@ -40,6 +43,7 @@ for batches of one, and ``features > 0`` compares each candidate with its image'
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +51,12 @@ from torch.func import jacrev
 
 from ..errors import AttackNotApplicable, ConfigError
 
-__all__ = ["OutputSeparation", "separate_output_gradients", "separation_of", "separation_note",
-           "separated_output_gradient", "feature_mismatch"]
+__all__ = ["OutputSeparation", "SeparationNotFitted", "separate_output_gradients"]
+
+
+class SeparationNotFitted(AttackNotApplicable):
+    """The search found no factors that explain the classifier gradient well enough (as opposed to
+    an update the separation cannot hold at all): more starts may find them."""
 
 
 @dataclass(frozen=True)
@@ -149,9 +157,10 @@ def _label_roots(label: int, count: int, scale: float, WV, bias, complement, sta
 
 LABEL_TOLERANCE = 1e-2   # a label is present where some output gradient in the span fits it this well (direction)
 SPARE_ROOTS = 3          # roots kept per label beyond its images: spurious ones fit as well as the update's rounding
-# an image under this part of the classifier gradient is barely constrained by the update: on trained
-# ConvNets at batch 4, 5 of 45 such held-out digits came back >= 18 dB, 23 of 35 above it (docs/models.md)
-SMALL_PART = 0.2
+FIT_NOISE = 100.0        # a fit is accepted up to this many times the update's rounding (s_{B+1}/s_1), at most tol
+SEPARABLE = 10.0         # s_B must stand this far above s_{B+1} (the update's rounding) for B images to separate
+PART_MARGIN = 0.1        # the fit's relative residual must stay under this fraction of every image's part
+LABEL_SETS_RANKED = 64   # label multisets searched for root combinations, the best by their roots' residuals
 LABEL_SETS_FITTED = 6    # label multisets fitted jointly, the best by their starting residual
 # early exits, as fractions of ``tol``: a fit this far under it is at the update's rounding
 START_EXIT = 1e-3        # no other start of the joint fit can do better (and at most 1e-10: float64 fits go further)
@@ -206,13 +215,33 @@ def _typical_size(M, db) -> float:
     return float((M[nonzero] / db[nonzero, None]).norm(dim=1).median())
 
 
-def _label_sets(present: list[int], batch: int, given: torch.Tensor | None) -> list[list[int]]:
+def _label_sets(present: list[int], batch: int, given: torch.Tensor | None, roots: dict) -> list[list[int]]:
     """The label multisets to try: the given labels, else every multiset of ``batch`` labels drawn
     from the ``present`` ones (a spurious root can make an absent label look present, so none is
-    required)."""
+    required); where there are more than :data:`LABEL_SETS_RANKED`, the best of them by
+    :func:`_set_score` (a confident network's batch can make every label look present: 715 sets at
+    batch 4 of 10 classes, each a search over root combinations)."""
     if given is not None:
         return [given.long().tolist()]
-    return [list(labels) for labels in itertools.combinations_with_replacement(sorted(present), batch)]
+    sets = [list(labels) for labels in itertools.combinations_with_replacement(sorted(present), batch)]
+    if len(sets) > LABEL_SETS_RANKED:
+        sets = sorted(sets, key=lambda label_set: _set_score(roots, label_set))[:LABEL_SETS_RANKED]
+    return sets
+
+
+def _set_score(roots: dict, label_set: list[int]) -> float:
+    """A label multiset's cheap rank, lower first: the log residuals of the roots its images would take
+    (each label's best ones, as many as it has images); an image without a root of its own, or one of
+    a repeated label (which may be peeled instead, :func:`_peel`), counts at most :data:`LABEL_TOLERANCE`."""
+    score = 0.0
+    for label in set(label_set):
+        need = label_set.count(label)
+        found = [residual for residual, _ in roots.get(label, [])][:need]
+        taken = found + [LABEL_TOLERANCE] * (need - len(found))
+        if need > 1:
+            taken[-1] = min(taken[-1], LABEL_TOLERANCE)
+        score += sum(math.log10(max(residual, 1e-300)) for residual in taken)
+    return score
 
 
 def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
@@ -225,7 +254,9 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
     ``B`` labels where known; else (``batch=B``) they are found too: a label is present where an
     output gradient in the batch's span fits it (a scale-free condition, :func:`_label_residual`),
     and the multiplicities are the ones whose joint fit is best. ``tol``: the largest relative
-    residual accepted (1e-4 suits a float32 update, which fits to ~1e-7; a float64 one fits to ~1e-12). Raises
+    residual accepted (1e-4 suits a float32 update, which fits to ~1e-7; a float64 one fits to ~1e-12), tightened
+    to :data:`FIT_NOISE` times the update's own rounding ``s_{B+1} / s_1`` (no tighter than ``tol / 100``):
+    wrong labels fitted a memorised batch to 7e-5 where the right ones fit to 2e-8. Raises
     :class:`AttackNotApplicable` naming the failed condition."""
     C, d = weight_grad.shape
     B = int(labels.numel()) if labels is not None else int(batch or 0)
@@ -246,11 +277,16 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
                                   "values", condition="finite classifier weights and gradients")
     U, s, Vh = torch.linalg.svd(dW, full_matrices=True)
     ratio = float(s[B - 1] / s[0]) if s[0] > 0 else 0.0
-    if ratio < 1e-12:
-        raise AttackNotApplicable(f"output separation: the classifier weight gradient has rank < {B} (s_{B}/s_1 = "
-                                  f"{ratio:.1e}): some image's output gradient vanished (a confident image's "
-                                  "1 - p below the update's precision) or the images' are dependent",
-                                  condition="linearly independent per-image output gradients")
+    floor = float(s[B]) if s.numel() > B else 0.0                     # the update's rounding, where rank is B
+    if ratio < 1e-12 or s[B - 1] < SEPARABLE * floor:
+        raise AttackNotApplicable(f"output separation: the classifier weight gradient has no clear rank {B} "
+                                  f"(s_{B}/s_1 = {ratio:.1e}, s_{B}/s_{B + 1} = {float(s[B - 1]) / max(floor, 1e-300):.1e} "
+                                  f"< {SEPARABLE:g}): some image's output gradient is at the update's rounding (a "
+                                  "confident image's 1 - p near 0) or two images' are nearly equal (one label on "
+                                  "an untrained network), so their factors are not determined",
+                                  condition="per-image output gradients clearly independent")
+    at_rounding = tol * LABELS_EXIT                                   # a fit this good ends the search for labels
+    tol = min(tol, max(FIT_NOISE * floor / float(s[0]), at_rounding))   # no looser than the update's rounding allows
     V, complement = Vh[:B].T, U[:, B:]                                # features' span; output gradients' complement
     M, WV = dW @ V, W @ V
     scale = float(torch.cat([M.reshape(-1), db]).norm())
@@ -263,7 +299,7 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
         roots[label] = _label_roots(label, count + SPARE_ROOTS, typical, WV, b, complement, starts, generator)
     present = [label for label, found in roots.items() if found and found[0][0] <= LABEL_TOLERANCE]
     ranked = []
-    for label_set in _label_sets(present, B, labels):                 # then all of them together
+    for label_set in _label_sets(present, B, labels, roots):          # then all of them together
         Y = torch.nn.functional.one_hot(torch.tensor(label_set), C).double().to(dW.device)
         args = (WV, b, Y, M, db)
         choices = _root_choices(roots, label_set, args, scale)
@@ -277,19 +313,27 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
                 best = (a, rel, label_set, args)
             if rel <= tol:
                 break
-        if best is not None and best[1] <= tol * LABELS_EXIT:
+        if best is not None and best[1] <= at_rounding:
             break
     if best is None or not best[1] <= tol:
-        found = "no label fits" if best is None else f"relative residual {best[1]:.1e} > {tol:.0e}"
-        raise AttackNotApplicable(f"output separation: no per-image factors explain the classifier gradient "
+        found = "no label fits" if best is None else f"relative residual {best[1]:.1e} > {tol:.1e}"
+        raise SeparationNotFitted(f"output separation: no per-image factors explain the classifier gradient "
                                   f"({found}; labels present: {present}; s_{B}/s_1 = {ratio:.1e}): the labels or the "
                                   "batch size are wrong, the update is not a plain mean softmax gradient, or an "
                                   "image's output gradient is at the update's rounding (1 - p = 0 in float32: an "
                                   "image the network has memorised)",
                                   condition="a FedSGD softmax cross-entropy gradient with the right labels")
     a, rel, label_set, args = best
-    return OutputSeparation(_factors(a, *args[:3], B), a[:, :B] @ V.T, torch.tensor(label_set, device=dW.device), rel,
-                            ratio)
+    sep = OutputSeparation(_factors(a, *args[:3], B), a[:, :B] @ V.T, torch.tensor(label_set, device=dW.device), rel,
+                           ratio)
+    weakest = float(sep.shares().min())
+    if rel > PART_MARGIN * weakest:
+        raise SeparationNotFitted(f"output separation: the fit's relative residual {rel:.1e} is more than "
+                                  f"{PART_MARGIN:g} of the weakest image's part of the classifier gradient "
+                                  f"({weakest:.1e}; labels {label_set}): that image's factors and label are not "
+                                  "determined by the update (a confident image's 1 - p near the update's rounding)",
+                                  condition="every image's part of the update well above the fit's residual")
+    return sep
 
 
 def _root_choices(roots: dict, label_set: list[int], args, scale: float,
@@ -320,63 +364,3 @@ def _root_choices(roots: dict, label_set: list[int], args, scale: float,
             initial = _peel(initial, args[:5], missing)
         choices.append((float(_residual(initial, *args[:5]).norm()) / scale, initial))
     return sorted(choices, key=lambda item: item[0])
-
-
-def separation_of(update, head, params, labels: torch.Tensor | None, whole: int, batch: int,
-                  option: str = "output_gradient='separated'") -> OutputSeparation:
-    """:func:`separate_output_gradients` of ``update``'s classifier layer ``head`` (a ``LinearTrace``)
-    at the weights ``params``; ``labels``: the granted ones, or None to find them. Refuses, naming
-    ``option`` and the condition, updates and settings where the factorisation does not hold."""
-    reason = None
-    if update.kind != "gradient":
-        reason = "the update is a delta of local steps, not a gradient"
-    elif update.loss != "cross_entropy":
-        reason = f"the loss is {update.loss!r}, not softmax cross-entropy"
-    elif head is None or not head.has_bias or head.param("bias") not in update.tensors \
-            or head.param("weight") not in update.tensors:
-        reason = "no biased classifier layer's gradient in the update"
-    elif batch != whole:
-        reason = f"carried={batch} reconstructs part of the batch; the separation needs all {whole} images"
-    if reason is not None:
-        raise AttackNotApplicable(f"{option}: {reason}",
-                                  condition="a FedSGD softmax cross-entropy gradient with a biased classifier layer")
-    w, b = head.param("weight"), head.param("bias")
-    tol = 1e-4 if update.tensors[w].dtype != torch.float64 else 1e-9
-    return separate_output_gradients(update.tensors[w], update.tensors[b], params[w], params[b], labels, batch=whole,
-                                     tol=tol, starts=8)
-
-
-def separation_note(sep: OutputSeparation, found: bool) -> str:
-    """What the notes say of a separation; ``found``: its labels were found, not granted."""
-    shares = sep.shares()
-    parts = ", ".join(f"{100 * float(s):.0f} %" for s in shares)
-    labels = f"labels found with the output gradients: {sep.labels.tolist()}; " if found else ""
-    small = [k for k, s in enumerate(shares.tolist()) if s < SMALL_PART]
-    warning = "" if not small or len(shares) == 1 else (
-        f"; images {small} (labels {sep.labels[small].tolist()}) hold under {100 * SMALL_PART:.0f} % each: the "
-        "update constrains them little, expect them least recovered")
-    return (f"{labels}output gradients separated per image from the classifier layer (relative residual "
-            f"{sep.residual:.1e}; classifier parts {parts}){warning}")
-
-
-def separated_output_gradient(update, head, params, labels: torch.Tensor | None, whole: int, batch: int,
-                              dtype: torch.dtype, features: float = 0.0
-                              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, str]:
-    """``output_gradient="separated"`` for the engine: the problem's data entries (``output_gradient``:
-    u (B, C); with ``features > 0`` also ``features`` (B, d) and ``feature_map`` (B, C), for
-    :func:`feature_mismatch`), the labels in their order and a note (:func:`separation_of`)."""
-    sep = separation_of(update, head, params, labels, whole, batch)
-    data = {"output_gradient": sep.output_gradients.to(dtype)}
-    if features > 0:
-        data.update(features=sep.features.to(dtype), feature_map=torch.linalg.pinv(sep.output_gradients.T).to(dtype))
-    return data, sep.labels.to(update.tensors[head.param("weight")].device), separation_note(sep, labels is None)
-
-
-def feature_mismatch(weight_gradient: torch.Tensor, data: dict) -> torch.Tensor:
-    """The candidates' mean cosine distance to their images' classifier features, read off the
-    simulated classifier weight gradient ``sum_i u_i h(x'_i)^T`` (``(B, d)`` rows by the pseudo-inverse
-    of the separated ``u``, no hook needed): ``mean_i 1 - cos(h(x'_i), h_i)``. Scale-free per image,
-    so an image holding 1 % of the update weighs as much as one holding 90 %, and free of the common
-    factor the engine applies to the candidate's loss (``loss_scaled_to_one``)."""
-    candidates = data["feature_map"] @ weight_gradient.reshape(weight_gradient.shape[0], -1)
-    return 1 - torch.nn.functional.cosine_similarity(candidates, data["features"], dim=-1, eps=1e-30).mean(-1)

@@ -19,7 +19,7 @@ import torch
 from ..errors import AttackNotApplicable, ConfigError
 from ..functional import forward
 from ._layers import classifier_layer
-from ._output_separation import separation_note, separation_of
+from ._separated import separation_note, separation_of
 
 __all__ = ["idlg_label", "distinct_labels", "count_labels", "infer_labels", "candidate_labels"]
 

@@ -37,7 +37,7 @@ from ._continuation import relu_continuation
 from ._engine import run_group
 from ._problem import Problem, choice_note, target_data
 from ._layers import classifier_layer, trace_linear_layers
-from ._output_separation import feature_mismatch, separated_output_gradient
+from ._separated import feature_mismatch, separated_output_gradient
 from ._mixture import check_mixture, fitted_weights, mixture_loss, per_image_gradients
 from ._screening import screen_restarts
 from .base import Attack, Reconstruction, register_attack
