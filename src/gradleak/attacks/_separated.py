@@ -14,7 +14,7 @@ from ._output_separation import OutputSeparation, SeparationNotFitted, separate_
 
 RETRY_STARTS = 24        # the engine's second search where 8 starts found no fit
 # an image under this part of the classifier gradient is barely constrained by the update: on trained
-# ConvNets at batch 4, 5 of 45 such held-out digits came back >= 18 dB, 23 of 35 above it (docs/models.md)
+# ConvNets at batch 4, 5 of 42 such held-out digits came back >= 18 dB, 22 of 34 above it (docs/models.md)
 SMALL_PART = 0.2
 
 
