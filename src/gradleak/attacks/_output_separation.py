@@ -244,6 +244,24 @@ def _set_score(roots: dict, label_set: list[int]) -> float:
     return score
 
 
+def _rank_and_tolerance(s: torch.Tensor, B: int, tol: float) -> tuple[float, float, float]:
+    """From the singular values ``s`` of ``dW``: ``s_B / s_1``, the fit's tolerance (``tol``, tightened
+    to :data:`FIT_NOISE` times the update's own rounding ``s_{B+1} / s_1``, no tighter than
+    ``tol`` x :data:`LABELS_EXIT`) and the residual that ends the search for labels. Refuses where
+    ``s_B`` is within :data:`SEPARABLE` of ``s_{B+1}``: the B-th image is at the update's rounding."""
+    ratio = float(s[B - 1] / s[0]) if s[0] > 0 else 0.0
+    floor = float(s[B]) if s.numel() > B else 0.0                     # the update's rounding, where rank is B
+    if ratio < 1e-12 or s[B - 1] < SEPARABLE * floor:
+        raise AttackNotApplicable(f"output separation: the classifier weight gradient has no clear rank {B} "
+                                  f"(s_{B}/s_1 = {ratio:.1e}, s_{B}/s_{B + 1} = {float(s[B - 1]) / max(floor, 1e-300):.1e} "
+                                  f"< {SEPARABLE:g}): some image's output gradient is at the update's rounding (a "
+                                  "confident image's 1 - p near 0) or two images' are nearly equal (one label on "
+                                  "an untrained network), so their factors are not determined",
+                                  condition="per-image output gradients clearly independent")
+    at_rounding = tol * LABELS_EXIT                                   # a fit this good ends the search for labels
+    return ratio, min(tol, max(FIT_NOISE * floor / float(s[0]), at_rounding)), at_rounding
+
+
 def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor, weight: torch.Tensor,
                               bias: torch.Tensor, labels: torch.Tensor | None = None, *, batch: int | None = None,
                               starts: int = 16, iterations: int = 200, tol: float = 1e-4,
@@ -276,17 +294,7 @@ def separate_output_gradients(weight_grad: torch.Tensor, bias_grad: torch.Tensor
         raise AttackNotApplicable("output separation: the classifier layer or its gradient holds NaN or infinite "
                                   "values", condition="finite classifier weights and gradients")
     U, s, Vh = torch.linalg.svd(dW, full_matrices=True)
-    ratio = float(s[B - 1] / s[0]) if s[0] > 0 else 0.0
-    floor = float(s[B]) if s.numel() > B else 0.0                     # the update's rounding, where rank is B
-    if ratio < 1e-12 or s[B - 1] < SEPARABLE * floor:
-        raise AttackNotApplicable(f"output separation: the classifier weight gradient has no clear rank {B} "
-                                  f"(s_{B}/s_1 = {ratio:.1e}, s_{B}/s_{B + 1} = {float(s[B - 1]) / max(floor, 1e-300):.1e} "
-                                  f"< {SEPARABLE:g}): some image's output gradient is at the update's rounding (a "
-                                  "confident image's 1 - p near 0) or two images' are nearly equal (one label on "
-                                  "an untrained network), so their factors are not determined",
-                                  condition="per-image output gradients clearly independent")
-    at_rounding = tol * LABELS_EXIT                                   # a fit this good ends the search for labels
-    tol = min(tol, max(FIT_NOISE * floor / float(s[0]), at_rounding))   # no looser than the update's rounding allows
+    ratio, tol, at_rounding = _rank_and_tolerance(s, B, tol)
     V, complement = Vh[:B].T, U[:, B:]                                # features' span; output gradients' complement
     M, WV = dW @ V, W @ V
     scale = float(torch.cat([M.reshape(-1), db]).norm())
