@@ -369,6 +369,6 @@ def _root_choices(roots: dict, label_set: list[int], args, scale: float,
                 missing.append(k)
         initial = torch.stack(rows)
         if missing:
-            initial = _peel(initial, args[:5], missing)
-        choices.append((float(_residual(initial, *args[:5]).norm()) / scale, initial))
+            initial = _peel(initial, args, missing)
+        choices.append((float(_residual(initial, *args).norm()) / scale, initial))
     return sorted(choices, key=lambda item: item[0])

@@ -18,7 +18,6 @@ import torch
 
 from ..errors import AttackNotApplicable, ConfigError
 from ..functional import forward
-from ._layers import classifier_layer
 from ._separated import separation_note, separation_of
 
 __all__ = ["idlg_label", "distinct_labels", "count_labels", "infer_labels", "candidate_labels"]
@@ -139,12 +138,13 @@ def infer_labels(model, update, params, buffers, batch: int, head, mode: str, se
     return labels.to(w_grad.device), f"labels counted from the classifier {how}: {labels.tolist()}"
 
 
-def candidate_labels(config, model, update, params, buffers, batch: int, traces,
+def candidate_labels(config, model, update, params, buffers, batch: int, head,
                      partial: bool = False) -> tuple[torch.Tensor | None, str]:
     """The gradient-matching candidate's labels under ``config.labels`` and how they were found
     (``None``: optimised as soft labels, or found with the separated output gradients later, once).
-    ``partial``: ``batch`` is fewer than the update's images (``carried``), so granted labels
-    cannot be assigned to them and are inferred instead."""
+    ``head``: the classifier layer's trace (:func:`._layers.classifier_layer`); ``partial``: ``batch``
+    is fewer than the update's images (``carried``), so granted labels cannot be assigned to them and
+    are inferred instead."""
     mode = config.labels
     if mode == "given":
         if update.labels is None:
@@ -162,6 +162,6 @@ def candidate_labels(config, model, update, params, buffers, batch: int, traces,
         return None, ""   # found by the output gradients' separation in the engine's problem, once
     if mode == "separated":   # found with the output gradients, for any objective
         whole = update.batch_size or config.batch_size or batch
-        sep = separation_of(update, classifier_layer(traces), params, None, whole, batch, "labels='separated'")
+        sep = separation_of(update, head, params, None, whole, batch, "labels='separated'")
         return sep.labels, separation_note(sep, True)
-    return infer_labels(model, update, params, buffers, batch, classifier_layer(traces), mode, config.seed)
+    return infer_labels(model, update, params, buffers, batch, head, mode, config.seed)

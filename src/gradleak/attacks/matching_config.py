@@ -74,7 +74,7 @@ class MatchingConfig:
                                     # each image's own, separated out of the classifier gradient (separated;
                                     # _output_separation.py): batches of B < C images
     features: float = 0.0        # output_gradient="separated": weight of each candidate's cosine distance to its
-                                 # image's separated classifier features (scale-free per image; _output_separation.py)
+                                 # image's separated classifier features (scale-free per image; _separated.py)
     batch_size: int | None = None  # needed only when the threat model hides the batch size
     carried: int | None = None   # reconstruct only this many of the batch's images: those that carry the update
                                  # (gradleak.shares; 1 with output_gradient="observed" on a trained network's batch)

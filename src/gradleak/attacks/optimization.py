@@ -245,8 +245,8 @@ class GradientMatching(Attack):
         params, buffers = self.parameters_at_round(update)
         ref = next(iter(params.values()))
         spec = update.data_spec or DataSpec()
-        traces = trace_linear_layers(self.model, update.input_shape, params, buffers)
-        labels, label_note = candidate_labels(self.config, self.model, update, params, buffers, batch, traces,
+        head = classifier_layer(trace_linear_layers(self.model, update.input_shape, params, buffers))
+        labels, label_note = candidate_labels(self.config, self.model, update, params, buffers, batch, head,
                                               partial=batch < whole)
         if batch < whole:
             label_note = f"{batch} of the batch's {whole} images reconstructed (carried={batch}); {label_note}"
@@ -260,7 +260,6 @@ class GradientMatching(Attack):
                 raise AttackNotApplicable("bn > 0 needs the client's BatchNorm statistics",
                                           condition="ThreatModel(bn_statistics=True) and an update with buffers")
             bn = BatchNormStatistics(self.model, batch_norm_targets(self.model, buffers, update.buffers))
-        head = classifier_layer(traces)
         if cfg.output_gradient == "separated":   # every image's own output gradient (_output_separation.py)
             separated, found, note = separated_output_gradient(update, head, params, labels, whole, batch,
                                                                weights.dtype, cfg.features)
