@@ -5,9 +5,9 @@
 The same as `benchmarks/fuzz_surfaces.py --surface updates`. Counts: docs/hardening.md.
 """
 
-from gradleak.fuzz.updates import main
+from gradleak.fuzz import main
 
 if __name__ == "__main__":
     import sys
 
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main(["--surface", "updates", *sys.argv[1:]]))

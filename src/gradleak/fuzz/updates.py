@@ -285,11 +285,4 @@ def run_campaign(folder: Path, n: int, seed: int = 0, progress: Callable[[int], 
     return campaign
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The update-file campaign alone (``python -m gradleak.fuzz --surface updates`` does the same)."""
-    from . import main as fuzz_main
-
-    return fuzz_main(["--surface", "updates", *(argv or [])])
-
-
 run = run_campaign  # the surface's entry point for gradleak.fuzz.run_surface

@@ -33,6 +33,8 @@ from torch import nn
 from ..errors import ConfigError, one_line
 from ..limits import MAX_CLASSES, check_int, check_seed, short_repr
 from ..names import FACTORY_PATTERN, factory_parts, is_factory, is_hf_folder, model_name
+from .weights import apply_weights, read_weights
+from .zoo import MODELS, build_model
 
 __all__ = ["ModelSpec", "BuiltModel", "resolve_device", "check_recorded", "MODES", "FACTORY_PATTERN"]
 
@@ -123,8 +125,6 @@ class ModelSpec:
     num_classes: int | None = None
 
     def __post_init__(self):
-        from . import MODELS
-
         object.__setattr__(self, "name", model_name(self.name, "model", MODELS))
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
             raise ConfigError(f"model options must map names to values, got {short_repr(self.options)}")
@@ -150,8 +150,6 @@ class ModelSpec:
     @property
     def modality(self) -> str:
         """``image`` or ``text`` (the zoo's text models and ``hf:`` folders)."""
-        from . import MODELS
-
         if is_hf_name(self.name):
             return "text"
         return MODELS[self.name].modality if self.name in MODELS else "image"
@@ -179,8 +177,6 @@ class ModelSpec:
         """The model for inputs of ``input_shape`` (C, H, W) and ``num_classes`` classes (the
         spec's own ``num_classes`` wins): built on the CPU from the seed, weights loaded,
         cast, put in its mode and moved to its device. Every failure is one ConfigError line."""
-        from . import MODELS, build_model
-        from .weights import apply_weights, read_weights
 
         classes = self.num_classes or num_classes or 10
         device = resolve_device(self.device)
