@@ -1,0 +1,239 @@
+"""Diagnosis: how far a batch's update determines every image of it, layer by layer (issue 25).
+
+On a trained ConvNet (eval-mode BatchNorm) the images the network is sure of hold ~0.3 % of a
+batch's update, and gradient matching does not recover them (docs/models.md). This script asks
+whether the update still determines them, with R-GAP's recursion (Zhu & Blaschko 2021) run on a
+whole batch from the output separation's per-image factors:
+
+1. ``separate_output_gradients`` gives each image's output gradient ``u_i`` and classifier
+   features ``h_i`` (attacker-known, no ground truth).
+2. Each convolution's weight gradient is linear in its input once every image's output delta is
+   known: ``dW[:, c] = M(D) a[:, c]`` with the same matrix ``M`` (rows: output channel x kernel
+   offset; columns: image x position) for every input channel ``c``. Least squares gives every
+   image's input activation at once (the deltas set the columns' scale, so an image holding 0.3 %
+   of the update is solved as exactly as the others, up to the update's float32 rounding).
+3. The deltas of the layer below need each ReLU's mask: read from the activation just solved
+   (entries above 1e-3 of the image's largest), then the entries below 1e-2 of it flipped while the
+   next layer's least-squares residual falls (right masks fit to ~1e-5, one wrong entry to ~1e-2).
+4. A max-pooling needs its switches (which of the 9 positions won each window): ``--switches
+   oracle`` takes them from the truth (what the recursion could do if they were found);
+   ``--switches start`` takes them from a start image at a given noise (what an attack's
+   reconstruction would give), and refines them by alternating least squares.
+
+It reports each stage's relative error per image against the truth (diagnosis only), then
+inverts each image from its recovered first-pooling output (signed Adam, TV) and prints PSNR.
+
+    python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches oracle
+    python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches start --noise 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch.nn.functional import conv2d, conv_transpose2d, max_pool2d, max_unpool2d, pad
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trained_grid as tg  # noqa: E402
+
+import gradleak as gl  # noqa: E402
+from gradleak.attacks import separate_output_gradients  # noqa: E402
+from gradleak.attacks.matching import total_variation  # noqa: E402
+from gradleak.metrics import psnr  # noqa: E402
+
+MASK_LEVEL = 1e-3      # a ReLU output counts as active above this fraction of its image's largest
+FEATURES_ZERO = 1e-5   # the separated features' zeros sit at ~1e-7 of their largest (1e-3 would drop true small ones)
+ACCEPT = 0.999         # a flip is kept when the residual falls by this factor
+UNCERTAIN = 1e-2       # mask entries within this fraction of their image's largest are tried by flipping,
+FLIP_CANDIDATES = 3000 # at most this many, the least certain first
+
+
+def conv_input_from_weight_grad(weight_grad: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Every image's input ``(B, C, H, H)`` of a 3x3, padding-1 convolution from its batch weight
+    gradient ``(O, C, 3, 3)`` and each image's output delta ``(B, O, H, H)``; and the relative
+    least-squares residual (the check that the deltas are right). Determined where the ``9 O``
+    equations per input channel are at least the ``B H H`` unknowns and the deltas reach every position."""
+    B, O, H, _ = deltas.shape
+    padded = pad(deltas, (1, 1, 1, 1))
+    M = torch.stack([padded[:, :, 2 - ky:2 - ky + H, 2 - kx:2 - kx + H] for ky in range(3) for kx in range(3)], 2)
+    M = M.permute(1, 2, 0, 3, 4).reshape(O * 9, B * H * H)
+    C = weight_grad.shape[1]
+    rhs = weight_grad.permute(0, 2, 3, 1).reshape(O * 9, C)
+    solution = torch.linalg.lstsq(M, rhs, driver="gelsd").solution
+    residual = float((M @ solution - rhs).norm() / rhs.norm())
+    return solution.T.reshape(C, B, H, H).permute(1, 0, 2, 3), residual
+
+
+class Net:
+    """The ConvNet's layers as the recursion reads them (float64, eval-mode BatchNorm as affine maps)."""
+
+    def __init__(self, module, gradient):
+        self.f, self.fc, self.g = module.features, module.fc, gradient
+
+    def weight(self, i):
+        return self.f[i].weight.detach().double()
+
+    def bn_scale(self, i):
+        bn = self.f[i]
+        return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()[None, :, None, None]
+
+    def pre_activation(self, conv, a):
+        """BatchNorm(conv(a)) of layer ``conv`` (its BatchNorm is the next module)."""
+        bn = self.f[conv + 1]
+        z = conv2d(a, self.weight(conv), self.f[conv].bias.detach().double(), padding=1)
+        return (z - bn.running_mean.double()[None, :, None, None]) * self.bn_scale(conv + 1) + \
+            bn.bias.detach().double()[None, :, None, None]
+
+    def solve(self, conv, deltas):
+        return conv_input_from_weight_grad(self.g[f"features.{conv}.weight"], deltas)
+
+
+def refine_mask(mask, certainty, solve):
+    """Flip the least certain entries of a boolean ``mask`` (smallest ``certainty``) while the
+    least-squares residual of ``solve(mask) -> (solution, residual)`` falls (below ACCEPT times it)."""
+    best, residual = solve(mask)
+    flat = certainty.abs().flatten()
+    uncertain = [j for j in flat.argsort()[:FLIP_CANDIDATES].tolist() if flat[j] < UNCERTAIN]
+    improved = True
+    while improved:
+        improved = False
+        for j in uncertain:
+            trial = mask.clone().flatten()
+            trial[j] = ~trial[j]
+            trial = trial.view_as(mask)
+            solution, r = solve(trial)
+            if r < ACCEPT * residual:
+                mask, best, residual, improved = trial, solution, r, True
+    return mask, best, residual
+
+
+def relative_level(a):
+    return a.flatten(1).abs().max(1).values[:, None, None, None]
+
+
+def masked_solve(net, conv_above, conv, delta_above, activation):
+    """The input of ``conv`` from the deltas above it, with the ReLU mask of ``activation`` (the
+    input of ``conv_above``) read off and refined by the residual. Returns (input, deltas, residual)."""
+    back = conv_transpose2d(delta_above, net.weight(conv_above), padding=1) * net.bn_scale(conv + 1)
+    level = relative_level(activation)
+    mask = activation > MASK_LEVEL * level
+    a, _ = net.solve(conv, back * mask)
+    mask, a, residual = refine_mask(mask, net.pre_activation(conv, a) / level, lambda m: net.solve(conv, back * m))
+    return a, back * mask, residual
+
+
+def invert_from(module, spec, layer, target, shape, iterations=800, tv=1e-2):
+    """Images whose activation at ``layer`` matches ``target`` (cosine per image; signed Adam, TV)."""
+    torch.manual_seed(0)
+    z = torch.randn(shape).requires_grad_(True)
+    lo, hi = spec.normalize(torch.zeros(shape[1:])[None]), spec.normalize(torch.ones(shape[1:])[None])
+    opt = torch.optim.Adam([z], lr=0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [iterations * 3 // 8, iterations * 5 // 8, iterations * 7 // 8], 0.1)
+    for _ in range(iterations):
+        opt.zero_grad()
+        h = z
+        for k in range(layer + 1):
+            h = module.features[k](h)
+        loss = (1 - torch.nn.functional.cosine_similarity(h.flatten(1), target.float().flatten(1), dim=1)).sum()
+        loss = loss + tv * sum(total_variation(z[i:i + 1]) for i in range(len(z)))
+        loss.backward()
+        z.grad.sign_()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            z.copy_(torch.max(torch.min(z, hi), lo))
+    return spec.denormalize(z.detach()).clamp(0, 1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--net", default="adam")
+    parser.add_argument("--images", default="8,9,10,11", help="data set indices of one batch")
+    parser.add_argument("--switches", choices=["oracle", "start"], default="oracle")
+    parser.add_argument("--noise", type=float, default=0.1, help="--switches start: the start's pixel noise")
+    parser.add_argument("--passes", type=int, default=4, help="--switches start: alternating passes")
+    parser.add_argument("--iterations", type=int, default=800, help="inversion from the first pooling's output")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    grid = types.SimpleNamespace(data="digits", n_data=None, size=32, model="convnet", options='{"width": 16}',
+                                 seed=0, epochs=None, test_fraction=0.2)
+    module, record = tg.network(grid, args.net)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    spec = gl.DataSpec(tuple(record["data_spec"]["mean"]), tuple(record["data_spec"]["std"]))
+    idx = [int(i) for i in args.images.split(",")]
+    x, y = tg._images(grid, record, "chosen", idx)
+    update = gl.fedsgd_update(module, x, y, spec=spec)                      # the client's float32 update
+    gradient = {k: v.double() for k, v in update.tensors.items()}
+    net, B = Net(module, gradient), len(idx)
+    with torch.no_grad():                                                # truth, for the report only
+        truth, h = {}, spec.normalize(x)
+        for k, m in enumerate(module.features):
+            h = m(h)
+            truth[k] = h.double()
+    sep = separate_output_gradients(gradient["fc.weight"], gradient["fc.bias"], module.fc.weight, module.fc.bias, batch=B)
+    order = [int((torch.nn.functional.cosine_similarity(sep.features, truth[25].flatten(1)[i:i + 1])).argmax())
+             for i in range(B)]                                          # separated row of each true image
+    feats, found = sep.features[order], sep.labels[order]
+    # each image's output gradient recomputed in float64 from its separated features: the fit's own u
+    # carries the float32 client's rounding of p_y (~1e-4 relative here), the features only ~1e-7
+    logits = feats @ module.fc.weight.double().T + module.fc.bias.double()
+    u = (logits.softmax(1) - torch.nn.functional.one_hot(found, logits.shape[1]).double()) / B
+    feats = feats.view(B, 64, 3, 3)
+    result = {"net": args.net, "images": idx, "labels_found": found.tolist(), "labels": y.tolist(),
+              "separation_residual": sep.residual, "shares": [round(float(s), 5) for s in sep.shares()[order]]}
+
+    def error(est, k):
+        return [float((est[i] - truth[k][i]).norm() / truth[k][i].norm()) for i in range(B)]
+
+    on = feats > FEATURES_ZERO * feats.flatten(1).abs().max(1).values[:, None, None, None]
+    d23 = (u @ module.fc.weight.double()).view(B, 64, 3, 3) * on * net.bn_scale(24)
+    a22, r = net.solve(23, d23)
+    a19, d20, r20 = masked_solve(net, 23, 20, d23, a22)
+    result["a22"], result["a19 (pool 2 out)"] = error(a22, 22), error(a19, 19)
+    result["residuals"] = {"conv8": r, "conv7": r20}
+    back19 = conv_transpose2d(d20, net.weight(20), padding=1)
+    active = a19 > MASK_LEVEL * relative_level(a19)                      # the windows with a positive max
+    _, true_switch = max_pool2d(truth[18], 3, return_indices=True)
+    if args.switches == "oracle":
+        switch = true_switch
+    else:
+        start = (x + args.noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+        result["start_psnr"] = [round(float(psnr(start[i:i + 1], x[i:i + 1])), 1) for i in range(B)]
+        with torch.no_grad():
+            h = spec.normalize(start)
+            for k in range(18):
+                h = module.features[k](h)
+        _, switch = max_pool2d(h.double(), 3, return_indices=True)
+    for step in range(1 if args.switches == "oracle" else args.passes):
+        def solve16(mask):
+            return net.solve(16, max_unpool2d(back19 * mask, switch, 3, output_size=(10, 10)) * net.bn_scale(17))
+
+        active, a15, r16 = refine_mask(active, a19 / relative_level(a19), solve16)
+        d16 = max_unpool2d(back19 * active, switch, 3, output_size=(10, 10)) * net.bn_scale(17)
+        wrong = int(((switch != true_switch) & active).sum())
+        print(f"switches pass {step}: {wrong} of {int(active.sum())} wrong, conv6 residual {r16:.1e}", flush=True)
+        _, switch = max_pool2d(net.pre_activation(16, a15), 3, return_indices=True)
+    a12, d13, r13 = masked_solve(net, 16, 13, d16, a15)
+    result["wrong_switches"], result["pool2_active_errors"] = wrong, int((active != (truth[19] > 0)).sum())
+    result["residuals"].update({"conv6": r16, "conv5": r13})
+    result["a15"], result["a12 (pool 1 out)"] = error(a15, 15), error(a12, 12)
+    rec = invert_from(module, spec, 12, a12, tuple(x.shape), args.iterations)
+    result["psnr_from_a12"] = [round(float(psnr(rec[i:i + 1], x[i:i + 1])), 1) for i in range(B)]
+    for key, value in result.items():
+        floats = isinstance(value, list) and value and isinstance(value[0], float)
+        print(f"{key}: {' '.join(f'{v:.3g}' for v in value) if floats else value}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
