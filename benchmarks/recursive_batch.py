@@ -50,7 +50,7 @@ MASK_LEVEL = 1e-3      # a ReLU output counts as active above this fraction of i
 FEATURES_ZERO = 1e-5   # the separated features' zeros sit at ~1e-7 of their largest (1e-3 would drop true small ones)
 ACCEPT = 0.999         # a flip is kept when the residual falls by this factor
 UNCERTAIN = 1e-2       # mask entries within this fraction of their image's largest are tried by flipping,
-FLIP_CANDIDATES = 3000 # at most this many, the least certain first
+FLIP_CANDIDATES = 1000 # at most this many, the least certain first
 
 
 def conv_input_from_weight_grad(weight_grad: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -122,8 +122,8 @@ def masked_solve(net, conv_above, conv, delta_above, activation):
     back = conv_transpose2d(delta_above, net.weight(conv_above), padding=1) * net.bn_scale(conv + 1)
     level = relative_level(activation)
     mask = activation > MASK_LEVEL * level
-    a, _ = net.solve(conv, back * mask)
-    mask, a, residual = refine_mask(mask, net.pre_activation(conv, a) / level, lambda m: net.solve(conv, back * m))
+    margin = (activation - MASK_LEVEL * level) / level                  # nearest the threshold: least certain
+    mask, a, residual = refine_mask(mask, margin, lambda m: net.solve(conv, back * m))
     return a, back * mask, residual
 
 
