@@ -13,16 +13,19 @@ whole batch from the output separation's per-image factors:
    image's input activation at once (the deltas set the columns' scale, so an image holding 0.3 %
    of the update is solved as exactly as the others, up to the update's float32 rounding).
 3. The deltas of the layer below need each ReLU's mask: read from the activation just solved
-   (entries above 1e-3 of the image's largest), then the entries below 1e-2 of it flipped while the
-   next layer's least-squares residual falls (right masks fit to ~1e-5, one wrong entry to ~1e-2).
+   (entries above 1e-3 of the image's largest), then the entries nearest that threshold flipped while
+   the next layer's least-squares residual falls (right masks fit to ~1e-5, one wrong entry to ~1e-4
+   .. 1e-2).
 4. A max-pooling needs its switches (which of the 9 positions won each window): ``--switches
    oracle`` takes them from the truth (what the recursion could do if they were found);
    ``--switches start`` takes them from a start image at a given noise (what an attack's
-   reconstruction would give), and refines them by alternating least squares.
+   reconstruction would give) and alternates: solve, then each window's argmax of the solved
+   activation (which makes them worse: docs/models.md).
 
 It reports each stage's relative error per image against the truth (diagnosis only), then
 inverts each image from its recovered first-pooling output (signed Adam, TV) and prints PSNR.
 
+    python benchmarks/trained_grid.py train --data digits       # the networks, once
     python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches oracle
     python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches start --noise 0.1
 """
@@ -129,8 +132,7 @@ def masked_solve(net, conv_above, conv, delta_above, activation):
 
 def invert_from(module, spec, layer, target, shape, iterations=800, tv=1e-2):
     """Images whose activation at ``layer`` matches ``target`` (cosine per image; signed Adam, TV)."""
-    torch.manual_seed(0)
-    z = torch.randn(shape).requires_grad_(True)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     lo, hi = spec.normalize(torch.zeros(shape[1:])[None]), spec.normalize(torch.ones(shape[1:])[None])
     opt = torch.optim.Adam([z], lr=0.1)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [iterations * 3 // 8, iterations * 5 // 8, iterations * 7 // 8], 0.1)
@@ -150,6 +152,54 @@ def invert_from(module, spec, layer, target, shape, iterations=800, tv=1e-2):
     return spec.denormalize(z.detach()).clamp(0, 1)
 
 
+def client_batch(net_name, idx):
+    """The grid's ConvNet-16 digit network ``net_name`` (eval mode), the batch of data set indices
+    ``idx``, its client's float32 update (as float64) and, for the report only, every layer's truth."""
+    grid = types.SimpleNamespace(data="digits", n_data=None, size=32, model="convnet", options='{"width": 16}',
+                                 seed=0, epochs=None, test_fraction=0.2)
+    module, record = tg.network(grid, net_name)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    spec = gl.DataSpec(tuple(record["data_spec"]["mean"]), tuple(record["data_spec"]["std"]))
+    x, y = tg._images(grid, record, "chosen", idx)
+    update = gl.fedsgd_update(module, x, y, spec=spec)
+    gradient = {k: v.double() for k, v in update.tensors.items()}
+    with torch.no_grad():
+        truth, h = {}, spec.normalize(x)
+        for k, m in enumerate(module.features):
+            h = m(h)
+            truth[k] = h.double()
+    return module, spec, x, y, gradient, truth
+
+
+def separated_top(module, gradient, B, truth):
+    """The separation's per-image classifier features and labels, rows put in the true images' order
+    (a permutation, for the report), and each image's output gradient recomputed from its features in
+    float64: the fit's own output gradients carry the float32 client's rounding of ``p_y`` (~1e-4
+    relative here), the features only ~1e-7."""
+    sep = separate_output_gradients(gradient["fc.weight"], gradient["fc.bias"], module.fc.weight, module.fc.bias,
+                                    batch=B)
+    order = [int(torch.nn.functional.cosine_similarity(sep.features, truth[25].flatten(1)[i:i + 1]).argmax())
+             for i in range(B)]
+    feats, found = sep.features[order], sep.labels[order]
+    logits = feats @ module.fc.weight.double().T + module.fc.bias.double()
+    u = (logits.softmax(1) - torch.nn.functional.one_hot(found, logits.shape[1]).double()) / B
+    return sep, order, u, feats.view(B, *truth[25].shape[1:]), found
+
+
+def start_switches(module, spec, x, noise):
+    """The second max-pool's switches of the batch plus pixel noise ``noise`` (a stand-in for an
+    attack's reconstruction), and the start's PSNR per image."""
+    start = (x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    with torch.no_grad():
+        h = spec.normalize(start)
+        for k in range(18):
+            h = module.features[k](h)
+    _, switch = max_pool2d(h.double(), 3, return_indices=True)
+    return switch, [round(float(psnr(start[i:i + 1], x[i:i + 1])), 1) for i in range(len(x))]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--net", default="adam")
@@ -161,32 +211,10 @@ def main(argv=None):
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    grid = types.SimpleNamespace(data="digits", n_data=None, size=32, model="convnet", options='{"width": 16}',
-                                 seed=0, epochs=None, test_fraction=0.2)
-    module, record = tg.network(grid, args.net)
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    spec = gl.DataSpec(tuple(record["data_spec"]["mean"]), tuple(record["data_spec"]["std"]))
     idx = [int(i) for i in args.images.split(",")]
-    x, y = tg._images(grid, record, "chosen", idx)
-    update = gl.fedsgd_update(module, x, y, spec=spec)                      # the client's float32 update
-    gradient = {k: v.double() for k, v in update.tensors.items()}
+    module, spec, x, y, gradient, truth = client_batch(args.net, idx)
     net, B = Net(module, gradient), len(idx)
-    with torch.no_grad():                                                # truth, for the report only
-        truth, h = {}, spec.normalize(x)
-        for k, m in enumerate(module.features):
-            h = m(h)
-            truth[k] = h.double()
-    sep = separate_output_gradients(gradient["fc.weight"], gradient["fc.bias"], module.fc.weight, module.fc.bias, batch=B)
-    order = [int((torch.nn.functional.cosine_similarity(sep.features, truth[25].flatten(1)[i:i + 1])).argmax())
-             for i in range(B)]                                          # separated row of each true image
-    feats, found = sep.features[order], sep.labels[order]
-    # each image's output gradient recomputed in float64 from its separated features: the fit's own u
-    # carries the float32 client's rounding of p_y (~1e-4 relative here), the features only ~1e-7
-    logits = feats @ module.fc.weight.double().T + module.fc.bias.double()
-    u = (logits.softmax(1) - torch.nn.functional.one_hot(found, logits.shape[1]).double()) / B
-    feats = feats.view(B, 64, 3, 3)
+    sep, order, u, feats, found = separated_top(module, gradient, B, truth)
     result = {"net": args.net, "images": idx, "labels_found": found.tolist(), "labels": y.tolist(),
               "separation_residual": sep.residual, "shares": [round(float(s), 5) for s in sep.shares()[order]]}
 
@@ -205,13 +233,7 @@ def main(argv=None):
     if args.switches == "oracle":
         switch = true_switch
     else:
-        start = (x + args.noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-        result["start_psnr"] = [round(float(psnr(start[i:i + 1], x[i:i + 1])), 1) for i in range(B)]
-        with torch.no_grad():
-            h = spec.normalize(start)
-            for k in range(18):
-                h = module.features[k](h)
-        _, switch = max_pool2d(h.double(), 3, return_indices=True)
+        switch, result["start_psnr"] = start_switches(module, spec, x, args.noise)
     for step in range(1 if args.switches == "oracle" else args.passes):
         def solve16(mask):
             return net.solve(16, max_unpool2d(back19 * mask, switch, 3, output_size=(10, 10)) * net.bn_scale(17))
