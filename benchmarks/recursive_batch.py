@@ -76,7 +76,7 @@ class Net:
     """The ConvNet's layers as the recursion reads them (float64, eval-mode BatchNorm as affine maps)."""
 
     def __init__(self, module, gradient):
-        self.f, self.fc, self.g = module.features, module.fc, gradient
+        self.f, self.g = module.features, gradient
 
     def weight(self, i):
         return self.f[i].weight.detach().double()
