@@ -138,9 +138,7 @@ def invert_from(module, spec, layer, target, shape, iterations=800, tv=1e-2):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [iterations * 3 // 8, iterations * 5 // 8, iterations * 7 // 8], 0.1)
     for _ in range(iterations):
         opt.zero_grad()
-        h = z
-        for k in range(layer + 1):
-            h = module.features[k](h)
+        h = module.features[:layer + 1](z)
         loss = (1 - torch.nn.functional.cosine_similarity(h.flatten(1), target.float().flatten(1), dim=1)).sum()
         loss = loss + tv * sum(total_variation(z[i:i + 1]) for i in range(len(z)))
         loss.backward()
@@ -193,9 +191,7 @@ def start_switches(module, spec, x, noise):
     attack's reconstruction), and the start's PSNR per image."""
     start = (x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     with torch.no_grad():
-        h = spec.normalize(start)
-        for k in range(18):
-            h = module.features[k](h)
+        h = module.features[:18](spec.normalize(start))                # the second max-pool's input
     _, switch = max_pool2d(h.double(), 3, return_indices=True)
     return switch, [round(float(psnr(start[i:i + 1], x[i:i + 1])), 1) for i in range(len(x))]
 
