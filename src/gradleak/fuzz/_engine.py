@@ -44,8 +44,8 @@ class Campaign:
     unusable: list[tuple[str, str, str]] = field(default_factory=list)
     multiline: list[str] = field(default_factory=list)
     side_effects: list[str] = field(default_factory=list)
-    slowest: float = 0.0
-    slowest_input: str = ""
+    slowest: float = 0.0          # CPU seconds of the costliest input (user + system, children included):
+    slowest_input: str = ""       # unlike wall time, not inflated by other work on a loaded machine
     seconds: float = 0.0
     rss_growth_mb: float = 0.0
     peak_rss_mb: float = 0.0
@@ -76,6 +76,11 @@ class Campaign:
                 "peak_rss_mb": round(self.peak_rss_mb)}
 
 
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _reason(message: str) -> str:
     return " ".join(message.split()[:5])
 
@@ -90,7 +95,7 @@ def run_inputs(surface: str, inputs: Iterable[tuple[str, Any]], load: Callable[[
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     for k, (kind, item) in enumerate(inputs):
-        began = time.perf_counter()
+        began = _cpu_seconds()
         try:
             result = load(item)
         except (GradleakError, Refused) as error:
@@ -110,7 +115,7 @@ def run_inputs(surface: str, inputs: Iterable[tuple[str, Any]], load: Callable[[
                     check(result)
                 except Exception as error:  # noqa: BLE001 - a loaded input that is not usable: a loader bug
                     campaign.unusable.append((kind, describe(item), f"{type(error).__name__}: {error}"[:300]))
-        took = time.perf_counter() - began
+        took = _cpu_seconds() - began
         if took > campaign.slowest:
             campaign.slowest, campaign.slowest_input = took, f"{kind} {describe(item)}"[:200]
         if progress is not None:
