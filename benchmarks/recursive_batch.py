@@ -20,7 +20,11 @@ whole batch from the output separation's per-image factors:
    oracle`` takes them from the truth (what the recursion could do if they were found);
    ``--switches start`` takes them from a start image at a given noise (what an attack's
    reconstruction would give) and alternates: solve, then each window's argmax of the solved
-   activation (which makes them worse: docs/models.md).
+   activation (which makes them worse: docs/models.md). ``--switches oracle --wrong K`` moves K of
+   the true switches (what one wrong switch costs).
+5. ``--switches alternate`` alternates the two exact steps, the switches from conv6's inputs (one
+   linear solve per output channel, :func:`switches_from_inputs`) and the inputs from the switches,
+   from a noisy start's inputs, for every image or (``--only-dominant``) the largest one alone.
 
 It reports each stage's relative error per image against the truth (diagnosis only), then
 inverts each image from its recovered first-pooling output (signed Adam, TV) and prints PSNR.
@@ -28,6 +32,8 @@ inverts each image from its recovered first-pooling output (signed Adam, TV) and
     python benchmarks/trained_grid.py train --data digits       # the networks, once
     python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches oracle
     python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches start --noise 0.1
+    python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches oracle --wrong 1
+    python benchmarks/recursive_batch.py --net adam --images 8,9,10,11 --switches alternate --only-dominant
 """
 
 from __future__ import annotations
@@ -186,23 +192,96 @@ def separated_top(module, gradient, B, truth):
     return sep, order, u, feats.view(B, *truth[25].shape[1:]), found
 
 
+def noisy_start(x, noise):
+    """The batch plus Gaussian pixel noise ``noise`` (seeded), clamped: a stand-in for an attack's reconstruction."""
+    return (x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+
+
 def start_switches(module, spec, x, noise):
     """The second max-pool's switches of the batch plus pixel noise ``noise`` (a stand-in for an
     attack's reconstruction), and the start's PSNR per image."""
-    start = (x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    start = noisy_start(x, noise)
     with torch.no_grad():
         h = module.features[:18](spec.normalize(start))                # the second max-pool's input
     _, switch = max_pool2d(h.double(), 3, return_indices=True)
     return switch, [round(float(psnr(start[i:i + 1], x[i:i + 1])), 1) for i in range(len(x))]
 
 
+def window_positions(size=10, k=3):
+    """``(windows, k*k)``: the flat positions of a ``size x size`` map that each of a stride-``k``
+    max-pool's windows covers (row-major windows; the last row and column fall outside any)."""
+    n = size // k
+    return torch.tensor([[(k * wy + dy) * size + k * wx + dx for dy in range(k) for dx in range(k)]
+                         for wy in range(n) for wx in range(n)])
+
+
+def unit_responses(a):
+    """``(B, H*H, C, 9)``: the block of a 3x3, padding-1 convolution's weight gradient (input channel x
+    kernel offset) that a unit output delta at each position of each image adds, given its input ``a``."""
+    B, C, H, _ = a.shape
+    padded = pad(a, (1, 1, 1, 1))
+    blocks = torch.stack([padded[:, :, ky:ky + H, kx:kx + H] for ky in range(3) for kx in range(3)], 2)
+    return blocks.permute(0, 3, 4, 1, 2).reshape(B, H * H, C, 9)
+
+
+def switches_from_inputs(weight_grad, a, values):
+    """A stride-3 max-pool's switches from the convolution below it, its input ``a`` ``(B, C, H, H)``
+    known: with each window's delta ``values`` ``(B, O, n, n)`` known, the weight gradient of output
+    channel ``o`` is linear in the 9 relaxed weights of each window's positions (``9 C`` equations for
+    ``9 B n n`` unknowns: 576 for 324 at conv6). One least-squares solve per output channel; on exact
+    inputs the solution is one-hot at the true switch (no start needed). Returns the switches (each
+    window's largest weight) and the relative residual."""
+    O, C = weight_grad.shape[:2]
+    B, n = len(a), values.shape[-1]
+    positions = window_positions(a.shape[-1])
+    blocks = unit_responses(a)[:, positions.flatten()].reshape(B, n * n, 9, C * 9)
+    design = (values.flatten(2)[..., None, None] * blocks[:, None]).permute(1, 4, 0, 2, 3).reshape(O, C * 9, -1)
+    target = weight_grad.reshape(O, C * 9, 1)
+    weights = torch.linalg.lstsq(design, target, driver="gelsd").solution
+    residual = float((design @ weights - target).norm() / target.norm())
+    weights = weights.view(O, B, n * n, 9).permute(1, 0, 2, 3)
+    return positions[torch.arange(n * n), weights.argmax(-1)].view(B, O, n, n), residual
+
+
+def perturbed_switches(switch, active, k, seed=3):
+    """The switches ``switch`` with ``k`` of the ``active`` windows moved to another position of their window."""
+    generator, switch = torch.Generator().manual_seed(seed), switch.clone()
+    size = 3 * switch.shape[-1] + 1
+    for i, o, wy, wx in active.nonzero()[torch.randperm(int(active.sum()), generator=generator)[:k]].tolist():
+        window = window_positions(size)[wy * switch.shape[-1] + wx]
+        others = window[window != switch[i, o, wy, wx]]
+        switch[i, o, wy, wx] = others[int(torch.randint(len(others), (1,), generator=generator))]
+    return switch
+
+
+def alternate(net, back19, active, a15, true_switch, truth15, images, passes):
+    """``--switches alternate`` (a diagnosis): from conv6 inputs ``a15`` (a start's), alternate
+    :func:`switches_from_inputs` with the least-squares inputs those switches give, for ``images``
+    only (the others' part of the weight gradient then stays in it as noise). Prints per pass the
+    wrong switches of those images, both residuals and their inputs' errors."""
+    scale = net.bn_scale(17)
+    values, g = (back19 * active * scale.view(1, -1, 1, 1))[images], net.g["features.16.weight"]
+    for step in range(passes):
+        switch, r_switch = switches_from_inputs(g, a15, values)
+        deltas = max_unpool2d(back19[images] * active[images], switch, 3, output_size=(10, 10)) * scale
+        a15, r_inputs = net.solve(16, deltas)
+        wrong = ((switch != true_switch[images]) & active[images]).flatten(1).sum(1).tolist()
+        errors = [float((a15[j] - truth15[i]).norm() / truth15[i].norm()) for j, i in enumerate(images)]
+        print(f"pass {step}: wrong {wrong} of {active[images].flatten(1).sum(1).tolist()}, residuals {r_switch:.3g} "
+              f"(switches) {r_inputs:.3g} (inputs), a15 errors {' '.join(f'{e:.2g}' for e in errors)}", flush=True)
+    return {"wrong_switches": wrong, "conv6_residual": r_inputs, "a15": errors}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--net", default="adam")
     parser.add_argument("--images", default="8,9,10,11", help="data set indices of one batch")
-    parser.add_argument("--switches", choices=["oracle", "start"], default="oracle")
-    parser.add_argument("--noise", type=float, default=0.1, help="--switches start: the start's pixel noise")
-    parser.add_argument("--passes", type=int, default=4, help="--switches start: alternating passes")
+    parser.add_argument("--switches", choices=["oracle", "start", "alternate"], default="oracle")
+    parser.add_argument("--noise", type=float, default=0.1, help="--switches start|alternate: the start's pixel noise")
+    parser.add_argument("--wrong", type=int, default=0, help="--switches oracle: this many of them moved")
+    parser.add_argument("--only-dominant", action="store_true", help="--switches alternate: the image with the "
+                        "largest separated share alone")
+    parser.add_argument("--passes", type=int, default=4, help="--switches start|alternate: alternating passes")
     parser.add_argument("--iterations", type=int, default=800, help="inversion from the first pooling's output")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -226,8 +305,16 @@ def main(argv=None):
     back19 = conv_transpose2d(d20, net.weight(20), padding=1)
     active = a19 > MASK_LEVEL * relative_level(a19)                      # the windows with a positive max
     _, true_switch = max_pool2d(truth[18], 3, return_indices=True)
+    if args.switches == "alternate":                                     # the truth's active windows: switches only
+        active, images = truth[19] > 0, list(range(B))
+        if args.only_dominant:
+            images = [int(sep.shares()[order].argmax())]
+        with torch.no_grad():
+            a15 = module.features[:16](spec.normalize(noisy_start(x, args.noise))).double()[images]
+        result.update(alternate(net, back19, active, a15, true_switch, truth[15], images, args.passes))
+        return _report(result, args.json)
     if args.switches == "oracle":
-        switch = true_switch
+        switch = perturbed_switches(true_switch, truth[19] > 0, args.wrong)
     else:
         switch, result["start_psnr"] = start_switches(module, spec, x, args.noise)
     for step in range(1 if args.switches == "oracle" else args.passes):
@@ -245,11 +332,15 @@ def main(argv=None):
     result["a15"], result["a12 (pool 1 out)"] = error(a15, 15), error(a12, 12)
     rec = invert_from(module, spec, 12, a12, tuple(x.shape), args.iterations)
     result["psnr_from_a12"] = [round(float(psnr(rec[i:i + 1], x[i:i + 1])), 1) for i in range(B)]
+    return _report(result, args.json)
+
+
+def _report(result, path):
     for key, value in result.items():
         floats = isinstance(value, list) and value and isinstance(value[0], float)
         print(f"{key}: {' '.join(f'{v:.3g}' for v in value) if floats else value}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    if path:
+        path.write_text(json.dumps(result, indent=1))
     return result
 
 

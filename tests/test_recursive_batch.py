@@ -37,3 +37,28 @@ def test_a_wrong_delta_shows_in_the_residual(photos):
         _, right_residual = rb.conv_input_from_weight_grad(weight_grad, deltas)
         _, wrong_residual = rb.conv_input_from_weight_grad(weight_grad, wrong)
     assert wrong_residual > 1e4 * max(right_residual, 1e-16)
+
+
+
+def test_max_pool_switches_follow_from_one_linear_solve_once_the_inputs_are_known(photos):
+    """Given every image's conv input, each output channel's weight gradient is linear in the relaxed
+    weights of its windows' 9 positions; the least-squares weights are one-hot at the true switches,
+    with no start (on a trained batch the inputs are what is missing: docs/models.md)."""
+    generator = torch.Generator().manual_seed(1)
+    filters = torch.randn(64, 3, 3, 3, generator=generator, dtype=torch.float64)
+    features = torch.relu(torch.nn.functional.conv2d(photos.images[:4].double(), filters, padding=1))
+    inputs = torch.nn.functional.interpolate(features, size=(10, 10), mode="area")   # 64 channels, as conv6's
+    _, switch = torch.nn.functional.max_pool2d(torch.randn(4, 64, 10, 10, generator=generator, dtype=torch.float64),
+                                               3, return_indices=True)
+    values = torch.randn(4, 64, 3, 3, generator=generator, dtype=torch.float64)
+    values = values * torch.tensor([1e-3, 1.0, 3e-3, 1e-3], dtype=torch.float64)[:, None, None, None]
+    deltas = torch.nn.functional.max_unpool2d(values, switch, 3, output_size=(10, 10))
+    weight_grad = conv2d_weight(inputs, (64, 64, 3, 3), deltas, padding=1)
+    with benchmark_module("recursive_batch", also_imports=("trained_grid",)) as rb:
+        found, residual = rb.switches_from_inputs(weight_grad, inputs, values)
+        assert torch.equal(found, switch), int((found != switch).sum())
+        assert residual < 1e-9
+        moved = rb.perturbed_switches(switch, values != 0, 200)       # the helper the diagnosis uses
+        blurred, _ = rb.switches_from_inputs(weight_grad, inputs + 0.3 * inputs.roll(1, -1), values)
+    assert int((moved != switch).sum()) == 200
+    assert int((blurred != switch).sum()) > 100, int((blurred != switch).sum())                    # wrong inputs: wrong switches
