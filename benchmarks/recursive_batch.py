@@ -272,6 +272,17 @@ def alternate(net, back19, active, a15, true_switch, truth15, images, passes):
     return {"wrong_switches": wrong, "conv6_residual": r_inputs, "a15": errors}
 
 
+def layer_shares(module, spec, x, y):
+    """Each image's share of each weight gradient's norm (the sum of the per-image norms), from the truth."""
+    alone = [gl.fedsgd_update(module, x[i:i + 1], y[i:i + 1], spec=spec).tensors for i in range(len(x))]
+    shares = {}
+    for key in alone[0]:
+        if key.endswith("weight"):
+            norms = torch.stack([t[key].norm() for t in alone])
+            shares[key] = [round(float(n), 3) for n in norms / norms.sum()]
+    return shares
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--net", default="adam")
@@ -282,12 +293,16 @@ def main(argv=None):
     parser.add_argument("--only-dominant", action="store_true", help="--switches alternate: the image with the "
                         "largest separated share alone")
     parser.add_argument("--passes", type=int, default=4, help="--switches start|alternate: alternating passes")
+    parser.add_argument("--layer-shares", action="store_true", help="print each image's share of every "
+                        "layer's weight-gradient norm and stop")
     parser.add_argument("--iterations", type=int, default=800, help="inversion from the first pooling's output")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     idx = [int(i) for i in args.images.split(",")]
     module, spec, x, y, gradient, truth = client_batch(args.net, idx)
+    if args.layer_shares:
+        return _report(layer_shares(module, spec, x, y), args.json)
     net, B = Net(module, gradient), len(idx)
     sep, order, u, feats, found = separated_top(module, gradient, B, truth)
     result = {"net": args.net, "images": idx, "labels_found": found.tolist(), "labels": y.tolist(),
