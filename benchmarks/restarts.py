@@ -2,6 +2,7 @@
 
     python benchmarks/restarts.py [--restarts 8] [--iterations 40] [--threads 1] [--models lenet]
     python benchmarks/restarts.py --paths [--iterations 200] [--repeats 3]     # the command's path vs the engine
+    python benchmarks/restarts.py --evaluators [--iterations 200] [--repeats 3]  # the evaluator vs its nested form
 
 Prints, per model, the time per iteration of one restart, of the restarts looped and batched,
 the speed-up of batching, and what the batched restarts cost against one (issue 14's target:
@@ -89,6 +90,58 @@ def _paths(args) -> None:
                   f"{many * 1e3:7.2f} ms/it   ratio {many / one:5.2f}x")
 
 
+def _evaluators(args) -> None:
+    """The restarts' evaluator against its former form, ``vmap(grad_and_value(objective))`` (one
+    functorch level more), interleaved in one process on the same update; checks that both give the
+    same reconstruction."""
+    import statistics
+
+    from torch.func import grad_and_value, vmap
+
+    from gradleak.attacks import _evaluators as ev
+
+    current = ev._vmap_evaluator
+
+    def nested(objective, X, Y, data, compiled=False):
+        dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
+        stacked = vmap(grad_and_value(objective, argnums=(0, 1) if Y is not None else 0), in_dims=dims)
+
+        def evaluate():
+            grads, values = stacked(X.detach(), None if Y is None else Y.detach(), data)
+            gx, gy = grads if isinstance(grads, tuple) else (grads, None)
+            return gx, gy, values.detach()
+        return evaluate
+
+    model = build_model("lenet", (3, 32, 32), 10)
+    photos = load_builtin("photos", size=32, n=1)
+    update = gl.fedsgd_update(model, photos.images, photos.labels)
+
+    def run(form, restarts):
+        ev._vmap_evaluator = form
+        try:
+            attack = GradientMatching(model, iterations=args.iterations, restarts=restarts, batched_restarts="vmap")
+            GradientMatching(model, iterations=2, restarts=restarts, batched_restarts="vmap").reconstruct(update)
+            start = time.perf_counter()
+            result = attack.reconstruct(update)
+            return (time.perf_counter() - start) / args.iterations, result.images
+        finally:
+            ev._vmap_evaluator = current
+
+    times, images = {}, {}
+    for _ in range(args.repeats):
+        for name, form in (("nested", nested), ("current", current)):
+            seconds, images[name] = run(form, args.restarts)
+            times.setdefault(name, []).append(seconds)
+        times.setdefault("one", []).append(run(current, 1)[0])
+    one = statistics.median(times["one"])
+    print(f"LeNet, {args.restarts} restarts, {args.iterations} iterations, median of {args.repeats}; one restart "
+          f"{one * 1e3:.2f} ms/it")
+    for name in ("nested", "current"):
+        many = statistics.median(times[name])
+        print(f"{name:8s} {many * 1e3:6.2f} ms/it   {many / one:5.2f}x one restart")
+    print(f"largest pixel difference between the two: {float((images['nested'] - images['current']).abs().max()):.3g}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--restarts", type=int, default=8)
@@ -96,11 +149,15 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=None, help="only these zoo names (default: all four rows)")
     parser.add_argument("--paths", action="store_true", help="the command's path against the engine (LeNet)")
+    parser.add_argument("--evaluators", action="store_true", help="the restarts' evaluator against its former "
+                        "nested form (LeNet)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.paths:
         return _paths(args)
+    if args.evaluators:
+        return _evaluators(args)
     photos = load_builtin("photos", size=32, n=1)
     print(f"{'model':32s} {'params':>10s} {'1 restart':>10s} {'loop s/it':>10s} {'vmap s/it':>10s} {'speed-up':>9s} "
           f"{'vmap / 1':>9s}")
