@@ -1,6 +1,6 @@
 """How the optimisation loop (:mod:`._engine`) evaluates a group of candidates ("slots"):
 the matching loss and its gradients with respect to each slot's input (and soft labels),
-through one ``torch.func.vmap`` over the slots, a loop of plain autograd calls (BatchNorm,
+through one ``torch.func.vmap`` of the slots' losses (differentiated outside it), a loop of plain autograd calls (BatchNorm,
 whose batch statistics must stay each restart's own), plain autograd for a single slot, or
 ``torch.compile`` of the functional evaluation."""
 
@@ -47,8 +47,8 @@ def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None
                     ) -> Callable[[], Evaluation]:
     """The slots' losses under one ``vmap``, differentiated by plain autograd outside it: the slots are
     independent, so the gradient of their sum is each slot's own. One functorch level fewer than
-    ``vmap(grad_and_value(objective))`` (which the compiled path keeps): the same bits, ~17 % less
-    time per iteration for eight LeNet restarts (``benchmarks/restarts.py``)."""
+    ``vmap(grad_and_value(objective))`` (which the compiled path keeps): the same bits, ~14 % less
+    time per iteration for eight LeNet restarts (``benchmarks/restarts.py --evaluators``)."""
     dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
     if not compiled:
         losses = vmap(objective, in_dims=dims)
