@@ -45,7 +45,7 @@ import types
 from pathlib import Path
 
 import torch
-from torch.nn.functional import conv2d, conv_transpose2d, max_pool2d, max_unpool2d, pad
+from torch.nn.functional import conv2d, conv_transpose2d, max_pool2d, max_unpool2d, unfold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import trained_grid as tg  # noqa: E402
@@ -68,9 +68,8 @@ def conv_input_from_weight_grad(weight_grad: torch.Tensor, deltas: torch.Tensor)
     least-squares residual (the check that the deltas are right). Determined where the ``9 O``
     equations per input channel are at least the ``B H H`` unknowns and the deltas reach every position."""
     B, O, H, _ = deltas.shape
-    padded = pad(deltas, (1, 1, 1, 1))
-    M = torch.stack([padded[:, :, 2 - ky:2 - ky + H, 2 - kx:2 - kx + H] for ky in range(3) for kx in range(3)], 2)
-    M = M.permute(1, 2, 0, 3, 4).reshape(O * 9, B * H * H)
+    # row (o, k): each image's delta shifted by the kernel offset k, i.e. its 3x3 patches in flipped order
+    M = unfold(deltas, 3, padding=1).view(B, O, 9, H * H).flip(2).permute(1, 2, 0, 3).reshape(O * 9, B * H * H)
     C = weight_grad.shape[1]
     rhs = weight_grad.permute(0, 2, 3, 1).reshape(O * 9, C)
     solution = torch.linalg.lstsq(M, rhs, driver="gelsd").solution
@@ -219,9 +218,7 @@ def unit_responses(a):
     """``(B, H*H, C, 9)``: the block of a 3x3, padding-1 convolution's weight gradient (input channel x
     kernel offset) that a unit output delta at each position of each image adds, given its input ``a``."""
     B, C, H, _ = a.shape
-    padded = pad(a, (1, 1, 1, 1))
-    blocks = torch.stack([padded[:, :, ky:ky + H, kx:kx + H] for ky in range(3) for kx in range(3)], 2)
-    return blocks.permute(0, 3, 4, 1, 2).reshape(B, H * H, C, 9)
+    return unfold(a, 3, padding=1).view(B, C, 9, H * H).permute(0, 3, 1, 2)
 
 
 def switches_from_inputs(weight_grad, a, values):
@@ -243,12 +240,12 @@ def switches_from_inputs(weight_grad, a, values):
     return positions[torch.arange(n * n), weights.argmax(-1)].view(B, O, n, n), residual
 
 
-def perturbed_switches(switch, active, k, seed=3):
-    """The switches ``switch`` with ``k`` of the ``active`` windows moved to another position of their window."""
-    generator, switch = torch.Generator().manual_seed(seed), switch.clone()
-    size = 3 * switch.shape[-1] + 1
+def perturbed_switches(switch, active, k, size=10, seed=3):
+    """The switches ``switch`` of a ``size x size`` map with ``k`` of the ``active`` windows moved to
+    another position of their window."""
+    generator, switch, windows = torch.Generator().manual_seed(seed), switch.clone(), window_positions(size)
     for i, o, wy, wx in active.nonzero()[torch.randperm(int(active.sum()), generator=generator)[:k]].tolist():
-        window = window_positions(size)[wy * switch.shape[-1] + wx]
+        window = windows[wy * switch.shape[-1] + wx]
         others = window[window != switch[i, o, wy, wx]]
         switch[i, o, wy, wx] = others[int(torch.randint(len(others), (1,), generator=generator))]
     return switch
@@ -260,7 +257,7 @@ def alternate(net, back19, active, a15, true_switch, truth15, images, passes):
     only (the others' part of the weight gradient then stays in it as noise). Prints per pass the
     wrong switches of those images, both residuals and their inputs' errors."""
     scale = net.bn_scale(17)
-    values, g = (back19 * active * scale.view(1, -1, 1, 1))[images], net.g["features.16.weight"]
+    values, g = (back19 * active * scale)[images], net.g["features.16.weight"]
     for step in range(passes):
         switch, r_switch = switches_from_inputs(g, a15, values)
         deltas = max_unpool2d(back19[images] * active[images], switch, 3, output_size=(10, 10)) * scale
