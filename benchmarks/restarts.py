@@ -96,21 +96,9 @@ def _evaluators(args) -> None:
     same reconstruction."""
     import statistics
 
-    from torch.func import grad_and_value, vmap
-
     from gradleak.attacks import _evaluators as ev
 
-    current = ev._vmap_evaluator
-
-    def nested(objective, X, Y, data, compiled=False):
-        dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
-        stacked = vmap(grad_and_value(objective, argnums=(0, 1) if Y is not None else 0), in_dims=dims)
-
-        def evaluate():
-            grads, values = stacked(X.detach(), None if Y is None else Y.detach(), data)
-            gx, gy = grads if isinstance(grads, tuple) else (grads, None)
-            return gx, gy, values.detach()
-        return evaluate
+    current, nested = ev._vmap_evaluator, ev._nested_vmap_evaluator
 
     model = build_model("lenet", (3, 32, 32), 10)
     photos = load_builtin("photos", size=32, n=1)

@@ -39,7 +39,6 @@ def test_a_wrong_delta_shows_in_the_residual(photos):
     assert wrong_residual > 1e4 * max(right_residual, 1e-16)
 
 
-
 def test_max_pool_switches_follow_from_one_linear_solve_once_the_inputs_are_known(photos):
     """Given every image's conv input, each output channel's weight gradient is linear in the relaxed
     weights of its windows' 9 positions; the least-squares weights are one-hot at the true switches,
@@ -61,4 +60,4 @@ def test_max_pool_switches_follow_from_one_linear_solve_once_the_inputs_are_know
         moved = rb.perturbed_switches(switch, values != 0, 200)       # the helper the diagnosis uses
         blurred, _ = rb.switches_from_inputs(weight_grad, inputs + 0.3 * inputs.roll(1, -1), values)
     assert int((moved != switch).sum()) == 200
-    assert int((blurred != switch).sum()) > 100, int((blurred != switch).sum())                    # wrong inputs: wrong switches
+    assert int((blurred != switch).sum()) > 100, int((blurred != switch).sum())   # wrong inputs: wrong switches

@@ -1,8 +1,8 @@
 """How the optimisation loop (:mod:`._engine`) evaluates a group of candidates ("slots"):
 the matching loss and its gradients with respect to each slot's input (and soft labels),
-through one ``torch.func.vmap`` of the slots' losses (differentiated outside it), a loop of plain autograd calls (BatchNorm,
-whose batch statistics must stay each restart's own), plain autograd for a single slot, or
-``torch.compile`` of the functional evaluation."""
+through one ``torch.func.vmap`` of the slots' losses (differentiated outside it), a loop of
+plain autograd calls (BatchNorm, whose batch statistics must stay each restart's own), plain
+autograd for a single slot, or ``torch.compile`` of the functional evaluation."""
 
 from __future__ import annotations
 
@@ -47,22 +47,29 @@ def _vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None
                     ) -> Callable[[], Evaluation]:
     """The slots' losses under one ``vmap``, differentiated by plain autograd outside it: the slots are
     independent, so the gradient of their sum is each slot's own. One functorch level fewer than
-    ``vmap(grad_and_value(objective))`` (which the compiled path keeps): the same bits, ~14 % less
-    time per iteration for eight LeNet restarts (``benchmarks/restarts.py --evaluators``)."""
+    :func:`_nested_vmap_evaluator` (which the compiled path keeps): the same bits, ~14 % less time
+    per iteration for eight LeNet restarts (``benchmarks/restarts.py --evaluators``)."""
+    if compiled:
+        return _nested_vmap_evaluator(objective, X, Y, data, compiled=True)
+    losses = vmap(objective, in_dims=(0, 0 if Y is not None else None, 0 if data is not None else None))
+
+    def evaluate() -> Evaluation:
+        inputs = [X.detach().requires_grad_(True)] + ([] if Y is None else [Y.detach().requires_grad_(True)])
+        values = losses(inputs[0], None if Y is None else inputs[1], data)
+        grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True, materialize_grads=True)
+        return grads[0], None if Y is None else grads[1], values.detach()
+
+    return evaluate
+
+
+def _nested_vmap_evaluator(objective: Callable, X: torch.Tensor, Y: torch.Tensor | None, data: Any,
+                           compiled: bool = False) -> Callable[[], Evaluation]:
+    """``vmap(grad_and_value(objective))``: the form ``torch.compile`` takes (Inductor; autograd.grad
+    inside a compiled graph is not safe: benchmarks/compile_step.py), and the restarts benchmark's baseline."""
     dims = (0, 0 if Y is not None else None, 0 if data is not None else None)
-    if not compiled:
-        losses = vmap(objective, in_dims=dims)
-
-        def evaluate_outside() -> Evaluation:
-            inputs = [X.detach().requires_grad_(True)] + ([] if Y is None else [Y.detach().requires_grad_(True)])
-            values = losses(inputs[0], None if Y is None else inputs[1], data)
-            grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True, materialize_grads=True)
-            return grads[0], None if Y is None else grads[1], values.detach()
-
-        return evaluate_outside
-    single = grad_and_value(objective, argnums=(0, 1) if Y is not None else 0)
-    # Inductor; autograd.grad inside a compiled graph is not safe (benchmarks/compile_step.py)
-    stacked = torch.compile(vmap(single, in_dims=dims), dynamic=False)
+    stacked = vmap(grad_and_value(objective, argnums=(0, 1) if Y is not None else 0), in_dims=dims)
+    if compiled:
+        stacked = torch.compile(stacked, dynamic=False)
 
     def evaluate() -> Evaluation:
         x, y = X.detach(), None if Y is None else Y.detach()
